@@ -1,0 +1,163 @@
+//! `xgate call`: a small mTLS + JWT client for the standard interface, so nobody needs grpcurl
+//! to try the gateway. Also used by the tests as a typed client.
+
+use std::{path::Path, time::Duration};
+
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tonic_types::StatusExt;
+
+use crate::pb::{self, Filter, QueryRequest, QueryResponse, Value, condition::Test};
+
+/// Open an mTLS channel to the gateway.
+pub async fn connect(
+    gateway: &str,
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    server_name: &str,
+) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .domain_name(server_name);
+    Ok(Endpoint::from_shared(gateway.to_owned())?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// Attach `authorization: Bearer <token>`.
+pub fn with_token<T>(body: T, token: &str) -> Request<T> {
+    let mut r = Request::new(body);
+    if let Ok(v) = MetadataValue::try_from(format!("Bearer {token}")) {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+/// Parse `field=value`, `field^=prefix` or `field:in=a,b,c` into a filter condition.
+pub fn parse_condition(s: &str) -> Result<pb::Condition, String> {
+    let cond = |field: &str, test| pb::Condition {
+        field: field.trim().to_owned(),
+        test: Some(test),
+    };
+    if let Some((f, v)) = s.split_once(":in=") {
+        let values = v.split(',').map(|x| Value::string(x.trim())).collect();
+        return Ok(cond(f, Test::In(pb::ValueList { values })));
+    }
+    if let Some((f, v)) = s.split_once("^=") {
+        return Ok(cond(f, Test::Prefix(v.to_owned())));
+    }
+    if let Some((f, v)) = s.split_once('=') {
+        return Ok(cond(f, Test::Eq(Value::string(v))));
+    }
+    Err(format!("`{s}`: use field=value, field^=prefix or field:in=a,b,c"))
+}
+
+/// Build a query request.
+pub fn query_request(dataset: &str, fields: &[String], conds: &[String], purpose: &str, page_size: u32, page_token: &str) -> Result<QueryRequest, String> {
+    let conditions = conds.iter().map(|c| parse_condition(c)).collect::<Result<_, _>>()?;
+    Ok(QueryRequest {
+        dataset: dataset.to_owned(),
+        fields: fields.to_vec(),
+        filter: Some(Filter { conditions }),
+        purpose: purpose.to_owned(),
+        page_size,
+        page_token: page_token.to_owned(),
+    })
+}
+
+/// One line explaining a failed call: code, stable reason, message, rule, trace id.
+pub fn explain(status: &Status) -> String {
+    let details = status.get_error_details();
+    let (reason, rule, trace) = match details.error_info() {
+        Some(i) => (
+            i.reason.clone(),
+            i.metadata.get("rule").cloned().unwrap_or_default(),
+            i.metadata.get("trace_id").cloned().unwrap_or_default(),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
+    let mut s = format!("{:?}", status.code());
+    if !reason.is_empty() {
+        s.push_str(&format!(" {reason}"));
+    }
+    s.push_str(&format!(": {}", status.message()));
+    if !rule.is_empty() {
+        s.push_str(&format!(" [rule {rule}]"));
+    }
+    if let Some(r) = details.retry_info().and_then(|r| r.retry_delay) {
+        s.push_str(&format!(" [retry after {} ms]", r.as_millis()));
+    }
+    if !trace.is_empty() {
+        s.push_str(&format!(" [trace {trace}]"));
+    }
+    s
+}
+
+/// Render a value for the terminal.
+pub fn render(v: &Value) -> String {
+    use pb::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => "∅".into(),
+        Some(Kind::BytesValue(b)) => format!("<{} bytes>", b.len()),
+        Some(Kind::TimestampValue(t)) => time::OffsetDateTime::from_unix_timestamp(t.seconds)
+            .ok()
+            .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| t.to_string()),
+        Some(_) => v.as_text().map(|c| c.into_owned()).unwrap_or_default(),
+    }
+}
+
+/// Print a response as an aligned table.
+pub fn print_table(resp: &QueryResponse) {
+    let headers: Vec<String> = resp
+        .columns
+        .iter()
+        .map(|c| {
+            if resp.masked_columns.contains(&c.name) {
+                format!("{}*", c.name)
+            } else {
+                c.name.clone()
+            }
+        })
+        .collect();
+    let cells: Vec<Vec<String>> = resp.rows.iter().map(|r| r.values.iter().map(render).collect()).collect();
+    let width = |s: &str| s.chars().count();
+    let mut w: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    for row in &cells {
+        for (i, c) in row.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(width(c));
+            }
+        }
+    }
+    let line = |row: &[String]| {
+        row.iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c}{}", " ".repeat(w.get(i).copied().unwrap_or(0).saturating_sub(width(c)))))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(&headers));
+    for row in &cells {
+        println!("{}", line(row));
+    }
+}
+
+/// Load the cert, key and a dev token for department `dept` from a dev-certs directory.
+pub fn dev_identity(certs: &Path, dept: &str, purposes: Option<&[String]>) -> Result<(Vec<u8>, Vec<u8>, String), String> {
+    let read = |name: String| std::fs::read(certs.join(&name)).map_err(|e| format!("{}: {e}", certs.join(name).display()));
+    let cert = read(format!("{dept}.pem"))?;
+    let key = read(format!("{dept}.key"))?;
+    let signing = String::from_utf8(read("jwt-signing.key".into())?).map_err(|e| e.to_string())?;
+    let claims = crate::devpki::dev_claims(dept, &format!("demo-user@{dept}"), purposes, 3600);
+    let token = crate::devpki::mint_token(&signing, crate::devpki::KID, &claims).map_err(|e| e.to_string())?;
+    Ok((cert, key, token))
+}

@@ -1,0 +1,336 @@
+//! The gateway's own configuration (listen address, TLS files, JWKS, policy, audit, upstream
+//! TLS, telemetry), read from YAML and validated once at start-up with every error reported
+//! together. Relative paths are resolved against the config file's directory.
+//!
+//! The data-sharing rules are not here: they live in the policy file the data bureau owns.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address (mTLS).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// SPIFFE trust domain of consumer identities.
+    pub trust_domain: String,
+    pub tls: ServerTls,
+    pub jwt: Jwt,
+    /// Policy file (YAML) of the data-sharing model.
+    pub policy: PathBuf,
+    pub audit: Audit,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: Log,
+    /// OTLP trace export; absent means off.
+    #[serde(default)]
+    pub otlp: Option<Otlp>,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to.
+    pub client_ca: PathBuf,
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_handshake_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    /// JWKS file with the identity provider's public keys.
+    pub jwks: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    #[serde(default = "default_token_cache")]
+    pub cache_capacity: usize,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_token_cache() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// Directory of the audit trail (`audit.jsonl` inside).
+    pub dir: PathBuf,
+    #[serde(default = "default_audit_queue")]
+    pub queue_capacity: usize,
+}
+
+fn default_audit_queue() -> usize {
+    65_536
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// CA bundle provider certificates must chain to.
+    pub ca: PathBuf,
+    /// The gateway's client certificate and key presented to providers.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Cap on a call's deadline towards a provider (the caller's `grpc-timeout` may be shorter).
+    #[serde(default = "default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
+}
+
+fn default_connect_ms() -> u64 {
+    1_000
+}
+fn default_max_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+    /// Largest request or response message, bytes.
+    pub max_message_bytes: usize,
+    /// Most conditions in one filter, and values in one IN list.
+    pub max_filter_terms: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            default_page_size: 100,
+            max_page_size: 1_000,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_filter_terms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `tracing` filter directive; `RUST_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Otlp {
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    #[serde(default = "default_service")]
+    pub service_name: String,
+    /// Fraction of root traces sampled (parent-based), 0.0..=1.0.
+    #[serde(default = "default_ratio")]
+    pub sample_ratio: f64,
+}
+
+fn default_service() -> String {
+    "xgate".into()
+}
+fn default_ratio() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    /// How long in-flight calls may run after SIGTERM before they are cut.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { drain_timeout_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// tokio worker threads; 0 = one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+impl Config {
+    /// Read, resolve relative paths, and validate. Every problem is reported at once.
+    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let mut cfg: Config = serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Make every relative path relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        fix(&mut self.jwt.jwks);
+        fix(&mut self.policy);
+        fix(&mut self.audit.dir);
+        fix(&mut self.upstream.ca);
+        fix(&mut self.upstream.cert);
+        fix(&mut self.upstream.key);
+    }
+
+    /// Check everything that can be checked without starting: files readable, values sane.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errs = Vec::new();
+        let files = [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+            ("jwt.jwks", &self.jwt.jwks),
+            ("policy", &self.policy),
+            ("upstream.ca", &self.upstream.ca),
+            ("upstream.cert", &self.upstream.cert),
+            ("upstream.key", &self.upstream.key),
+        ];
+        for (name, p) in files {
+            if let Err(e) = std::fs::metadata(p) {
+                errs.push(format!("{name}: {}: {e}", p.display()));
+            }
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            errs.push("trust_domain: must be a host-like name such as `zj.gov.example`".into());
+        }
+        if self.jwt.issuer.is_empty() {
+            errs.push("jwt.issuer: must not be empty".into());
+        }
+        if self.jwt.audience.is_empty() {
+            errs.push("jwt.audience: must not be empty".into());
+        }
+        if self.audit.queue_capacity == 0 {
+            errs.push("audit.queue_capacity: must be at least 1".into());
+        }
+        if self.upstream.connect_timeout_ms == 0 || self.upstream.max_timeout_ms == 0 {
+            errs.push("upstream: connect_timeout_ms and max_timeout_ms must be positive".into());
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            errs.push("tls.handshake_timeout_ms: must be positive".into());
+        }
+        let l = &self.limits;
+        if l.default_page_size == 0 || l.max_page_size < l.default_page_size {
+            errs.push("limits: need 0 < default_page_size <= max_page_size".into());
+        }
+        if l.max_message_bytes < 1024 {
+            errs.push("limits.max_message_bytes: at least 1024".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            errs.push(format!("log.level: {e}"));
+        }
+        if let Some(o) = &self.otlp {
+            if o.endpoint.parse::<http::Uri>().map(|u| u.scheme().is_none()).unwrap_or(true) {
+                errs.push(format!("otlp.endpoint: `{}` is not a URL like http://127.0.0.1:4317", o.endpoint));
+            }
+            if !(0.0..=1.0).contains(&o.sample_ratio) {
+                errs.push("otlp.sample_ratio: must be within 0.0..=1.0".into());
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown.drain_timeout_ms)
+    }
+
+    /// The configuration `xgate demo` runs with: the dev PKI in `certs` and `policy`.
+    pub fn demo(certs: &Path, policy: PathBuf, listen: SocketAddr, audit_dir: PathBuf) -> Config {
+        Config {
+            listen,
+            trust_domain: crate::devpki::TRUST_DOMAIN.into(),
+            tls: ServerTls {
+                cert: certs.join("gateway.pem"),
+                key: certs.join("gateway.key"),
+                client_ca: certs.join("ca.pem"),
+                handshake_timeout_ms: default_handshake_ms(),
+            },
+            jwt: Jwt {
+                jwks: certs.join("jwks.json"),
+                issuer: crate::devpki::ISSUER.into(),
+                audience: crate::devpki::AUDIENCE.into(),
+                leeway_secs: default_leeway(),
+                cache_capacity: default_token_cache(),
+            },
+            policy,
+            audit: Audit {
+                dir: audit_dir,
+                queue_capacity: default_audit_queue(),
+            },
+            upstream: Upstream {
+                ca: certs.join("ca.pem"),
+                cert: certs.join("gateway-client.pem"),
+                key: certs.join("gateway-client.key"),
+                connect_timeout_ms: default_connect_ms(),
+                max_timeout_ms: default_max_timeout_ms(),
+            },
+            limits: Limits::default(),
+            log: Log::default(),
+            otlp: None,
+            shutdown: Shutdown::default(),
+            runtime: Runtime::default(),
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Every way xgate refuses or fails a call, and the one table that turns it into a gRPC status.
+//!
+//! Subsystems (identity, policy, rate limits, upstream, audit) report a [`Reject`]: a stable
+//! [`Reason`] plus a sentence a caller can act on. [`Reason::code`] is the single place that
+//! decides gRPC codes; [`Reject::to_status`] builds the rich `google.rpc.Status` with an
+//! `ErrorInfo` (domain [`ERROR_DOMAIN`]) and, for rate limits, a `RetryInfo`.
+//!
+//! Messages never carry internals (file paths, upstream addresses, library errors): those go to
+//! the log, under the same trace id the caller receives.
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `ErrorInfo.domain` of every xgate error.
+pub const ERROR_DOMAIN: &str = "xgate.gov";
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $code:ident, $text:literal; )*) => {
+        /// Stable, machine-readable reason for a refusal (`ErrorInfo.reason`).
+        ///
+        /// These strings are part of the public contract: never rename one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum Reason {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Reason {
+            /// The gRPC code a caller receives for this reason: the one table.
+            pub fn code(self) -> Code {
+                match self { $( Reason::$variant => Code::$code, )* }
+            }
+
+            /// The stable `ErrorInfo.reason` string.
+            pub fn as_str(self) -> &'static str {
+                match self { $( Reason::$variant => $text, )* }
+            }
+
+            /// Every reason, for documentation and tests.
+            pub const ALL: &'static [Reason] = &[ $( Reason::$variant, )* ];
+        }
+    };
+}
+
+reasons! {
+    // --- who is calling -------------------------------------------------------------------
+    /// The client certificate carries no `spiffe://<trust-domain>/dept/<d>/sys/<s>` SAN URI.
+    CertIdentityMissing => Unauthenticated, "CERT_IDENTITY_MISSING";
+    /// No `authorization: Bearer` header.
+    TokenMissing => Unauthenticated, "TOKEN_MISSING";
+    /// The token is not a well-formed JWT.
+    TokenMalformed => Unauthenticated, "TOKEN_MALFORMED";
+    /// `exp` is in the past.
+    TokenExpired => Unauthenticated, "TOKEN_EXPIRED";
+    /// `nbf` is in the future.
+    TokenNotYetValid => Unauthenticated, "TOKEN_NOT_YET_VALID";
+    /// The signature does not verify, or the algorithm is not allowed.
+    TokenSignatureInvalid => Unauthenticated, "TOKEN_SIGNATURE_INVALID";
+    /// The token's `kid` is not in the JWKS.
+    TokenKeyUnknown => Unauthenticated, "TOKEN_KEY_UNKNOWN";
+    /// `iss` is not the configured issuer.
+    TokenIssuerInvalid => Unauthenticated, "TOKEN_ISSUER_INVALID";
+    /// `aud` does not contain the configured audience.
+    TokenAudienceInvalid => Unauthenticated, "TOKEN_AUDIENCE_INVALID";
+    /// A required claim (`sub`, `dept`, `exp`) is missing.
+    TokenClaimMissing => Unauthenticated, "TOKEN_CLAIM_MISSING";
+    /// The token's `dept` is not the department in the client certificate.
+    TokenDeptMismatch => PermissionDenied, "TOKEN_DEPT_MISMATCH";
+    // --- the data-sharing model -----------------------------------------------------------
+    /// The calling department is not registered in the policy.
+    ConsumerUnknown => PermissionDenied, "CONSUMER_UNKNOWN";
+    /// The dataset is not in the catalogue.
+    DatasetUnknown => NotFound, "DATASET_UNKNOWN";
+    /// The dataset's share type is `none`.
+    ShareTypeNone => PermissionDenied, "SHARE_TYPE_NONE";
+    /// The dataset or field is on the negative list.
+    NegativeList => PermissionDenied, "NEGATIVE_LIST";
+    /// A conditional dataset (or a sensitive field) without a grant for this caller.
+    GrantMissing => PermissionDenied, "GRANT_MISSING";
+    /// The call declared no purpose.
+    PurposeMissing => InvalidArgument, "PURPOSE_MISSING";
+    /// The declared purpose is not one the grant allows.
+    PurposeNotAllowed => PermissionDenied, "PURPOSE_NOT_ALLOWED";
+    /// The declared purpose is not among the token's `purposes` claim.
+    TokenPurposeNotAllowed => PermissionDenied, "TOKEN_PURPOSE_NOT_ALLOWED";
+    /// A requested or filtered field is not readable by the caller.
+    FieldDenied => PermissionDenied, "FIELD_DENIED";
+    /// A requested or filtered field is not in the dataset's schema.
+    FieldUnknown => InvalidArgument, "FIELD_UNKNOWN";
+    /// The request is malformed (no dataset, bad filter, ...).
+    RequestInvalid => InvalidArgument, "REQUEST_INVALID";
+    // --- limits ---------------------------------------------------------------------------
+    /// Over the grant's rate limit; `RetryInfo` says when to retry.
+    RateLimited => ResourceExhausted, "RATE_LIMITED";
+    // --- upstream -------------------------------------------------------------------------
+    /// The provider cannot be reached or refused the connection.
+    ProviderUnavailable => Unavailable, "PROVIDER_UNAVAILABLE";
+    /// The provider did not answer within the deadline.
+    ProviderTimeout => DeadlineExceeded, "PROVIDER_TIMEOUT";
+    /// The provider refused the call itself; the provider's code is passed through.
+    ProviderError => Unknown, "PROVIDER_ERROR";
+    /// The provider's answer does not follow the standard interface.
+    ProviderResponseInvalid => Internal, "PROVIDER_RESPONSE_INVALID";
+    // --- the gateway itself ---------------------------------------------------------------
+    /// The audit trail cannot take the record, so the call is not made.
+    AuditUnavailable => Unavailable, "AUDIT_UNAVAILABLE";
+    /// A bug: details are in the gateway's log under the trace id.
+    Internal => Internal, "INTERNAL";
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused or failed call: what the caller is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    pub reason: Reason,
+    /// A sentence for the caller: what was wrong and what to do; no internals.
+    pub message: String,
+    /// The policy rule that decided, when there is one (grant id, `share-type:none`, ...).
+    pub rule: Option<String>,
+    /// For rate limits: when a retry may succeed.
+    pub retry_after: Option<Duration>,
+    /// A provider's own status, passed through (code and message) when the provider refused.
+    pub upstream_code: Option<Code>,
+}
+
+impl Reject {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            rule: None,
+            retry_after: None,
+            upstream_code: None,
+        }
+    }
+
+    pub fn with_rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
+    /// The gRPC code the caller gets.
+    pub fn code(&self) -> Code {
+        self.upstream_code.unwrap_or_else(|| self.reason.code())
+    }
+
+    /// The rich gRPC status: `ErrorInfo{reason, domain, metadata{rule, trace_id}}` and
+    /// `RetryInfo` when there is a retry delay.
+    pub fn to_status(&self, trace_id: &str) -> Status {
+        let mut meta = HashMap::new();
+        if let Some(rule) = &self.rule {
+            meta.insert("rule".to_owned(), rule.clone());
+        }
+        meta.insert("trace_id".to_owned(), trace_id.to_owned());
+        let mut details = ErrorDetails::new();
+        details.set_error_info(self.reason.as_str(), ERROR_DOMAIN, meta);
+        if let Some(d) = self.retry_after {
+            details.set_retry_info(Some(d));
+        }
+        let mut status = Status::with_error_details(self.code(), self.message.clone(), details);
+        if let Ok(v) = trace_id.parse() {
+            status.metadata_mut().insert(crate::TRACE_ID_HEADER, v);
+        }
+        status
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for Reject {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_strings_are_unique_and_screaming_snake() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert!(seen.insert(r.as_str()), "duplicate {r}");
+            assert!(r.as_str().chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            assert_eq!(serde_json::to_value(r).ok(), Some(r.as_str().into()));
+        }
+    }
+
+    #[test]
+    fn status_carries_error_info_and_retry_info() {
+        let rej = Reject::new(Reason::RateLimited, "slow down")
+            .with_rule("grant:g1")
+            .with_retry_after(Duration::from_millis(250));
+        let st = rej.to_status("abc123");
+        assert_eq!(st.code(), Code::ResourceExhausted);
+        let d = st.get_error_details();
+        let info = d.error_info().cloned().unwrap_or_default();
+        assert_eq!(info.reason, "RATE_LIMITED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.get("rule").map(String::as_str), Some("grant:g1"));
+        assert!(d.retry_info().is_some());
+    }
+}

@@ -1,0 +1,704 @@
+//! The request pipeline: the gateway's `DataExchange` and `Catalog` services.
+//!
+//! Every call walks the same stages, in this order, and leaves exactly one audit record:
+//!
+//! ```text
+//! begin        trace id, audit record opened (refuse if the audit trail is down)
+//! authenticate certificate identity (per connection) + JWT, token dept == cert dept
+//! check        request shape: dataset named, filter bounded, page size capped
+//! decide       policy::evaluate(snapshot, caller, request) -> Permit | Reject   (pure)
+//! limit        the permit's rate limiter
+//! forward      pooled mTLS channel to the owning provider, deadline propagated,
+//!              verified identity + purpose as metadata (never the caller's token)
+//! shape        strip columns not permitted, apply masks (never trusting the provider)
+//! finish       audit record committed with status, rows, fields, latency
+//! ```
+//!
+//! Rejections at any stage become statuses through [`Reject::to_status`] (one table), and the
+//! record carries the reason and the rule.
+
+use std::{sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
+use tracing::Instrument;
+
+use crate::{
+    TRACE_ID_HEADER,
+    audit::{AuditLog, AuditRecord, Pending},
+    config::Limits,
+    error::{Reason, Reject},
+    identity::{Peer, SystemId},
+    pb::{self, QueryRequest, QueryResponse},
+    policy::{self, Caller, Mask, Permit, Policy},
+    ratelimit::RateLimits,
+    token::{Claims, TokenVerifier},
+    upstream::{self, Upstreams},
+};
+
+pub const METHOD_QUERY: &str = "/xgate.v1.DataExchange/Query";
+pub const METHOD_QUERY_STREAM: &str = "/xgate.v1.DataExchange/QueryStream";
+pub const METHOD_LIST: &str = "/xgate.v1.Catalog/ListDatasets";
+pub const METHOD_DESCRIBE: &str = "/xgate.v1.Catalog/DescribeDataset";
+
+/// Everything derived from one policy file; swapped atomically as a whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub policy: Policy,
+    pub limits: RateLimits,
+    pub upstreams: Upstreams,
+}
+
+/// The gateway's shared state. Clones share it.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    snapshot: ArcSwap<Snapshot>,
+    tokens: TokenVerifier,
+    audit: AuditLog,
+    limits: Limits,
+    max_timeout: Duration,
+}
+
+/// A caller that passed authentication.
+struct Authenticated {
+    system: SystemId,
+    claims: Arc<Claims>,
+}
+
+/// One call in progress: its trace id and its audit record.
+struct Call {
+    trace_id: String,
+    pending: Pending,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot, tokens: TokenVerifier, audit: AuditLog, limits: Limits, max_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                snapshot: ArcSwap::from_pointee(snapshot),
+                tokens,
+                audit,
+                limits,
+                max_timeout,
+            }),
+        }
+    }
+
+    /// The policy snapshot calls are decided under now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// Stage `begin`: open the audit record. Refuses when the audit trail cannot take records.
+    fn begin<T>(&self, method: &'static str, req: &Request<T>) -> Result<Call, Status> {
+        let trace_id = trace_id_from(req.metadata());
+        if !self.inner.audit.is_open() {
+            tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");
+            return Err(Reject::new(
+                Reason::AuditUnavailable,
+                "the audit trail cannot record calls right now; try again shortly",
+            )
+            .to_status(&trace_id));
+        }
+        let peer = req.extensions().get::<Peer>();
+        let rec = AuditRecord {
+            time: now_rfc3339(),
+            trace_id: trace_id.clone(),
+            method: method.to_owned(),
+            consumer_dept: peer.and_then(|p| p.identity.as_ref().ok()).map(|s| s.dept.clone()),
+            consumer_system: peer.and_then(|p| p.identity.as_ref().ok()).map(|s| s.system.clone()),
+            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
+            remote_addr: peer.map(|p| p.remote.to_string()),
+            policy_version: self.inner.snapshot.load().policy.version.clone(),
+            ..AuditRecord::default()
+        };
+        Ok(Call {
+            trace_id,
+            pending: Pending::new(self.inner.audit.clone(), rec),
+        })
+    }
+
+    /// Stage `authenticate`: certificate identity, then the token, then their agreement.
+    fn authenticate<T>(&self, call: &mut Call, req: &Request<T>) -> Result<Authenticated, Reject> {
+        let peer = req.extensions().get::<Peer>().ok_or_else(|| {
+            // Only reachable if the server is wired without the TLS acceptor: a bug.
+            tracing::error!(trace_id = %call.trace_id, "request without peer info");
+            Reject::new(Reason::Internal, "internal error; quote the trace id to the operators")
+        })?;
+        let system = peer
+            .identity
+            .clone()
+            .map_err(|why| Reject::new(Reason::CertIdentityMissing, why))?;
+        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let claims = self.inner.tokens.verify_header(header)?;
+        call.pending.rec().token_subject = Some(claims.sub.clone());
+        if claims.dept != system.dept {
+            return Err(Reject::new(
+                Reason::TokenDeptMismatch,
+                format!(
+                    "the token was issued to department `{}` but the certificate belongs to `{}`",
+                    claims.dept, system.dept
+                ),
+            ));
+        }
+        Ok(Authenticated { system, claims })
+    }
+
+    /// Stage `finish`: commit the record with the outcome and build the reply.
+    async fn finish<T>(&self, mut call: Call, result: Result<T, Reject>) -> Result<Response<T>, Status> {
+        match result {
+            Ok(body) => {
+                call.pending.commit(Code::Ok).await;
+                let mut resp = Response::new(body);
+                if let Ok(v) = MetadataValue::try_from(call.trace_id.as_str()) {
+                    resp.metadata_mut().insert(TRACE_ID_HEADER, v);
+                }
+                Ok(resp)
+            }
+            Err(rej) => {
+                let status = rej.to_status(&call.trace_id);
+                record_reject(call.pending.rec(), &rej);
+                tracing::info!(trace_id = %call.trace_id, reason = %rej.reason, rule = ?rej.rule, "call refused");
+                call.pending.commit(rej.code()).await;
+                Err(status)
+            }
+        }
+    }
+
+    /// Stages `check` + `decide` + `limit` for a data request.
+    fn admit(
+        &self,
+        call: &mut Call,
+        who: &Authenticated,
+        snap: &Snapshot,
+        req: &mut QueryRequest,
+    ) -> Result<Permit, Reject> {
+        let rec = call.pending.rec();
+        rec.dataset = Some(req.dataset.clone());
+        rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
+        let filter_fields = check_request(req, &self.inner.limits)?;
+        let filter_refs: Vec<&str> = filter_fields.iter().map(String::as_str).collect();
+        let caller = Caller {
+            dept: &who.system.dept,
+            system: &who.system.system,
+            token_purposes: who.claims.purposes.as_deref(),
+        };
+        let ask = policy::Request {
+            dataset: &req.dataset,
+            fields: &req.fields,
+            filter_fields: &filter_refs,
+            purpose: &req.purpose,
+        };
+        let permit = policy::evaluate(&snap.policy, caller, ask)?;
+        let rec = call.pending.rec();
+        rec.decision = "allow";
+        rec.rule = Some(permit.rule.clone());
+        rec.approval_ref = permit.approval_ref.clone();
+        snap.limits.check(&who.system.dept, &req.dataset, &permit)?;
+        // What the provider is asked for: exactly the permitted columns.
+        req.fields = permit.fields.iter().map(|f| f.name.clone()).collect();
+        req.page_size = match req.page_size {
+            0 => self.inner.limits.default_page_size,
+            n => n.min(self.inner.limits.max_page_size),
+        };
+        Ok(permit)
+    }
+
+    /// The upstream request: the checked query plus the verified identity, never the token.
+    fn upstream_request(&self, call: &Call, who: &Authenticated, req: QueryRequest, deadline: Option<Duration>) -> Request<QueryRequest> {
+        let purpose = req.purpose.clone();
+        let mut up = Request::new(req);
+        let md = up.metadata_mut();
+        let mut put = |k: &'static str, v: &str| {
+            if let Ok(v) = MetadataValue::try_from(v) {
+                md.insert(k, v);
+            }
+        };
+        put("x-xgate-consumer-dept", &who.system.dept);
+        put("x-xgate-consumer-system", &who.system.system);
+        put("x-xgate-purpose", &purpose);
+        put(TRACE_ID_HEADER, &call.trace_id);
+        if let Some(d) = deadline {
+            up.set_timeout(d);
+        }
+        up
+    }
+
+    fn deadline<T>(&self, req: &Request<T>) -> Duration {
+        req.metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(upstream::parse_grpc_timeout)
+            .map_or(self.inner.max_timeout, |d| d.min(self.inner.max_timeout))
+    }
+
+    async fn query_inner(&self, call: &mut Call, req: Request<QueryRequest>) -> Result<QueryResponse, Reject> {
+        let who = self.authenticate(call, &req)?;
+        let snap = self.snapshot();
+        call.pending.rec().policy_version = snap.policy.version.clone();
+        let deadline = self.deadline(&req);
+        let mut body = req.into_inner();
+        let permit = self.admit(call, &who, &snap, &mut body)?;
+        let provider = provider_of(&snap, &body.dataset)?;
+        let mut client = snap
+            .upstreams
+            .client(&provider)
+            .ok_or_else(|| Reject::new(Reason::Internal, "internal error; quote the trace id to the operators"))?;
+        let up = self.upstream_request(call, &who, body, Some(deadline));
+        let resp = match tokio::time::timeout(deadline, client.query(up)).await {
+            Err(_) => return Err(upstream::provider_timeout(&provider)),
+            Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let shaped = shape(resp, &permit, &provider)?;
+        record_rows(call.pending.rec(), &shaped);
+        Ok(shaped.response)
+    }
+
+    async fn query_stream_inner(
+        &self,
+        call: &mut Call,
+        req: Request<QueryRequest>,
+    ) -> Result<(tonic::Streaming<QueryResponse>, Permit, String, Option<Duration>), Reject> {
+        let who = self.authenticate(call, &req)?;
+        let snap = self.snapshot();
+        call.pending.rec().policy_version = snap.policy.version.clone();
+        // A bulk stream is bounded by the caller's deadline if it set one; otherwise each
+        // batch must arrive within the configured maximum.
+        let caller_deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(upstream::parse_grpc_timeout);
+        let mut body = req.into_inner();
+        let permit = self.admit(call, &who, &snap, &mut body)?;
+        let provider = provider_of(&snap, &body.dataset)?;
+        let mut client = snap
+            .upstreams
+            .client(&provider)
+            .ok_or_else(|| Reject::new(Reason::Internal, "internal error; quote the trace id to the operators"))?;
+        let up = self.upstream_request(call, &who, body, caller_deadline);
+        let first_wait = caller_deadline.unwrap_or(self.inner.max_timeout).min(self.inner.max_timeout);
+        let stream = match tokio::time::timeout(first_wait, client.query_stream(up)).await {
+            Err(_) => return Err(upstream::provider_timeout(&provider)),
+            Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        Ok((stream, permit, provider, caller_deadline))
+    }
+
+    /// Relay a provider stream batch by batch, shaping each; commit the record at the end.
+    async fn relay(
+        self,
+        mut call: Call,
+        mut upstream: tonic::Streaming<QueryResponse>,
+        permit: Permit,
+        provider: String,
+        caller_deadline: Option<Duration>,
+        tx: mpsc::Sender<Result<QueryResponse, Status>>,
+    ) {
+        let idle = self.inner.max_timeout;
+        let end = caller_deadline.map(|d| tokio::time::Instant::now() + d);
+        let mut rows = 0u64;
+        let outcome: Result<(), Reject> = loop {
+            let wait = match end {
+                Some(e) => e.saturating_duration_since(tokio::time::Instant::now()).min(idle),
+                None => idle,
+            };
+            let batch = match tokio::time::timeout(wait, upstream.message()).await {
+                Err(_) => break Err(upstream::provider_timeout(&provider)),
+                Ok(Err(status)) => break Err(upstream::provider_failure(&status, &provider)),
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Ok(Some(b))) => b,
+            };
+            let shaped = match shape(batch, &permit, &provider) {
+                Ok(s) => s,
+                Err(r) => break Err(r),
+            };
+            rows += shaped.response.rows.len() as u64;
+            if rows == shaped.response.rows.len() as u64 {
+                // First batch: columns are the same in every batch.
+                let rec = call.pending.rec();
+                rec.fields_returned = shaped.returned.clone();
+                rec.fields_masked = shaped.masked.clone();
+            }
+            call.pending.rec().rows = rows;
+            if tx.send(Ok(shaped.response)).await.is_err() {
+                // The caller went away: the record is written as CANCELLED when `call` drops.
+                tracing::info!(trace_id = %call.trace_id, "stream cancelled by the caller");
+                return;
+            }
+        };
+        match outcome {
+            Ok(()) => call.pending.commit(Code::Ok).await,
+            Err(rej) => {
+                let status = rej.to_status(&call.trace_id);
+                record_reject(call.pending.rec(), &rej);
+                call.pending.commit(rej.code()).await;
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    }
+
+    fn list_inner(&self, call: &mut Call, req: &Request<pb::ListDatasetsRequest>) -> Result<pb::ListDatasetsResponse, Reject> {
+        self.authenticate(call, req)?;
+        let snap = self.snapshot();
+        let rec = call.pending.rec();
+        rec.policy_version = snap.policy.version.clone();
+        rec.decision = "allow";
+        rec.rule = Some("catalogue:public".into());
+        let datasets: Vec<_> = snap.policy.file.datasets.iter().map(catalog_entry).collect();
+        rec.rows = datasets.len() as u64;
+        Ok(pb::ListDatasetsResponse {
+            datasets,
+            policy_version: snap.policy.version.clone(),
+        })
+    }
+
+    fn describe_inner(
+        &self,
+        call: &mut Call,
+        req: &Request<pb::DescribeDatasetRequest>,
+    ) -> Result<pb::DescribeDatasetResponse, Reject> {
+        let who = self.authenticate(call, req)?;
+        let snap = self.snapshot();
+        let p = &snap.policy;
+        let body = req.get_ref();
+        let rec = call.pending.rec();
+        rec.policy_version = p.version.clone();
+        rec.dataset = Some(body.dataset.clone());
+        let Some(ds) = p.dataset(&body.dataset) else {
+            return Err(Reject::new(
+                Reason::DatasetUnknown,
+                format!("dataset `{}` is not in the catalogue; see Catalog.ListDatasets", body.dataset),
+            )
+            .with_rule("catalogue"));
+        };
+        let access = describe_access(p, &who, &body.dataset, &body.purpose);
+        rec.decision = "allow";
+        rec.rule = Some(access.deciding_rule.clone());
+        rec.purpose = Some(body.purpose.clone()).filter(|s| !s.is_empty());
+        Ok(pb::DescribeDatasetResponse {
+            dataset: Some(catalog_entry(ds)),
+            access: Some(access),
+            policy_version: p.version.clone(),
+        })
+    }
+}
+
+/// `DescribeDataset`'s access section: the same evaluation `Query` uses, with all fields.
+fn describe_access(p: &Policy, who_dept_sys: &Authenticated, dataset: &str, purpose: &str) -> pb::Access {
+    let (dept, sys) = (&who_dept_sys.system.dept, &who_dept_sys.system.system);
+    let token_purposes = who_dept_sys.claims.purposes.as_deref();
+    let granted = policy::eval::granted_purposes(p, dept, sys, dataset);
+    let purpose = if !purpose.is_empty() {
+        purpose.to_owned()
+    } else {
+        granted
+            .iter()
+            .find(|g| token_purposes.is_none_or(|t| t.contains(g)))
+            .or(granted.first())
+            .cloned()
+            .or_else(|| token_purposes.and_then(|t| t.first().cloned()))
+            .unwrap_or_else(|| "unspecified".to_owned())
+    };
+    let caller = Caller {
+        dept,
+        system: sys,
+        token_purposes,
+    };
+    let ask = policy::Request {
+        dataset,
+        fields: &[],
+        filter_fields: &[],
+        purpose: &purpose,
+    };
+    match policy::evaluate(p, caller, ask) {
+        Ok(permit) => pb::Access {
+            allowed: true,
+            readable_fields: permit.fields.iter().filter(|f| f.mask.is_none()).map(|f| f.name.clone()).collect(),
+            masked_fields: permit
+                .fields
+                .iter()
+                .filter(|f| !f.mask.is_none())
+                .map(|f| pb::MaskedField {
+                    field: f.name.clone(),
+                    mask: f.mask.describe(),
+                })
+                .collect(),
+            allowed_purposes: if permit.purposes.is_empty() { granted } else { permit.purposes.clone() },
+            rate_limit: Some(pb::RateLimit {
+                per_second: permit.rate_limit.per_second,
+                burst: permit.rate_limit.burst,
+            }),
+            denial_reason: String::new(),
+            denial_message: String::new(),
+            deciding_rule: permit.rule,
+        },
+        Err(rej) => pb::Access {
+            allowed: false,
+            allowed_purposes: granted,
+            denial_reason: rej.reason.as_str().to_owned(),
+            denial_message: rej.message,
+            deciding_rule: rej.rule.unwrap_or_default(),
+            ..pb::Access::default()
+        },
+    }
+}
+
+fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
+    snap.policy
+        .dataset(dataset)
+        .map(|d| d.provider.clone())
+        .ok_or_else(|| Reject::new(Reason::DatasetUnknown, format!("dataset `{dataset}` is not in the catalogue")))
+}
+
+/// Stage `check`: shape rules that do not depend on the policy. Returns the filter's fields.
+fn check_request(req: &QueryRequest, limits: &Limits) -> Result<Vec<String>, Reject> {
+    let conds = req.filter.as_ref().map(|f| f.conditions.as_slice()).unwrap_or_default();
+    if conds.len() > limits.max_filter_terms {
+        return Err(Reject::new(
+            Reason::RequestInvalid,
+            format!("the filter has {} conditions; at most {} are allowed", conds.len(), limits.max_filter_terms),
+        ));
+    }
+    let mut fields = Vec::with_capacity(conds.len());
+    for (i, c) in conds.iter().enumerate() {
+        use pb::condition::Test;
+        if c.field.is_empty() {
+            return Err(Reject::new(Reason::RequestInvalid, format!("filter condition {i} names no field")));
+        }
+        match &c.test {
+            None => {
+                return Err(Reject::new(
+                    Reason::RequestInvalid,
+                    format!("filter condition {i} on `{}` has no test (eq, in or prefix)", c.field),
+                ));
+            }
+            Some(Test::In(list)) if list.values.is_empty() || list.values.len() > limits.max_filter_terms => {
+                return Err(Reject::new(
+                    Reason::RequestInvalid,
+                    format!(
+                        "filter condition {i} on `{}`: IN needs 1 to {} values",
+                        c.field, limits.max_filter_terms
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        if !fields.contains(&c.field) {
+            fields.push(c.field.clone());
+        }
+    }
+    Ok(fields)
+}
+
+/// A provider response after the gateway enforced the permit on it.
+struct Shaped {
+    response: QueryResponse,
+    returned: Vec<String>,
+    masked: Vec<String>,
+}
+
+/// Stage `shape`: keep only permitted columns, in the permit's order, and apply masks.
+fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped, Reject> {
+    let QueryResponse {
+        columns,
+        rows,
+        next_page_token,
+        ..
+    } = resp;
+    // (output position) -> (provider column index, mask)
+    let mut plan: Vec<(usize, Mask)> = Vec::with_capacity(permit.fields.len());
+    let mut out_cols = Vec::with_capacity(permit.fields.len());
+    let mut returned = Vec::with_capacity(permit.fields.len());
+    let mut masked = Vec::new();
+    for f in &permit.fields {
+        if let Some(i) = columns.iter().position(|c| c.name == f.name) {
+            let mut col = columns[i].clone();
+            if let Mask::Keep { .. } = f.mask {
+                col.r#type = pb::FieldType::String as i32;
+            }
+            plan.push((i, f.mask));
+            out_cols.push(col);
+            returned.push(f.name.clone());
+            if !f.mask.is_none() {
+                masked.push(f.name.clone());
+            }
+        }
+    }
+    let width = columns.len();
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for (r, mut row) in rows.into_iter().enumerate() {
+        if row.values.len() != width {
+            tracing::warn!(%provider, row = r, got = row.values.len(), want = width, "provider row width mismatch");
+            return Err(Reject::new(
+                Reason::ProviderResponseInvalid,
+                format!("the provider `{provider}` returned a malformed response; the operators have been told"),
+            ));
+        }
+        let values = plan
+            .iter()
+            .map(|&(i, mask)| {
+                let mut v = std::mem::take(&mut row.values[i]);
+                policy::mask::apply(mask, &mut v);
+                v
+            })
+            .collect();
+        out_rows.push(pb::Row { values });
+    }
+    Ok(Shaped {
+        response: QueryResponse {
+            columns: out_cols,
+            rows: out_rows,
+            masked_columns: masked.clone(),
+            next_page_token,
+        },
+        returned,
+        masked,
+    })
+}
+
+fn record_rows(rec: &mut AuditRecord, s: &Shaped) {
+    rec.fields_returned = s.returned.clone();
+    rec.fields_masked = s.masked.clone();
+    rec.rows = s.response.rows.len() as u64;
+}
+
+fn record_reject(rec: &mut AuditRecord, rej: &Reject) {
+    rec.reason = Some(rej.reason.as_str().to_owned());
+    if rej.rule.is_some() {
+        rec.rule = rej.rule.clone();
+    }
+    if rec.decision.is_empty() {
+        rec.decision = "deny";
+    }
+}
+
+fn catalog_entry(ds: &policy::model::Dataset) -> pb::Dataset {
+    use policy::model::{FieldType as F, Sensitivity as S};
+    pb::Dataset {
+        id: ds.id.clone(),
+        title: ds.title.clone(),
+        owner_department: ds.owner.clone(),
+        share_type: match ds.share_type {
+            policy::ShareType::Unconditional => pb::ShareType::Unconditional,
+            policy::ShareType::Conditional => pb::ShareType::Conditional,
+            policy::ShareType::None => pb::ShareType::None,
+        } as i32,
+        fields: ds
+            .fields
+            .iter()
+            .map(|f| pb::FieldInfo {
+                name: f.name.clone(),
+                r#type: match f.ty {
+                    F::String => pb::FieldType::String,
+                    F::Int64 => pb::FieldType::Int64,
+                    F::Double => pb::FieldType::Double,
+                    F::Bool => pb::FieldType::Bool,
+                    F::Bytes => pb::FieldType::Bytes,
+                    F::Timestamp => pb::FieldType::Timestamp,
+                } as i32,
+                sensitivity: match f.sensitivity {
+                    S::Public => pb::Sensitivity::Public,
+                    S::Internal => pb::Sensitivity::Internal,
+                    S::Personal => pb::Sensitivity::Personal,
+                    S::Sensitive => pb::Sensitivity::Sensitive,
+                } as i32,
+                description: f.description.clone(),
+            })
+            .collect(),
+        subject_key: ds.subject_key.clone(),
+        description: ds.description.clone(),
+    }
+}
+
+/// The call's trace id: the caller's W3C `traceparent` trace id if it sent one, else fresh.
+fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
+    if let Some(tp) = md.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let mut parts = tp.split('-');
+        if let (Some(_ver), Some(tid)) = (parts.next(), parts.next())
+            && tid.len() == 32
+            && tid.bytes().all(|b| b.is_ascii_hexdigit())
+            && tid.bytes().any(|b| b != b'0')
+        {
+            return tid.to_ascii_lowercase();
+        }
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn now_rfc3339() -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc().format(&fmt).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::data_exchange_server::DataExchange for Gateway {
+    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let mut call = self.begin(METHOD_QUERY, &req)?;
+        let span = tracing::info_span!("query", trace_id = %call.trace_id);
+        let result = self.query_inner(&mut call, req).instrument(span).await;
+        self.finish(call, result).await
+    }
+
+    type QueryStreamStream = ReceiverStream<Result<QueryResponse, Status>>;
+
+    async fn query_stream(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStreamStream>, Status> {
+        let mut call = self.begin(METHOD_QUERY_STREAM, &req)?;
+        let span = tracing::info_span!("query_stream", trace_id = %call.trace_id);
+        match self.query_stream_inner(&mut call, req).instrument(span.clone()).await {
+            Ok((upstream, permit, provider, deadline)) => {
+                let (tx, rx) = mpsc::channel(4);
+                let trace_id = call.trace_id.clone();
+                tokio::spawn(
+                    self.clone()
+                        .relay(call, upstream, permit, provider, deadline, tx)
+                        .instrument(span),
+                );
+                let mut resp = Response::new(ReceiverStream::new(rx));
+                if let Ok(v) = MetadataValue::try_from(trace_id.as_str()) {
+                    resp.metadata_mut().insert(TRACE_ID_HEADER, v);
+                }
+                Ok(resp)
+            }
+            Err(rej) => self.finish::<()>(call, Err(rej)).await.map(|_| unreachable_stream()),
+        }
+    }
+}
+
+/// `finish` with an error never yields Ok; this keeps the types honest without a panic.
+fn unreachable_stream() -> Response<ReceiverStream<Result<QueryResponse, Status>>> {
+    let (_tx, rx) = mpsc::channel(1);
+    Response::new(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::catalog_server::Catalog for Gateway {
+    async fn list_datasets(
+        &self,
+        req: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let mut call = self.begin(METHOD_LIST, &req)?;
+        let result = self.list_inner(&mut call, &req);
+        self.finish(call, result).await
+    }
+
+    async fn describe_dataset(
+        &self,
+        req: Request<pb::DescribeDatasetRequest>,
+    ) -> Result<Response<pb::DescribeDatasetResponse>, Status> {
+        let mut call = self.begin(METHOD_DESCRIBE, &req)?;
+        let result = self.describe_inner(&mut call, &req);
+        self.finish(call, result).await
+    }
+}

@@ -1,0 +1,516 @@
+//! The `xgate` command: `serve`, `demo`, `dev-certs`, `token`, `call`, `policy check`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+use xgate::{
+    client, config::Config, devpki, pb, policy::Policy, provider, server, telemetry,
+};
+
+#[derive(Parser)]
+#[command(name = "xgate", version, about = "gRPC data-exchange gateway between departmental systems")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway from a config file.
+    Serve {
+        #[arg(long, short, default_value = "deploy/dev/xgate.yaml")]
+        config: PathBuf,
+    },
+    /// Run the demo: the gateway on the dev PKI plus sample department backends.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "demo-audit")]
+        audit_dir: PathBuf,
+        /// Policy file (its providers' endpoints say where the sample providers listen).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Dev PKI directory.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Log as JSON.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
+    DevCerts {
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+    },
+    /// Print a dev JWT signed with the dev key.
+    Token(TokenArgs),
+    /// Call the gateway: list / describe / query / stream.
+    Call(CallArgs),
+    /// Tools for the data bureau's policy file.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy file; print every error; exit 1 if any.
+    Check { file: PathBuf },
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long)]
+    dept: String,
+    #[arg(long)]
+    sub: String,
+    /// Comma-separated purposes the token allows (omit: any purpose the grant allows).
+    #[arg(long, value_delimiter = ',')]
+    purposes: Option<Vec<String>>,
+    /// Lifetime: 90s, 15m, 1h, 2d.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    #[arg(long, default_value = "certs-dev/jwt-signing.key")]
+    key: PathBuf,
+    #[arg(long, default_value = devpki::KID)]
+    kid: String,
+    #[arg(long, default_value = devpki::ISSUER)]
+    issuer: String,
+    #[arg(long, default_value = devpki::AUDIENCE)]
+    audience: String,
+}
+
+#[derive(Args)]
+struct CallArgs {
+    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    gateway: String,
+    /// Act as this dev department: its certificate from the dev PKI and a fresh dev token.
+    #[arg(long = "as")]
+    as_dept: Option<String>,
+    #[arg(long, default_value = "certs-dev")]
+    certs: PathBuf,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Bearer token (default with --as: a fresh dev token).
+    #[arg(long, env = "XGATE_TOKEN")]
+    token: Option<String>,
+    /// Name to verify in the gateway's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: CallCmd,
+}
+
+#[derive(Subcommand)]
+enum CallCmd {
+    /// List the catalogue.
+    List,
+    /// Describe a dataset and your access to it.
+    Describe {
+        dataset: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+    },
+    /// Query one page.
+    Query(QueryArgs),
+    /// Stream every matching row in batches.
+    Stream(QueryArgs),
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    dataset: String,
+    #[arg(long, default_value = "")]
+    purpose: String,
+    /// Comma-separated fields (default: all you may read).
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Condition: field=value, field^=prefix or field:in=a,b,c (repeatable, AND-ed).
+    #[arg(long = "where")]
+    conditions: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    page_size: u32,
+    #[arg(long, default_value = "")]
+    page_token: String,
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve { config } => serve(&config),
+        Cmd::Demo {
+            listen,
+            audit_dir,
+            policy,
+            certs,
+            json_logs,
+        } => demo(listen, audit_dir, policy, certs, json_logs),
+        Cmd::DevCerts { out } => devpki::generate(&out)
+            .map(|files| {
+                for f in files {
+                    println!("wrote {}", f.display());
+                }
+            })
+            .map_err(|e| e.to_string()),
+        Cmd::Token(t) => token(t),
+        Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
+        Cmd::Policy {
+            cmd: PolicyCmd::Check { file },
+        } => match Policy::load(&file) {
+            Ok(p) => {
+                println!(
+                    "{}: OK ({} departments, {} datasets, {} grants; version {})",
+                    file.display(),
+                    p.file.departments.len(),
+                    p.file.datasets.len(),
+                    p.file.grants.len(),
+                    p.version
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("{}: {e}", file.display())),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build().map_err(|e| format!("tokio runtime: {e}"))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn serve(path: &Path) -> Result<(), String> {
+    let cfg = Config::load(path).map_err(|errs| {
+        format!("invalid config {}:\n  - {}", path.display(), errs.join("\n  - "))
+    })?;
+    let rt = runtime(cfg.runtime.worker_threads)?;
+    rt.block_on(async move {
+        let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
+        let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
+        let result = tokio::select! {
+            _ = shutdown_signal() => {
+                let addr = running.addr;
+                tracing::info!(%addr, "signal received");
+                running.shutdown().await
+            }
+        };
+        tel.shutdown().await;
+        result.map(|n| tracing::info!(records = n, "stopped"))
+    })
+}
+
+/// Find a repo-relative path from the current directory or the source checkout.
+fn locate(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if src.exists() { src } else { here }
+}
+
+fn demo(
+    listen: SocketAddr,
+    audit_dir: PathBuf,
+    policy: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    json_logs: bool,
+) -> Result<(), String> {
+    let certs = certs.unwrap_or_else(|| locate("certs-dev"));
+    let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
+    let mut cfg = Config::demo(&certs, policy_path.clone(), listen, audit_dir);
+    if json_logs {
+        cfg.log.format = xgate::config::LogFormat::Json;
+    }
+    let rt = runtime(0)?;
+    rt.block_on(async move {
+        let tel = telemetry::init(&cfg.log, None)?;
+        let policy = Policy::load(&policy_path).map_err(|e| format!("{}: {e}", policy_path.display()))?;
+        // Start the sample providers where the policy says they are.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut providers = Vec::new();
+        for (id, tables) in provider::demo_providers() {
+            let Some(p) = policy.provider(id) else { continue };
+            let uri: http::Uri = p.endpoint.parse().map_err(|e| format!("provider {id}: {e}"))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+            let sp = provider::SampleProvider::new(id, tables, provider::Behaviour::default());
+            let mut rx = stop_rx.clone();
+            let (bound, h) = provider::spawn_dev(sp, id, addr, &certs, async move {
+                let _ = rx.changed().await;
+            })
+            .await
+            .map_err(|e| format!("sample provider `{id}` on {addr}: {e}"))?;
+            println!("sample provider {id:<20} https://{bound}");
+            providers.push(h);
+        }
+        let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
+        let addr = running.addr;
+        println!("xgate demo listening on {addr}");
+        println!("policy {} ({})", policy_path.display(), running.policy_version);
+        println!("audit trail {}", running.audit_path.display());
+        println!();
+        println!("Try it (another terminal, from the repository root):");
+        let gw = if addr.port() == 8443 { String::new() } else { format!(" --gateway https://{addr}") };
+        println!("  cargo run --release -- call{gw} --as civil-affairs list");
+        println!("  cargo run --release -- call{gw} --as civil-affairs describe hukou.person_basic");
+        println!(
+            "  cargo run --release -- call{gw} --as civil-affairs query hukou.person_basic --purpose subsidy-eligibility --where region_code=330106 --page-size 5"
+        );
+        println!(
+            "  cargo run --release -- call{gw} --as health query hukou.person_basic --purpose medical-insurance   # denied: no grant"
+        );
+        println!(
+            "  cargo run --release -- call{gw} --as civil-affairs query hukou.criminal_record --purpose subsidy-eligibility   # denied: share type none"
+        );
+        println!("Ctrl-C stops the demo.");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        shutdown_signal().await;
+        let written = running.shutdown().await?;
+        let _ = stop_tx.send(true);
+        for h in providers {
+            let _ = h.await;
+        }
+        println!("stopped; {written} audit records written");
+        tel.shutdown().await;
+        Ok(())
+    })
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("--ttl `{s}`: use e.g. 90s, 15m, 1h, 2d"))
+}
+
+fn token(t: TokenArgs) -> Result<(), String> {
+    let ttl = parse_ttl(&t.ttl)?;
+    let key = std::fs::read_to_string(&t.key).map_err(|e| format!("{}: {e}", t.key.display()))?;
+    let mut claims = devpki::dev_claims(&t.dept, &t.sub, t.purposes.as_deref(), ttl);
+    claims["iss"] = t.issuer.into();
+    claims["aud"] = t.audience.into();
+    let tok = devpki::mint_token(&key, &t.kid, &claims).map_err(|e| e.to_string())?;
+    println!("{tok}");
+    Ok(())
+}
+
+async fn call(c: CallArgs) -> Result<(), String> {
+    let (cert, key, dev_token) = match &c.as_dept {
+        Some(d) => {
+            let (cert, key, tok) = client::dev_identity(&c.certs, d, None)?;
+            (cert, key, Some(tok))
+        }
+        None => {
+            let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>, String> {
+                let p = p.as_ref().ok_or_else(|| format!("--{what} is required without --as"))?;
+                std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            (read(&c.cert, "cert")?, read(&c.key, "key")?, None)
+        }
+    };
+    let ca_path = c.ca.clone().unwrap_or_else(|| c.certs.join("ca.pem"));
+    let ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    let token = c
+        .token
+        .clone()
+        .or(dev_token)
+        .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
+    let channel = client::connect(&c.gateway, &ca, &cert, &key, &c.server_name)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", c.gateway))?;
+    let fail = |s: tonic::Status| client::explain(&s);
+    match c.what {
+        CallCmd::List => {
+            let mut cat = pb::catalog_client::CatalogClient::new(channel);
+            let r = cat
+                .list_datasets(client::with_token(pb::ListDatasetsRequest {}, &token))
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if c.json {
+                println!("{}", json_datasets(&r.datasets));
+            } else {
+                for d in &r.datasets {
+                    let share = pb::ShareType::try_from(d.share_type).map(|s| s.as_str_name()).unwrap_or("?");
+                    println!("{:<28} {:<20} {:<26} {}", d.id, d.owner_department, share, d.title);
+                }
+                println!("({} datasets; policy {})", r.datasets.len(), r.policy_version);
+            }
+        }
+        CallCmd::Describe { dataset, purpose } => {
+            let mut cat = pb::catalog_client::CatalogClient::new(channel);
+            let r = cat
+                .describe_dataset(client::with_token(pb::DescribeDatasetRequest { dataset, purpose }, &token))
+                .await
+                .map_err(fail)?
+                .into_inner();
+            let a = r.access.unwrap_or_default();
+            if c.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "dataset": r.dataset.as_ref().map(|d| d.id.clone()),
+                        "allowed": a.allowed, "readable_fields": a.readable_fields,
+                        "masked_fields": a.masked_fields.iter().map(|m| serde_json::json!({"field": m.field, "mask": m.mask})).collect::<Vec<_>>(),
+                        "allowed_purposes": a.allowed_purposes, "deciding_rule": a.deciding_rule,
+                        "denial_reason": a.denial_reason, "denial_message": a.denial_message,
+                        "rate_limit": a.rate_limit.map(|r| serde_json::json!({"per_second": r.per_second, "burst": r.burst})),
+                    })
+                );
+            } else {
+                if let Some(d) = &r.dataset {
+                    println!("{} — {} (owner {}, subject key {})", d.id, d.title, d.owner_department, d.subject_key);
+                    for f in &d.fields {
+                        let t = pb::FieldType::try_from(f.r#type).map(|t| t.as_str_name()).unwrap_or("?");
+                        let s = pb::Sensitivity::try_from(f.sensitivity).map(|t| t.as_str_name()).unwrap_or("?");
+                        println!("  {:<22} {:<22} {}", f.name, t, s);
+                    }
+                }
+                if a.allowed {
+                    println!("your access: ALLOWED under {}", a.deciding_rule);
+                    println!("  readable: {}", a.readable_fields.join(", "));
+                    for m in &a.masked_fields {
+                        println!("  masked:   {} ({})", m.field, m.mask);
+                    }
+                    println!("  purposes: {}", if a.allowed_purposes.is_empty() { "any".into() } else { a.allowed_purposes.join(", ") });
+                    if let Some(rl) = a.rate_limit {
+                        println!("  rate:     {}/s, burst {}", rl.per_second, rl.burst);
+                    }
+                } else {
+                    println!("your access: DENIED {} — {} [rule {}]", a.denial_reason, a.denial_message, a.deciding_rule);
+                }
+            }
+        }
+        CallCmd::Query(q) => {
+            let req = client::query_request(&q.dataset, &q.fields, &q.conditions, &q.purpose, q.page_size, &q.page_token)?;
+            let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
+            let r = dx.query(client::with_token(req, &token)).await.map_err(fail)?;
+            let trace = r
+                .metadata()
+                .get(xgate::TRACE_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let r = r.into_inner();
+            if c.json {
+                println!("{}", json_response(&r));
+            } else {
+                client::print_table(&r);
+                println!(
+                    "({} rows; masked: {}; next page: {}; trace {trace})",
+                    r.rows.len(),
+                    if r.masked_columns.is_empty() { "none".into() } else { r.masked_columns.join(", ") },
+                    if r.next_page_token.is_empty() { "none" } else { &r.next_page_token }
+                );
+            }
+        }
+        CallCmd::Stream(q) => {
+            let req = client::query_request(&q.dataset, &q.fields, &q.conditions, &q.purpose, q.page_size, "")?;
+            let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
+            let mut s = dx.query_stream(client::with_token(req, &token)).await.map_err(fail)?.into_inner();
+            let (mut batches, mut rows) = (0u64, 0u64);
+            while let Some(b) = s.message().await.map_err(fail)? {
+                batches += 1;
+                rows += b.rows.len() as u64;
+                if c.json {
+                    println!("{}", json_response(&b));
+                }
+            }
+            println!("({batches} batches, {rows} rows)");
+        }
+    }
+    Ok(())
+}
+
+fn json_value(v: &pb::Value) -> serde_json::Value {
+    use pb::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::Int64Value(i)) => (*i).into(),
+        Some(Kind::DoubleValue(d)) => (*d).into(),
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(_) => client::render(v).into(),
+    }
+}
+
+fn json_response(r: &pb::QueryResponse) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = r
+        .rows
+        .iter()
+        .map(|row| {
+            let obj: serde_json::Map<String, serde_json::Value> = r
+                .columns
+                .iter()
+                .zip(&row.values)
+                .map(|(c, v)| (c.name.clone(), json_value(v)))
+                .collect();
+            serde_json::Value::Object(obj)
+        })
+        .collect();
+    serde_json::json!({"rows": rows, "masked_columns": r.masked_columns, "next_page_token": r.next_page_token})
+}
+
+fn json_datasets(ds: &[pb::Dataset]) -> serde_json::Value {
+    ds.iter()
+        .map(|d| {
+            serde_json::json!({
+                "id": d.id, "title": d.title, "owner": d.owner_department,
+                "share_type": pb::ShareType::try_from(d.share_type).map(|s| s.as_str_name()).unwrap_or("?"),
+                "fields": d.fields.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,281 @@
+//! The decision: a pure function of the policy snapshot, the verified caller and what it asks.
+//!
+//! No I/O, no clock, no globals: the same inputs always give the same decision, which is what
+//! makes it table-testable and lets `DescribeDataset` and `Query` agree by construction.
+//!
+//! Order of checks (the first that fails decides, and names its rule):
+//! 1. the consumer department is registered;
+//! 2. the dataset is in the catalogue;
+//! 3. the dataset is not on the negative list;
+//! 4. the share type is not `none`;
+//! 5. a purpose is declared, and the token (if it lists purposes) allows it;
+//! 6. a grant of this consumer (system-specific first) covers the purpose — or the dataset is
+//!    `unconditional`, which gives its non-sensitive fields to any registered department;
+//! 7. every requested or filtered field exists and is readable under that rule.
+
+use super::{
+    Policy,
+    model::{Grant, Mask, RateLimit, Sensitivity, ShareType},
+};
+use crate::error::{Reason, Reject};
+
+/// The verified caller: department and system from the certificate, purposes from the token.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub dept: &'a str,
+    pub system: &'a str,
+    /// The token's `purposes` claim, if it has one.
+    pub token_purposes: Option<&'a [String]>,
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub dataset: &'a str,
+    /// Fields wanted; empty means every field the caller may read.
+    pub fields: &'a [String],
+    /// Fields the request's filter tests.
+    pub filter_fields: &'a [&'a str],
+    pub purpose: &'a str,
+}
+
+/// The caller may proceed, receiving exactly these fields with these masks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Permit {
+    /// The rule that allowed the call: `grant:<id>` or `share-type:unconditional`.
+    pub rule: String,
+    pub grant_id: Option<String>,
+    pub approval_ref: Option<String>,
+    /// Output columns, in the order they will be returned.
+    pub fields: Vec<PermittedField>,
+    /// The rate limit that applies to this caller on this dataset.
+    pub rate_limit: RateLimit,
+    /// Purposes the rule allows (empty: any declared purpose).
+    pub purposes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermittedField {
+    pub name: String,
+    pub mask: Mask,
+}
+
+/// The access rule chosen for a caller on a dataset, before fields are checked.
+enum Basis<'p> {
+    Grant(&'p Grant),
+    Unconditional,
+}
+
+/// Decide one call.
+pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result<Permit, Reject> {
+    if policy.department(caller.dept).is_none() {
+        return Err(Reject::new(
+            Reason::ConsumerUnknown,
+            format!(
+                "department `{}` is not registered in the data-sharing model; ask the data bureau to register it",
+                caller.dept
+            ),
+        )
+        .with_rule("department-registry"));
+    }
+    if req.dataset.is_empty() {
+        return Err(Reject::new(Reason::RequestInvalid, "the request names no dataset"));
+    }
+    let Some(ds) = policy.dataset(req.dataset) else {
+        return Err(Reject::new(
+            Reason::DatasetUnknown,
+            format!("dataset `{}` is not in the catalogue; see Catalog.ListDatasets", req.dataset),
+        )
+        .with_rule("catalogue"));
+    };
+    if let Some(n) = policy.negative_dataset(req.dataset) {
+        return Err(Reject::new(
+            Reason::NegativeList,
+            format!("dataset `{}` is on the negative list and is never shared", ds.id),
+        )
+        .with_rule(format!("negative-list:{}", n.dataset)));
+    }
+    if ds.share_type == ShareType::None {
+        return Err(Reject::new(
+            Reason::ShareTypeNone,
+            format!("dataset `{}` has share type `none`: it is never shared, whatever any grant says", ds.id),
+        )
+        .with_rule("share-type:none"));
+    }
+    if req.purpose.trim().is_empty() {
+        return Err(Reject::new(
+            Reason::PurposeMissing,
+            "declare the purpose of the call in the request's `purpose` field",
+        )
+        .with_rule("purpose-required"));
+    }
+    if let Some(tp) = caller.token_purposes
+        && !tp.iter().any(|p| p == req.purpose)
+    {
+        return Err(Reject::new(
+            Reason::TokenPurposeNotAllowed,
+            format!("purpose `{}` is not among the purposes your token was issued for", req.purpose),
+        )
+        .with_rule("token:purposes"));
+    }
+
+    let mut applicable = policy
+        .grants_for(req.dataset, caller.dept)
+        .filter(|g| g.system.as_deref().is_none_or(|s| s == caller.system))
+        .peekable();
+    let has_grant = applicable.peek().is_some();
+    let mut granted_purposes: Vec<&str> = Vec::new();
+    let mut chosen = None;
+    for g in applicable {
+        if g.purposes.iter().any(|p| p == req.purpose) {
+            chosen = Some(g);
+            break;
+        }
+        granted_purposes.extend(g.purposes.iter().map(String::as_str));
+    }
+    let basis = match (chosen, ds.share_type) {
+        (Some(g), _) => Basis::Grant(g),
+        (None, ShareType::Unconditional) => Basis::Unconditional,
+        (None, _) if has_grant => {
+            return Err(Reject::new(
+                Reason::PurposeNotAllowed,
+                format!(
+                    "purpose `{}` is not allowed on `{}`; your grant allows: {}",
+                    req.purpose,
+                    ds.id,
+                    granted_purposes.join(", ")
+                ),
+            )
+            .with_rule(format!(
+                "grant:{}",
+                policy
+                    .grants_for(req.dataset, caller.dept)
+                    .find(|g| g.system.as_deref().is_none_or(|s| s == caller.system))
+                    .map(|g| g.id.as_str())
+                    .unwrap_or_default()
+            )));
+        }
+        (None, _) => {
+            return Err(Reject::new(
+                Reason::GrantMissing,
+                format!(
+                    "dataset `{}` is conditional and department `{}` (system `{}`) has no grant for it; apply to the data bureau for a sharing agreement",
+                    ds.id, caller.dept, caller.system
+                ),
+            )
+            .with_rule("share-type:conditional"));
+        }
+    };
+
+    // Which fields the rule makes readable, in schema order, with their masks.
+    let readable = |idx: usize| -> Option<Mask> {
+        let f = &ds.fields[idx];
+        if policy.negative_field(req.dataset, idx).is_some() {
+            return None;
+        }
+        match basis {
+            Basis::Grant(g) => {
+                let listed = g.fields.iter().any(|x| x == "*" || x == &f.name);
+                let open = ds.share_type == ShareType::Unconditional && f.sensitivity < Sensitivity::Sensitive;
+                (listed || open).then(|| g.masks.get(&f.name).copied().unwrap_or(f.mask))
+            }
+            Basis::Unconditional => (f.sensitivity < Sensitivity::Sensitive).then_some(f.mask),
+        }
+    };
+    let rule = match basis {
+        Basis::Grant(g) => format!("grant:{}", g.id),
+        Basis::Unconditional => "share-type:unconditional".to_owned(),
+    };
+    let field_reject = |name: &str, idx: Option<usize>, what: &str| -> Reject {
+        match idx {
+            None => Reject::new(
+                Reason::FieldUnknown,
+                format!("{what} `{name}` is not a field of `{}`; see Catalog.DescribeDataset", ds.id),
+            ),
+            Some(i) => match policy.negative_field(req.dataset, i) {
+                Some(n) => Reject::new(
+                    Reason::NegativeList,
+                    format!("{what} `{name}` is on the negative list and is never shared"),
+                )
+                .with_rule(format!("negative-list:{}.{}", n.dataset, name)),
+                None => Reject::new(
+                    Reason::FieldDenied,
+                    format!(
+                        "{what} `{name}` of `{}` is not readable under {rule}; ask for it in your grant or leave it out",
+                        ds.id
+                    ),
+                )
+                .with_rule(rule.clone()),
+            },
+        }
+    };
+
+    for &name in req.filter_fields {
+        let idx = policy.field_index(req.dataset, name);
+        if idx.and_then(readable).is_none() {
+            return Err(field_reject(name, idx, "filter field"));
+        }
+    }
+    let fields = if req.fields.is_empty() {
+        (0..ds.fields.len())
+            .filter_map(|i| {
+                readable(i).map(|mask| PermittedField {
+                    name: ds.fields[i].name.clone(),
+                    mask,
+                })
+            })
+            .collect()
+    } else {
+        let mut out = Vec::with_capacity(req.fields.len());
+        for name in req.fields {
+            let idx = policy.field_index(req.dataset, name);
+            match idx.and_then(readable) {
+                Some(mask) => {
+                    if !out.iter().any(|f: &PermittedField| &f.name == name) {
+                        out.push(PermittedField {
+                            name: name.clone(),
+                            mask,
+                        });
+                    }
+                }
+                None => return Err(field_reject(name, idx, "field")),
+            }
+        }
+        out
+    };
+
+    Ok(match basis {
+        Basis::Grant(g) => Permit {
+            rule,
+            grant_id: Some(g.id.clone()),
+            approval_ref: g.approval_ref.clone(),
+            fields,
+            rate_limit: g.rate_limit.unwrap_or(policy.file.defaults.rate_limit),
+            purposes: g.purposes.clone(),
+        },
+        Basis::Unconditional => Permit {
+            rule,
+            grant_id: None,
+            approval_ref: None,
+            fields,
+            rate_limit: policy.file.defaults.rate_limit,
+            purposes: Vec::new(),
+        },
+    })
+}
+
+/// The purposes a caller could declare on a dataset (union over its applicable grants).
+pub fn granted_purposes(policy: &Policy, dept: &str, system: &str, dataset: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for g in policy
+        .grants_for(dataset, dept)
+        .filter(|g| g.system.as_deref().is_none_or(|s| s == system))
+    {
+        for p in &g.purposes {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+    }
+    out
+}

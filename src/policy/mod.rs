@@ -1,0 +1,341 @@
+//! The data-sharing model: load, validate and index the bureau's policy file, and decide calls.
+//!
+//! - [`model`]: the YAML file as written.
+//! - [`Policy`]: a validated, indexed, immutable snapshot with its content hash as version.
+//! - [`eval`]: the pure decision function `(policy, caller, ask) -> Permit | Reject`.
+//! - [`mask`]: the masks the gateway applies to provider responses.
+//!
+//! A policy that fails validation is never served: every error is reported at once, with the
+//! path of the offending entry.
+
+pub mod eval;
+pub mod mask;
+pub mod model;
+
+use std::{collections::HashMap, fmt, path::Path};
+
+use sha2::{Digest, Sha256};
+
+pub use eval::{Caller, Permit, PermittedField, Request, evaluate};
+pub use model::{Mask, PolicyFile, RateLimit, ShareType};
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// Where: `grants[2].fields[0]`, or `yaml` for syntax errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} error(s) in policy:", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// A validated, indexed policy snapshot. Immutable: a reload builds a new one.
+#[derive(Debug)]
+pub struct Policy {
+    /// `sha256:` + the first 16 hex digits of the file's SHA-256: names the exact file.
+    pub version: String,
+    pub file: PolicyFile,
+    departments: HashMap<String, usize>,
+    datasets: HashMap<String, DatasetIndex>,
+    providers: HashMap<String, usize>,
+    /// dataset id -> consumer id -> grant indexes (system-specific grants first).
+    grants: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// dataset id -> negative-list entry index for the whole dataset.
+    negative_datasets: HashMap<String, usize>,
+}
+
+#[derive(Debug)]
+struct DatasetIndex {
+    idx: usize,
+    /// field name -> position in the dataset's `fields`.
+    fields: HashMap<String, usize>,
+    /// per field position: the negative-list entry that forbids it, if any.
+    negative_fields: Vec<Option<usize>>,
+}
+
+impl Policy {
+    /// Read and validate a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            PolicyErrors(vec![PolicyError {
+                path: path.display().to_string(),
+                message: format!("cannot read policy file: {e}"),
+            }])
+        })?;
+        Policy::from_yaml(&bytes)
+    }
+
+    /// Parse and validate policy YAML.
+    pub fn from_yaml(bytes: &[u8]) -> Result<Policy, PolicyErrors> {
+        let file: PolicyFile = serde_yaml_ng::from_slice(bytes).map_err(|e| {
+            let path = match e.location() {
+                Some(l) => format!("yaml (line {}, column {})", l.line(), l.column()),
+                None => "yaml".to_owned(),
+            };
+            PolicyErrors(vec![PolicyError {
+                path,
+                message: e.to_string(),
+            }])
+        })?;
+        let digest = Sha256::digest(bytes);
+        let version = format!("sha256:{}", &hex::encode(digest)[..16]);
+        Policy::build(file, version)
+    }
+
+    /// Validate an already-parsed file.
+    pub fn build(file: PolicyFile, version: String) -> Result<Policy, PolicyErrors> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, message: String| errs.push(PolicyError { path, message });
+
+        let mut departments = HashMap::new();
+        for (i, d) in file.departments.iter().enumerate() {
+            if departments.insert(d.id.clone(), i).is_some() {
+                err(format!("departments[{i}].id"), format!("duplicate department id `{}`", d.id));
+            }
+            if d.id.is_empty() || d.id.contains('/') {
+                err(format!("departments[{i}].id"), "must be non-empty and contain no `/`".into());
+            }
+            if !is_region_code(&d.region) {
+                err(
+                    format!("departments[{i}].region"),
+                    format!("`{}` is not a 6-digit administrative division code", d.region),
+                );
+            }
+        }
+
+        let mut providers = HashMap::new();
+        for (i, p) in file.providers.iter().enumerate() {
+            if providers.insert(p.id.clone(), i).is_some() {
+                err(format!("providers[{i}].id"), format!("duplicate provider id `{}`", p.id));
+            }
+            match p.endpoint.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+                _ => err(
+                    format!("providers[{i}].endpoint"),
+                    format!("`{}` is not an https://host:port URL", p.endpoint),
+                ),
+            }
+        }
+
+        let mut datasets = HashMap::new();
+        for (i, ds) in file.datasets.iter().enumerate() {
+            let mut fields = HashMap::new();
+            for (j, f) in ds.fields.iter().enumerate() {
+                if fields.insert(f.name.clone(), j).is_some() {
+                    err(format!("datasets[{i}].fields[{j}].name"), format!("duplicate field `{}`", f.name));
+                }
+                if let Mask::Keep { .. } = f.mask
+                    && f.ty != model::FieldType::String
+                    && f.ty != model::FieldType::Int64
+                {
+                    err(
+                        format!("datasets[{i}].fields[{j}].mask"),
+                        "`keep` masks apply to string and int64 fields only; use `redact`".into(),
+                    );
+                }
+            }
+            if ds.fields.is_empty() {
+                err(format!("datasets[{i}].fields"), "a dataset needs at least one field".into());
+            }
+            if !fields.contains_key(&ds.subject_key) {
+                err(
+                    format!("datasets[{i}].subject_key"),
+                    format!("`{}` is not a field of dataset `{}`", ds.subject_key, ds.id),
+                );
+            }
+            if !departments.contains_key(&ds.owner) {
+                err(format!("datasets[{i}].owner"), format!("unknown department `{}`", ds.owner));
+            }
+            if !providers.contains_key(&ds.provider) {
+                err(format!("datasets[{i}].provider"), format!("unknown provider `{}`", ds.provider));
+            }
+            let n = ds.fields.len();
+            let dup = datasets
+                .insert(
+                    ds.id.clone(),
+                    DatasetIndex {
+                        idx: i,
+                        fields,
+                        negative_fields: vec![None; n],
+                    },
+                )
+                .is_some();
+            if dup {
+                err(format!("datasets[{i}].id"), format!("duplicate dataset id `{}`", ds.id));
+            }
+        }
+
+        let mut negative_datasets = HashMap::new();
+        for (i, n) in file.negative_list.iter().enumerate() {
+            let Some(ds) = datasets.get_mut(&n.dataset) else {
+                err(format!("negative_list[{i}].dataset"), format!("unknown dataset `{}`", n.dataset));
+                continue;
+            };
+            match &n.field {
+                None => {
+                    negative_datasets.insert(n.dataset.clone(), i);
+                }
+                Some(f) => match ds.fields.get(f) {
+                    Some(&j) => ds.negative_fields[j] = Some(i),
+                    None => err(
+                        format!("negative_list[{i}].field"),
+                        format!("`{f}` is not a field of dataset `{}`", n.dataset),
+                    ),
+                },
+            }
+        }
+
+        let mut grants: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        let mut grant_ids = HashMap::new();
+        for (i, g) in file.grants.iter().enumerate() {
+            let at = |k: &str| format!("grants[{i}].{k}");
+            if grant_ids.insert(g.id.clone(), i).is_some() {
+                err(at("id"), format!("duplicate grant id `{}`", g.id));
+            }
+            if !departments.contains_key(&g.consumer) {
+                err(at("consumer"), format!("unknown department `{}`", g.consumer));
+            }
+            if g.purposes.is_empty() || g.purposes.iter().any(|p| p.trim().is_empty()) {
+                err(at("purposes"), "a grant needs at least one non-empty purpose".into());
+            }
+            if let Some(r) = g.rate_limit
+                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+            {
+                err(at("rate_limit"), "per_second and burst must be positive".into());
+            }
+            let Some(ds) = datasets.get(&g.dataset) else {
+                err(at("dataset"), format!("unknown dataset `{}`", g.dataset));
+                continue;
+            };
+            if g.fields.is_empty() {
+                err(at("fields"), "list the fields granted (or `\"*\"` for all)".into());
+            }
+            if let Some(&n) = negative_datasets.get(&g.dataset) {
+                err(
+                    at("dataset"),
+                    format!(
+                        "dataset `{}` is on the negative list (negative_list[{n}]): it cannot be granted",
+                        g.dataset
+                    ),
+                );
+            }
+            for (j, f) in g.fields.iter().enumerate() {
+                if f == "*" {
+                    continue;
+                }
+                match ds.fields.get(f) {
+                    None => err(
+                        format!("grants[{i}].fields[{j}]"),
+                        format!("`{f}` is not a field of dataset `{}`", g.dataset),
+                    ),
+                    Some(&k) => {
+                        if let Some(n) = ds.negative_fields[k] {
+                            err(
+                                format!("grants[{i}].fields[{j}]"),
+                                format!("field `{f}` is on the negative list (negative_list[{n}]): it cannot be granted"),
+                            );
+                        }
+                    }
+                }
+            }
+            for f in g.masks.keys() {
+                if !ds.fields.contains_key(f) {
+                    err(at("masks"), format!("`{f}` is not a field of dataset `{}`", g.dataset));
+                }
+            }
+            let list = grants
+                .entry(g.dataset.clone())
+                .or_default()
+                .entry(g.consumer.clone())
+                .or_default();
+            list.push(i);
+        }
+        // System-specific grants are more specific: try them first.
+        for by_consumer in grants.values_mut() {
+            for list in by_consumer.values_mut() {
+                list.sort_by_key(|&i| file.grants[i].system.is_none());
+            }
+        }
+
+        if !errs.is_empty() {
+            return Err(PolicyErrors(errs));
+        }
+        Ok(Policy {
+            version,
+            file,
+            departments,
+            datasets,
+            providers,
+            grants,
+            negative_datasets,
+        })
+    }
+
+    pub fn department(&self, id: &str) -> Option<&model::Department> {
+        self.departments.get(id).map(|&i| &self.file.departments[i])
+    }
+
+    pub fn dataset(&self, id: &str) -> Option<&model::Dataset> {
+        self.datasets.get(id).map(|d| &self.file.datasets[d.idx])
+    }
+
+    pub fn provider(&self, id: &str) -> Option<&model::Provider> {
+        self.providers.get(id).map(|&i| &self.file.providers[i])
+    }
+
+    pub(crate) fn field_index(&self, dataset: &str, field: &str) -> Option<usize> {
+        self.datasets.get(dataset)?.fields.get(field).copied()
+    }
+
+    pub(crate) fn negative_field(&self, dataset: &str, field_idx: usize) -> Option<&model::NegativeEntry> {
+        let n = (*self.datasets.get(dataset)?.negative_fields.get(field_idx)?)?;
+        self.file.negative_list.get(n)
+    }
+
+    pub(crate) fn negative_dataset(&self, dataset: &str) -> Option<&model::NegativeEntry> {
+        self.negative_datasets
+            .get(dataset)
+            .and_then(|&n| self.file.negative_list.get(n))
+    }
+
+    /// Grants of `consumer` on `dataset`, system-specific first.
+    pub(crate) fn grants_for<'a>(
+        &'a self,
+        dataset: &str,
+        consumer: &str,
+    ) -> impl Iterator<Item = &'a model::Grant> + 'a {
+        self.grants
+            .get(dataset)
+            .and_then(|m| m.get(consumer))
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.file.grants[i])
+    }
+}
+
+fn is_region_code(s: &str) -> bool {
+    s.len() == 6 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

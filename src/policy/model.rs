@@ -1,0 +1,217 @@
+//! The policy file as the data bureau writes it (YAML), before validation.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`): a typo in a security policy must never be
+//! silently ignored. See `deploy/dev/policy.yaml` for a commented example.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole policy file.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Settings that apply where a grant says nothing.
+    #[serde(default)]
+    pub defaults: Defaults,
+    pub departments: Vec<Department>,
+    #[serde(default)]
+    pub providers: Vec<Provider>,
+    pub datasets: Vec<Dataset>,
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    #[serde(default)]
+    pub negative_list: Vec<NegativeEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Rate limit for access without a grant (unconditional datasets).
+    #[serde(default = "default_rate")]
+    pub rate_limit: RateLimit,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            rate_limit: default_rate(),
+        }
+    }
+}
+
+fn default_rate() -> RateLimit {
+    RateLimit {
+        per_second: 10.0,
+        burst: 20,
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Province,
+    City,
+    County,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Department {
+    pub id: String,
+    pub name: String,
+    pub level: Level,
+    /// 6-digit administrative division code, e.g. `330106`.
+    pub region: String,
+}
+
+/// A department backend serving one or more datasets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub id: String,
+    /// `https://host:port` of the provider's `xgate.v1.DataExchange` service.
+    pub endpoint: String,
+    /// Name to verify in the provider's certificate; defaults to the endpoint's host.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareType {
+    Unconditional,
+    Conditional,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Int64,
+    Double,
+    Bool,
+    Bytes,
+    Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Sensitivity {
+    Public,
+    Internal,
+    Personal,
+    Sensitive,
+}
+
+/// How a field's value is hidden from a consumer that may know it exists.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Mask {
+    /// Returned in clear.
+    None,
+    /// Keep the first and last characters, replace the rest with `*`.
+    Keep { first: u16, last: u16 },
+    /// Replaced by null.
+    Redact,
+}
+
+impl Mask {
+    pub fn is_none(&self) -> bool {
+        matches!(self, Mask::None)
+    }
+
+    /// Words for the catalogue (`DescribeDataset`).
+    pub fn describe(&self) -> String {
+        match self {
+            Mask::None => "none".into(),
+            Mask::Keep { first, last } => {
+                format!("keep first {first} and last {last} characters")
+            }
+            Mask::Redact => "redacted".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Field {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    pub sensitivity: Sensitivity,
+    /// Mask applied to every consumer unless its grant says otherwise.
+    #[serde(default = "no_mask")]
+    pub mask: Mask,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn no_mask() -> Mask {
+    Mask::None
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    pub id: String,
+    pub title: String,
+    #[serde(default)]
+    pub description: String,
+    /// Owner department id.
+    pub owner: String,
+    /// Provider id serving the dataset.
+    pub provider: String,
+    pub share_type: ShareType,
+    /// The field identifying the person or company a row is about.
+    pub subject_key: String,
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained calls per second.
+    pub per_second: f64,
+    /// Calls allowed at once above the sustained rate.
+    pub burst: u32,
+}
+
+/// A sharing agreement.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Stable id, named in decisions and audit records.
+    pub id: String,
+    /// Consumer department id.
+    pub consumer: String,
+    /// Restrict the grant to one system of that department.
+    #[serde(default)]
+    pub system: Option<String>,
+    pub dataset: String,
+    /// Fields the consumer may receive (`["*"]`: every field of the dataset).
+    pub fields: Vec<String>,
+    /// Purposes the consumer may declare.
+    pub purposes: Vec<String>,
+    /// Per-field mask overrides (`none` to deliver a field in clear).
+    #[serde(default)]
+    pub masks: BTreeMap<String, Mask>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Reference of the approval document.
+    #[serde(default)]
+    pub approval_ref: Option<String>,
+}
+
+/// Something that must never leave its owner.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NegativeEntry {
+    pub dataset: String,
+    /// A single field; absent: the whole dataset.
+    #[serde(default)]
+    pub field: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+}

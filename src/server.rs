@@ -1,0 +1,202 @@
+//! Wiring: build every part from the config, serve, and shut down without losing records.
+//!
+//! Shutdown order: stop accepting; let in-flight calls finish (bounded by the drain timeout);
+//! drop the gateway so the audit channel closes; wait for the writer to drain, flush and fsync.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Server;
+
+use crate::{
+    audit,
+    config::Config,
+    gateway::{Gateway, Snapshot},
+    pb,
+    policy::Policy,
+    ratelimit::RateLimits,
+    tls,
+    token::{TokenSettings, TokenVerifier},
+    upstream::{UpstreamTls, Upstreams},
+};
+
+/// Everything that can stop the gateway from starting, all reported at once.
+#[derive(Debug, thiserror::Error)]
+#[error("xgate cannot start:\n  - {}", .0.join("\n  - "))]
+pub struct StartError(pub Vec<String>);
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound gRPC address (useful with port 0).
+    pub addr: SocketAddr,
+    pub policy_version: String,
+    pub audit_path: std::path::PathBuf,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<u64, String>>,
+}
+
+impl Running {
+    /// Graceful stop: drain in-flight calls, flush the audit trail. Returns records written.
+    pub async fn shutdown(self) -> Result<u64, String> {
+        let _ = self.shutdown.send(());
+        self.task.await.map_err(|e| format!("gateway task failed: {e}"))?
+    }
+
+    /// Wait for the gateway to end by itself (it does not, unless it fails).
+    pub async fn wait(self) -> Result<u64, String> {
+        let Running { shutdown, task, .. } = self;
+        let r = task.await.map_err(|e| format!("gateway task failed: {e}"))?;
+        drop(shutdown);
+        r
+    }
+}
+
+/// Load a policy and derive its snapshot (limiters, provider channels).
+pub fn snapshot(policy: Policy, up: &UpstreamTls) -> Result<Snapshot, String> {
+    let limits = RateLimits::for_policy(&policy);
+    let upstreams = Upstreams::for_policy(&policy, up)?;
+    Ok(Snapshot {
+        policy,
+        limits,
+        upstreams,
+    })
+}
+
+/// Build everything from `cfg`, bind, and start serving in the background.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    // Idempotent: tests and the binary may both call this.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut errs = Vec::new();
+    if let Err(e) = cfg.validate() {
+        errs.extend(e);
+        return Err(StartError(errs));
+    }
+    let server_tls = tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
+        .map_err(|e| errs.push(format!("tls: {e}")))
+        .ok();
+    let tokens = TokenVerifier::from_jwks_file(
+        &cfg.jwt.jwks,
+        TokenSettings {
+            issuer: cfg.jwt.issuer.clone(),
+            audience: cfg.jwt.audience.clone(),
+            leeway_secs: cfg.jwt.leeway_secs,
+            cache_capacity: cfg.jwt.cache_capacity,
+        },
+    )
+    .map_err(|e| errs.push(format!("jwt.jwks: {e}")))
+    .ok();
+    let policy = Policy::load(&cfg.policy)
+        .map_err(|e| {
+            for pe in e.0 {
+                errs.push(format!("policy {}: {pe}", cfg.policy.display()));
+            }
+        })
+        .ok();
+    let up = UpstreamTls::load(
+        &cfg.upstream.ca,
+        &cfg.upstream.cert,
+        &cfg.upstream.key,
+        Duration::from_millis(cfg.upstream.connect_timeout_ms),
+        cfg.limits.max_message_bytes,
+    )
+    .map_err(|e| errs.push(format!("upstream: {e}")))
+    .ok();
+    let (Some(server_tls), Some(tokens), Some(policy), Some(up)) = (server_tls, tokens, policy, up) else {
+        return Err(StartError(errs));
+    };
+    let snap = snapshot(policy, &up).map_err(|e| StartError(vec![e]))?;
+    let policy_version = snap.policy.version.clone();
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| StartError(vec![format!("listen {}: {e}", cfg.listen)]))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError(vec![format!("listen: {e}")]))?;
+    let (audit_log, writer) = audit::start(&cfg.audit.dir, cfg.audit.queue_capacity)
+        .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
+    let audit_path = writer.path.clone();
+
+    let gateway = Gateway::new(
+        snap,
+        tokens,
+        audit_log,
+        cfg.limits.clone(),
+        Duration::from_millis(cfg.upstream.max_timeout_ms),
+    );
+    let max_msg = cfg.limits.max_message_bytes;
+    let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let catalog = pb::catalog_server::CatalogServer::new(gateway.clone())
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    // Idle keys of the default limiter are forgotten every minute to bound memory.
+    let sweeper = {
+        let g = gateway.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                t.tick().await;
+                g.snapshot().limits.retain_recent();
+            }
+        })
+    };
+    drop(gateway);
+
+    let incoming = tls::incoming(
+        listener,
+        server_tls,
+        Arc::from(cfg.trust_domain.as_str()),
+        Duration::from_millis(cfg.tls.handshake_timeout_ms),
+    );
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let drain = cfg.drain_timeout();
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(data)
+        .add_service(catalog)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.await;
+            let _ = drain_tx.send(());
+            tracing::info!("shutting down: no new connections; draining in-flight calls");
+        });
+    let task = tokio::spawn(async move {
+        let mut serve = std::pin::pin!(serve);
+        // Serve until stopped; then give in-flight calls the drain timeout to finish.
+        let served = tokio::select! {
+            r = &mut serve => Some(r),
+            _ = drain_rx => None,
+        };
+        let result = match served {
+            Some(r) => r.map_err(|e| e.to_string()),
+            None => match tokio::time::timeout(drain, &mut serve).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => {
+                    tracing::warn!(?drain, "drain timeout: cutting the remaining calls (their records say CANCELLED)");
+                    Ok(())
+                }
+            },
+        };
+        // Dropping the server drops its services, and with them the audit senders.
+        drop(serve);
+        sweeper.abort();
+        let _ = sweeper.await;
+        let written = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("audit writer: {e}"))?;
+        tracing::info!(records = written, "audit trail flushed and synced");
+        result.map(|()| written)
+    });
+    tracing::info!(%addr, %policy_version, "xgate listening");
+    Ok(Running {
+        addr,
+        policy_version,
+        audit_path,
+        shutdown: stop_tx,
+        task,
+    })
+}

@@ -1,0 +1,202 @@
+//! TLS termination: the rustls server configuration (client certificates required, chaining to
+//! the configured CA), and the accept loop that hands tonic authenticated connections.
+//!
+//! Handshakes run in their own tasks with a timeout, so a client that opens TCP and never
+//! finishes the handshake holds nothing but its own socket. The leaf certificate is parsed
+//! once per connection into a [`Peer`], which tonic attaches to every request on it
+//! (see [`TlsConn`]'s `Connected` impl).
+
+use std::{
+    io,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::identity::{Peer, peer_info};
+
+/// Errors building TLS configuration from files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path}: no PEM certificate found")]
+    NoCert { path: String },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert { path: p });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey { path: p })
+}
+
+/// A server config that requires a client certificate chaining to `client_ca`, speaks h2.
+pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(client_ca)? {
+        roots.add(c).map_err(|e| TlsError::Invalid {
+            path: client_ca.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| TlsError::Invalid {
+            path: client_ca.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let mut cfg = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Invalid {
+            path: key.display().to_string(),
+            message: e.to_string(),
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// An accepted, authenticated TLS connection and its peer.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accept TCP connections, run TLS handshakes concurrently (each bounded by
+/// `handshake_timeout`), and yield the connections that completed.
+///
+/// The accept loop ends when the returned stream is dropped (the server stopped accepting).
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    trust_domain: Arc<str>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = tx.closed() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let td = trust_domain.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                    // Unreachable with a verifier that requires client certs; refuse anyway.
+                    tracing::warn!(%remote, "TLS connection without a client certificate");
+                    return;
+                };
+                let peer = Arc::new(peer_info(leaf.as_ref(), &td, remote));
+                if let Err(why) = &peer.identity {
+                    tracing::info!(%remote, fingerprint = %peer.fingerprint, %why, "client certificate without system identity");
+                }
+                let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
