@@ -106,8 +106,10 @@ pub enum Sensitivity {
 }
 
 /// How a field's value is hidden from a consumer that may know it exists.
+///
+/// In YAML: `none`, `redact`, or `{ keep: { first: 6, last: 4 } }`.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "MaskRepr", into = "MaskRepr")]
 pub enum Mask {
     /// Returned in clear.
     None,
@@ -115,6 +117,53 @@ pub enum Mask {
     Keep { first: u16, last: u16 },
     /// Replaced by null.
     Redact,
+}
+
+/// The YAML spelling of a mask.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum MaskRepr {
+    Word(String),
+    Keep { keep: KeepRepr },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct KeepRepr {
+    #[serde(default)]
+    first: u16,
+    #[serde(default)]
+    last: u16,
+}
+
+impl TryFrom<MaskRepr> for Mask {
+    type Error = String;
+
+    fn try_from(r: MaskRepr) -> Result<Self, String> {
+        match r {
+            MaskRepr::Word(w) if w == "none" => Ok(Mask::None),
+            MaskRepr::Word(w) if w == "redact" => Ok(Mask::Redact),
+            MaskRepr::Word(w) => Err(format!(
+                "unknown mask `{w}`: use `none`, `redact` or `{{ keep: {{ first: N, last: M }} }}`"
+            )),
+            MaskRepr::Keep { keep } => Ok(Mask::Keep {
+                first: keep.first,
+                last: keep.last,
+            }),
+        }
+    }
+}
+
+impl From<Mask> for MaskRepr {
+    fn from(m: Mask) -> Self {
+        match m {
+            Mask::None => MaskRepr::Word("none".into()),
+            Mask::Redact => MaskRepr::Word("redact".into()),
+            Mask::Keep { first, last } => MaskRepr::Keep {
+                keep: KeepRepr { first, last },
+            },
+        }
+    }
 }
 
 impl Mask {
