@@ -49,6 +49,9 @@ pub struct AuditRecord {
     /// `ErrorInfo.reason` when the call failed.
     pub reason: Option<String>,
     pub approval_ref: Option<String>,
+    /// Extra detail for refusals outside a call (e.g. why a TLS handshake failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     pub fields_returned: Vec<String>,
     pub fields_masked: Vec<String>,
     pub rows: u64,
@@ -100,7 +103,9 @@ fn write_loop(file: File, mut rx: mpsc::Receiver<AuditRecord>) -> io::Result<u64
     let mut buf = Vec::with_capacity(64);
     loop {
         // Block for one record, then take whatever else is queued: one write per batch.
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         buf.push(first);
         while buf.len() < 1024 {
             match rx.try_recv() {
@@ -144,13 +149,17 @@ impl AuditLog {
     fn submit_detached(&self, rec: AuditRecord) {
         match self.tx.try_send(rec) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(rec)) => match tokio::runtime::Handle::try_current() {
-                Ok(h) => {
-                    let log = self.clone();
-                    h.spawn(async move { log.submit(rec).await });
+            Err(mpsc::error::TrySendError::Full(rec)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        let log = self.clone();
+                        h.spawn(async move { log.submit(rec).await });
+                    }
+                    Err(_) => {
+                        tracing::error!(trace_id = %rec.trace_id, "audit queue full outside the runtime; record lost")
+                    }
                 }
-                Err(_) => tracing::error!(trace_id = %rec.trace_id, "audit queue full outside the runtime; record lost"),
-            },
+            }
             Err(mpsc::error::TrySendError::Closed(rec)) => {
                 tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
             }
@@ -209,6 +218,21 @@ fn finish(rec: &mut AuditRecord, code: tonic::Code, started: Instant) {
     if code != tonic::Code::Ok && rec.decision.is_empty() {
         rec.decision = "deny";
     }
+}
+
+/// Current time as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&fmt)
+        .unwrap_or_default()
+}
+
+/// A fresh W3C-format trace id (32 lowercase hex digits).
+pub fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// The canonical upper-case name of a gRPC code.

@@ -57,12 +57,24 @@ pub fn parse_condition(s: &str) -> Result<pb::Condition, String> {
     if let Some((f, v)) = s.split_once('=') {
         return Ok(cond(f, Test::Eq(Value::string(v))));
     }
-    Err(format!("`{s}`: use field=value, field^=prefix or field:in=a,b,c"))
+    Err(format!(
+        "`{s}`: use field=value, field^=prefix or field:in=a,b,c"
+    ))
 }
 
 /// Build a query request.
-pub fn query_request(dataset: &str, fields: &[String], conds: &[String], purpose: &str, page_size: u32, page_token: &str) -> Result<QueryRequest, String> {
-    let conditions = conds.iter().map(|c| parse_condition(c)).collect::<Result<_, _>>()?;
+pub fn query_request(
+    dataset: &str,
+    fields: &[String],
+    conds: &[String],
+    purpose: &str,
+    page_size: u32,
+    page_token: &str,
+) -> Result<QueryRequest, String> {
+    let conditions = conds
+        .iter()
+        .map(|c| parse_condition(c))
+        .collect::<Result<_, _>>()?;
     Ok(QueryRequest {
         dataset: dataset.to_owned(),
         fields: fields.to_vec(),
@@ -109,7 +121,10 @@ pub fn render(v: &Value) -> String {
         Some(Kind::BytesValue(b)) => format!("<{} bytes>", b.len()),
         Some(Kind::TimestampValue(t)) => time::OffsetDateTime::from_unix_timestamp(t.seconds)
             .ok()
-            .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|d| {
+                d.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_else(|| t.to_string()),
         Some(_) => v.as_text().map(|c| c.into_owned()).unwrap_or_default(),
     }
@@ -128,7 +143,11 @@ pub fn print_table(resp: &QueryResponse) {
             }
         })
         .collect();
-    let cells: Vec<Vec<String>> = resp.rows.iter().map(|r| r.values.iter().map(render).collect()).collect();
+    let cells: Vec<Vec<String>> = resp
+        .rows
+        .iter()
+        .map(|r| r.values.iter().map(render).collect())
+        .collect();
     let width = |s: &str| s.chars().count();
     let mut w: Vec<usize> = headers.iter().map(|h| width(h)).collect();
     for row in &cells {
@@ -141,7 +160,12 @@ pub fn print_table(resp: &QueryResponse) {
     let line = |row: &[String]| {
         row.iter()
             .enumerate()
-            .map(|(i, c)| format!("{c}{}", " ".repeat(w.get(i).copied().unwrap_or(0).saturating_sub(width(c)))))
+            .map(|(i, c)| {
+                format!(
+                    "{c}{}",
+                    " ".repeat(w.get(i).copied().unwrap_or(0).saturating_sub(width(c)))
+                )
+            })
             .collect::<Vec<_>>()
             .join("  ")
     };
@@ -152,12 +176,19 @@ pub fn print_table(resp: &QueryResponse) {
 }
 
 /// Load the cert, key and a dev token for department `dept` from a dev-certs directory.
-pub fn dev_identity(certs: &Path, dept: &str, purposes: Option<&[String]>) -> Result<(Vec<u8>, Vec<u8>, String), String> {
-    let read = |name: String| std::fs::read(certs.join(&name)).map_err(|e| format!("{}: {e}", certs.join(name).display()));
+pub fn dev_identity(
+    certs: &Path,
+    dept: &str,
+    purposes: Option<&[String]>,
+) -> Result<(Vec<u8>, Vec<u8>, String), String> {
+    let read = |name: String| {
+        std::fs::read(certs.join(&name)).map_err(|e| format!("{}: {e}", certs.join(name).display()))
+    };
     let cert = read(format!("{dept}.pem"))?;
     let key = read(format!("{dept}.key"))?;
     let signing = String::from_utf8(read("jwt-signing.key".into())?).map_err(|e| e.to_string())?;
     let claims = crate::devpki::dev_claims(dept, &format!("demo-user@{dept}"), purposes, 3600);
-    let token = crate::devpki::mint_token(&signing, crate::devpki::KID, &claims).map_err(|e| e.to_string())?;
+    let token = crate::devpki::mint_token(&signing, crate::devpki::KID, &claims)
+        .map_err(|e| e.to_string())?;
     Ok((cert, key, token))
 }

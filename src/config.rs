@@ -194,7 +194,9 @@ pub struct Shutdown {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Self { drain_timeout_ms: 10_000 }
+        Self {
+            drain_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -209,8 +211,10 @@ pub struct Runtime {
 impl Config {
     /// Read, resolve relative paths, and validate. Every problem is reported at once.
     pub fn load(path: &Path) -> Result<Config, Vec<String>> {
-        let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-        let mut cfg: Config = serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let mut cfg: Config =
+            serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()?;
@@ -282,8 +286,15 @@ impl Config {
             errs.push(format!("log.level: {e}"));
         }
         if let Some(o) = &self.otlp {
-            if o.endpoint.parse::<http::Uri>().map(|u| u.scheme().is_none()).unwrap_or(true) {
-                errs.push(format!("otlp.endpoint: `{}` is not a URL like http://127.0.0.1:4317", o.endpoint));
+            if o.endpoint
+                .parse::<http::Uri>()
+                .map(|u| u.scheme().is_none())
+                .unwrap_or(true)
+            {
+                errs.push(format!(
+                    "otlp.endpoint: `{}` is not a URL like http://127.0.0.1:4317",
+                    o.endpoint
+                ));
             }
             if !(0.0..=1.0).contains(&o.sample_ratio) {
                 errs.push("otlp.sample_ratio: must be within 0.0..=1.0".into());

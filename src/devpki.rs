@@ -12,8 +12,8 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, date_time_ymd,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, date_time_ymd,
 };
 
 /// Trust domain of the dev PKI's SPIFFE identities.
@@ -71,7 +71,11 @@ impl DevCa {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name = dn(name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = date_time_ymd(2025, 1, 1);
         params.not_after = date_time_ymd(2045, 1, 1);
         let cert = params.self_signed(&key)?;
@@ -110,19 +114,29 @@ impl DevCa {
         params.not_after = date_time_ymd(to, 1, 1);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if leaf.server {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         if leaf.client {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
         }
         for u in &leaf.uris {
-            params.subject_alt_names.push(SanType::URI(u.as_str().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::URI(u.as_str().try_into()?));
         }
         for d in &leaf.dns {
-            params.subject_alt_names.push(SanType::DnsName(d.as_str().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(d.as_str().try_into()?));
         }
         if leaf.loopback_ip {
-            params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         }
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -131,7 +145,10 @@ impl DevCa {
 
 fn dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "xgate development PKI (NOT FOR PRODUCTION)");
+    dn.push(
+        DnType::OrganizationName,
+        "xgate development PKI (NOT FOR PRODUCTION)",
+    );
     dn.push(DnType::CommonName, cn);
     dn
 }
@@ -246,7 +263,12 @@ pub fn mint_token(key_pem: &str, kid: &str, claims: &serde_json::Value) -> Resul
 }
 
 /// Standard dev claims for a department caller valid for `ttl_secs`.
-pub fn dev_claims(dept: &str, sub: &str, purposes: Option<&[String]>, ttl_secs: u64) -> serde_json::Value {
+pub fn dev_claims(
+    dept: &str,
+    sub: &str,
+    purposes: Option<&[String]>,
+    ttl_secs: u64,
+) -> serde_json::Value {
     let now = crate::token::now_secs();
     let mut c = serde_json::json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "dept": dept,

@@ -46,6 +46,9 @@ macro_rules! reasons {
 
 reasons! {
     // --- who is calling -------------------------------------------------------------------
+    /// The TLS handshake failed: no client certificate, or one the CA did not issue.
+    /// (Recorded in the audit trail; the client sees a TLS alert, not a gRPC status.)
+    TlsHandshakeFailed => Unauthenticated, "TLS_HANDSHAKE_FAILED";
     /// The client certificate carries no `spiffe://<trust-domain>/dept/<d>/sys/<s>` SAN URI.
     CertIdentityMissing => Unauthenticated, "CERT_IDENTITY_MISSING";
     /// No `authorization: Bearer` header.
@@ -194,7 +197,11 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {
             assert!(seen.insert(r.as_str()), "duplicate {r}");
-            assert!(r.as_str().chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            assert!(
+                r.as_str()
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_')
+            );
             assert_eq!(serde_json::to_value(r).ok(), Some(r.as_str().into()));
         }
     }
@@ -210,7 +217,10 @@ mod tests {
         let info = d.error_info().cloned().unwrap_or_default();
         assert_eq!(info.reason, "RATE_LIMITED");
         assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(info.metadata.get("rule").map(String::as_str), Some("grant:g1"));
+        assert_eq!(
+            info.metadata.get("rule").map(String::as_str),
+            Some("grant:g1")
+        );
         assert!(d.retry_info().is_some());
     }
 }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::{
     TRACE_ID_HEADER,
-    audit::{AuditLog, AuditRecord, Pending},
+    audit::{self, AuditLog, AuditRecord, Pending},
     config::Limits,
     error::{Reason, Reject},
     identity::{Peer, SystemId},
@@ -79,7 +79,13 @@ struct Call {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, tokens: TokenVerifier, audit: AuditLog, limits: Limits, max_timeout: Duration) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        tokens: TokenVerifier,
+        audit: AuditLog,
+        limits: Limits,
+        max_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 snapshot: ArcSwap::from_pointee(snapshot),
@@ -109,11 +115,15 @@ impl Gateway {
         }
         let peer = req.extensions().get::<Peer>();
         let rec = AuditRecord {
-            time: now_rfc3339(),
+            time: audit::now_rfc3339(),
             trace_id: trace_id.clone(),
             method: method.to_owned(),
-            consumer_dept: peer.and_then(|p| p.identity.as_ref().ok()).map(|s| s.dept.clone()),
-            consumer_system: peer.and_then(|p| p.identity.as_ref().ok()).map(|s| s.system.clone()),
+            consumer_dept: peer
+                .and_then(|p| p.identity.as_ref().ok())
+                .map(|s| s.dept.clone()),
+            consumer_system: peer
+                .and_then(|p| p.identity.as_ref().ok())
+                .map(|s| s.system.clone()),
             cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
             remote_addr: peer.map(|p| p.remote.to_string()),
             policy_version: self.inner.snapshot.load().policy.version.clone(),
@@ -130,13 +140,19 @@ impl Gateway {
         let peer = req.extensions().get::<Peer>().ok_or_else(|| {
             // Only reachable if the server is wired without the TLS acceptor: a bug.
             tracing::error!(trace_id = %call.trace_id, "request without peer info");
-            Reject::new(Reason::Internal, "internal error; quote the trace id to the operators")
+            Reject::new(
+                Reason::Internal,
+                "internal error; quote the trace id to the operators",
+            )
         })?;
         let system = peer
             .identity
             .clone()
             .map_err(|why| Reject::new(Reason::CertIdentityMissing, why))?;
-        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         let claims = self.inner.tokens.verify_header(header)?;
         call.pending.rec().token_subject = Some(claims.sub.clone());
         if claims.dept != system.dept {
@@ -152,7 +168,11 @@ impl Gateway {
     }
 
     /// Stage `finish`: commit the record with the outcome and build the reply.
-    async fn finish<T>(&self, mut call: Call, result: Result<T, Reject>) -> Result<Response<T>, Status> {
+    async fn finish<T>(
+        &self,
+        mut call: Call,
+        result: Result<T, Reject>,
+    ) -> Result<Response<T>, Status> {
         match result {
             Ok(body) => {
                 call.pending.commit(Code::Ok).await;
@@ -212,7 +232,13 @@ impl Gateway {
     }
 
     /// The upstream request: the checked query plus the verified identity, never the token.
-    fn upstream_request(&self, call: &Call, who: &Authenticated, req: QueryRequest, deadline: Option<Duration>) -> Request<QueryRequest> {
+    fn upstream_request(
+        &self,
+        call: &Call,
+        who: &Authenticated,
+        req: QueryRequest,
+        deadline: Option<Duration>,
+    ) -> Request<QueryRequest> {
         let purpose = req.purpose.clone();
         let mut up = Request::new(req);
         let md = up.metadata_mut();
@@ -231,15 +257,18 @@ impl Gateway {
         up
     }
 
+    /// The upstream deadline: the caller's `grpc-timeout` (less a little headroom, so the
+    /// gateway answers `DEADLINE_EXCEEDED` with a reason before the caller's own timer fires),
+    /// capped by the configured maximum.
     fn deadline<T>(&self, req: &Request<T>) -> Duration {
-        req.metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(upstream::parse_grpc_timeout)
-            .map_or(self.inner.max_timeout, |d| d.min(self.inner.max_timeout))
+        caller_deadline(req).map_or(self.inner.max_timeout, |d| d.min(self.inner.max_timeout))
     }
 
-    async fn query_inner(&self, call: &mut Call, req: Request<QueryRequest>) -> Result<QueryResponse, Reject> {
+    async fn query_inner(
+        &self,
+        call: &mut Call,
+        req: Request<QueryRequest>,
+    ) -> Result<QueryResponse, Reject> {
         let who = self.authenticate(call, &req)?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
@@ -247,10 +276,12 @@ impl Gateway {
         let mut body = req.into_inner();
         let permit = self.admit(call, &who, &snap, &mut body)?;
         let provider = provider_of(&snap, &body.dataset)?;
-        let mut client = snap
-            .upstreams
-            .client(&provider)
-            .ok_or_else(|| Reject::new(Reason::Internal, "internal error; quote the trace id to the operators"))?;
+        let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
+            Reject::new(
+                Reason::Internal,
+                "internal error; quote the trace id to the operators",
+            )
+        })?;
         let up = self.upstream_request(call, &who, body, Some(deadline));
         let resp = match tokio::time::timeout(deadline, client.query(up)).await {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
@@ -266,26 +297,34 @@ impl Gateway {
         &self,
         call: &mut Call,
         req: Request<QueryRequest>,
-    ) -> Result<(tonic::Streaming<QueryResponse>, Permit, String, Option<Duration>), Reject> {
+    ) -> Result<
+        (
+            tonic::Streaming<QueryResponse>,
+            Permit,
+            String,
+            Option<Duration>,
+        ),
+        Reject,
+    > {
         let who = self.authenticate(call, &req)?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         // A bulk stream is bounded by the caller's deadline if it set one; otherwise each
         // batch must arrive within the configured maximum.
-        let caller_deadline = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(upstream::parse_grpc_timeout);
+        let caller_deadline = caller_deadline(&req);
         let mut body = req.into_inner();
         let permit = self.admit(call, &who, &snap, &mut body)?;
         let provider = provider_of(&snap, &body.dataset)?;
-        let mut client = snap
-            .upstreams
-            .client(&provider)
-            .ok_or_else(|| Reject::new(Reason::Internal, "internal error; quote the trace id to the operators"))?;
+        let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
+            Reject::new(
+                Reason::Internal,
+                "internal error; quote the trace id to the operators",
+            )
+        })?;
         let up = self.upstream_request(call, &who, body, caller_deadline);
-        let first_wait = caller_deadline.unwrap_or(self.inner.max_timeout).min(self.inner.max_timeout);
+        let first_wait = caller_deadline
+            .unwrap_or(self.inner.max_timeout)
+            .min(self.inner.max_timeout);
         let stream = match tokio::time::timeout(first_wait, client.query_stream(up)).await {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
@@ -309,7 +348,9 @@ impl Gateway {
         let mut rows = 0u64;
         let outcome: Result<(), Reject> = loop {
             let wait = match end {
-                Some(e) => e.saturating_duration_since(tokio::time::Instant::now()).min(idle),
+                Some(e) => e
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(idle),
                 None => idle,
             };
             let batch = match tokio::time::timeout(wait, upstream.message()).await {
@@ -347,14 +388,24 @@ impl Gateway {
         }
     }
 
-    fn list_inner(&self, call: &mut Call, req: &Request<pb::ListDatasetsRequest>) -> Result<pb::ListDatasetsResponse, Reject> {
+    fn list_inner(
+        &self,
+        call: &mut Call,
+        req: &Request<pb::ListDatasetsRequest>,
+    ) -> Result<pb::ListDatasetsResponse, Reject> {
         self.authenticate(call, req)?;
         let snap = self.snapshot();
         let rec = call.pending.rec();
         rec.policy_version = snap.policy.version.clone();
         rec.decision = "allow";
         rec.rule = Some("catalogue:public".into());
-        let datasets: Vec<_> = snap.policy.file.datasets.iter().map(catalog_entry).collect();
+        let datasets: Vec<_> = snap
+            .policy
+            .file
+            .datasets
+            .iter()
+            .map(catalog_entry)
+            .collect();
         rec.rows = datasets.len() as u64;
         Ok(pb::ListDatasetsResponse {
             datasets,
@@ -377,7 +428,10 @@ impl Gateway {
         let Some(ds) = p.dataset(&body.dataset) else {
             return Err(Reject::new(
                 Reason::DatasetUnknown,
-                format!("dataset `{}` is not in the catalogue; see Catalog.ListDatasets", body.dataset),
+                format!(
+                    "dataset `{}` is not in the catalogue; see Catalog.ListDatasets",
+                    body.dataset
+                ),
             )
             .with_rule("catalogue"));
         };
@@ -394,7 +448,12 @@ impl Gateway {
 }
 
 /// `DescribeDataset`'s access section: the same evaluation `Query` uses, with all fields.
-fn describe_access(p: &Policy, who_dept_sys: &Authenticated, dataset: &str, purpose: &str) -> pb::Access {
+fn describe_access(
+    p: &Policy,
+    who_dept_sys: &Authenticated,
+    dataset: &str,
+    purpose: &str,
+) -> pb::Access {
     let (dept, sys) = (&who_dept_sys.system.dept, &who_dept_sys.system.system);
     let token_purposes = who_dept_sys.claims.purposes.as_deref();
     let granted = policy::eval::granted_purposes(p, dept, sys, dataset);
@@ -423,7 +482,12 @@ fn describe_access(p: &Policy, who_dept_sys: &Authenticated, dataset: &str, purp
     match policy::evaluate(p, caller, ask) {
         Ok(permit) => pb::Access {
             allowed: true,
-            readable_fields: permit.fields.iter().filter(|f| f.mask.is_none()).map(|f| f.name.clone()).collect(),
+            readable_fields: permit
+                .fields
+                .iter()
+                .filter(|f| f.mask.is_none())
+                .map(|f| f.name.clone())
+                .collect(),
             masked_fields: permit
                 .fields
                 .iter()
@@ -433,7 +497,11 @@ fn describe_access(p: &Policy, who_dept_sys: &Authenticated, dataset: &str, purp
                     mask: f.mask.describe(),
                 })
                 .collect(),
-            allowed_purposes: if permit.purposes.is_empty() { granted } else { permit.purposes.clone() },
+            allowed_purposes: if permit.purposes.is_empty() {
+                granted
+            } else {
+                permit.purposes.clone()
+            },
             rate_limit: Some(pb::RateLimit {
                 per_second: permit.rate_limit.per_second,
                 burst: permit.rate_limit.burst,
@@ -453,36 +521,68 @@ fn describe_access(p: &Policy, who_dept_sys: &Authenticated, dataset: &str, purp
     }
 }
 
+/// The caller's `grpc-timeout`, less headroom (a tenth, at most 50 ms) for the answer to
+/// travel back.
+fn caller_deadline<T>(req: &Request<T>) -> Option<Duration> {
+    let d = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(upstream::parse_grpc_timeout)?;
+    Some(d.saturating_sub((d / 10).min(Duration::from_millis(50))))
+}
+
 fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
     snap.policy
         .dataset(dataset)
         .map(|d| d.provider.clone())
-        .ok_or_else(|| Reject::new(Reason::DatasetUnknown, format!("dataset `{dataset}` is not in the catalogue")))
+        .ok_or_else(|| {
+            Reject::new(
+                Reason::DatasetUnknown,
+                format!("dataset `{dataset}` is not in the catalogue"),
+            )
+        })
 }
 
 /// Stage `check`: shape rules that do not depend on the policy. Returns the filter's fields.
 fn check_request(req: &QueryRequest, limits: &Limits) -> Result<Vec<String>, Reject> {
-    let conds = req.filter.as_ref().map(|f| f.conditions.as_slice()).unwrap_or_default();
+    let conds = req
+        .filter
+        .as_ref()
+        .map(|f| f.conditions.as_slice())
+        .unwrap_or_default();
     if conds.len() > limits.max_filter_terms {
         return Err(Reject::new(
             Reason::RequestInvalid,
-            format!("the filter has {} conditions; at most {} are allowed", conds.len(), limits.max_filter_terms),
+            format!(
+                "the filter has {} conditions; at most {} are allowed",
+                conds.len(),
+                limits.max_filter_terms
+            ),
         ));
     }
     let mut fields = Vec::with_capacity(conds.len());
     for (i, c) in conds.iter().enumerate() {
         use pb::condition::Test;
         if c.field.is_empty() {
-            return Err(Reject::new(Reason::RequestInvalid, format!("filter condition {i} names no field")));
+            return Err(Reject::new(
+                Reason::RequestInvalid,
+                format!("filter condition {i} names no field"),
+            ));
         }
         match &c.test {
             None => {
                 return Err(Reject::new(
                     Reason::RequestInvalid,
-                    format!("filter condition {i} on `{}` has no test (eq, in or prefix)", c.field),
+                    format!(
+                        "filter condition {i} on `{}` has no test (eq, in or prefix)",
+                        c.field
+                    ),
                 ));
             }
-            Some(Test::In(list)) if list.values.is_empty() || list.values.len() > limits.max_filter_terms => {
+            Some(Test::In(list))
+                if list.values.is_empty() || list.values.len() > limits.max_filter_terms =>
+            {
                 return Err(Reject::new(
                     Reason::RequestInvalid,
                     format!(
@@ -541,7 +641,9 @@ fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped,
             tracing::warn!(%provider, row = r, got = row.values.len(), want = width, "provider row width mismatch");
             return Err(Reject::new(
                 Reason::ProviderResponseInvalid,
-                format!("the provider `{provider}` returned a malformed response; the operators have been told"),
+                format!(
+                    "the provider `{provider}` returned a malformed response; the operators have been told"
+                ),
             ));
         }
         let values = plan
@@ -632,14 +734,7 @@ fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
             return tid.to_ascii_lowercase();
         }
     }
-    format!("{:032x}", rand::random::<u128>())
-}
-
-fn now_rfc3339() -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    time::OffsetDateTime::now_utc().format(&fmt).unwrap_or_default()
+    audit::new_trace_id()
 }
 
 #[tonic::async_trait]
@@ -653,10 +748,17 @@ impl pb::data_exchange_server::DataExchange for Gateway {
 
     type QueryStreamStream = ReceiverStream<Result<QueryResponse, Status>>;
 
-    async fn query_stream(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStreamStream>, Status> {
+    async fn query_stream(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> Result<Response<Self::QueryStreamStream>, Status> {
         let mut call = self.begin(METHOD_QUERY_STREAM, &req)?;
         let span = tracing::info_span!("query_stream", trace_id = %call.trace_id);
-        match self.query_stream_inner(&mut call, req).instrument(span.clone()).await {
+        match self
+            .query_stream_inner(&mut call, req)
+            .instrument(span.clone())
+            .await
+        {
             Ok((upstream, permit, provider, deadline)) => {
                 let (tx, rx) = mpsc::channel(4);
                 let trace_id = call.trace_id.clone();
@@ -671,7 +773,10 @@ impl pb::data_exchange_server::DataExchange for Gateway {
                 }
                 Ok(resp)
             }
-            Err(rej) => self.finish::<()>(call, Err(rej)).await.map(|_| unreachable_stream()),
+            Err(rej) => self
+                .finish::<()>(call, Err(rej))
+                .await
+                .map(|_| unreachable_stream()),
         }
     }
 }

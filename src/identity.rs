@@ -41,7 +41,9 @@ pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Option<SystemId> {
     }
     let mut it = path.split('/');
     match (it.next(), it.next(), it.next(), it.next(), it.next()) {
-        (Some("dept"), Some(d), Some("sys"), Some(s), None) if valid_segment(d) && valid_segment(s) => {
+        (Some("dept"), Some(d), Some("sys"), Some(s), None)
+            if valid_segment(d) && valid_segment(s) =>
+        {
             Some(SystemId {
                 dept: d.to_owned(),
                 system: s.to_owned(),
@@ -53,8 +55,7 @@ pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Option<SystemId> {
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 

@@ -7,12 +7,14 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use xgate::{
-    client, config::Config, devpki, pb, policy::Policy, provider, server, telemetry,
-};
+use xgate::{client, config::Config, devpki, pb, policy::Policy, provider, server, telemetry};
 
 #[derive(Parser)]
-#[command(name = "xgate", version, about = "gRPC data-exchange gateway between departmental systems")]
+#[command(
+    name = "xgate",
+    version,
+    about = "gRPC data-exchange gateway between departmental systems"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -198,7 +200,9 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
     if workers > 0 {
         b.worker_threads(workers);
     }
-    b.enable_all().build().map_err(|e| format!("tokio runtime: {e}"))
+    b.enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
 }
 
 async fn shutdown_signal() {
@@ -225,7 +229,11 @@ async fn shutdown_signal() {
 
 fn serve(path: &Path) -> Result<(), String> {
     let cfg = Config::load(path).map_err(|errs| {
-        format!("invalid config {}:\n  - {}", path.display(), errs.join("\n  - "))
+        format!(
+            "invalid config {}:\n  - {}",
+            path.display(),
+            errs.join("\n  - ")
+        )
     })?;
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async move {
@@ -354,7 +362,9 @@ async fn call(c: CallArgs) -> Result<(), String> {
         }
         None => {
             let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>, String> {
-                let p = p.as_ref().ok_or_else(|| format!("--{what} is required without --as"))?;
+                let p = p
+                    .as_ref()
+                    .ok_or_else(|| format!("--{what} is required without --as"))?;
                 std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
             };
             (read(&c.cert, "cert")?, read(&c.key, "key")?, None)
@@ -383,16 +393,28 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 println!("{}", json_datasets(&r.datasets));
             } else {
                 for d in &r.datasets {
-                    let share = pb::ShareType::try_from(d.share_type).map(|s| s.as_str_name()).unwrap_or("?");
-                    println!("{:<28} {:<20} {:<26} {}", d.id, d.owner_department, share, d.title);
+                    let share = pb::ShareType::try_from(d.share_type)
+                        .map(|s| s.as_str_name())
+                        .unwrap_or("?");
+                    println!(
+                        "{:<28} {:<20} {:<26} {}",
+                        d.id, d.owner_department, share, d.title
+                    );
                 }
-                println!("({} datasets; policy {})", r.datasets.len(), r.policy_version);
+                println!(
+                    "({} datasets; policy {})",
+                    r.datasets.len(),
+                    r.policy_version
+                );
             }
         }
         CallCmd::Describe { dataset, purpose } => {
             let mut cat = pb::catalog_client::CatalogClient::new(channel);
             let r = cat
-                .describe_dataset(client::with_token(pb::DescribeDatasetRequest { dataset, purpose }, &token))
+                .describe_dataset(client::with_token(
+                    pb::DescribeDatasetRequest { dataset, purpose },
+                    &token,
+                ))
                 .await
                 .map_err(fail)?
                 .into_inner();
@@ -411,10 +433,17 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 );
             } else {
                 if let Some(d) = &r.dataset {
-                    println!("{} — {} (owner {}, subject key {})", d.id, d.title, d.owner_department, d.subject_key);
+                    println!(
+                        "{} — {} (owner {}, subject key {})",
+                        d.id, d.title, d.owner_department, d.subject_key
+                    );
                     for f in &d.fields {
-                        let t = pb::FieldType::try_from(f.r#type).map(|t| t.as_str_name()).unwrap_or("?");
-                        let s = pb::Sensitivity::try_from(f.sensitivity).map(|t| t.as_str_name()).unwrap_or("?");
+                        let t = pb::FieldType::try_from(f.r#type)
+                            .map(|t| t.as_str_name())
+                            .unwrap_or("?");
+                        let s = pb::Sensitivity::try_from(f.sensitivity)
+                            .map(|t| t.as_str_name())
+                            .unwrap_or("?");
                         println!("  {:<22} {:<22} {}", f.name, t, s);
                     }
                 }
@@ -424,19 +453,39 @@ async fn call(c: CallArgs) -> Result<(), String> {
                     for m in &a.masked_fields {
                         println!("  masked:   {} ({})", m.field, m.mask);
                     }
-                    println!("  purposes: {}", if a.allowed_purposes.is_empty() { "any".into() } else { a.allowed_purposes.join(", ") });
+                    println!(
+                        "  purposes: {}",
+                        if a.allowed_purposes.is_empty() {
+                            "any".into()
+                        } else {
+                            a.allowed_purposes.join(", ")
+                        }
+                    );
                     if let Some(rl) = a.rate_limit {
                         println!("  rate:     {}/s, burst {}", rl.per_second, rl.burst);
                     }
                 } else {
-                    println!("your access: DENIED {} — {} [rule {}]", a.denial_reason, a.denial_message, a.deciding_rule);
+                    println!(
+                        "your access: DENIED {} — {} [rule {}]",
+                        a.denial_reason, a.denial_message, a.deciding_rule
+                    );
                 }
             }
         }
         CallCmd::Query(q) => {
-            let req = client::query_request(&q.dataset, &q.fields, &q.conditions, &q.purpose, q.page_size, &q.page_token)?;
+            let req = client::query_request(
+                &q.dataset,
+                &q.fields,
+                &q.conditions,
+                &q.purpose,
+                q.page_size,
+                &q.page_token,
+            )?;
             let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
-            let r = dx.query(client::with_token(req, &token)).await.map_err(fail)?;
+            let r = dx
+                .query(client::with_token(req, &token))
+                .await
+                .map_err(fail)?;
             let trace = r
                 .metadata()
                 .get(xgate::TRACE_ID_HEADER)
@@ -451,15 +500,34 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 println!(
                     "({} rows; masked: {}; next page: {}; trace {trace})",
                     r.rows.len(),
-                    if r.masked_columns.is_empty() { "none".into() } else { r.masked_columns.join(", ") },
-                    if r.next_page_token.is_empty() { "none" } else { &r.next_page_token }
+                    if r.masked_columns.is_empty() {
+                        "none".into()
+                    } else {
+                        r.masked_columns.join(", ")
+                    },
+                    if r.next_page_token.is_empty() {
+                        "none"
+                    } else {
+                        &r.next_page_token
+                    }
                 );
             }
         }
         CallCmd::Stream(q) => {
-            let req = client::query_request(&q.dataset, &q.fields, &q.conditions, &q.purpose, q.page_size, "")?;
+            let req = client::query_request(
+                &q.dataset,
+                &q.fields,
+                &q.conditions,
+                &q.purpose,
+                q.page_size,
+                "",
+            )?;
             let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
-            let mut s = dx.query_stream(client::with_token(req, &token)).await.map_err(fail)?.into_inner();
+            let mut s = dx
+                .query_stream(client::with_token(req, &token))
+                .await
+                .map_err(fail)?
+                .into_inner();
             let (mut batches, mut rows) = (0u64, 0u64);
             while let Some(b) = s.message().await.map_err(fail)? {
                 batches += 1;

@@ -25,7 +25,9 @@ use tonic::{
     transport::{Certificate, Identity, Server, ServerTlsConfig},
 };
 
-use crate::pb::{self, Column, FieldType, QueryRequest, QueryResponse, Row, Value, condition::Test, value::Kind};
+use crate::pb::{
+    self, Column, FieldType, QueryRequest, QueryResponse, Row, Value, condition::Test, value::Kind,
+};
 
 /// One dataset's rows.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +76,12 @@ impl SampleProvider {
             *m = Some(req.metadata().clone());
         }
         let md = req.metadata();
-        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+        let get = |k: &str| {
+            md.get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
         tracing::debug!(
             provider = %self.name,
             consumer = %get("x-xgate-consumer-dept"),
@@ -86,15 +93,19 @@ impl SampleProvider {
 
     /// Rows matching the filter, projected onto the requested fields.
     fn select(&self, req: &QueryRequest) -> Result<(Vec<Column>, Vec<Row>), Status> {
-        let table = self
-            .tables
-            .get(&req.dataset)
-            .ok_or_else(|| Status::not_found(format!("dataset `{}` is not served here", req.dataset)))?;
+        let table = self.tables.get(&req.dataset).ok_or_else(|| {
+            Status::not_found(format!("dataset `{}` is not served here", req.dataset))
+        })?;
         let col = |name: &str| table.columns.iter().position(|c| c.name == name);
-        let conds = req.filter.as_ref().map(|f| f.conditions.as_slice()).unwrap_or_default();
+        let conds = req
+            .filter
+            .as_ref()
+            .map(|f| f.conditions.as_slice())
+            .unwrap_or_default();
         let mut tests = Vec::with_capacity(conds.len());
         for c in conds {
-            let i = col(&c.field).ok_or_else(|| Status::invalid_argument(format!("unknown field `{}`", c.field)))?;
+            let i = col(&c.field)
+                .ok_or_else(|| Status::invalid_argument(format!("unknown field `{}`", c.field)))?;
             tests.push((i, c.test.clone()));
         }
         let proj: Vec<usize> = if req.fields.is_empty() || self.behaviour.leaky {
@@ -102,14 +113,20 @@ impl SampleProvider {
         } else {
             req.fields
                 .iter()
-                .map(|f| col(f).ok_or_else(|| Status::invalid_argument(format!("unknown field `{f}`"))))
+                .map(|f| {
+                    col(f).ok_or_else(|| Status::invalid_argument(format!("unknown field `{f}`")))
+                })
                 .collect::<Result<_, _>>()?
         };
         let columns = proj.iter().map(|&i| table.columns[i].clone()).collect();
         let rows = table
             .rows
             .iter()
-            .filter(|r| tests.iter().all(|(i, t)| matches(&r.values[*i], t.as_ref())))
+            .filter(|r| {
+                tests
+                    .iter()
+                    .all(|(i, t)| matches(&r.values[*i], t.as_ref()))
+            })
             .map(|r| Row {
                 values: proj.iter().map(|&i| r.values[i].clone()).collect(),
             })
@@ -169,9 +186,17 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
                 .parse()
                 .map_err(|_| Status::invalid_argument("bad page_token"))?
         };
-        let size = if body.page_size == 0 { 100 } else { body.page_size as usize };
+        let size = if body.page_size == 0 {
+            100
+        } else {
+            body.page_size as usize
+        };
         let end = (offset + size).min(rows.len());
-        let next = if end < rows.len() { end.to_string() } else { String::new() };
+        let next = if end < rows.len() {
+            end.to_string()
+        } else {
+            String::new()
+        };
         let page = rows.into_iter().skip(offset).take(size).collect();
         Ok(Response::new(QueryResponse {
             columns,
@@ -183,11 +208,18 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
 
     type QueryStreamStream = ReceiverStream<Result<QueryResponse, Status>>;
 
-    async fn query_stream(&self, req: Request<QueryRequest>) -> Result<Response<Self::QueryStreamStream>, Status> {
+    async fn query_stream(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> Result<Response<Self::QueryStreamStream>, Status> {
         self.note(&req);
         let body = req.into_inner();
         let (columns, rows) = self.select(&body)?;
-        let size = if body.page_size == 0 { 100 } else { body.page_size as usize };
+        let size = if body.page_size == 0 {
+            100
+        } else {
+            body.page_size as usize
+        };
         let delay = self.behaviour.delay;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -220,7 +252,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
@@ -242,20 +277,43 @@ pub const DEMO_REGIONS: &[&str] = &["330102", "330105", "330106", "330108", "330
 fn id_check(first17: &str) -> char {
     const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     const C: [char; 11] = ['1', '0', 'X', '9', '8', '7', '6', '5', '4', '3', '2'];
-    let s: u32 = first17.chars().zip(W).map(|(c, w)| c.to_digit(10).unwrap_or(0) * w).sum();
+    let s: u32 = first17
+        .chars()
+        .zip(W)
+        .map(|(c, w)| c.to_digit(10).unwrap_or(0) * w)
+        .sum();
     C[(s % 11) as usize]
 }
 
 /// The public-security household registration table (`hukou.person_basic`).
 pub fn person_table(n: usize) -> Table {
-    let surnames = ["王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭"];
-    let given = ["伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英", "霞", "平"];
-    let streets = ["文三路", "天目山路", "解放路", "延安路", "中山北路", "学院路", "钱江路", "中河路"];
+    let surnames = [
+        "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡",
+        "郭",
+    ];
+    let given = [
+        "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛",
+        "明", "超", "秀英", "霞", "平",
+    ];
+    let streets = [
+        "文三路",
+        "天目山路",
+        "解放路",
+        "延安路",
+        "中山北路",
+        "学院路",
+        "钱江路",
+        "中河路",
+    ];
     let mut rng = Lcg(20260101);
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
         let region = rng.pick(DEMO_REGIONS);
-        let (y, m, d) = (1950 + rng.next() % 55, 1 + rng.next() % 12, 1 + rng.next() % 28);
+        let (y, m, d) = (
+            1950 + rng.next() % 55,
+            1 + rng.next() % 12,
+            1 + rng.next() % 28,
+        );
         let seq = i % 1000;
         let first17 = format!("{region}{y:04}{m:02}{d:02}{seq:03}");
         let id = format!("{first17}{}", id_check(&first17));
@@ -273,7 +331,11 @@ pub fn person_table(n: usize) -> Table {
                 Value {
                     kind: Some(Kind::BoolValue(rng.next() % 3 == 0)),
                 },
-                Value::string(format!("1{}{:08}", 3 + rng.next() % 6, rng.next() % 100_000_000)),
+                Value::string(format!(
+                    "1{}{:08}",
+                    3 + rng.next() % 6,
+                    rng.next() % 100_000_000
+                )),
             ],
         });
     }
@@ -295,17 +357,27 @@ pub fn person_table(n: usize) -> Table {
 /// `hukou.criminal_record`: never shared (share type `none`), served only to show the refusal.
 pub fn criminal_table() -> Table {
     Table {
-        columns: vec![col("id_number", FieldType::String), col("record", FieldType::String)],
+        columns: vec![
+            col("id_number", FieldType::String),
+            col("record", FieldType::String),
+        ],
         rows: vec![Row {
-            values: vec![Value::string("330106198001010011"), Value::string("(synthetic)")],
+            values: vec![
+                Value::string("330106198001010011"),
+                Value::string("(synthetic)"),
+            ],
         }],
     }
 }
 
 /// The market-supervision company registry (`market.company_registry`).
 pub fn company_table(n: usize) -> Table {
-    let words = ["西湖", "钱塘", "之江", "运河", "湖滨", "东方", "华光", "新元", "瑞丰", "恒达"];
-    let kinds = ["科技", "贸易", "餐饮", "建筑", "物流", "文化", "医药", "电子"];
+    let words = [
+        "西湖", "钱塘", "之江", "运河", "湖滨", "东方", "华光", "新元", "瑞丰", "恒达",
+    ];
+    let kinds = [
+        "科技", "贸易", "餐饮", "建筑", "物流", "文化", "医药", "电子",
+    ];
     let statuses = ["active", "active", "active", "revoked", "cancelled"];
     let mut rng = Lcg(7);
     let person = person_table(200);
@@ -318,15 +390,24 @@ pub fn company_table(n: usize) -> Table {
         rows.push(Row {
             values: vec![
                 Value::string(code),
-                Value::string(format!("杭州{}{}有限公司", rng.pick(&words), rng.pick(&kinds))),
+                Value::string(format!(
+                    "杭州{}{}有限公司",
+                    rng.pick(&words),
+                    rng.pick(&kinds)
+                )),
                 rep.values[1].clone(),
                 rep.values[0].clone(),
                 Value {
-                    kind: Some(Kind::DoubleValue((10 + rng.next() % 5000) as f64 * 10_000.0)),
+                    kind: Some(Kind::DoubleValue(
+                        (10 + rng.next() % 5000) as f64 * 10_000.0,
+                    )),
                 },
                 Value::string(rng.pick(&statuses)),
                 Value {
-                    kind: Some(Kind::TimestampValue(prost_types::Timestamp { seconds: secs, nanos: 0 })),
+                    kind: Some(Kind::TimestampValue(prost_types::Timestamp {
+                        seconds: secs,
+                        nanos: 0,
+                    })),
                 },
                 Value::string(region),
             ],

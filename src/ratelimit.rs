@@ -29,7 +29,9 @@ pub struct RateLimits {
 
 impl std::fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimits").field("grants", &self.grants.len()).finish_non_exhaustive()
+        f.debug_struct("RateLimits")
+            .field("grants", &self.grants.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,7 +51,12 @@ impl RateLimits {
             .file
             .grants
             .iter()
-            .map(|g| (g.id.clone(), RateLimiter::direct(quota(g.rate_limit.unwrap_or(default_rate)))))
+            .map(|g| {
+                (
+                    g.id.clone(),
+                    RateLimiter::direct(quota(g.rate_limit.unwrap_or(default_rate))),
+                )
+            })
             .collect();
         Self {
             grants,
@@ -62,7 +69,9 @@ impl RateLimits {
     pub fn check(&self, dept: &str, dataset: &str, permit: &Permit) -> Result<(), Reject> {
         let res = match permit.grant_id.as_deref().and_then(|g| self.grants.get(g)) {
             Some(l) => l.check(),
-            None => self.default.check_key(&(dept.to_owned(), dataset.to_owned())),
+            None => self
+                .default
+                .check_key(&(dept.to_owned(), dataset.to_owned())),
         };
         res.map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());

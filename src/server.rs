@@ -40,13 +40,17 @@ impl Running {
     /// Graceful stop: drain in-flight calls, flush the audit trail. Returns records written.
     pub async fn shutdown(self) -> Result<u64, String> {
         let _ = self.shutdown.send(());
-        self.task.await.map_err(|e| format!("gateway task failed: {e}"))?
+        self.task
+            .await
+            .map_err(|e| format!("gateway task failed: {e}"))?
     }
 
     /// Wait for the gateway to end by itself (it does not, unless it fails).
     pub async fn wait(self) -> Result<u64, String> {
         let Running { shutdown, task, .. } = self;
-        let r = task.await.map_err(|e| format!("gateway task failed: {e}"))?;
+        let r = task
+            .await
+            .map_err(|e| format!("gateway task failed: {e}"))?;
         drop(shutdown);
         r
     }
@@ -102,7 +106,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     )
     .map_err(|e| errs.push(format!("upstream: {e}")))
     .ok();
-    let (Some(server_tls), Some(tokens), Some(policy), Some(up)) = (server_tls, tokens, policy, up) else {
+    let (Some(server_tls), Some(tokens), Some(policy), Some(up)) = (server_tls, tokens, policy, up)
+    else {
         return Err(StartError(errs));
     };
     let snap = snapshot(policy, &up).map_err(|e| StartError(vec![e]))?;
@@ -116,6 +121,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let (audit_log, writer) = audit::start(&cfg.audit.dir, cfg.audit.queue_capacity)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
     let audit_path = writer.path.clone();
+    let handshake_audit = audit_log.clone();
 
     let gateway = Gateway::new(
         snap,
@@ -149,6 +155,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         server_tls,
         Arc::from(cfg.trust_domain.as_str()),
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        handshake_audit,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -175,7 +182,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             None => match tokio::time::timeout(drain, &mut serve).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => {
-                    tracing::warn!(?drain, "drain timeout: cutting the remaining calls (their records say CANCELLED)");
+                    tracing::warn!(
+                        ?drain,
+                        "drain timeout: cutting the remaining calls (their records say CANCELLED)"
+                    );
                     Ok(())
                 }
             },

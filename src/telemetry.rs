@@ -29,7 +29,10 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
         .or_else(|_| EnvFilter::try_new(&log.level))
         .map_err(|e| format!("log.level: {e}"))?;
     let (fmt_text, fmt_json) = match log.format {
-        LogFormat::Text => (Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)), None),
+        LogFormat::Text => (
+            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+            None,
+        ),
         LogFormat::Json => (
             None,
             Some(
@@ -50,7 +53,9 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
                 .map_err(|e| format!("otlp: {e}"))?;
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(o.sample_ratio))))
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    o.sample_ratio,
+                ))))
                 .with_resource(
                     opentelemetry_sdk::Resource::builder()
                         .with_service_name(o.service_name.clone())
@@ -58,7 +63,10 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
                 )
                 .build();
             let tracer = provider.tracer("xgate");
-            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+            (
+                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(provider),
+            )
         }
     };
     tracing_subscriber::registry()

@@ -29,7 +29,11 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::identity::{Peer, peer_info};
+use crate::{
+    audit::{self, AuditLog, AuditRecord, Pending},
+    error::Reason,
+    identity::{Peer, peer_info},
+};
 
 /// Errors building TLS configuration from files.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +76,11 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// A server config that requires a client certificate chaining to `client_ca`, speaks h2.
-pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(client_ca)? {
         roots.add(c).map_err(|e| TlsError::Invalid {
@@ -112,13 +120,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -146,12 +162,17 @@ impl AsyncWrite for TlsConn {
 /// Accept TCP connections, run TLS handshakes concurrently (each bounded by
 /// `handshake_timeout`), and yield the connections that completed.
 ///
+/// A handshake refused by TLS itself (no client certificate, an unknown issuer, an expired
+/// certificate) is an unknown caller knocking: it is written to the audit trail. Connections
+/// that close before saying anything (load-balancer probes) and timeouts are only logged.
+///
 /// The accept loop ends when the returned stream is dropped (the server stopped accepting).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     trust_domain: Arc<str>,
     handshake_timeout: Duration,
+    audit: AuditLog,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
@@ -173,19 +194,31 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let td = trust_domain.clone();
+            let audit = audit.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "TLS handshake failed");
+                            if let Some(tls_err) =
+                                e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+                            {
+                                audit_refused_handshake(audit, remote, tls_err).await;
+                            }
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let Some(leaf) = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                else {
                     // Unreachable with a verifier that requires client certs; refuse anyway.
                     tracing::warn!(%remote, "TLS connection without a client certificate");
                     return;
@@ -194,9 +227,30 @@ pub fn incoming(
                 if let Err(why) = &peer.identity {
                     tracing::info!(%remote, fingerprint = %peer.fingerprint, %why, "client certificate without system identity");
                 }
+                drop(audit);
                 let _ = tx.send(Ok(TlsConn { stream, peer })).await;
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+async fn audit_refused_handshake(
+    audit: AuditLog,
+    remote: std::net::SocketAddr,
+    err: &rustls::Error,
+) {
+    let reason = Reason::TlsHandshakeFailed;
+    let rec = AuditRecord {
+        time: audit::now_rfc3339(),
+        trace_id: audit::new_trace_id(),
+        method: "(tls-handshake)".into(),
+        remote_addr: Some(remote.to_string()),
+        decision: "deny",
+        rule: Some("tls:client-certificate".into()),
+        reason: Some(reason.as_str().into()),
+        detail: Some(err.to_string()),
+        ..AuditRecord::default()
+    };
+    Pending::new(audit, rec).commit(reason.code()).await;
 }

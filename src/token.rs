@@ -82,7 +82,8 @@ impl TokenVerifier {
                 .ok_or_else(|| format!("keys[{i}] has no `kid`"))?;
             let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
                 (Some(a), _) => Algorithm::from_str_opt(&a.to_string()),
-                (None, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)) => match ec.curve {
+                (None, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)) => match ec.curve
+                {
                     jsonwebtoken::jwk::EllipticCurve::P256 => Some(Algorithm::ES256),
                     jsonwebtoken::jwk::EllipticCurve::P384 => Some(Algorithm::ES384),
                     jsonwebtoken::jwk::EllipticCurve::Ed25519 => Some(Algorithm::EdDSA),
@@ -95,7 +96,8 @@ impl TokenVerifier {
             if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
                 return Err(format!("keys[{i}] (`{kid}`): HMAC keys are not accepted"));
             }
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{i}] (`{kid}`): {e}"))?;
+            let key =
+                DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{i}] (`{kid}`): {e}"))?;
             let mut v = Validation::new(alg);
             v.set_issuer(&[&settings.issuer]);
             v.set_audience(&[&settings.audience]);
@@ -107,7 +109,9 @@ impl TokenVerifier {
         if keys.is_empty() {
             return Err("the JWKS has no keys".into());
         }
-        let single = (keys.len() == 1).then(|| keys.keys().next().cloned()).flatten();
+        let single = (keys.len() == 1)
+            .then(|| keys.keys().next().cloned())
+            .flatten();
         Ok(Self {
             keys,
             single,
@@ -129,7 +133,12 @@ impl TokenVerifier {
             .or_else(|| h.strip_prefix("bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| Reject::new(Reason::TokenMalformed, "the authorization header is not `Bearer <JWT>`"))?;
+            .ok_or_else(|| {
+                Reject::new(
+                    Reason::TokenMalformed,
+                    "the authorization header is not `Bearer <JWT>`",
+                )
+            })?;
         self.verify(token)
     }
 
@@ -141,8 +150,12 @@ impl TokenVerifier {
             self.check_times(&c, now)?;
             return Ok(c);
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| Reject::new(Reason::TokenMalformed, "the bearer token is not a well-formed JWT"))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            Reject::new(
+                Reason::TokenMalformed,
+                "the bearer token is not a well-formed JWT",
+            )
+        })?;
         let kid = header.kid.as_deref().or(self.single.as_deref());
         let Some(key) = kid.and_then(|k| self.keys.get(k)) else {
             return Err(Reject::new(
@@ -156,10 +169,14 @@ impl TokenVerifier {
                 "the token's algorithm does not match its signing key",
             ));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(map_jwt_error)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(map_jwt_error)?;
         let claims = Arc::new(data.claims);
         if claims.dept.is_empty() || claims.sub.is_empty() {
-            return Err(Reject::new(Reason::TokenClaimMissing, "the token needs non-empty `sub` and `dept` claims"));
+            return Err(Reject::new(
+                Reason::TokenClaimMissing,
+                "the token needs non-empty `sub` and `dept` claims",
+            ));
         }
         if let Ok(mut m) = self.cache.lock() {
             if m.len() >= self.settings.cache_capacity {
@@ -177,10 +194,16 @@ impl TokenVerifier {
     fn check_times(&self, c: &Claims, now: u64) -> Result<(), Reject> {
         let leeway = self.settings.leeway_secs;
         if c.exp + leeway <= now {
-            return Err(Reject::new(Reason::TokenExpired, "the token has expired; get a new one"));
+            return Err(Reject::new(
+                Reason::TokenExpired,
+                "the token has expired; get a new one",
+            ));
         }
         if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
-            return Err(Reject::new(Reason::TokenNotYetValid, "the token is not valid yet (`nbf`)"));
+            return Err(Reject::new(
+                Reason::TokenNotYetValid,
+                "the token is not valid yet (`nbf`)",
+            ));
         }
         Ok(())
     }
@@ -188,17 +211,35 @@ impl TokenVerifier {
 
 fn map_jwt_error(e: jsonwebtoken::errors::Error) -> Reject {
     match e.kind() {
-        ErrorKind::ExpiredSignature => Reject::new(Reason::TokenExpired, "the token has expired; get a new one"),
-        ErrorKind::ImmatureSignature => Reject::new(Reason::TokenNotYetValid, "the token is not valid yet (`nbf`)"),
-        ErrorKind::InvalidIssuer => Reject::new(Reason::TokenIssuerInvalid, "the token was not issued by the trusted issuer"),
-        ErrorKind::InvalidAudience => Reject::new(Reason::TokenAudienceInvalid, "the token is not meant for this gateway (`aud`)"),
-        ErrorKind::MissingRequiredClaim(c) => {
-            Reject::new(Reason::TokenClaimMissing, format!("the token lacks the `{c}` claim"))
+        ErrorKind::ExpiredSignature => {
+            Reject::new(Reason::TokenExpired, "the token has expired; get a new one")
         }
-        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            Reject::new(Reason::TokenSignatureInvalid, "the token's signature does not verify")
-        }
-        _ => Reject::new(Reason::TokenMalformed, "the bearer token is not a well-formed JWT"),
+        ErrorKind::ImmatureSignature => Reject::new(
+            Reason::TokenNotYetValid,
+            "the token is not valid yet (`nbf`)",
+        ),
+        ErrorKind::InvalidIssuer => Reject::new(
+            Reason::TokenIssuerInvalid,
+            "the token was not issued by the trusted issuer",
+        ),
+        ErrorKind::InvalidAudience => Reject::new(
+            Reason::TokenAudienceInvalid,
+            "the token is not meant for this gateway (`aud`)",
+        ),
+        ErrorKind::MissingRequiredClaim(c) => Reject::new(
+            Reason::TokenClaimMissing,
+            format!("the token lacks the `{c}` claim"),
+        ),
+        ErrorKind::InvalidSignature
+        | ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName => Reject::new(
+            Reason::TokenSignatureInvalid,
+            "the token's signature does not verify",
+        ),
+        _ => Reject::new(
+            Reason::TokenMalformed,
+            "the bearer token is not a well-formed JWT",
+        ),
     }
 }
 

@@ -108,7 +108,10 @@ pub fn provider_failure(status: &Status, provider: &str) -> Reject {
         code => {
             // The provider refused for its own reasons: pass its code and (bounded) message.
             let msg: String = status.message().chars().take(200).collect();
-            let mut r = Reject::new(Reason::ProviderError, format!("provider `{provider}`: {msg}"));
+            let mut r = Reject::new(
+                Reason::ProviderError,
+                format!("provider `{provider}`: {msg}"),
+            );
             r.upstream_code = Some(code);
             r
         }

@@ -79,26 +79,38 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         .with_rule("department-registry"));
     }
     if req.dataset.is_empty() {
-        return Err(Reject::new(Reason::RequestInvalid, "the request names no dataset"));
+        return Err(Reject::new(
+            Reason::RequestInvalid,
+            "the request names no dataset",
+        ));
     }
     let Some(ds) = policy.dataset(req.dataset) else {
         return Err(Reject::new(
             Reason::DatasetUnknown,
-            format!("dataset `{}` is not in the catalogue; see Catalog.ListDatasets", req.dataset),
+            format!(
+                "dataset `{}` is not in the catalogue; see Catalog.ListDatasets",
+                req.dataset
+            ),
         )
         .with_rule("catalogue"));
     };
     if let Some(n) = policy.negative_dataset(req.dataset) {
         return Err(Reject::new(
             Reason::NegativeList,
-            format!("dataset `{}` is on the negative list and is never shared", ds.id),
+            format!(
+                "dataset `{}` is on the negative list and is never shared",
+                ds.id
+            ),
         )
         .with_rule(format!("negative-list:{}", n.dataset)));
     }
     if ds.share_type == ShareType::None {
         return Err(Reject::new(
             Reason::ShareTypeNone,
-            format!("dataset `{}` has share type `none`: it is never shared, whatever any grant says", ds.id),
+            format!(
+                "dataset `{}` has share type `none`: it is never shared, whatever any grant says",
+                ds.id
+            ),
         )
         .with_rule("share-type:none"));
     }
@@ -114,7 +126,10 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
     {
         return Err(Reject::new(
             Reason::TokenPurposeNotAllowed,
-            format!("purpose `{}` is not among the purposes your token was issued for", req.purpose),
+            format!(
+                "purpose `{}` is not among the purposes your token was issued for",
+                req.purpose
+            ),
         )
         .with_rule("token:purposes"));
     }
@@ -176,7 +191,8 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         match basis {
             Basis::Grant(g) => {
                 let listed = g.fields.iter().any(|x| x == "*" || x == &f.name);
-                let open = ds.share_type == ShareType::Unconditional && f.sensitivity < Sensitivity::Sensitive;
+                let open = ds.share_type == ShareType::Unconditional
+                    && f.sensitivity < Sensitivity::Sensitive;
                 (listed || open).then(|| g.masks.get(&f.name).copied().unwrap_or(f.mask))
             }
             Basis::Unconditional => (f.sensitivity < Sensitivity::Sensitive).then_some(f.mask),

@@ -110,15 +110,24 @@ impl Policy {
         let mut departments = HashMap::new();
         for (i, d) in file.departments.iter().enumerate() {
             if departments.insert(d.id.clone(), i).is_some() {
-                err(format!("departments[{i}].id"), format!("duplicate department id `{}`", d.id));
+                err(
+                    format!("departments[{i}].id"),
+                    format!("duplicate department id `{}`", d.id),
+                );
             }
             if d.id.is_empty() || d.id.contains('/') {
-                err(format!("departments[{i}].id"), "must be non-empty and contain no `/`".into());
+                err(
+                    format!("departments[{i}].id"),
+                    "must be non-empty and contain no `/`".into(),
+                );
             }
             if !is_region_code(&d.region) {
                 err(
                     format!("departments[{i}].region"),
-                    format!("`{}` is not a 6-digit administrative division code", d.region),
+                    format!(
+                        "`{}` is not a 6-digit administrative division code",
+                        d.region
+                    ),
                 );
             }
         }
@@ -126,7 +135,10 @@ impl Policy {
         let mut providers = HashMap::new();
         for (i, p) in file.providers.iter().enumerate() {
             if providers.insert(p.id.clone(), i).is_some() {
-                err(format!("providers[{i}].id"), format!("duplicate provider id `{}`", p.id));
+                err(
+                    format!("providers[{i}].id"),
+                    format!("duplicate provider id `{}`", p.id),
+                );
             }
             match p.endpoint.parse::<http::Uri>() {
                 Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
@@ -142,7 +154,10 @@ impl Policy {
             let mut fields = HashMap::new();
             for (j, f) in ds.fields.iter().enumerate() {
                 if fields.insert(f.name.clone(), j).is_some() {
-                    err(format!("datasets[{i}].fields[{j}].name"), format!("duplicate field `{}`", f.name));
+                    err(
+                        format!("datasets[{i}].fields[{j}].name"),
+                        format!("duplicate field `{}`", f.name),
+                    );
                 }
                 if let Mask::Keep { .. } = f.mask
                     && f.ty != model::FieldType::String
@@ -155,7 +170,10 @@ impl Policy {
                 }
             }
             if ds.fields.is_empty() {
-                err(format!("datasets[{i}].fields"), "a dataset needs at least one field".into());
+                err(
+                    format!("datasets[{i}].fields"),
+                    "a dataset needs at least one field".into(),
+                );
             }
             if !fields.contains_key(&ds.subject_key) {
                 err(
@@ -164,10 +182,16 @@ impl Policy {
                 );
             }
             if !departments.contains_key(&ds.owner) {
-                err(format!("datasets[{i}].owner"), format!("unknown department `{}`", ds.owner));
+                err(
+                    format!("datasets[{i}].owner"),
+                    format!("unknown department `{}`", ds.owner),
+                );
             }
             if !providers.contains_key(&ds.provider) {
-                err(format!("datasets[{i}].provider"), format!("unknown provider `{}`", ds.provider));
+                err(
+                    format!("datasets[{i}].provider"),
+                    format!("unknown provider `{}`", ds.provider),
+                );
             }
             let n = ds.fields.len();
             let dup = datasets
@@ -181,14 +205,20 @@ impl Policy {
                 )
                 .is_some();
             if dup {
-                err(format!("datasets[{i}].id"), format!("duplicate dataset id `{}`", ds.id));
+                err(
+                    format!("datasets[{i}].id"),
+                    format!("duplicate dataset id `{}`", ds.id),
+                );
             }
         }
 
         let mut negative_datasets = HashMap::new();
         for (i, n) in file.negative_list.iter().enumerate() {
             let Some(ds) = datasets.get_mut(&n.dataset) else {
-                err(format!("negative_list[{i}].dataset"), format!("unknown dataset `{}`", n.dataset));
+                err(
+                    format!("negative_list[{i}].dataset"),
+                    format!("unknown dataset `{}`", n.dataset),
+                );
                 continue;
             };
             match &n.field {
@@ -213,22 +243,34 @@ impl Policy {
                 err(at("id"), format!("duplicate grant id `{}`", g.id));
             }
             if !departments.contains_key(&g.consumer) {
-                err(at("consumer"), format!("unknown department `{}`", g.consumer));
+                err(
+                    at("consumer"),
+                    format!("unknown department `{}`", g.consumer),
+                );
             }
             if g.purposes.is_empty() || g.purposes.iter().any(|p| p.trim().is_empty()) {
-                err(at("purposes"), "a grant needs at least one non-empty purpose".into());
+                err(
+                    at("purposes"),
+                    "a grant needs at least one non-empty purpose".into(),
+                );
             }
             if let Some(r) = g.rate_limit
                 && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
             {
-                err(at("rate_limit"), "per_second and burst must be positive".into());
+                err(
+                    at("rate_limit"),
+                    "per_second and burst must be positive".into(),
+                );
             }
             let Some(ds) = datasets.get(&g.dataset) else {
                 err(at("dataset"), format!("unknown dataset `{}`", g.dataset));
                 continue;
             };
             if g.fields.is_empty() {
-                err(at("fields"), "list the fields granted (or `\"*\"` for all)".into());
+                err(
+                    at("fields"),
+                    "list the fields granted (or `\"*\"` for all)".into(),
+                );
             }
             if let Some(&n) = negative_datasets.get(&g.dataset) {
                 err(
@@ -252,7 +294,9 @@ impl Policy {
                         if let Some(n) = ds.negative_fields[k] {
                             err(
                                 format!("grants[{i}].fields[{j}]"),
-                                format!("field `{f}` is on the negative list (negative_list[{n}]): it cannot be granted"),
+                                format!(
+                                    "field `{f}` is on the negative list (negative_list[{n}]): it cannot be granted"
+                                ),
                             );
                         }
                     }
@@ -260,7 +304,10 @@ impl Policy {
             }
             for f in g.masks.keys() {
                 if !ds.fields.contains_key(f) {
-                    err(at("masks"), format!("`{f}` is not a field of dataset `{}`", g.dataset));
+                    err(
+                        at("masks"),
+                        format!("`{f}` is not a field of dataset `{}`", g.dataset),
+                    );
                 }
             }
             let list = grants
@@ -307,7 +354,11 @@ impl Policy {
         self.datasets.get(dataset)?.fields.get(field).copied()
     }
 
-    pub(crate) fn negative_field(&self, dataset: &str, field_idx: usize) -> Option<&model::NegativeEntry> {
+    pub(crate) fn negative_field(
+        &self,
+        dataset: &str,
+        field_idx: usize,
+    ) -> Option<&model::NegativeEntry> {
         let n = (*self.datasets.get(dataset)?.negative_fields.get(field_idx)?)?;
         self.file.negative_list.get(n)
     }

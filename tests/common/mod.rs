@@ -1,0 +1,207 @@
+//! Test harness: a real gateway (real TLS, real sockets on 127.0.0.1:0) in front of real
+//! sample providers, with the checked-in dev PKI.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+use xgate::{
+    client,
+    config::Config,
+    devpki,
+    pb::{self, catalog_client::CatalogClient, data_exchange_client::DataExchangeClient},
+    provider::{self, Behaviour, SampleProvider},
+    server::{self, Running},
+};
+
+pub fn certs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev")
+}
+
+pub fn dev_policy() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/dev/policy.yaml"))
+        .unwrap()
+}
+
+/// Options for one harness.
+#[derive(Clone, Default)]
+pub struct Opts {
+    pub behaviour: Behaviour,
+    /// Extra YAML appended to the policy's `grants:` list (indented as list items).
+    pub extra_grants: String,
+    /// Point the public-security provider at a port nobody listens on.
+    pub provider_down: bool,
+    pub drain_ms: Option<u64>,
+    pub max_timeout_ms: Option<u64>,
+}
+
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub audit_dir: tempfile::TempDir,
+    pub ps: SampleProvider,
+    pub ms: SampleProvider,
+    gateway: Option<Running>,
+    stop_providers: watch::Sender<bool>,
+}
+
+impl Harness {
+    pub async fn start(opts: Opts) -> Harness {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut ports = HashMap::new();
+        let mut provs = HashMap::new();
+        for (id, tables) in provider::demo_providers() {
+            let sp = SampleProvider::new(id, tables, opts.behaviour.clone());
+            let mut rx = stop_rx.clone();
+            let (addr, _h) = provider::spawn_dev(
+                sp.clone(),
+                id,
+                "127.0.0.1:0".parse().unwrap(),
+                &certs(),
+                async move {
+                    let _ = rx.changed().await;
+                },
+            )
+            .await
+            .unwrap();
+            ports.insert(id, addr.port());
+            provs.insert(id, sp);
+        }
+        let mut ps_port = ports["public-security"];
+        if opts.provider_down {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            ps_port = l.local_addr().unwrap().port();
+            drop(l);
+        }
+        let mut policy = dev_policy()
+            .replace(
+                "https://127.0.0.1:8444",
+                &format!("https://127.0.0.1:{ps_port}"),
+            )
+            .replace(
+                "https://127.0.0.1:8445",
+                &format!("https://127.0.0.1:{}", ports["market-supervision"]),
+            );
+        if !opts.extra_grants.is_empty() {
+            policy = policy.replace(
+                "\ngrants:\n",
+                &format!("\ngrants:\n{}\n", opts.extra_grants),
+            );
+        }
+        let audit_dir = tempfile::tempdir().unwrap();
+        let policy_path = audit_dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).unwrap();
+        let mut cfg = Config::demo(
+            &certs(),
+            policy_path,
+            "127.0.0.1:0".parse().unwrap(),
+            audit_dir.path().join("audit"),
+        );
+        if let Some(d) = opts.drain_ms {
+            cfg.shutdown.drain_timeout_ms = d;
+        }
+        if let Some(t) = opts.max_timeout_ms {
+            cfg.upstream.max_timeout_ms = t;
+        }
+        let running = server::start(&cfg).await.unwrap();
+        Harness {
+            addr: running.addr,
+            audit_dir,
+            ps: provs.remove("public-security").unwrap(),
+            ms: provs.remove("market-supervision").unwrap(),
+            gateway: Some(running),
+            stop_providers: stop_tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Channel authenticated with `dept`'s dev certificate.
+    pub async fn channel(&self, dept: &str) -> Channel {
+        let c = certs();
+        let cert = std::fs::read(c.join(format!("{dept}.pem"))).unwrap();
+        let key = std::fs::read(c.join(format!("{dept}.key"))).unwrap();
+        let ca = std::fs::read(c.join("ca.pem")).unwrap();
+        client::connect(&self.url(), &ca, &cert, &key, "localhost")
+            .await
+            .unwrap()
+    }
+
+    pub async fn data(&self, dept: &str) -> DataExchangeClient<Channel> {
+        DataExchangeClient::new(self.channel(dept).await)
+    }
+
+    pub async fn catalog(&self, dept: &str) -> CatalogClient<Channel> {
+        CatalogClient::new(self.channel(dept).await)
+    }
+
+    pub fn provider_calls(&self) -> u64 {
+        self.ps.stats.calls.load(Ordering::SeqCst) + self.ms.stats.calls.load(Ordering::SeqCst)
+    }
+
+    /// Stop the gateway (graceful), returning every audit record.
+    pub async fn stop(&mut self) -> Vec<serde_json::Value> {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await.unwrap();
+        }
+        let _ = self.stop_providers.send(true);
+        xgate::audit::read_all(&self.audit_dir.path().join("audit")).unwrap()
+    }
+
+    pub fn take_gateway(&mut self) -> Running {
+        self.gateway.take().unwrap()
+    }
+}
+
+/// A dev token for `dept`.
+pub fn token(dept: &str) -> String {
+    token_with(devpki::dev_claims(
+        dept,
+        &format!("tester@{dept}"),
+        None,
+        600,
+    ))
+}
+
+pub fn token_with(claims: serde_json::Value) -> String {
+    let key = std::fs::read_to_string(certs().join("jwt-signing.key")).unwrap();
+    devpki::mint_token(&key, devpki::KID, &claims).unwrap()
+}
+
+pub fn req<T>(body: T, token: &str) -> tonic::Request<T> {
+    client::with_token(body, token)
+}
+
+pub fn query(dataset: &str, purpose: &str, conds: &[&str], page_size: u32) -> pb::QueryRequest {
+    let conds: Vec<String> = conds.iter().map(|s| s.to_string()).collect();
+    client::query_request(dataset, &[], &conds, purpose, page_size, "").unwrap()
+}
+
+/// Assert a status's code and `ErrorInfo.reason`.
+pub fn assert_reject(st: &Status, code: Code, reason: &str) {
+    assert_eq!(st.code(), code, "unexpected code: {st:?}");
+    let d = st.get_error_details();
+    let info = d
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {st:?}"));
+    assert_eq!(info.reason, reason, "unexpected reason: {st:?}");
+    assert_eq!(info.domain, "xgate.gov");
+    assert!(!st.message().is_empty());
+}
+
+pub fn text(v: &pb::Value) -> String {
+    v.as_text().map(|c| c.into_owned()).unwrap_or_default()
+}
+
+pub const SLOW: Duration = Duration::from_millis(400);
