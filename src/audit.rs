@@ -101,11 +101,8 @@ fn write_loop(file: File, mut rx: mpsc::Receiver<AuditRecord>) -> io::Result<u64
     let mut out = io::BufWriter::with_capacity(256 * 1024, file);
     let mut written = 0u64;
     let mut buf = Vec::with_capacity(64);
-    loop {
-        // Block for one record, then take whatever else is queued: one write per batch.
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
+    // Block for one record, then take whatever else is queued: one write per batch.
+    while let Some(first) = rx.blocking_recv() {
         buf.push(first);
         while buf.len() < 1024 {
             match rx.try_recv() {

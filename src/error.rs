@@ -109,6 +109,8 @@ reasons! {
     // --- the gateway itself ---------------------------------------------------------------
     /// The audit trail cannot take the record, so the call is not made.
     AuditUnavailable => Unavailable, "AUDIT_UNAVAILABLE";
+    /// The gateway is stopping and cut the call short.
+    GatewayShuttingDown => Unavailable, "GATEWAY_SHUTTING_DOWN";
     /// A bug: details are in the gateway's log under the trace id.
     Internal => Internal, "INTERNAL";
 }
@@ -214,7 +216,7 @@ mod tests {
         let st = rej.to_status("abc123");
         assert_eq!(st.code(), Code::ResourceExhausted);
         let d = st.get_error_details();
-        let info = d.error_info().cloned().unwrap_or_default();
+        let info = d.error_info().cloned().expect("ErrorInfo");
         assert_eq!(info.reason, "RATE_LIMITED");
         assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(

@@ -64,6 +64,8 @@ struct Inner {
     audit: AuditLog,
     limits: Limits,
     max_timeout: Duration,
+    /// Set when the drain timeout ran out: calls still waiting on providers end now.
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 /// A caller that passed authentication.
@@ -93,7 +95,30 @@ impl Gateway {
                 audit,
                 limits,
                 max_timeout,
+                cut: tokio::sync::watch::Sender::new(false),
             }),
+        }
+    }
+
+    /// End every call still waiting on a provider with `UNAVAILABLE` (the drain timeout ran
+    /// out). Their audit records are written as usual.
+    pub fn cut_in_flight(&self) {
+        let _ = self.inner.cut.send(true);
+    }
+
+    /// Wait for `fut` at most `wait`, unless the gateway cuts in-flight calls first.
+    async fn bounded<F: std::future::Future>(
+        &self,
+        wait: Duration,
+        fut: F,
+    ) -> Result<Result<F::Output, tokio::time::error::Elapsed>, Reject> {
+        let mut cut = self.inner.cut.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(wait, fut) => Ok(r),
+            _ = cut.wait_for(|c| *c) => Err(Reject::new(
+                Reason::GatewayShuttingDown,
+                "the gateway is shutting down; retry (another replica will answer)",
+            )),
         }
     }
 
@@ -283,8 +308,16 @@ impl Gateway {
             )
         })?;
         let up = self.upstream_request(call, &who, body, Some(deadline));
-        let resp = match tokio::time::timeout(deadline, client.query(up)).await {
+        let sent = tokio::time::Instant::now();
+        let resp = match self.bounded(deadline, client.query(up)).await? {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
+            // The provider enforces the propagated deadline too, and may answer first
+            // (tonic servers say CANCELLED): that is still a timeout.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && sent.elapsed() >= deadline.mul_f32(0.9) =>
+            {
+                return Err(upstream::provider_timeout(&provider));
+            }
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
         };
@@ -325,7 +358,7 @@ impl Gateway {
         let first_wait = caller_deadline
             .unwrap_or(self.inner.max_timeout)
             .min(self.inner.max_timeout);
-        let stream = match tokio::time::timeout(first_wait, client.query_stream(up)).await {
+        let stream = match self.bounded(first_wait, client.query_stream(up)).await? {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
@@ -353,11 +386,17 @@ impl Gateway {
                     .min(idle),
                 None => idle,
             };
-            let batch = match tokio::time::timeout(wait, upstream.message()).await {
-                Err(_) => break Err(upstream::provider_timeout(&provider)),
-                Ok(Err(status)) => break Err(upstream::provider_failure(&status, &provider)),
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Ok(Some(b))) => b,
+            let next = tokio::select! {
+                n = self.bounded(wait, upstream.message()) => n,
+                // The caller went away while we waited for the provider.
+                _ = tx.closed() => return,
+            };
+            let batch = match next {
+                Err(r) => break Err(r),
+                Ok(Err(_)) => break Err(upstream::provider_timeout(&provider)),
+                Ok(Ok(Err(status))) => break Err(upstream::provider_failure(&status, &provider)),
+                Ok(Ok(Ok(None))) => break Ok(()),
+                Ok(Ok(Ok(Some(b)))) => b,
             };
             let shaped = match shape(batch, &permit, &provider) {
                 Ok(s) => s,

@@ -329,7 +329,7 @@ pub fn person_table(n: usize) -> Table {
                 Value::string(region),
                 Value::string(addr),
                 Value {
-                    kind: Some(Kind::BoolValue(rng.next() % 3 == 0)),
+                    kind: Some(Kind::BoolValue(rng.next().is_multiple_of(3))),
                 },
                 Value::string(format!(
                     "1{}{:08}",

@@ -148,6 +148,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             }
         })
     };
+    let cutter = gateway.clone();
     drop(gateway);
 
     let incoming = tls::incoming(
@@ -171,7 +172,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             tracing::info!("shutting down: no new connections; draining in-flight calls");
         });
     let task = tokio::spawn(async move {
-        let mut serve = std::pin::pin!(serve);
+        // Boxed so that dropping it below really drops the services (and their audit senders).
+        let mut serve = Box::pin(serve);
         // Serve until stopped; then give in-flight calls the drain timeout to finish.
         let served = tokio::select! {
             r = &mut serve => Some(r),
@@ -182,14 +184,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             None => match tokio::time::timeout(drain, &mut serve).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => {
-                    tracing::warn!(
-                        ?drain,
-                        "drain timeout: cutting the remaining calls (their records say CANCELLED)"
-                    );
+                    tracing::warn!(?drain, "drain timeout: ending the calls still in flight");
+                    cutter.cut_in_flight();
+                    // The cut calls answer at once; give their replies a moment to leave.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut serve).await;
                     Ok(())
                 }
             },
         };
+        drop(cutter);
         // Dropping the server drops its services, and with them the audit senders.
         drop(serve);
         sweeper.abort();

@@ -788,3 +788,52 @@ async fn shutdown_during_calls_loses_no_audit_record() {
         assert_eq!(one_record(&recs, &t)["grpc_status"], "OK");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_ends_stuck_calls_with_a_reason_and_still_records_them() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_secs(20),
+            ..Behaviour::default()
+        },
+        drain_ms: Some(300),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let c = h.data("civil-affairs").await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let mut c = c.clone();
+        let t = t.clone();
+        calls.push(tokio::spawn(async move {
+            c.query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        }));
+    }
+    while h.provider_calls() < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = Instant::now();
+    let written = h.take_gateway().shutdown().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "shutdown bounded by the drain timeout: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(written, 5);
+    let mut traces = Vec::new();
+    for c in calls {
+        let st = c.await.unwrap().unwrap_err();
+        assert_reject(&st, Code::Unavailable, "GATEWAY_SHUTTING_DOWN");
+        traces.push(trace_of(&st));
+    }
+    let recs = h.stop().await;
+    assert_eq!(recs.len(), 5);
+    for t in traces {
+        assert_eq!(one_record(&recs, &t)["reason"], "GATEWAY_SHUTTING_DOWN");
+    }
+}
