@@ -41,28 +41,63 @@ pub fn with_token<T>(body: T, token: &str) -> Request<T> {
     r
 }
 
-/// Parse `field=value`, `field^=prefix` or `field:in=a,b,c` into a filter condition.
-pub fn parse_condition(s: &str) -> Result<pb::Condition, String> {
+/// Parse `field=value`, `field^=prefix` or `field:in=a,b,c` into a filter condition. `ty` gives
+/// a field's catalogue type, so `42` becomes an int64 for an int64 field and stays text for a
+/// string field.
+pub fn parse_condition(
+    s: &str,
+    ty: impl Fn(&str) -> Option<pb::FieldType>,
+) -> Result<pb::Condition, String> {
     let cond = |field: &str, test| pb::Condition {
         field: field.trim().to_owned(),
         test: Some(test),
     };
     if let Some((f, v)) = s.split_once(":in=") {
-        let values = v.split(',').map(|x| Value::string(x.trim())).collect();
+        let t = ty(f.trim());
+        let values = v
+            .split(',')
+            .map(|x| typed_value(x.trim(), t))
+            .collect::<Result<_, _>>()?;
         return Ok(cond(f, Test::In(pb::ValueList { values })));
     }
     if let Some((f, v)) = s.split_once("^=") {
         return Ok(cond(f, Test::Prefix(v.to_owned())));
     }
     if let Some((f, v)) = s.split_once('=') {
-        return Ok(cond(f, Test::Eq(Value::string(v))));
+        return Ok(cond(f, Test::Eq(typed_value(v, ty(f.trim()))?)));
     }
     Err(format!(
         "`{s}`: use field=value, field^=prefix or field:in=a,b,c"
     ))
 }
 
-/// Build a query request.
+/// A command-line literal as a value of the field's type (text when the type is unknown).
+pub fn typed_value(v: &str, ty: Option<pb::FieldType>) -> Result<Value, String> {
+    use pb::{FieldType as T, value::Kind};
+    let kind = match ty {
+        Some(T::Int64) => {
+            Kind::Int64Value(v.parse().map_err(|_| format!("`{v}` is not an integer"))?)
+        }
+        Some(T::Double) => {
+            Kind::DoubleValue(v.parse().map_err(|_| format!("`{v}` is not a number"))?)
+        }
+        Some(T::Bool) => {
+            Kind::BoolValue(v.parse().map_err(|_| format!("`{v}` is not true/false"))?)
+        }
+        Some(T::Timestamp) => {
+            let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| format!("`{v}` is not an RFC 3339 time"))?;
+            Kind::TimestampValue(prost_types::Timestamp {
+                seconds: t.unix_timestamp(),
+                nanos: 0,
+            })
+        }
+        _ => Kind::StringValue(v.to_owned()),
+    };
+    Ok(Value { kind: Some(kind) })
+}
+
+/// Build a query request; filter literals are typed with `types` (field name -> type).
 pub fn query_request(
     dataset: &str,
     fields: &[String],
@@ -70,10 +105,11 @@ pub fn query_request(
     purpose: &str,
     page_size: u32,
     page_token: &str,
+    types: &std::collections::HashMap<String, pb::FieldType>,
 ) -> Result<QueryRequest, String> {
     let conditions = conds
         .iter()
-        .map(|c| parse_condition(c))
+        .map(|c| parse_condition(c, |f| types.get(f).copied()))
         .collect::<Result<_, _>>()?;
     Ok(QueryRequest {
         dataset: dataset.to_owned(),

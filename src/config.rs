@@ -345,3 +345,68 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_reported_at_once_with_paths_resolved_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xgate.yaml");
+        std::fs::write(
+            &path,
+            r#"
+listen: 127.0.0.1:0
+trust_domain: ""
+tls: { cert: missing.pem, key: missing.key, client_ca: ca.pem, handshake_timeout_ms: 0 }
+jwt: { jwks: jwks.json, issuer: "", audience: xgate }
+policy: policy.yaml
+audit: { dir: audit, queue_capacity: 0 }
+upstream: { ca: ca.pem, cert: c.pem, key: c.key }
+limits: { default_page_size: 10, max_page_size: 5, max_message_bytes: 10, max_filter_terms: 5 }
+otlp: { endpoint: "not a url", sample_ratio: 2 }
+"#,
+        )
+        .unwrap();
+        let errs = Config::load(&path).unwrap_err();
+        let all = errs.join("\n");
+        for want in [
+            "tls.cert",
+            "tls.key",
+            "jwt.jwks",
+            "policy",
+            "upstream.cert",
+            "trust_domain",
+            "jwt.issuer",
+            "audit.queue_capacity",
+            "tls.handshake_timeout_ms",
+            "limits: need",
+            "limits.max_message_bytes",
+            "otlp.endpoint",
+            "otlp.sample_ratio",
+        ] {
+            assert!(all.contains(want), "missing `{want}` in:\n{all}");
+        }
+        // Relative paths were resolved against the config file's directory.
+        assert!(
+            all.contains(&dir.path().join("missing.pem").display().to_string()),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.yaml");
+        std::fs::write(&path, "trust_domian: x\n").unwrap();
+        let errs = Config::load(&path).unwrap_err();
+        assert!(errs[0].contains("unknown field"), "{errs:?}");
+    }
+
+    #[test]
+    fn the_checked_in_dev_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/dev/xgate.yaml");
+        Config::load(&p).unwrap();
+    }
+}

@@ -170,15 +170,18 @@ impl Gateway {
                 "internal error; quote the trace id to the operators",
             )
         })?;
-        let system = peer
-            .identity
-            .clone()
-            .map_err(|why| Reject::new(Reason::CertIdentityMissing, why))?;
+        let system = peer.identity.clone().map_err(|why| {
+            Reject::new(Reason::CertIdentityMissing, why).with_rule("identity:certificate")
+        })?;
         let header = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let claims = self.inner.tokens.verify_header(header)?;
+        let claims = self
+            .inner
+            .tokens
+            .verify_header(header)
+            .map_err(|r| r.with_rule("identity:token"))?;
         call.pending.rec().token_subject = Some(claims.sub.clone());
         if claims.dept != system.dept {
             return Err(Reject::new(
@@ -187,7 +190,8 @@ impl Gateway {
                     "the token was issued to department `{}` but the certificate belongs to `{}`",
                     claims.dept, system.dept
                 ),
-            ));
+            )
+            .with_rule("identity:token-department-binding"));
         }
         Ok(Authenticated { system, claims })
     }
@@ -228,8 +232,7 @@ impl Gateway {
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
-        let filter_fields = check_request(req, &self.inner.limits)?;
-        let filter_refs: Vec<&str> = filter_fields.iter().map(String::as_str).collect();
+        check_request(req, &self.inner.limits)?;
         let caller = Caller {
             dept: &who.system.dept,
             system: &who.system.system,
@@ -238,7 +241,11 @@ impl Gateway {
         let ask = policy::Request {
             dataset: &req.dataset,
             fields: &req.fields,
-            filter_fields: &filter_refs,
+            filter: req
+                .filter
+                .as_ref()
+                .map(|f| f.conditions.as_slice())
+                .unwrap_or_default(),
             purpose: &req.purpose,
         };
         let permit = policy::evaluate(&snap.policy, caller, ask)?;
@@ -402,19 +409,21 @@ impl Gateway {
                 Ok(s) => s,
                 Err(r) => break Err(r),
             };
-            rows += shaped.response.rows.len() as u64;
-            if rows == shaped.response.rows.len() as u64 {
+            if rows == 0 {
                 // First batch: columns are the same in every batch.
                 let rec = call.pending.rec();
-                rec.fields_returned = shaped.returned.clone();
-                rec.fields_masked = shaped.masked.clone();
+                rec.fields_returned = shaped.returned;
+                rec.fields_masked = shaped.masked;
             }
-            call.pending.rec().rows = rows;
+            let n = shaped.response.rows.len() as u64;
             if tx.send(Ok(shaped.response)).await.is_err() {
-                // The caller went away: the record is written as CANCELLED when `call` drops.
+                // The caller went away: the record is written as CANCELLED when `call` drops,
+                // counting the rows handed over before.
                 tracing::info!(trace_id = %call.trace_id, "stream cancelled by the caller");
                 return;
             }
+            rows += n;
+            call.pending.rec().rows = rows;
         };
         match outcome {
             Ok(()) => call.pending.commit(Code::Ok).await,
@@ -515,7 +524,7 @@ fn describe_access(
     let ask = policy::Request {
         dataset,
         fields: &[],
-        filter_fields: &[],
+        filter: &[],
         purpose: &purpose,
     };
     match policy::evaluate(p, caller, ask) {
@@ -536,11 +545,8 @@ fn describe_access(
                     mask: f.mask.describe(),
                 })
                 .collect(),
-            allowed_purposes: if permit.purposes.is_empty() {
-                granted
-            } else {
-                permit.purposes.clone()
-            },
+            allowed_purposes: permit.purposes.clone(),
+            evaluated_purpose: purpose,
             rate_limit: Some(pb::RateLimit {
                 per_second: permit.rate_limit.per_second,
                 burst: permit.rate_limit.burst,
@@ -555,6 +561,7 @@ fn describe_access(
             denial_reason: rej.reason.as_str().to_owned(),
             denial_message: rej.message,
             deciding_rule: rej.rule.unwrap_or_default(),
+            evaluated_purpose: purpose,
             ..pb::Access::default()
         },
     }
@@ -583,60 +590,45 @@ fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
         })
 }
 
-/// Stage `check`: shape rules that do not depend on the policy. Returns the filter's fields.
-fn check_request(req: &QueryRequest, limits: &Limits) -> Result<Vec<String>, Reject> {
+/// Stage `check`: shape rules that do not depend on the policy (sizes, well-formed conditions).
+fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), Reject> {
+    let invalid = |why: String| Reject::new(Reason::RequestInvalid, why).with_rule("request:shape");
     let conds = req
         .filter
         .as_ref()
         .map(|f| f.conditions.as_slice())
         .unwrap_or_default();
     if conds.len() > limits.max_filter_terms {
-        return Err(Reject::new(
-            Reason::RequestInvalid,
-            format!(
-                "the filter has {} conditions; at most {} are allowed",
-                conds.len(),
-                limits.max_filter_terms
-            ),
-        ));
+        return Err(invalid(format!(
+            "the filter has {} conditions; at most {} are allowed",
+            conds.len(),
+            limits.max_filter_terms
+        )));
     }
-    let mut fields = Vec::with_capacity(conds.len());
     for (i, c) in conds.iter().enumerate() {
         use pb::condition::Test;
         if c.field.is_empty() {
-            return Err(Reject::new(
-                Reason::RequestInvalid,
-                format!("filter condition {i} names no field"),
-            ));
+            return Err(invalid(format!("filter condition {i} names no field")));
         }
         match &c.test {
             None => {
-                return Err(Reject::new(
-                    Reason::RequestInvalid,
-                    format!(
-                        "filter condition {i} on `{}` has no test (eq, in or prefix)",
-                        c.field
-                    ),
-                ));
+                return Err(invalid(format!(
+                    "filter condition {i} on `{}` has no test (eq, in or prefix)",
+                    c.field
+                )));
             }
             Some(Test::In(list))
                 if list.values.is_empty() || list.values.len() > limits.max_filter_terms =>
             {
-                return Err(Reject::new(
-                    Reason::RequestInvalid,
-                    format!(
-                        "filter condition {i} on `{}`: IN needs 1 to {} values",
-                        c.field, limits.max_filter_terms
-                    ),
-                ));
+                return Err(invalid(format!(
+                    "filter condition {i} on `{}`: IN needs 1 to {} values",
+                    c.field, limits.max_filter_terms
+                )));
             }
             Some(_) => {}
         }
-        if !fields.contains(&c.field) {
-            fields.push(c.field.clone());
-        }
     }
-    Ok(fields)
+    Ok(())
 }
 
 /// A provider response after the gateway enforced the permit on it.

@@ -427,6 +427,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                         "allowed": a.allowed, "readable_fields": a.readable_fields,
                         "masked_fields": a.masked_fields.iter().map(|m| serde_json::json!({"field": m.field, "mask": m.mask})).collect::<Vec<_>>(),
                         "allowed_purposes": a.allowed_purposes, "deciding_rule": a.deciding_rule,
+                        "evaluated_purpose": a.evaluated_purpose,
                         "denial_reason": a.denial_reason, "denial_message": a.denial_message,
                         "rate_limit": a.rate_limit.map(|r| serde_json::json!({"per_second": r.per_second, "burst": r.burst})),
                     })
@@ -448,7 +449,10 @@ async fn call(c: CallArgs) -> Result<(), String> {
                     }
                 }
                 if a.allowed {
-                    println!("your access: ALLOWED under {}", a.deciding_rule);
+                    println!(
+                        "your access for purpose `{}`: ALLOWED under {}",
+                        a.evaluated_purpose, a.deciding_rule
+                    );
                     println!("  readable: {}", a.readable_fields.join(", "));
                     for m in &a.masked_fields {
                         println!("  masked:   {} ({})", m.field, m.mask);
@@ -456,7 +460,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                     println!(
                         "  purposes: {}",
                         if a.allowed_purposes.is_empty() {
-                            "any".into()
+                            "any (no grant needed)".into()
                         } else {
                             a.allowed_purposes.join(", ")
                         }
@@ -466,13 +470,14 @@ async fn call(c: CallArgs) -> Result<(), String> {
                     }
                 } else {
                     println!(
-                        "your access: DENIED {} — {} [rule {}]",
-                        a.denial_reason, a.denial_message, a.deciding_rule
+                        "your access for purpose `{}`: DENIED {} — {} [rule {}]",
+                        a.evaluated_purpose, a.denial_reason, a.denial_message, a.deciding_rule
                     );
                 }
             }
         }
         CallCmd::Query(q) => {
+            let types = field_types(&channel, &token, &q).await?;
             let req = client::query_request(
                 &q.dataset,
                 &q.fields,
@@ -480,6 +485,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 &q.purpose,
                 q.page_size,
                 &q.page_token,
+                &types,
             )?;
             let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
             let r = dx
@@ -514,6 +520,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
             }
         }
         CallCmd::Stream(q) => {
+            let types = field_types(&channel, &token, &q).await?;
             let req = client::query_request(
                 &q.dataset,
                 &q.fields,
@@ -521,6 +528,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 &q.purpose,
                 q.page_size,
                 "",
+                &types,
             )?;
             let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
             let mut s = dx
@@ -540,6 +548,37 @@ async fn call(c: CallArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The catalogue's field types, to type `--where` literals (only fetched when there are any).
+async fn field_types(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    q: &QueryArgs,
+) -> Result<std::collections::HashMap<String, pb::FieldType>, String> {
+    if q.conditions.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut cat = pb::catalog_client::CatalogClient::new(channel.clone());
+    let d = cat
+        .describe_dataset(client::with_token(
+            pb::DescribeDatasetRequest {
+                dataset: q.dataset.clone(),
+                purpose: q.purpose.clone(),
+            },
+            token,
+        ))
+        .await
+        .map_err(|s| client::explain(&s))?
+        .into_inner();
+    Ok(d.dataset
+        .map(|d| {
+            d.fields
+                .into_iter()
+                .filter_map(|f| pb::FieldType::try_from(f.r#type).ok().map(|t| (f.name, t)))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 fn json_value(v: &pb::Value) -> serde_json::Value {

@@ -11,13 +11,18 @@
 //! 5. a purpose is declared, and the token (if it lists purposes) allows it;
 //! 6. a grant of this consumer (system-specific first) covers the purpose — or the dataset is
 //!    `unconditional`, which gives its non-sensitive fields to any registered department;
-//! 7. every requested or filtered field exists and is readable under that rule.
+//! 7. every requested or filtered field exists and is readable under that rule, and every
+//!    filter fits its field's type (and, on masked fields, is an exact match: a prefix search
+//!    would reveal the hidden characters one by one).
 
 use super::{
     Policy,
     model::{Grant, Mask, RateLimit, Sensitivity, ShareType},
 };
-use crate::error::{Reason, Reject};
+use crate::{
+    error::{Reason, Reject},
+    pb::{Condition, condition::Test, value::Kind},
+};
 
 /// The verified caller: department and system from the certificate, purposes from the token.
 #[derive(Debug, Clone, Copy)]
@@ -34,8 +39,8 @@ pub struct Request<'a> {
     pub dataset: &'a str,
     /// Fields wanted; empty means every field the caller may read.
     pub fields: &'a [String],
-    /// Fields the request's filter tests.
-    pub filter_fields: &'a [&'a str],
+    /// The request's filter conditions (AND-ed).
+    pub filter: &'a [Condition],
     pub purpose: &'a str,
 }
 
@@ -207,7 +212,8 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
             None => Reject::new(
                 Reason::FieldUnknown,
                 format!("{what} `{name}` is not a field of `{}`; see Catalog.DescribeDataset", ds.id),
-            ),
+            )
+            .with_rule("catalogue:schema"),
             Some(i) => match policy.negative_field(req.dataset, i) {
                 Some(n) => Reject::new(
                     Reason::NegativeList,
@@ -226,11 +232,12 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         }
     };
 
-    for &name in req.filter_fields {
-        let idx = policy.field_index(req.dataset, name);
-        if idx.and_then(readable).is_none() {
-            return Err(field_reject(name, idx, "filter field"));
-        }
+    for c in req.filter {
+        let idx = policy.field_index(req.dataset, &c.field);
+        let Some((i, mask)) = idx.and_then(|i| readable(i).map(|m| (i, m))) else {
+            return Err(field_reject(&c.field, idx, "filter field"));
+        };
+        check_condition(c, &ds.fields[i], mask, &rule)?;
     }
     let fields = if req.fields.is_empty() {
         (0..ds.fields.len())
@@ -278,6 +285,56 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
             purposes: Vec::new(),
         },
     })
+}
+
+/// A filter condition must fit its field: values of the field's type (or null), `prefix` only
+/// on string fields, and no `prefix` on a masked field.
+fn check_condition(
+    c: &Condition,
+    f: &super::model::Field,
+    mask: Mask,
+    rule: &str,
+) -> Result<(), Reject> {
+    use super::model::FieldType as T;
+    let invalid =
+        |why: String| Reject::new(Reason::RequestInvalid, why).with_rule("catalogue:schema");
+    let fits = |k: Option<&Kind>| {
+        matches!(
+            (f.ty, k),
+            (_, None | Some(Kind::NullValue(_)))
+                | (T::String, Some(Kind::StringValue(_)))
+                | (T::Int64, Some(Kind::Int64Value(_)))
+                | (T::Double, Some(Kind::DoubleValue(_) | Kind::Int64Value(_)))
+                | (T::Bool, Some(Kind::BoolValue(_)))
+                | (T::Bytes, Some(Kind::BytesValue(_)))
+                | (T::Timestamp, Some(Kind::TimestampValue(_)))
+        )
+    };
+    let type_name = format!("{:?}", f.ty).to_lowercase();
+    match &c.test {
+        None => Err(invalid(format!("filter on `{}` has no test (eq, in or prefix)", f.name))),
+        Some(Test::Prefix(_)) if f.ty != T::String => Err(invalid(format!(
+            "`prefix` applies to string fields; `{}` is {type_name}",
+            f.name
+        ))),
+        Some(Test::Prefix(_)) if !mask.is_none() => Err(Reject::new(
+            Reason::FieldDenied,
+            format!(
+                "`{}` is masked for you: filter it with `eq` or `in` on a whole value, not `prefix`",
+                f.name
+            ),
+        )
+        .with_rule(rule.to_owned())),
+        Some(Test::Prefix(_)) => Ok(()),
+        Some(Test::Eq(v)) if !fits(v.kind.as_ref()) => Err(invalid(format!(
+            "filter value for `{}` must be {type_name}",
+            f.name
+        ))),
+        Some(Test::In(list)) if list.values.iter().any(|v| !fits(v.kind.as_ref())) => Err(invalid(
+            format!("filter values for `{}` must be {type_name}", f.name),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The purposes a caller could declare on a dataset (union over its applicable grants).

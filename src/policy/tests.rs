@@ -85,6 +85,15 @@ fn decide(
     filter: &[&str],
 ) -> Result<Permit, Reject> {
     let fields: Vec<String> = fields.iter().map(|s| s.to_string()).collect();
+    let conds: Vec<crate::pb::Condition> = filter
+        .iter()
+        .map(|f| crate::pb::Condition {
+            field: f.to_string(),
+            test: Some(crate::pb::condition::Test::Eq(crate::pb::Value::string(
+                "x",
+            ))),
+        })
+        .collect();
     evaluate(
         p,
         Caller {
@@ -95,7 +104,7 @@ fn decide(
         Request {
             dataset,
             fields: &fields,
-            filter_fields: filter,
+            filter: &conds,
             purpose,
         },
     )
@@ -239,7 +248,7 @@ fn denials_name_their_reason_and_rule() {
             &["shoe"],
             &[],
             Reason::FieldUnknown,
-            None,
+            Some("catalogue:schema"),
         ),
         (
             "ca",
@@ -249,7 +258,7 @@ fn denials_name_their_reason_and_rule() {
             &[],
             &["shoe"],
             Reason::FieldUnknown,
-            None,
+            Some("catalogue:schema"),
         ),
         (
             "ca",
@@ -403,7 +412,7 @@ fn token_purposes_narrow_what_a_grant_allows() {
     let ask = |purpose| Request {
         dataset: "people",
         fields: &[],
-        filter_fields: &[],
+        filter: &[],
         purpose,
     };
     assert!(evaluate(&p, caller, ask("pension")).is_ok());
@@ -489,4 +498,64 @@ fn version_is_the_content_hash() {
     let b = Policy::from_yaml(format!("{POLICY}\n# comment\n").as_bytes()).unwrap();
     assert!(a.version.starts_with("sha256:") && a.version.len() == 7 + 16);
     assert_ne!(a.version, b.version);
+}
+
+#[test]
+fn filters_must_fit_the_field_and_not_probe_masked_values() {
+    use crate::pb::{Condition, Value, ValueList, condition::Test};
+    let p = policy();
+    let run = |field: &str, test: Test| {
+        let conds = vec![Condition {
+            field: field.into(),
+            test: Some(test),
+        }];
+        evaluate(
+            &p,
+            Caller {
+                dept: "ca",
+                system: "s",
+                token_purposes: None,
+            },
+            Request {
+                dataset: "people",
+                fields: &[],
+                filter: &conds,
+                purpose: "subsidy",
+            },
+        )
+    };
+    // Exact lookups on a masked field are the point of the service.
+    assert!(run("id", Test::Eq(Value::string("330106199001011234"))).is_ok());
+    assert!(
+        run(
+            "id",
+            Test::In(ValueList {
+                values: vec![Value::string("a"), Value::null()]
+            })
+        )
+        .is_ok()
+    );
+    // A prefix on a masked field would reveal it character by character.
+    let r = run("id", Test::Prefix("3301061990".into())).unwrap_err();
+    assert_eq!(
+        (r.reason, r.rule.as_deref()),
+        (Reason::FieldDenied, Some("grant:g-ca"))
+    );
+    assert!(run("name", Test::Prefix("王".into())).is_ok());
+    // Values must fit the field's type.
+    let r = run("name", Test::Eq(Value::int64(7))).unwrap_err();
+    assert_eq!(
+        (r.reason, r.rule.as_deref()),
+        (Reason::RequestInvalid, Some("catalogue:schema"))
+    );
+    let r = run(
+        "name",
+        Test::In(ValueList {
+            values: vec![Value::string("a"), Value::int64(1)],
+        }),
+    )
+    .unwrap_err();
+    assert_eq!(r.reason, Reason::RequestInvalid);
+    // Exact lookups on a redacted field are allowed too (the value never comes back).
+    assert!(run("note", Test::Eq(Value::string("x"))).is_ok());
 }

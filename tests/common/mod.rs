@@ -185,7 +185,16 @@ pub fn req<T>(body: T, token: &str) -> tonic::Request<T> {
 
 pub fn query(dataset: &str, purpose: &str, conds: &[&str], page_size: u32) -> pb::QueryRequest {
     let conds: Vec<String> = conds.iter().map(|s| s.to_string()).collect();
-    client::query_request(dataset, &[], &conds, purpose, page_size, "").unwrap()
+    client::query_request(
+        dataset,
+        &[],
+        &conds,
+        purpose,
+        page_size,
+        "",
+        &HashMap::new(),
+    )
+    .unwrap()
 }
 
 /// Assert a status's code and `ErrorInfo.reason`.
