@@ -18,12 +18,21 @@ pub struct Config {
     /// gRPC listen address (mTLS).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Admin HTTP endpoint (policy status and reload, metrics, health); absent: off.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Reload the policy when its file changes (SIGHUP and the admin endpoint always work).
+    #[serde(default = "yes")]
+    pub watch_policy: bool,
     /// SPIFFE trust domain of consumer identities.
     pub trust_domain: String,
     pub tls: ServerTls,
     pub jwt: Jwt,
     /// Policy file (YAML) of the data-sharing model.
     pub policy: PathBuf,
+    /// Secret file with the bureau's pseudonym key (for `hash` masks; at least 32 bytes).
+    #[serde(default)]
+    pub pseudonym_key_file: Option<PathBuf>,
     pub audit: Audit,
     pub upstream: Upstream,
     #[serde(default)]
@@ -37,6 +46,10 @@ pub struct Config {
     pub shutdown: Shutdown,
     #[serde(default)]
     pub runtime: Runtime,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_listen() -> SocketAddr {
@@ -233,6 +246,9 @@ impl Config {
         fix(&mut self.tls.client_ca);
         fix(&mut self.jwt.jwks);
         fix(&mut self.policy);
+        if let Some(p) = &mut self.pseudonym_key_file {
+            fix(p);
+        }
         fix(&mut self.audit.dir);
         fix(&mut self.upstream.ca);
         fix(&mut self.upstream.cert);
@@ -252,7 +268,11 @@ impl Config {
             ("upstream.cert", &self.upstream.cert),
             ("upstream.key", &self.upstream.key),
         ];
-        for (name, p) in files {
+        for (name, p) in files.into_iter().chain(
+            self.pseudonym_key_file
+                .iter()
+                .map(|p| ("pseudonym_key_file", p)),
+        ) {
             if let Err(e) = std::fs::metadata(p) {
                 errs.push(format!("{name}: {}: {e}", p.display()));
             }
@@ -311,6 +331,8 @@ impl Config {
     pub fn demo(certs: &Path, policy: PathBuf, listen: SocketAddr, audit_dir: PathBuf) -> Config {
         Config {
             listen,
+            admin_listen: None,
+            watch_policy: true,
             trust_domain: crate::devpki::TRUST_DOMAIN.into(),
             tls: ServerTls {
                 cert: certs.join("gateway.pem"),
@@ -326,6 +348,7 @@ impl Config {
                 cache_capacity: default_token_cache(),
             },
             policy,
+            pseudonym_key_file: Some(certs.join("pseudonym.key")),
             audit: Audit {
                 dir: audit_dir,
                 queue_capacity: default_audit_queue(),

@@ -215,6 +215,14 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
         put(&format!("{dept}.key"), &k)?;
     }
 
+    put(
+        "pseudonym.key",
+        &format!(
+            "{:032x}{:032x}\n",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        ),
+    )?;
     let (signing_pem, jwks) = jwt_keypair(KID)?;
     put("jwt-signing.key", &signing_pem)?;
     put("jwks.json", &jwks)?;
@@ -231,7 +239,8 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
          | `provider-<id>.pem/.key` | sample providers' server certificates |\n\
          | `<dept>.pem/.key` | consumer system certificates, SAN URI `spiffe://zj.gov.example/dept/<dept>/sys/<system>` |\n\
          | `jwt-signing.key` | ES256 key that signs dev tokens (`xgate token`) |\n\
-         | `jwks.json` | the matching JWKS the gateway verifies against |\n",
+         | `jwks.json` | the matching JWKS the gateway verifies against |\n\
+         | `pseudonym.key` | the bureau's key for `hash` masks (keyed pseudonyms) |\n",
     )?;
     Ok(written)
 }

@@ -82,6 +82,12 @@ reasons! {
     NegativeList => PermissionDenied, "NEGATIVE_LIST";
     /// A conditional dataset (or a sensitive field) without a grant for this caller.
     GrantMissing => PermissionDenied, "GRANT_MISSING";
+    /// The grant that would allow the call has expired.
+    GrantExpired => PermissionDenied, "GRANT_EXPIRED";
+    /// The grant that would allow the call is not valid yet.
+    GrantNotYetValid => PermissionDenied, "GRANT_NOT_YET_VALID";
+    /// The filter asks for rows outside the grant's row scope.
+    RowScopeViolation => PermissionDenied, "ROW_SCOPE_VIOLATION";
     /// The call declared no purpose.
     PurposeMissing => InvalidArgument, "PURPOSE_MISSING";
     /// The declared purpose is not one the grant allows.

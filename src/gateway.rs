@@ -32,7 +32,7 @@ use crate::{
     error::{Reason, Reject},
     identity::{Peer, SystemId},
     pb::{self, QueryRequest, QueryResponse},
-    policy::{self, Caller, Mask, Permit, Policy},
+    policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
     ratelimit::RateLimits,
     token::{Claims, TokenVerifier},
     upstream::{self, Upstreams},
@@ -57,6 +57,17 @@ pub struct Gateway {
     inner: Arc<Inner>,
 }
 
+/// A handle that does not keep the gateway (and its audit channel) alive: for the reloader
+/// and the admin endpoint, which must not delay the audit trail's final flush.
+#[derive(Clone, Debug)]
+pub struct WeakGateway(std::sync::Weak<Inner>);
+
+impl WeakGateway {
+    pub fn upgrade(&self) -> Option<Gateway> {
+        self.0.upgrade().map(|inner| Gateway { inner })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     snapshot: ArcSwap<Snapshot>,
@@ -64,11 +75,28 @@ struct Inner {
     audit: AuditLog,
     limits: Limits,
     max_timeout: Duration,
+    mask_key: MaskKey,
     /// Set when the drain timeout ran out: calls still waiting on providers end now.
     cut: tokio::sync::watch::Sender<bool>,
+    /// Bumped on every policy swap, so open streams re-check at once.
+    policy_changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// An admitted stream: the provider's stream plus what is needed to re-decide it.
+struct OpenStream {
+    upstream: tonic::Streaming<QueryResponse>,
+    permit: Permit,
+    /// The policy version `permit` was decided under.
+    version: String,
+    provider: String,
+    caller_deadline: Option<Duration>,
+    who: Authenticated,
+    /// The request as the caller sent it (before the gateway narrowed it).
+    asked: QueryRequest,
 }
 
 /// A caller that passed authentication.
+#[derive(Clone)]
 struct Authenticated {
     system: SystemId,
     claims: Arc<Claims>,
@@ -87,6 +115,7 @@ impl Gateway {
         audit: AuditLog,
         limits: Limits,
         max_timeout: Duration,
+        mask_key: MaskKey,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -95,7 +124,9 @@ impl Gateway {
                 audit,
                 limits,
                 max_timeout,
+                mask_key,
                 cut: tokio::sync::watch::Sender::new(false),
+                policy_changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -120,6 +151,23 @@ impl Gateway {
                 "the gateway is shutting down; retry (another replica will answer)",
             )),
         }
+    }
+
+    /// Install a new policy snapshot. Atomic: every call is decided wholly under the old or
+    /// the new one; calls in flight keep the snapshot they started with, except open streams,
+    /// which re-check each batch against the newest.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.inner.snapshot.store(Arc::new(snapshot));
+        self.inner.policy_changes.send_modify(|v| *v += 1);
+    }
+
+    pub fn downgrade(&self) -> WeakGateway {
+        WeakGateway(Arc::downgrade(&self.inner))
+    }
+
+    /// Whether the audit trail still takes records.
+    pub fn audit_open(&self) -> bool {
+        self.inner.audit.is_open()
     }
 
     /// The policy snapshot calls are decided under now.
@@ -247,15 +295,26 @@ impl Gateway {
                 .map(|f| f.conditions.as_slice())
                 .unwrap_or_default(),
             purpose: &req.purpose,
+            now: Some(now_unix()),
         };
         let permit = policy::evaluate(&snap.policy, caller, ask)?;
+        if let Some(scope) = &permit.scope {
+            let conds = &mut req.filter.get_or_insert_with(Default::default).conditions;
+            policy::scope::narrow(conds, scope, &permit.rule)?;
+        }
         let rec = call.pending.rec();
         rec.decision = "allow";
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
         snap.limits.check(&who.system.dept, &req.dataset, &permit)?;
-        // What the provider is asked for: exactly the permitted columns.
+        // What the provider is asked for: exactly the permitted columns (plus the region
+        // column when a row scope must be checked on the way back; it is stripped again).
         req.fields = permit.fields.iter().map(|f| f.name.clone()).collect();
+        if let Some(scope) = &permit.scope
+            && !req.fields.contains(&scope.field)
+        {
+            req.fields.push(scope.field.clone());
+        }
         req.page_size = match req.page_size {
             0 => self.inner.limits.default_page_size,
             n => n.min(self.inner.limits.max_page_size),
@@ -328,7 +387,7 @@ impl Gateway {
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
         };
-        let shaped = shape(resp, &permit, &provider)?;
+        let shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
         record_rows(call.pending.rec(), &shaped);
         Ok(shaped.response)
     }
@@ -337,15 +396,7 @@ impl Gateway {
         &self,
         call: &mut Call,
         req: Request<QueryRequest>,
-    ) -> Result<
-        (
-            tonic::Streaming<QueryResponse>,
-            Permit,
-            String,
-            Option<Duration>,
-        ),
-        Reject,
-    > {
+    ) -> Result<OpenStream, Reject> {
         let who = self.authenticate(call, &req)?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
@@ -353,6 +404,7 @@ impl Gateway {
         // batch must arrive within the configured maximum.
         let caller_deadline = caller_deadline(&req);
         let mut body = req.into_inner();
+        let asked = body.clone();
         let permit = self.admit(call, &who, &snap, &mut body)?;
         let provider = provider_of(&snap, &body.dataset)?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
@@ -370,22 +422,66 @@ impl Gateway {
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
         };
-        Ok((stream, permit, provider, caller_deadline))
+        Ok(OpenStream {
+            upstream: stream,
+            permit,
+            version: snap.policy.version.clone(),
+            provider,
+            caller_deadline,
+            who,
+            asked,
+        })
+    }
+
+    /// Re-decide an open stream under the current policy, if it changed since the last
+    /// decision: a revoked or narrowed grant applies to the very next batch.
+    fn recheck(&self, call: &mut Call, open: &mut OpenStream) -> Result<(), Reject> {
+        let snap = self.snapshot();
+        if snap.policy.version == open.version {
+            return Ok(());
+        }
+        let a = &open.asked;
+        let caller = Caller {
+            dept: &open.who.system.dept,
+            system: &open.who.system.system,
+            token_purposes: open.who.claims.purposes.as_deref(),
+        };
+        let ask = policy::Request {
+            dataset: &a.dataset,
+            fields: &a.fields,
+            filter: a
+                .filter
+                .as_ref()
+                .map(|f| f.conditions.as_slice())
+                .unwrap_or_default(),
+            purpose: &a.purpose,
+            now: Some(now_unix()),
+        };
+        let rec = call.pending.rec();
+        rec.policy_version = snap.policy.version.clone();
+        open.version = snap.policy.version.clone();
+        let permit = policy::evaluate(&snap.policy, caller, ask).inspect_err(|r| {
+            tracing::info!(trace_id = %call.trace_id, reason = %r.reason, "policy change ends an open stream");
+        })?;
+        rec.rule = Some(permit.rule.clone());
+        open.permit = permit;
+        Ok(())
     }
 
     /// Relay a provider stream batch by batch, shaping each; commit the record at the end.
     async fn relay(
         self,
         mut call: Call,
-        mut upstream: tonic::Streaming<QueryResponse>,
-        permit: Permit,
-        provider: String,
-        caller_deadline: Option<Duration>,
+        mut open: OpenStream,
         tx: mpsc::Sender<Result<QueryResponse, Status>>,
     ) {
         let idle = self.inner.max_timeout;
-        let end = caller_deadline.map(|d| tokio::time::Instant::now() + d);
+        let end = open
+            .caller_deadline
+            .map(|d| tokio::time::Instant::now() + d);
+        let mut changes = self.inner.policy_changes.subscribe();
         let mut rows = 0u64;
+        let provider = open.provider.clone();
         let outcome: Result<(), Reject> = loop {
             let wait = match end {
                 Some(e) => e
@@ -394,9 +490,14 @@ impl Gateway {
                 None => idle,
             };
             let next = tokio::select! {
-                n = self.bounded(wait, upstream.message()) => n,
+                n = self.bounded(wait, open.upstream.message()) => n,
                 // The caller went away while we waited for the provider.
                 _ = tx.closed() => return,
+                // The policy changed while we waited: re-decide now, not at the next batch.
+                _ = changes.changed() => match self.recheck(&mut call, &mut open) {
+                    Ok(()) => continue,
+                    Err(r) => break Err(r),
+                },
             };
             let batch = match next {
                 Err(r) => break Err(r),
@@ -405,7 +506,11 @@ impl Gateway {
                 Ok(Ok(Ok(None))) => break Ok(()),
                 Ok(Ok(Ok(Some(b)))) => b,
             };
-            let shaped = match shape(batch, &permit, &provider) {
+            if let Err(r) = self.recheck(&mut call, &mut open) {
+                break Err(r);
+            }
+            let permit = &open.permit;
+            let shaped = match shape(batch, permit, &self.inner.mask_key, &provider) {
                 Ok(s) => s,
                 Err(r) => break Err(r),
             };
@@ -526,6 +631,7 @@ fn describe_access(
         fields: &[],
         filter: &[],
         purpose: &purpose,
+        now: Some(now_unix()),
     };
     match policy::evaluate(p, caller, ask) {
         Ok(permit) => pb::Access {
@@ -565,6 +671,10 @@ fn describe_access(
             ..pb::Access::default()
         },
     }
+}
+
+fn now_unix() -> i64 {
+    i64::try_from(crate::token::now_secs()).unwrap_or(i64::MAX)
 }
 
 /// The caller's `grpc-timeout`, less headroom (a tenth, at most 50 ms) for the answer to
@@ -639,7 +749,12 @@ struct Shaped {
 }
 
 /// Stage `shape`: keep only permitted columns, in the permit's order, and apply masks.
-fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped, Reject> {
+fn shape(
+    resp: QueryResponse,
+    permit: &Permit,
+    key: &MaskKey,
+    provider: &str,
+) -> Result<Shaped, Reject> {
     let QueryResponse {
         columns,
         rows,
@@ -654,7 +769,7 @@ fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped,
     for f in &permit.fields {
         if let Some(i) = columns.iter().position(|c| c.name == f.name) {
             let mut col = columns[i].clone();
-            if let Mask::Keep { .. } = f.mask {
+            if let Mask::Keep { .. } | Mask::Hash = f.mask {
                 col.r#type = pb::FieldType::String as i32;
             }
             plan.push((i, f.mask));
@@ -666,7 +781,24 @@ fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped,
         }
     }
     let width = columns.len();
+    // Row scope: the region column must be there to check every row against the scope.
+    let scope = match &permit.scope {
+        None => None,
+        Some(sc) => match columns.iter().position(|c| c.name == sc.field) {
+            Some(i) => Some((i, sc)),
+            None => {
+                tracing::warn!(%provider, field = %sc.field, "provider omitted the region field needed for a row scope");
+                return Err(Reject::new(
+                    Reason::ProviderResponseInvalid,
+                    format!(
+                        "the provider `{provider}` returned a malformed response; the operators have been told"
+                    ),
+                ));
+            }
+        },
+    };
     let mut out_rows = Vec::with_capacity(rows.len());
+    let mut dropped = 0usize;
     for (r, mut row) in rows.into_iter().enumerate() {
         if row.values.len() != width {
             tracing::warn!(%provider, row = r, got = row.values.len(), want = width, "provider row width mismatch");
@@ -677,15 +809,25 @@ fn shape(resp: QueryResponse, permit: &Permit, provider: &str) -> Result<Shaped,
                 ),
             ));
         }
+        if let Some((i, sc)) = scope
+            && !sc.admits(&row.values[i])
+        {
+            dropped += 1;
+            continue;
+        }
         let values = plan
             .iter()
             .map(|&(i, mask)| {
                 let mut v = std::mem::take(&mut row.values[i]);
-                policy::mask::apply(mask, &mut v);
+                policy::mask::apply(mask, &mut v, key);
                 v
             })
             .collect();
         out_rows.push(pb::Row { values });
+    }
+    if dropped > 0 {
+        // The provider ignored the (narrowed) filter: worth an operator's attention.
+        tracing::warn!(%provider, dropped, scope = %permit.scope.as_ref().map(|s| s.label.as_str()).unwrap_or(""), "dropped out-of-scope rows");
     }
     Ok(Shaped {
         response: QueryResponse {
@@ -790,14 +932,10 @@ impl pb::data_exchange_server::DataExchange for Gateway {
             .instrument(span.clone())
             .await
         {
-            Ok((upstream, permit, provider, deadline)) => {
+            Ok(open) => {
                 let (tx, rx) = mpsc::channel(4);
                 let trace_id = call.trace_id.clone();
-                tokio::spawn(
-                    self.clone()
-                        .relay(call, upstream, permit, provider, deadline, tx)
-                        .instrument(span),
-                );
+                tokio::spawn(self.clone().relay(call, open, tx).instrument(span));
                 let mut resp = Response::new(ReceiverStream::new(rx));
                 if let Ok(v) = MetadataValue::try_from(trace_id.as_str()) {
                     resp.metadata_mut().insert(TRACE_ID_HEADER, v);

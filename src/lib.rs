@@ -15,6 +15,7 @@
 //!
 //! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`.
 
+pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod pb;
 pub mod policy;
 pub mod provider;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

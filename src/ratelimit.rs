@@ -8,7 +8,7 @@
 //! Not yet here (see the rate-limit issue): per-consumer and per-provider limits, daily
 //! quotas, the Redis back end shared by replicas.
 
-use std::{collections::HashMap, num::NonZeroU32, time::Duration};
+use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::{
     DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -22,8 +22,9 @@ use crate::{
 
 /// The limiters of one policy snapshot.
 pub struct RateLimits {
-    grants: HashMap<String, DefaultDirectRateLimiter>,
-    default: DefaultKeyedRateLimiter<(String, String)>,
+    /// grant id -> (its rate, its limiter). Shared with the next snapshot when unchanged.
+    grants: HashMap<String, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
+    default: (RateLimit, Arc<DefaultKeyedRateLimiter<(String, String)>>),
     clock: DefaultClock,
 }
 
@@ -45,22 +46,37 @@ pub fn quota(r: RateLimit) -> Quota {
 }
 
 impl RateLimits {
-    pub fn for_policy(policy: &Policy) -> Self {
+    /// Limiters for a policy. A grant whose id and rate are unchanged from `previous` keeps
+    /// its limiter (and so its state): a reload neither resets nor double-counts anyone.
+    pub fn for_policy(policy: &Policy, previous: Option<&RateLimits>) -> Self {
         let default_rate = policy.file.defaults.rate_limit;
         let grants = policy
             .file
             .grants
             .iter()
             .map(|g| {
-                (
-                    g.id.clone(),
-                    RateLimiter::direct(quota(g.rate_limit.unwrap_or(default_rate))),
-                )
+                let rate = g.rate_limit.unwrap_or(default_rate);
+                let limiter = previous
+                    .and_then(|p| p.grants.get(&g.id))
+                    .filter(|(r, _)| *r == rate)
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_else(|| Arc::new(RateLimiter::direct(quota(rate))));
+                (g.id.clone(), (rate, limiter))
             })
             .collect();
+        let default = previous
+            .map(|p| &p.default)
+            .filter(|(r, _)| *r == default_rate)
+            .map(|(r, l)| (*r, l.clone()))
+            .unwrap_or_else(|| {
+                (
+                    default_rate,
+                    Arc::new(RateLimiter::keyed(quota(default_rate))),
+                )
+            });
         Self {
             grants,
-            default: RateLimiter::keyed(quota(default_rate)),
+            default,
             clock: DefaultClock::default(),
         }
     }
@@ -68,9 +84,10 @@ impl RateLimits {
     /// Take one call from the permit's limiter, or say when to retry.
     pub fn check(&self, dept: &str, dataset: &str, permit: &Permit) -> Result<(), Reject> {
         let res = match permit.grant_id.as_deref().and_then(|g| self.grants.get(g)) {
-            Some(l) => l.check(),
+            Some((_, l)) => l.check(),
             None => self
                 .default
+                .1
                 .check_key(&(dept.to_owned(), dataset.to_owned())),
         };
         res.map_err(|not_until| {
@@ -91,6 +108,6 @@ impl RateLimits {
 
     /// Forget idle keys of the keyed limiter (bounded memory); call periodically.
     pub fn retain_recent(&self) {
-        self.default.retain_recent();
+        self.default.1.retain_recent();
     }
 }

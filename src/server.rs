@@ -9,12 +9,13 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Server;
 
 use crate::{
-    audit,
+    admin, audit,
     config::Config,
     gateway::{Gateway, Snapshot},
     pb,
-    policy::Policy,
+    policy::{Policy, mask::MaskKey},
     ratelimit::RateLimits,
+    reload::{self, Reloader},
     tls,
     token::{TokenSettings, TokenVerifier},
     upstream::{UpstreamTls, Upstreams},
@@ -30,6 +31,10 @@ pub struct StartError(pub Vec<String>);
 pub struct Running {
     /// The bound gRPC address (useful with port 0).
     pub addr: SocketAddr,
+    /// The bound admin address, when the admin endpoint is on.
+    pub admin_addr: Option<SocketAddr>,
+    /// Reload the policy by hand (tests, embedding).
+    pub reloader: Arc<Reloader>,
     pub policy_version: String,
     pub audit_path: std::path::PathBuf,
     shutdown: oneshot::Sender<()>,
@@ -56,10 +61,15 @@ impl Running {
     }
 }
 
-/// Load a policy and derive its snapshot (limiters, provider channels).
-pub fn snapshot(policy: Policy, up: &UpstreamTls) -> Result<Snapshot, String> {
-    let limits = RateLimits::for_policy(&policy);
-    let upstreams = Upstreams::for_policy(&policy, up)?;
+/// Derive a policy's snapshot (limiters, provider channels), reusing what `previous` had
+/// for unchanged grants and providers.
+pub fn snapshot(
+    policy: Policy,
+    up: &UpstreamTls,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, String> {
+    let limits = RateLimits::for_policy(&policy, previous.map(|p| &p.limits));
+    let upstreams = Upstreams::for_policy(&policy, up, previous.map(|p| &p.upstreams))?;
     Ok(Snapshot {
         policy,
         limits,
@@ -71,6 +81,8 @@ pub fn snapshot(policy: Policy, up: &UpstreamTls) -> Result<Snapshot, String> {
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     // Idempotent: tests and the binary may both call this.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // The metrics recorder must exist before anything counts.
+    let _ = admin::metrics_handle();
     let mut errs = Vec::new();
     if let Err(e) = cfg.validate() {
         errs.extend(e);
@@ -106,11 +118,26 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     )
     .map_err(|e| errs.push(format!("upstream: {e}")))
     .ok();
+    let mask_key = match &cfg.pseudonym_key_file {
+        None => MaskKey::none(),
+        Some(p) => MaskKey::load(p).unwrap_or_else(|e| {
+            errs.push(format!("pseudonym_key_file: {e}"));
+            MaskKey::none()
+        }),
+    };
+    if policy.as_ref().is_some_and(|p| p.uses_hash_mask()) && !mask_key.is_set() {
+        errs.push(
+            "the policy uses `hash` masks: set `pseudonym_key_file` to the bureau's key".into(),
+        );
+    }
     let (Some(server_tls), Some(tokens), Some(policy), Some(up)) = (server_tls, tokens, policy, up)
     else {
         return Err(StartError(errs));
     };
-    let snap = snapshot(policy, &up).map_err(|e| StartError(vec![e]))?;
+    if !errs.is_empty() {
+        return Err(StartError(errs));
+    }
+    let snap = snapshot(policy, &up, None).map_err(|e| StartError(vec![e]))?;
     let policy_version = snap.policy.version.clone();
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -129,7 +156,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         audit_log,
         cfg.limits.clone(),
         Duration::from_millis(cfg.upstream.max_timeout_ms),
+        mask_key.clone(),
     );
+    let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
     let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())
         .max_decoding_message_size(max_msg)
@@ -149,6 +178,40 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         })
     };
     let cutter = gateway.clone();
+    // Live policy changes: file watch, SIGHUP, admin endpoint.
+    let reloader = Arc::new(Reloader::new(
+        &cfg.policy,
+        gateway.clone(),
+        up,
+        &mask_key_for_reload,
+    ));
+    let watcher = if cfg.watch_policy {
+        Some(reload::watch_file(reloader.clone()).map_err(|e| StartError(vec![e]))?)
+    } else {
+        None
+    };
+    #[cfg(unix)]
+    let sighup = reload::on_sighup(reloader.clone()).ok();
+    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
+    let admin_addr = match cfg.admin_listen {
+        None => None,
+        Some(a) => {
+            let (l, bound) = admin::bind(a)
+                .await
+                .map_err(|e| StartError(vec![format!("admin_listen {a}: {e}")]))?;
+            let (r, g) = (reloader.clone(), gateway.clone());
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = admin_stop_rx.await;
+                };
+                if let Err(e) = admin::serve(l, r, g, stop).await {
+                    tracing::error!(error = %e, "admin endpoint stopped");
+                }
+            });
+            tracing::info!(addr = %bound, "admin endpoint listening");
+            Some(bound)
+        }
+    };
     drop(gateway);
 
     let incoming = tls::incoming(
@@ -193,6 +256,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             },
         };
         drop(cutter);
+        let _ = admin_stop_tx.send(());
+        drop(watcher);
+        #[cfg(unix)]
+        if let Some(h) = sighup {
+            h.abort();
+        }
         // Dropping the server drops its services, and with them the audit senders.
         drop(serve);
         sweeper.abort();
@@ -207,6 +276,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     tracing::info!(%addr, %policy_version, "xgate listening");
     Ok(Running {
         addr,
+        admin_addr,
+        reloader,
         policy_version,
         audit_path,
         shutdown: stop_tx,

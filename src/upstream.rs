@@ -51,17 +51,34 @@ impl UpstreamTls {
     }
 }
 
+/// What a provider's channel depends on: (endpoint, TLS name).
+type ChannelKey = (String, Option<String>);
+
 /// Clients for every provider of one policy snapshot.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    clients: HashMap<String, DataExchangeClient<Channel>>,
+    /// provider id -> ((endpoint, tls name), client)
+    clients: HashMap<String, (ChannelKey, DataExchangeClient<Channel>)>,
 }
 
 impl Upstreams {
-    /// Build (lazily connecting) channels for every provider in the policy.
-    pub fn for_policy(policy: &Policy, tls: &UpstreamTls) -> Result<Self, String> {
+    /// Build (lazily connecting) channels for every provider in the policy. A provider whose
+    /// endpoint and TLS name are unchanged from `previous` keeps its channel (and connections).
+    pub fn for_policy(
+        policy: &Policy,
+        tls: &UpstreamTls,
+        previous: Option<&Upstreams>,
+    ) -> Result<Self, String> {
         let mut clients = HashMap::new();
         for p in &policy.file.providers {
+            let key = (p.endpoint.clone(), p.tls_name.clone());
+            if let Some((_, c)) = previous
+                .and_then(|prev| prev.clients.get(&p.id))
+                .filter(|(k, _)| *k == key)
+            {
+                clients.insert(p.id.clone(), (key, c.clone()));
+                continue;
+            }
             let uri: http::Uri = p
                 .endpoint
                 .parse()
@@ -86,13 +103,13 @@ impl Upstreams {
             let client = DataExchangeClient::new(channel)
                 .max_decoding_message_size(tls.max_message_bytes)
                 .max_encoding_message_size(tls.max_message_bytes);
-            clients.insert(p.id.clone(), client);
+            clients.insert(p.id.clone(), (key, client));
         }
         Ok(Self { clients })
     }
 
     pub fn client(&self, provider: &str) -> Option<DataExchangeClient<Channel>> {
-        self.clients.get(provider).cloned()
+        self.clients.get(provider).map(|(_, c)| c.clone())
     }
 }
 

@@ -17,7 +17,8 @@
 
 use super::{
     Policy,
-    model::{Grant, Mask, RateLimit, Sensitivity, ShareType},
+    model::{Grant, Mask, RateLimit, RowScope, Sensitivity, ShareType},
+    scope::Scope,
 };
 use crate::{
     error::{Reason, Reject},
@@ -42,6 +43,9 @@ pub struct Request<'a> {
     /// The request's filter conditions (AND-ed).
     pub filter: &'a [Condition],
     pub purpose: &'a str,
+    /// Now, in seconds since the Unix epoch, for grant validity windows. `None` ignores the
+    /// windows (used by `policy diff`, which compares windows separately).
+    pub now: Option<i64>,
 }
 
 /// The caller may proceed, receiving exactly these fields with these masks.
@@ -57,6 +61,8 @@ pub struct Permit {
     pub rate_limit: RateLimit,
     /// Purposes the rule allows (empty: any declared purpose).
     pub purposes: Vec<String>,
+    /// Which rows the caller may receive; `None`: every row.
+    pub scope: Option<Scope>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,43 +145,62 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         .with_rule("token:purposes"));
     }
 
-    let mut applicable = policy
-        .grants_for(req.dataset, caller.dept)
-        .filter(|g| g.system.as_deref().is_none_or(|s| s == caller.system))
-        .peekable();
-    let has_grant = applicable.peek().is_some();
-    let mut granted_purposes: Vec<&str> = Vec::new();
+    // Grants of this consumer that apply to this system, system-specific first; the first
+    // that lists the purpose and is valid now decides.
+    let applicable = || {
+        policy
+            .grants_for(req.dataset, caller.dept)
+            .filter(|(g, _)| g.system.as_deref().is_none_or(|s| s == caller.system))
+    };
     let mut chosen = None;
-    for g in applicable {
-        if g.purposes.iter().any(|p| p == req.purpose) {
-            chosen = Some(g);
-            break;
+    let mut out_of_window = None;
+    for (g, window) in applicable().filter(|(g, _)| g.purposes.iter().any(|p| p == req.purpose)) {
+        match req.now.map_or(Ok(()), |now| window.check(now)) {
+            Ok(()) => {
+                chosen = Some(g);
+                break;
+            }
+            Err(reason) => {
+                out_of_window.get_or_insert((g, reason));
+            }
         }
-        granted_purposes.extend(g.purposes.iter().map(String::as_str));
     }
-    let basis = match (chosen, ds.share_type) {
-        (Some(g), _) => Basis::Grant(g),
-        (None, ShareType::Unconditional) => Basis::Unconditional,
-        (None, _) if has_grant => {
+    let basis = match (chosen, ds.share_type, out_of_window) {
+        (Some(g), _, _) => Basis::Grant(g),
+        // Open data stays open to a consumer whose grant lapsed (without its sensitive fields).
+        (None, ShareType::Unconditional, _) => Basis::Unconditional,
+        (None, _, Some((g, reason))) => {
+            let when = if reason == Reason::GrantExpired {
+                "expired"
+            } else {
+                "is not valid yet"
+            };
             return Err(Reject::new(
-                Reason::PurposeNotAllowed,
+                reason,
                 format!(
-                    "purpose `{}` is not allowed on `{}`; your grant allows: {}",
-                    req.purpose,
-                    ds.id,
-                    granted_purposes.join(", ")
+                    "grant `{}` for `{}` {when}; the data bureau can renew or bring it forward",
+                    g.id, ds.id
                 ),
             )
-            .with_rule(format!(
-                "grant:{}",
-                policy
-                    .grants_for(req.dataset, caller.dept)
-                    .find(|g| g.system.as_deref().is_none_or(|s| s == caller.system))
-                    .map(|g| g.id.as_str())
-                    .unwrap_or_default()
-            )));
+            .with_rule(format!("grant:{}", g.id)));
         }
-        (None, _) => {
+        (None, _, None) => {
+            if let Some((first, _)) = applicable().next() {
+                let mut allowed: Vec<&str> = applicable()
+                    .flat_map(|(g, _)| g.purposes.iter().map(String::as_str))
+                    .collect();
+                allowed.dedup();
+                return Err(Reject::new(
+                    Reason::PurposeNotAllowed,
+                    format!(
+                        "purpose `{}` is not allowed on `{}`; your grant allows: {}",
+                        req.purpose,
+                        ds.id,
+                        allowed.join(", ")
+                    ),
+                )
+                .with_rule(format!("grant:{}", first.id)));
+            }
             return Err(Reject::new(
                 Reason::GrantMissing,
                 format!(
@@ -269,6 +294,7 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
 
     Ok(match basis {
         Basis::Grant(g) => Permit {
+            scope: row_scope(policy, ds, g, caller.dept),
             rule,
             grant_id: Some(g.id.clone()),
             approval_ref: g.approval_ref.clone(),
@@ -283,8 +309,32 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
             fields,
             rate_limit: policy.file.defaults.rate_limit,
             purposes: Vec::new(),
+            scope: None,
         },
     })
+}
+
+/// The grant's row scope, resolved against the consumer's region.
+fn row_scope(policy: &Policy, ds: &super::model::Dataset, g: &Grant, dept: &str) -> Option<Scope> {
+    let field = ds.region_field.as_deref()?;
+    match &g.row_scope {
+        RowScope::All => None,
+        RowScope::OwnRegion => {
+            let region = policy
+                .department(dept)
+                .map(|d| d.region.as_str())
+                .unwrap_or("000000");
+            Some(Scope::new(field, &[region], format!("own-region {region}")))
+        }
+        RowScope::Regions(rs) => {
+            let regions: Vec<&str> = rs.iter().map(String::as_str).collect();
+            Some(Scope::new(
+                field,
+                &regions,
+                format!("regions {}", rs.join(", ")),
+            ))
+        }
+    }
 }
 
 /// A filter condition must fit its field: values of the field's type (or null), `prefix` only
@@ -340,9 +390,9 @@ fn check_condition(
 /// The purposes a caller could declare on a dataset (union over its applicable grants).
 pub fn granted_purposes(policy: &Policy, dept: &str, system: &str, dataset: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for g in policy
+    for (g, _) in policy
         .grants_for(dataset, dept)
-        .filter(|g| g.system.as_deref().is_none_or(|s| s == system))
+        .filter(|(g, _)| g.system.as_deref().is_none_or(|s| s == system))
     {
         for p in &g.purposes {
             if !out.contains(p) {

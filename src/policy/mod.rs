@@ -9,8 +9,10 @@
 //! path of the offending entry.
 
 pub mod eval;
+pub mod locate;
 pub mod mask;
 pub mod model;
+pub mod scope;
 
 use std::{collections::HashMap, fmt, path::Path};
 
@@ -25,11 +27,35 @@ pub struct PolicyError {
     /// Where: `grants[2].fields[0]`, or `yaml` for syntax errors.
     pub path: String,
     pub message: String,
+    /// How to fix it, when there is something better to say than the message.
+    pub hint: Option<String>,
+    /// 1-based position in the file, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl PolicyError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+            line: None,
+            column: None,
+        }
+    }
 }
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, "line {l}, column {c}: ")?;
+        }
+        write!(f, "{}: {}", self.path, self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
     }
 }
 
@@ -62,6 +88,45 @@ pub struct Policy {
     grants: HashMap<String, HashMap<String, Vec<usize>>>,
     /// dataset id -> negative-list entry index for the whole dataset.
     negative_datasets: HashMap<String, usize>,
+    /// Per grant (same index as `file.grants`): its validity window.
+    windows: Vec<Window>,
+}
+
+/// A grant's validity window, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub from: Option<i64>,
+    pub until: Option<i64>,
+}
+
+impl Window {
+    /// `Ok` when valid at `now`, else the reason it is not.
+    pub fn check(&self, now: i64) -> Result<(), crate::error::Reason> {
+        if self.from.is_some_and(|f| now < f) {
+            return Err(crate::error::Reason::GrantNotYetValid);
+        }
+        if self.until.is_some_and(|u| now >= u) {
+            return Err(crate::error::Reason::GrantExpired);
+        }
+        Ok(())
+    }
+}
+
+/// Parse an RFC 3339 time, or a date meaning 00:00 China Standard Time (UTC+8) that day.
+pub fn parse_instant(s: &str) -> Result<i64, String> {
+    use time::{
+        OffsetDateTime, PrimitiveDateTime, UtcOffset, format_description::well_known::Rfc3339,
+    };
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t.unix_timestamp());
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let d = time::Date::parse(s, &fmt)
+        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a YYYY-MM-DD date"))?;
+    let cst = UtcOffset::from_hms(8, 0, 0).map_err(|e| e.to_string())?;
+    Ok(PrimitiveDateTime::new(d, time::Time::MIDNIGHT)
+        .assume_offset(cst)
+        .unix_timestamp())
 }
 
 #[derive(Debug)]
@@ -77,10 +142,10 @@ impl Policy {
     /// Read and validate a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
         let bytes = std::fs::read(path).map_err(|e| {
-            PolicyErrors(vec![PolicyError {
-                path: path.display().to_string(),
-                message: format!("cannot read policy file: {e}"),
-            }])
+            PolicyErrors(vec![PolicyError::new(
+                path.display().to_string(),
+                format!("cannot read policy file: {e}"),
+            )])
         })?;
         Policy::from_yaml(&bytes)
     }
@@ -88,24 +153,32 @@ impl Policy {
     /// Parse and validate policy YAML.
     pub fn from_yaml(bytes: &[u8]) -> Result<Policy, PolicyErrors> {
         let file: PolicyFile = serde_yaml_ng::from_slice(bytes).map_err(|e| {
-            let path = match e.location() {
-                Some(l) => format!("yaml (line {}, column {})", l.line(), l.column()),
-                None => "yaml".to_owned(),
-            };
-            PolicyErrors(vec![PolicyError {
-                path,
-                message: e.to_string(),
-            }])
+            let mut pe = PolicyError::new("yaml", e.to_string());
+            if let Some(l) = e.location() {
+                pe.line = Some(l.line());
+                pe.column = Some(l.column());
+            }
+            pe.hint = yaml_hint(&pe.message);
+            PolicyErrors(vec![pe])
         })?;
         let digest = Sha256::digest(bytes);
         let version = format!("sha256:{}", &hex::encode(digest)[..16]);
-        Policy::build(file, version)
+        Policy::build(file, version).map_err(|mut e| {
+            locate::attach(&String::from_utf8_lossy(bytes), &mut e.0);
+            e
+        })
     }
 
     /// Validate an already-parsed file.
     pub fn build(file: PolicyFile, version: String) -> Result<Policy, PolicyErrors> {
         let mut errs = Vec::new();
-        let mut err = |path: String, message: String| errs.push(PolicyError { path, message });
+        let mut err = |path: String, message: String| {
+            let hint = hint_for(&message, &file);
+            errs.push(PolicyError {
+                hint,
+                ..PolicyError::new(path, message)
+            })
+        };
 
         let mut departments = HashMap::new();
         for (i, d) in file.departments.iter().enumerate() {
@@ -147,6 +220,20 @@ impl Policy {
                     format!("`{}` is not an https://host:port URL", p.endpoint),
                 ),
             }
+            if let Some(r) = p.max_rate
+                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+            {
+                err(
+                    format!("providers[{i}].max_rate"),
+                    "per_second and burst must be positive".into(),
+                );
+            }
+            if p.max_in_flight == Some(0) {
+                err(
+                    format!("providers[{i}].max_in_flight"),
+                    "must be at least 1".into(),
+                );
+            }
         }
 
         let mut datasets = HashMap::new();
@@ -180,6 +267,19 @@ impl Policy {
                     format!("datasets[{i}].subject_key"),
                     format!("`{}` is not a field of dataset `{}`", ds.subject_key, ds.id),
                 );
+            }
+            if let Some(rf) = &ds.region_field {
+                match fields.get(rf).map(|&j| ds.fields[j].ty) {
+                    Some(model::FieldType::String) => {}
+                    Some(_) => err(
+                        format!("datasets[{i}].region_field"),
+                        format!("`{rf}` must be a string field holding 6-digit region codes"),
+                    ),
+                    None => err(
+                        format!("datasets[{i}].region_field"),
+                        format!("`{rf}` is not a field of dataset `{}`", ds.id),
+                    ),
+                }
             }
             if !departments.contains_key(&ds.owner) {
                 err(
@@ -237,8 +337,43 @@ impl Policy {
 
         let mut grants: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         let mut grant_ids = HashMap::new();
+        let mut windows = Vec::with_capacity(file.grants.len());
         for (i, g) in file.grants.iter().enumerate() {
             let at = |k: &str| format!("grants[{i}].{k}");
+            let mut instant = |k: &str, v: &Option<String>| match v.as_deref().map(parse_instant) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    err(at(k), e);
+                    None
+                }
+            };
+            let window = Window {
+                from: instant("valid_from", &g.valid_from),
+                until: instant("expires", &g.expires),
+            };
+            if let (Some(f), Some(u)) = (window.from, window.until)
+                && u <= f
+            {
+                err(
+                    at("expires"),
+                    "a grant must expire after it becomes valid".into(),
+                );
+            }
+            windows.push(window);
+            if let model::RowScope::Regions(rs) = &g.row_scope {
+                if rs.is_empty() {
+                    err(at("row_scope"), "list at least one region".into());
+                }
+                for (j, r) in rs.iter().enumerate() {
+                    if !is_region_code(r) {
+                        err(
+                            format!("grants[{i}].row_scope.regions[{j}]"),
+                            format!("`{r}` is not a 6-digit administrative division code"),
+                        );
+                    }
+                }
+            }
             if grant_ids.insert(g.id.clone(), i).is_some() {
                 err(at("id"), format!("duplicate grant id `{}`", g.id));
             }
@@ -335,7 +470,23 @@ impl Policy {
             providers,
             grants,
             negative_datasets,
+            windows,
         })
+    }
+
+    /// Whether any field or grant uses the keyed-hash mask (which needs the bureau's key).
+    pub fn uses_hash_mask(&self) -> bool {
+        self.file
+            .datasets
+            .iter()
+            .flat_map(|d| d.fields.iter().map(|f| f.mask))
+            .chain(
+                self.file
+                    .grants
+                    .iter()
+                    .flat_map(|g| g.masks.values().copied()),
+            )
+            .any(|m| m == Mask::Hash)
     }
 
     pub fn department(&self, id: &str) -> Option<&model::Department> {
@@ -369,19 +520,99 @@ impl Policy {
             .and_then(|&n| self.file.negative_list.get(n))
     }
 
-    /// Grants of `consumer` on `dataset`, system-specific first.
+    /// Grants of `consumer` on `dataset`, system-specific first, with their windows.
     pub(crate) fn grants_for<'a>(
         &'a self,
         dataset: &str,
         consumer: &str,
-    ) -> impl Iterator<Item = &'a model::Grant> + 'a {
+    ) -> impl Iterator<Item = (&'a model::Grant, Window)> + 'a {
         self.grants
             .get(dataset)
             .and_then(|m| m.get(consumer))
             .into_iter()
             .flatten()
-            .map(|&i| &self.file.grants[i])
+            .map(|&i| (&self.file.grants[i], self.windows[i]))
     }
+}
+
+/// A fix hint for common mistakes: the closest known id for an unknown reference.
+fn hint_for(message: &str, file: &PolicyFile) -> Option<String> {
+    let unknown = |what: &str| -> Option<String> {
+        let rest = message.strip_prefix(&format!("unknown {what} `"))?;
+        Some(rest.split('`').next()?.to_owned())
+    };
+    let suggest = |bad: &str, known: Vec<&str>, where_: &str| -> String {
+        match known.iter().min_by_key(|k| edit_distance(bad, k)) {
+            Some(k) if edit_distance(bad, k) <= bad.len().max(3) / 3 + 1 => {
+                format!("did you mean `{k}`?")
+            }
+            _ => format!(
+                "add it under `{where_}:` or use one of: {}",
+                known.join(", ")
+            ),
+        }
+    };
+    if let Some(bad) = unknown("department") {
+        return Some(suggest(
+            &bad,
+            file.departments.iter().map(|d| d.id.as_str()).collect(),
+            "departments",
+        ));
+    }
+    if let Some(bad) = unknown("dataset") {
+        return Some(suggest(
+            &bad,
+            file.datasets.iter().map(|d| d.id.as_str()).collect(),
+            "datasets",
+        ));
+    }
+    if let Some(bad) = unknown("provider") {
+        return Some(suggest(
+            &bad,
+            file.providers.iter().map(|d| d.id.as_str()).collect(),
+            "providers",
+        ));
+    }
+    if message.contains("on the negative list") {
+        return Some(
+            "remove it from the grant, or (with the owner's consent) from the negative list".into(),
+        );
+    }
+    if message.contains("6-digit administrative division code") {
+        return Some(
+            "region codes are 6 digits, e.g. 330000 (province), 330100 (city), 330106 (county)"
+                .into(),
+        );
+    }
+    None
+}
+
+fn yaml_hint(message: &str) -> Option<String> {
+    if message.contains("unknown field") {
+        return Some(
+            "check the key's spelling against docs/policy.md; unknown keys are refused".into(),
+        );
+    }
+    if message.contains("missing field") {
+        return Some("this entry needs that key; see docs/policy.md".into());
+    }
+    None
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 fn is_region_code(s: &str) -> bool {

@@ -75,6 +75,12 @@ pub struct Provider {
     /// Name to verify in the provider's certificate; defaults to the endpoint's host.
     #[serde(default)]
     pub tls_name: Option<String>,
+    /// Provider protection: the most calls per second the gateway sends it, whoever calls.
+    #[serde(default)]
+    pub max_rate: Option<RateLimit>,
+    /// Provider protection: the most calls in flight to it at once.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -115,6 +121,9 @@ pub enum Mask {
     None,
     /// Keep the first and last characters, replace the rest with `*`.
     Keep { first: u16, last: u16 },
+    /// A keyed-hash pseudonym (HMAC-SHA256 with the bureau's key): stable across calls and
+    /// consumers, not reversible without the key.
+    Hash,
     /// Replaced by null.
     Redact,
 }
@@ -143,8 +152,9 @@ impl TryFrom<MaskRepr> for Mask {
         match r {
             MaskRepr::Word(w) if w == "none" => Ok(Mask::None),
             MaskRepr::Word(w) if w == "redact" => Ok(Mask::Redact),
+            MaskRepr::Word(w) if w == "hash" => Ok(Mask::Hash),
             MaskRepr::Word(w) => Err(format!(
-                "unknown mask `{w}`: use `none`, `redact` or `{{ keep: {{ first: N, last: M }} }}`"
+                "unknown mask `{w}`: use `none`, `hash`, `redact` or `{{ keep: {{ first: N, last: M }} }}`"
             )),
             MaskRepr::Keep { keep } => Ok(Mask::Keep {
                 first: keep.first,
@@ -159,6 +169,7 @@ impl From<Mask> for MaskRepr {
         match m {
             Mask::None => MaskRepr::Word("none".into()),
             Mask::Redact => MaskRepr::Word("redact".into()),
+            Mask::Hash => MaskRepr::Word("hash".into()),
             Mask::Keep { first, last } => MaskRepr::Keep {
                 keep: KeepRepr { first, last },
             },
@@ -178,7 +189,18 @@ impl Mask {
             Mask::Keep { first, last } => {
                 format!("keep first {first} and last {last} characters")
             }
+            Mask::Hash => "keyed-hash pseudonym".into(),
             Mask::Redact => "redacted".into(),
+        }
+    }
+
+    /// How much a mask hides: clear < keep < hash < redact. A lower value reveals more.
+    pub fn strength(&self) -> u8 {
+        match self {
+            Mask::None => 0,
+            Mask::Keep { .. } => 1,
+            Mask::Hash => 2,
+            Mask::Redact => 3,
         }
     }
 }
@@ -215,6 +237,9 @@ pub struct Dataset {
     pub share_type: ShareType,
     /// The field identifying the person or company a row is about.
     pub subject_key: String,
+    /// The field holding each row's 6-digit region code; needed by grants with a row scope.
+    #[serde(default)]
+    pub region_field: Option<String>,
     pub fields: Vec<Field>,
 }
 
@@ -248,9 +273,65 @@ pub struct Grant {
     pub masks: BTreeMap<String, Mask>,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Which rows the consumer may receive (default `all`).
+    #[serde(default)]
+    pub row_scope: RowScope,
+    /// Not valid before: RFC 3339 time, or a date (`2026-01-01`, 00:00 China Standard Time).
+    #[serde(default)]
+    pub valid_from: Option<String>,
+    /// Not valid from this instant on (same formats).
+    #[serde(default)]
+    pub expires: Option<String>,
     /// Reference of the approval document.
     #[serde(default)]
     pub approval_ref: Option<String>,
+}
+
+/// Which rows a grant covers, by the dataset's region field.
+///
+/// In YAML: `all`, `own-region`, or `{ regions: ["330106", "330108"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "ScopeRepr", into = "ScopeRepr")]
+pub enum RowScope {
+    /// Every row.
+    #[default]
+    All,
+    /// Rows whose region lies inside the consumer department's region.
+    OwnRegion,
+    /// Rows whose region lies inside one of these regions.
+    Regions(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum ScopeRepr {
+    Word(String),
+    Regions { regions: Vec<String> },
+}
+
+impl TryFrom<ScopeRepr> for RowScope {
+    type Error = String;
+
+    fn try_from(r: ScopeRepr) -> Result<Self, String> {
+        match r {
+            ScopeRepr::Word(w) if w == "all" => Ok(RowScope::All),
+            ScopeRepr::Word(w) if w == "own-region" => Ok(RowScope::OwnRegion),
+            ScopeRepr::Word(w) => Err(format!(
+                "unknown row scope `{w}`: use `all`, `own-region` or `{{ regions: [\"330106\"] }}`"
+            )),
+            ScopeRepr::Regions { regions } => Ok(RowScope::Regions(regions)),
+        }
+    }
+}
+
+impl From<RowScope> for ScopeRepr {
+    fn from(s: RowScope) -> Self {
+        match s {
+            RowScope::All => ScopeRepr::Word("all".into()),
+            RowScope::OwnRegion => ScopeRepr::Word("own-region".into()),
+            RowScope::Regions(regions) => ScopeRepr::Regions { regions },
+        }
+    }
 }
 
 /// Something that must never leave its owner.

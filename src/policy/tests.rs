@@ -59,6 +59,9 @@ negative_list:
   - { dataset: people, field: phone, reason: policing only }
 "#;
 
+/// 2026-06-01T00:00:00Z: "now" for every decision here (evaluation takes time as an input).
+const NOW: i64 = 1_780_272_000;
+
 fn policy() -> Policy {
     Policy::from_yaml(POLICY.as_bytes()).unwrap()
 }
@@ -106,6 +109,7 @@ fn decide(
             fields: &fields,
             filter: &conds,
             purpose,
+            now: Some(NOW),
         },
     )
 }
@@ -414,6 +418,7 @@ fn token_purposes_narrow_what_a_grant_allows() {
         fields: &[],
         filter: &[],
         purpose,
+        now: Some(NOW),
     };
     assert!(evaluate(&p, caller, ask("pension")).is_ok());
     let r = evaluate(&p, caller, ask("subsidy")).unwrap_err();
@@ -521,6 +526,7 @@ fn filters_must_fit_the_field_and_not_probe_masked_values() {
                 fields: &[],
                 filter: &conds,
                 purpose: "subsidy",
+                now: Some(NOW),
             },
         )
     };

@@ -1,0 +1,132 @@
+//! The admin endpoint (plain HTTP; bind it to loopback or a management network):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /admin/policy` | version serving, when and how it was loaded, the last failed reload with every error |
+//! | `POST /admin/policy/reload` | reload now: 200 with the version, or 422 with the errors (old policy keeps serving) |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /live` | the process is up |
+//! | `GET /ready` | a policy is loaded and the audit trail takes records |
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::{
+    gateway::{Gateway, WeakGateway},
+    reload::Reloader,
+};
+
+#[derive(Clone)]
+struct AdminState {
+    reloader: Arc<Reloader>,
+    gateway: WeakGateway,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Install the process-wide Prometheus recorder once; later calls reuse it.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// Serve the admin endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    reloader: Arc<Reloader>,
+    gateway: Gateway,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AdminState {
+        reloader,
+        gateway: gateway.downgrade(),
+        metrics: metrics_handle(),
+    };
+    let app = Router::new()
+        .route("/admin/policy", get(policy_status))
+        .route("/admin/policy/reload", post(policy_reload))
+        .route("/metrics", get(render_metrics))
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Bind the admin address (port 0 for any).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+async fn policy_status(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(s.reloader.status())
+}
+
+async fn policy_reload(State(s): State<AdminState>) -> impl IntoResponse {
+    let r = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || r.reload("admin")).await {
+        Ok(Ok(version)) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "ok": true, "version": version })),
+        ),
+        Ok(Err(errors)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({
+                "ok": false,
+                "version": s.reloader.status().version,
+                "errors": errors,
+            })),
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "ok": false, "errors": ["reload task failed"] })),
+        ),
+    }
+}
+
+async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n".to_owned(),
+        ),
+    }
+}
+
+async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+    let Some(gw) = s.gateway.upgrade() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_owned(),
+        );
+    };
+    if gw.audit_open() {
+        (
+            StatusCode::OK,
+            format!("ready {}\n", gw.snapshot().policy.version),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the audit trail does not take records\n".to_owned(),
+        )
+    }
+}

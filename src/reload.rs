@@ -1,0 +1,186 @@
+//! Live policy changes: reload on file change, on SIGHUP and through the admin endpoint.
+//!
+//! A reload reads and fully validates the new file first. An invalid file changes nothing:
+//! the old policy keeps serving, every error is logged with its location, the failure is
+//! counted (`xgate_policy_reloads_total{result="error"}`) and shown on `GET /admin/policy`.
+//! A valid one is swapped in atomically ([`Gateway::swap`]), keeping the limiter state of
+//! unchanged grants and the connections of unchanged providers.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    gateway::{Gateway, WeakGateway},
+    policy::{Policy, mask::MaskKey},
+    server,
+    upstream::UpstreamTls,
+};
+
+/// What the admin endpoint shows about the policy.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PolicyStatus {
+    pub path: String,
+    pub version: String,
+    pub loaded_at: String,
+    pub loaded_by: String,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// The most recent failed attempt, cleared by the next success.
+    pub last_error: Option<FailedReload>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedReload {
+    pub at: String,
+    pub trigger: String,
+    pub errors: Vec<String>,
+}
+
+/// Reloads one policy file into one gateway.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    gateway: WeakGateway,
+    upstream: UpstreamTls,
+    mask_key_set: bool,
+    /// Serialises reloads and holds the status.
+    status: Mutex<PolicyStatus>,
+}
+
+impl Reloader {
+    pub fn new(path: &Path, gateway: Gateway, upstream: UpstreamTls, mask_key: &MaskKey) -> Self {
+        let version = gateway.snapshot().policy.version.clone();
+        metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
+            .set(crate::token::now_secs() as f64);
+        Self {
+            path: path.to_owned(),
+            gateway: gateway.downgrade(),
+            upstream,
+            mask_key_set: mask_key.is_set(),
+            status: Mutex::new(PolicyStatus {
+                path: path.display().to_string(),
+                version,
+                loaded_at: crate::audit::now_rfc3339(),
+                loaded_by: "start-up".into(),
+                ..PolicyStatus::default()
+            }),
+        }
+    }
+
+    pub fn status(&self) -> PolicyStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Read, validate and (if valid and different) install the policy file.
+    /// Returns the version now serving, or every error found.
+    pub fn reload(&self, trigger: &str) -> Result<String, Vec<String>> {
+        let mut status = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let result = Policy::load(&self.path)
+            .map_err(|e| crate::policy::locate::render(&self.path, &e))
+            .and_then(|p| {
+                if p.uses_hash_mask() && !self.mask_key_set {
+                    return Err(vec![format!(
+                        "{}: the policy uses `hash` masks but the gateway has no `pseudonym_key_file`",
+                        self.path.display()
+                    )]);
+                }
+                Ok(p)
+            });
+        match result {
+            Ok(policy) => {
+                let version = policy.version.clone();
+                if version == status.version {
+                    tracing::debug!(%version, trigger, "policy unchanged");
+                    return Ok(version);
+                }
+                let Some(gateway) = self.gateway.upgrade() else {
+                    return Err(vec!["the gateway is shutting down".into()]);
+                };
+                let old = gateway.snapshot();
+                let snap =
+                    server::snapshot(policy, &self.upstream, Some(&old)).map_err(|e| vec![e])?;
+                gateway.swap(snap);
+                tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
+                metrics::counter!("xgate_policy_reloads_total", "result" => "ok").increment(1);
+                metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
+                    .set(crate::token::now_secs() as f64);
+                status.version = version.clone();
+                status.loaded_at = crate::audit::now_rfc3339();
+                status.loaded_by = trigger.to_owned();
+                status.reloads_ok += 1;
+                status.last_error = None;
+                Ok(version)
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(trigger, error = %e, "policy reload refused; the previous policy keeps serving");
+                }
+                metrics::counter!("xgate_policy_reloads_total", "result" => "error").increment(1);
+                status.reloads_failed += 1;
+                status.last_error = Some(FailedReload {
+                    at: crate::audit::now_rfc3339(),
+                    trigger: trigger.to_owned(),
+                    errors: errors.clone(),
+                });
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// Watch the policy file's directory (editors replace files rather than write them) and
+/// reload shortly after the file changes. Returns the watcher; dropping it stops watching.
+pub fn watch_file(reloader: Arc<Reloader>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{RecursiveMode, Watcher};
+    let path = reloader.path.clone();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let name = path.file_name().map(|n| n.to_owned());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Let the writer finish (several events arrive per save).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload("file-change")).await;
+        }
+    });
+    Ok(watcher)
+}
+
+/// Reload on SIGHUP.
+#[cfg(unix)]
+pub fn on_sighup(reloader: Arc<Reloader>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload("sighup")).await;
+        }
+    }))
+}
