@@ -653,6 +653,10 @@ fn describe_access(
                 .collect(),
             allowed_purposes: permit.purposes.clone(),
             evaluated_purpose: purpose,
+            row_scope: permit
+                .scope
+                .as_ref()
+                .map_or_else(|| "all rows".to_owned(), |s| s.label.clone()),
             rate_limit: Some(pb::RateLimit {
                 per_second: permit.rate_limit.per_second,
                 burst: permit.rate_limit.burst,

@@ -61,8 +61,31 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
-    /// Validate a policy file; print every error; exit 1 if any.
+    /// Validate a policy file; print every error with file:line:column and a hint; exit 1 if any.
     Check { file: PathBuf },
+    /// What a change loosens or tightens, for each consumer × dataset.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// JSON instead of sentences.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The decision for one consumer and dataset, and the chain of rules behind it.
+    Explain {
+        #[arg(long, default_value = "deploy/dev/policy.yaml")]
+        policy: PathBuf,
+        #[arg(long)]
+        consumer: String,
+        #[arg(long, default_value = "")]
+        system: String,
+        #[arg(long)]
+        dataset: String,
+        #[arg(long, default_value = "")]
+        purpose: String,
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -169,28 +192,153 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Token(t) => token(t),
         Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
-        Cmd::Policy {
-            cmd: PolicyCmd::Check { file },
-        } => match Policy::load(&file) {
-            Ok(p) => {
-                println!(
-                    "{}: OK ({} departments, {} datasets, {} grants; version {})",
-                    file.display(),
-                    p.file.departments.len(),
-                    p.file.datasets.len(),
-                    p.file.grants.len(),
-                    p.version
-                );
-                Ok(())
-            }
-            Err(e) => Err(format!("{}: {e}", file.display())),
-        },
+        Cmd::Policy { cmd } => policy_cmd(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_policy(file: &Path) -> Result<Policy, String> {
+    Policy::load(file).map_err(|e| {
+        let lines = xgate::policy::locate::render(file, &e);
+        format!("{} error(s):\n{}", lines.len(), lines.join("\n"))
+    })
+}
+
+fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
+    match cmd {
+        PolicyCmd::Check { file } => {
+            let p = load_policy(&file)?;
+            println!(
+                "{}: OK ({} departments, {} datasets, {} grants, {} negative-list entries; version {})",
+                file.display(),
+                p.file.departments.len(),
+                p.file.datasets.len(),
+                p.file.grants.len(),
+                p.file.negative_list.len(),
+                p.version
+            );
+            Ok(())
+        }
+        PolicyCmd::Diff { old, new, json } => {
+            let (a, b) = (load_policy(&old)?, load_policy(&new)?);
+            let changes = xgate::policy::diff::diff(&a, &b);
+            if json {
+                let out = serde_json::json!({
+                    "old": {"file": old.display().to_string(), "version": a.version},
+                    "new": {"file": new.display().to_string(), "version": b.version},
+                    "changes": changes,
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{} ({}) -> {} ({})",
+                    old.display(),
+                    a.version,
+                    new.display(),
+                    b.version
+                );
+                let loosen = changes
+                    .iter()
+                    .filter(|c| c.direction == xgate::policy::diff::Direction::Loosens)
+                    .count();
+                for c in &changes {
+                    println!("{c}");
+                }
+                println!(
+                    "{} change(s): {loosen} loosen, {} tighten",
+                    changes.len(),
+                    changes.len() - loosen
+                );
+            }
+            Ok(())
+        }
+        PolicyCmd::Explain {
+            policy,
+            consumer,
+            system,
+            dataset,
+            purpose,
+            fields,
+        } => {
+            let p = load_policy(&policy)?;
+            let mut steps = xgate::policy::eval::Steps::default();
+            let now = i64::try_from(xgate::token::now_secs()).unwrap_or(i64::MAX);
+            let decision = xgate::policy::eval::evaluate_traced(
+                &p,
+                xgate::policy::Caller {
+                    dept: &consumer,
+                    system: &system,
+                    token_purposes: None,
+                },
+                xgate::policy::Request {
+                    dataset: &dataset,
+                    fields: &fields,
+                    filter: &[],
+                    purpose: &purpose,
+                    now: Some(now),
+                },
+                &mut steps,
+            );
+            println!("policy {} ({})", policy.display(), p.version);
+            println!(
+                "consumer {consumer} system {} dataset {dataset} purpose {}",
+                if system.is_empty() { "(any)" } else { &system },
+                if purpose.is_empty() {
+                    "(none)"
+                } else {
+                    &purpose
+                }
+            );
+            for (i, (rule, note)) in steps.0.iter().enumerate() {
+                println!("  {}. ✓ {rule}: {note}", i + 1);
+            }
+            match decision {
+                Ok(permit) => {
+                    if let Some(sc) = &permit.scope {
+                        println!(
+                            "  {}. ✓ row-scope: {} (field `{}`)",
+                            steps.0.len() + 1,
+                            sc.label,
+                            sc.field
+                        );
+                    }
+                    println!("ALLOW under {}", permit.rule);
+                    for f in &permit.fields {
+                        println!(
+                            "  {:<24} {}",
+                            f.name,
+                            if f.mask.is_none() {
+                                "in clear".to_owned()
+                            } else {
+                                f.mask.describe()
+                            }
+                        );
+                    }
+                    println!(
+                        "  rate {}/s burst {}",
+                        permit.rate_limit.per_second, permit.rate_limit.burst
+                    );
+                }
+                Err(r) => {
+                    println!(
+                        "  {}. ✗ {}: {}",
+                        steps.0.len() + 1,
+                        r.rule.as_deref().unwrap_or("request"),
+                        r.message
+                    );
+                    println!("DENY {} ({:?})", r.reason, r.code());
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct ProviderStats {
 pub struct Behaviour {
     /// Return every column, whatever fields were requested.
     pub leaky: bool,
+    /// Return every row, whatever the filter says.
+    pub ignore_filter: bool,
     /// Wait this long before answering (and between stream batches).
     pub delay: Duration,
 }
@@ -123,9 +125,10 @@ impl SampleProvider {
             .rows
             .iter()
             .filter(|r| {
-                tests
-                    .iter()
-                    .all(|(i, t)| matches(&r.values[*i], t.as_ref()))
+                self.behaviour.ignore_filter
+                    || tests
+                        .iter()
+                        .all(|(i, t)| matches(&r.values[*i], t.as_ref()))
             })
             .map(|r| Row {
                 values: proj.iter().map(|&i| r.values[i].clone()).collect(),

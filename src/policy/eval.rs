@@ -77,9 +77,48 @@ enum Basis<'p> {
     Unconditional,
 }
 
+/// Receives the chain of checks a decision passed, for `xgate policy explain`. The notes are
+/// closures, so the no-op tracer used on the request path formats nothing.
+pub trait Trace {
+    fn step(&mut self, rule: &str, note: impl FnOnce() -> String);
+}
+
+impl Trace for () {
+    #[inline]
+    fn step(&mut self, _: &str, _: impl FnOnce() -> String) {}
+}
+
+/// Collects the steps as (rule, note).
+#[derive(Debug, Default)]
+pub struct Steps(pub Vec<(String, String)>);
+
+impl Trace for Steps {
+    fn step(&mut self, rule: &str, note: impl FnOnce() -> String) {
+        self.0.push((rule.to_owned(), note()));
+    }
+}
+
 /// Decide one call.
 pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result<Permit, Reject> {
-    if policy.department(caller.dept).is_none() {
+    evaluate_traced(policy, caller, req, &mut ())
+}
+
+/// Decide one call, reporting each check passed to `t`.
+pub fn evaluate_traced(
+    policy: &Policy,
+    caller: Caller<'_>,
+    req: Request<'_>,
+    t: &mut impl Trace,
+) -> Result<Permit, Reject> {
+    if let Some(d) = policy.department(caller.dept) {
+        t.step("department-registry", || {
+            format!(
+                "department `{}` is registered ({:?}, region {})",
+                d.id, d.level, d.region
+            )
+            .to_lowercase()
+        });
+    } else {
         return Err(Reject::new(
             Reason::ConsumerUnknown,
             format!(
@@ -105,6 +144,12 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         )
         .with_rule("catalogue"));
     };
+    t.step("catalogue", || {
+        format!(
+            "dataset `{}` is in the catalogue (owner {}, provider {})",
+            ds.id, ds.owner, ds.provider
+        )
+    });
     if let Some(n) = policy.negative_dataset(req.dataset) {
         return Err(Reject::new(
             Reason::NegativeList,
@@ -125,6 +170,18 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         )
         .with_rule("share-type:none"));
     }
+    t.step("negative-list", || {
+        format!("dataset `{}` is not on the negative list", ds.id)
+    });
+    t.step(
+        &format!("share-type:{:?}", ds.share_type).to_lowercase(),
+        || match ds.share_type {
+            ShareType::Unconditional => {
+                "open to every registered department; sensitive fields need a grant".into()
+            }
+            _ => "shared only under a grant".into(),
+        },
+    );
     if req.purpose.trim().is_empty() {
         return Err(Reject::new(
             Reason::PurposeMissing,
@@ -144,6 +201,16 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         )
         .with_rule("token:purposes"));
     }
+    t.step("purpose-required", || match caller.token_purposes {
+        Some(_) => format!(
+            "purpose `{}` declared, and the token allows it",
+            req.purpose
+        ),
+        None => format!(
+            "purpose `{}` declared (the token does not restrict purposes)",
+            req.purpose
+        ),
+    });
 
     // Grants of this consumer that apply to this system, system-specific first; the first
     // that lists the purpose and is valid now decides.
@@ -154,13 +221,37 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
     };
     let mut chosen = None;
     let mut out_of_window = None;
-    for (g, window) in applicable().filter(|(g, _)| g.purposes.iter().any(|p| p == req.purpose)) {
+    for (g, window) in policy.grants_for(req.dataset, caller.dept) {
+        if let Some(sys) = g.system.as_deref().filter(|s| *s != caller.system) {
+            t.step(&format!("grant:{}", g.id), || {
+                format!("skipped: only for system `{sys}`")
+            });
+            continue;
+        }
+        if !g.purposes.iter().any(|p| p == req.purpose) {
+            t.step(&format!("grant:{}", g.id), || {
+                format!("skipped: purposes are {}", g.purposes.join(", "))
+            });
+            continue;
+        }
         match req.now.map_or(Ok(()), |now| window.check(now)) {
             Ok(()) => {
+                t.step(&format!("grant:{}", g.id), || {
+                    let approval = g
+                        .approval_ref
+                        .as_deref()
+                        .map(|a| format!(", approval {a}"))
+                        .unwrap_or_default();
+                    format!(
+                        "applies: lists purpose `{}` and is valid{approval}",
+                        req.purpose
+                    )
+                });
                 chosen = Some(g);
                 break;
             }
             Err(reason) => {
+                t.step(&format!("grant:{}", g.id), || format!("skipped: {reason}"));
                 out_of_window.get_or_insert((g, reason));
             }
         }
@@ -264,6 +355,20 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
         };
         check_condition(c, &ds.fields[i], mask, &rule)?;
     }
+    let fields_trace = || {
+        (0..ds.fields.len())
+            .filter_map(|i| {
+                readable(i).map(|m| match m {
+                    Mask::None => ds.fields[i].name.clone(),
+                    m => format!("{} ({})", ds.fields[i].name, m.describe()),
+                })
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    t.step("fields", || {
+        format!("readable under {rule}: {}", fields_trace())
+    });
     let fields = if req.fields.is_empty() {
         (0..ds.fields.len())
             .filter_map(|i| {

@@ -8,6 +8,7 @@
 //! A policy that fails validation is never served: every error is reported at once, with the
 //! path of the offending entry.
 
+pub mod diff;
 pub mod eval;
 pub mod locate;
 pub mod mask;

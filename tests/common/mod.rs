@@ -42,10 +42,17 @@ pub struct Opts {
     pub provider_down: bool,
     pub drain_ms: Option<u64>,
     pub max_timeout_ms: Option<u64>,
+    /// Turn on the admin endpoint (on 127.0.0.1:0).
+    pub admin: bool,
+    /// Rewrite the final policy text before it is written.
+    pub edit_policy: Option<fn(String) -> String>,
 }
 
 pub struct Harness {
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub policy_path: PathBuf,
+    pub reloader: std::sync::Arc<xgate::reload::Reloader>,
     pub audit_dir: tempfile::TempDir,
     pub ps: SampleProvider,
     pub ms: SampleProvider,
@@ -97,15 +104,21 @@ impl Harness {
                 &format!("\ngrants:\n{}\n", opts.extra_grants),
             );
         }
+        if let Some(edit) = opts.edit_policy {
+            policy = edit(policy);
+        }
         let audit_dir = tempfile::tempdir().unwrap();
         let policy_path = audit_dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).unwrap();
         let mut cfg = Config::demo(
             &certs(),
-            policy_path,
+            policy_path.clone(),
             "127.0.0.1:0".parse().unwrap(),
             audit_dir.path().join("audit"),
         );
+        if opts.admin {
+            cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
         if let Some(d) = opts.drain_ms {
             cfg.shutdown.drain_timeout_ms = d;
         }
@@ -115,6 +128,9 @@ impl Harness {
         let running = server::start(&cfg).await.unwrap();
         Harness {
             addr: running.addr,
+            admin: running.admin_addr,
+            policy_path,
+            reloader: running.reloader.clone(),
             audit_dir,
             ps: provs.remove("public-security").unwrap(),
             ms: provs.remove("market-supervision").unwrap(),
@@ -214,3 +230,30 @@ pub fn text(v: &pb::Value) -> String {
 }
 
 pub const SLOW: Duration = Duration::from_millis(400);
+
+/// A minimal HTTP/1.1 request to the admin endpoint: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// Write a policy file the way an editor does: to a temporary name, then rename over it.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}

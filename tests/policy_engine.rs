@@ -1,0 +1,414 @@
+//! The data-sharing model over the wire: row scopes, pseudonyms, validity windows, and live
+//! policy changes (reload under load, invalid reloads, streams cut by a revoked grant).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use xgate::{pb, provider::Behaviour};
+
+fn version_of(text: &str) -> String {
+    format!(
+        "sha256:{}",
+        &hex::encode(Sha256::digest(text.as_bytes()))[..16]
+    )
+}
+
+#[tokio::test]
+async fn row_scope_narrows_the_filter_refuses_outside_and_drops_stray_rows() {
+    // A provider that ignores the filter and sends every column: the gateway must still
+    // deliver only the county's rows.
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            leaky: true,
+            ignore_filter: true,
+            ..Behaviour::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let t = token("xihu-civil-affairs");
+    let mut c = h.data("xihu-civil-affairs").await;
+    let r = c
+        .query(req(
+            query("hukou.person_basic", "temporary-relief", &[], 200),
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let region = r
+        .columns
+        .iter()
+        .position(|c| c.name == "region_code")
+        .unwrap();
+    assert!(!r.rows.is_empty());
+    assert!(r.rows.len() < 200, "out-of-scope rows were dropped");
+    for row in &r.rows {
+        assert_eq!(text(&row.values[region]), "330106");
+    }
+    // The provider was asked only for the county (the filter was narrowed).
+    let st = c
+        .query(req(
+            query(
+                "hukou.person_basic",
+                "temporary-relief",
+                &["region_code=330108"],
+                5,
+            ),
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::PermissionDenied, "ROW_SCOPE_VIOLATION");
+    assert!(
+        st.message().contains("own-region 330106"),
+        "{}",
+        st.message()
+    );
+    let recs = h.stop().await;
+    assert_eq!(recs.len(), 2);
+}
+
+#[tokio::test]
+async fn a_narrowed_filter_is_what_the_provider_sees() {
+    let mut h = Harness::start(Opts::default()).await;
+    let t = token("xihu-civil-affairs");
+    let mut c = h.data("xihu-civil-affairs").await;
+    // Asking for the whole province is narrowed to the district, not refused.
+    let r = c
+        .query(req(
+            query(
+                "hukou.person_basic",
+                "temporary-relief",
+                &["region_code^=33"],
+                500,
+            ),
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.rows.is_empty());
+    let region = r
+        .columns
+        .iter()
+        .position(|c| c.name == "region_code")
+        .unwrap();
+    assert!(
+        r.rows
+            .iter()
+            .all(|row| text(&row.values[region]) == "330106")
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn hash_masks_are_stable_pseudonyms() {
+    let mut h = Harness::start(Opts::default()).await;
+    let t = token("health");
+    let mut c = h.data("health").await;
+    let mut q = query(
+        "market.company_registry",
+        "medical-institution-licensing",
+        &[],
+        20,
+    );
+    q.fields = vec!["credit_code".into(), "legal_rep_id_number".into()];
+    let a = c.query(req(q.clone(), &t)).await.unwrap().into_inner();
+    let b = c.query(req(q, &t)).await.unwrap().into_inner();
+    assert_eq!(a.masked_columns, ["legal_rep_id_number"]);
+    for (ra, rb) in a.rows.iter().zip(&b.rows) {
+        let p = text(&ra.values[1]);
+        assert!(p.starts_with("p:") && p.len() == 34, "{p}");
+        assert_eq!(p, text(&rb.values[1]), "stable across calls");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn expired_and_future_grants_deny_with_their_own_reason() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace("valid_from: 2026-01-01", "valid_from: 2020-01-01")
+                .replace("expires: 2030-12-31", "expires: 2021-01-01")
+                .replace(
+                    "  - id: xihu-hukou-relief\n",
+                    "  - id: xihu-hukou-relief\n    valid_from: 2099-01-01\n",
+                )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let st = h
+        .data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::PermissionDenied, "GRANT_EXPIRED");
+    let st = h
+        .data("xihu-civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "temporary-relief", &[], 1),
+            &token("xihu-civil-affairs"),
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::PermissionDenied, "GRANT_NOT_YET_VALID");
+    h.stop().await;
+    assert_eq!(h.provider_calls(), 0);
+}
+
+#[tokio::test]
+async fn invalid_reload_keeps_the_old_policy_and_shows_every_error() {
+    let mut h = Harness::start(Opts {
+        admin: true,
+        ..Opts::default()
+    })
+    .await;
+    let admin = h.admin.unwrap();
+    let before = std::fs::read_to_string(&h.policy_path).unwrap();
+    let v0 = version_of(&before);
+    // Two errors at once: an unknown dataset and a negative-listed field in a grant.
+    let broken = before
+        .replace(
+            "dataset: market.company_registry\n    fields: [legal_rep_id_number]",
+            "dataset: market.company_registy\n    fields: [legal_rep_id_number]",
+        )
+        .replace(
+            "fields: [id_number, name, gender, birth_date, region_code, household_head]",
+            "fields: [id_number, name, phone]",
+        );
+    std::fs::write(&h.policy_path, &broken).unwrap();
+    let (code, body) = http(admin, "POST", "/admin/policy/reload").await;
+    assert_eq!(code, 422, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"], v0.as_str(), "old policy still serving");
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .contains("did you mean `market.company_registry`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.as_str().unwrap().contains("policy.yaml:")),
+        "located: {errors:?}"
+    );
+    let (_, status) = http(admin, "GET", "/admin/policy").await;
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(s["reloads_failed"], 1);
+    assert_eq!(s["last_error"]["errors"].as_array().unwrap().len(), 2);
+    let (_, metrics) = http(admin, "GET", "/metrics").await;
+    assert!(
+        metrics.contains("xgate_policy_reloads_total{result=\"error\"}"),
+        "{metrics}"
+    );
+    // Calls still work under the old policy.
+    let r = h
+        .data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().rows.len(), 1);
+    // A fixed file is picked up by the file watcher, no admin call needed.
+    let fixed = before.replace(
+        "rate_limit: { per_second: 5, burst: 10 }",
+        "rate_limit: { per_second: 6, burst: 10 }",
+    );
+    replace_file(&h.policy_path, &fixed);
+    let v1 = version_of(&fixed);
+    let t0 = Instant::now();
+    while h.reloader.status().version != v1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "file change not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, status) = http(admin, "GET", "/admin/policy").await;
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(s["loaded_by"], "file-change");
+    assert!(s["last_error"].is_null());
+    let recs = h.stop().await;
+    assert_eq!(recs[0]["policy_version"], v0.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_call_and_versions_match_files() {
+    // A generous rate, so only a reload could fail a call here.
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "{ per_second: 50, burst: 100 }",
+                "{ per_second: 100000, burst: 100000 }",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let base = std::fs::read_to_string(&h.policy_path).unwrap();
+    let mut versions = HashSet::from([version_of(&base)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let c = h.data("civil-affairs").await;
+    let t = token("civil-affairs");
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (mut c, t, stop) = (c.clone(), t.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let r = c
+                    .query(req(
+                        query(
+                            "hukou.person_basic",
+                            "subsidy-eligibility",
+                            &["region_code=330106"],
+                            2,
+                        ),
+                        &t,
+                    ))
+                    .await;
+                if let Err(st) = r {
+                    panic!("a call failed during reloads: {st:?}");
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    // Rewrite the file many times (each a different, valid policy), reloading each.
+    for i in 0..25 {
+        let text = format!("{base}\n# revision {i}\n");
+        replace_file(&h.policy_path, &text);
+        versions.insert(version_of(&text));
+        let _ = h.reloader.reload("test");
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    for w in workers {
+        calls += w.await.unwrap();
+    }
+    assert!(calls > 20, "enough calls overlapped the reloads: {calls}");
+    let recs = h.stop().await;
+    assert_eq!(recs.len() as u32, calls);
+    let seen: HashSet<String> = recs
+        .iter()
+        .map(|r| r["policy_version"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(seen.len() > 1, "calls were decided under several versions");
+    for v in &seen {
+        assert!(
+            versions.contains(v),
+            "record under {v}, a version no file had"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_grant_ends_an_open_stream_within_a_second() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_millis(100),
+            ..Behaviour::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    let mut s = c
+        .query_stream(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 10),
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Two batches arrive under the grant.
+    s.message().await.unwrap().unwrap();
+    s.message().await.unwrap().unwrap();
+    // The bureau revokes the grant (the file loses it; the watcher reloads).
+    let text = std::fs::read_to_string(&h.policy_path).unwrap();
+    let start = text.find("  - id: ca-hukou-subsidy").unwrap();
+    let end = text.find("  - id: xihu-hukou-relief").unwrap();
+    let revoked = format!("{}{}", &text[..start], &text[end..]);
+    replace_file(&h.policy_path, &revoked);
+    let t0 = Instant::now();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(3),
+                    "stream kept flowing after revocation"
+                );
+            }
+            Ok(None) => panic!("stream ended OK after revocation"),
+            Err(st) => break st,
+        }
+    };
+    let took = t0.elapsed();
+    assert_reject(&err, Code::PermissionDenied, "GRANT_MISSING");
+    assert!(
+        took < Duration::from_secs(1) + Duration::from_millis(500),
+        "took {took:?} (watcher debounce included)"
+    );
+    let recs = h.stop().await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["grpc_status"], "PERMISSION_DENIED");
+    assert_eq!(recs[0]["reason"], "GRANT_MISSING");
+    assert_eq!(
+        recs[0]["policy_version"],
+        version_of(&revoked),
+        "recorded under the version that decided"
+    );
+    assert!(recs[0]["rows"].as_u64().unwrap() >= 20);
+}
+
+#[tokio::test]
+async fn describe_reports_row_scope_consistently() {
+    let mut h = Harness::start(Opts::default()).await;
+    let d = h
+        .catalog("xihu-civil-affairs")
+        .await
+        .describe_dataset(req(
+            pb::DescribeDatasetRequest {
+                dataset: "hukou.person_basic".into(),
+                purpose: "temporary-relief".into(),
+            },
+            &token("xihu-civil-affairs"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let a = d.access.unwrap();
+    assert!(a.allowed);
+    assert_eq!(a.row_scope, "own-region 330106");
+    h.stop().await;
+}
