@@ -408,6 +408,15 @@ impl Policy {
                     "list the fields granted (or `\"*\"` for all)".into(),
                 );
             }
+            if g.row_scope != model::RowScope::All && file.datasets[ds.idx].region_field.is_none() {
+                err(
+                    at("row_scope"),
+                    format!(
+                        "a row scope needs dataset `{}` to name its `region_field`",
+                        g.dataset
+                    ),
+                );
+            }
             if let Some(&n) = negative_datasets.get(&g.dataset) {
                 err(
                     at("dataset"),
