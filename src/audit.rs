@@ -55,6 +55,9 @@ pub struct AuditRecord {
     pub fields_returned: Vec<String>,
     pub fields_masked: Vec<String>,
     pub rows: u64,
+    /// Rows the provider sent outside the caller's row scope, withheld by the gateway.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rows_withheld: u64,
     /// gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).
     pub grpc_status: &'static str,
     pub grpc_code: i32,
@@ -215,6 +218,10 @@ fn finish(rec: &mut AuditRecord, code: tonic::Code, started: Instant) {
     if code != tonic::Code::Ok && rec.decision.is_empty() {
         rec.decision = "deny";
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Current time as RFC 3339 UTC with milliseconds.

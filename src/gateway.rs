@@ -307,13 +307,17 @@ impl Gateway {
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
         snap.limits.check(&who.system.dept, &req.dataset, &permit)?;
-        // What the provider is asked for: exactly the permitted columns (plus the region
-        // column when a row scope must be checked on the way back; it is stripped again).
+        // What the provider is asked for: exactly the permitted columns, plus the dataset's
+        // region column (stripped again on the way back) so a row scope can always be checked,
+        // including one a policy change adds to an open stream.
         req.fields = permit.fields.iter().map(|f| f.name.clone()).collect();
-        if let Some(scope) = &permit.scope
-            && !req.fields.contains(&scope.field)
+        if let Some(region) = snap
+            .policy
+            .dataset(&req.dataset)
+            .and_then(|d| d.region_field.as_ref())
+            && !req.fields.contains(region)
         {
-            req.fields.push(scope.field.clone());
+            req.fields.push(region.clone());
         }
         req.page_size = match req.page_size {
             0 => self.inner.limits.default_page_size,
@@ -514,6 +518,7 @@ impl Gateway {
                 Ok(s) => s,
                 Err(r) => break Err(r),
             };
+            call.pending.rec().rows_withheld += shaped.withheld;
             if rows == 0 {
                 // First batch: columns are the same in every batch.
                 let rec = call.pending.rec();
@@ -748,6 +753,8 @@ fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), Reject> {
 /// A provider response after the gateway enforced the permit on it.
 struct Shaped {
     response: QueryResponse,
+    /// Rows the provider sent outside the caller's row scope, dropped here.
+    withheld: u64,
     returned: Vec<String>,
     masked: Vec<String>,
 }
@@ -842,10 +849,12 @@ fn shape(
         },
         returned,
         masked,
+        withheld: dropped as u64,
     })
 }
 
 fn record_rows(rec: &mut AuditRecord, s: &Shaped) {
+    rec.rows_withheld = s.withheld;
     rec.fields_returned = s.returned.clone();
     rec.fields_masked = s.masked.clone();
     rec.rows = s.response.rows.len() as u64;

@@ -42,6 +42,9 @@ enum Cmd {
         /// Log as JSON.
         #[arg(long)]
         json_logs: bool,
+        /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
     /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
     DevCerts {
@@ -182,7 +185,8 @@ fn main() -> ExitCode {
             policy,
             certs,
             json_logs,
-        } => demo(listen, audit_dir, policy, certs, json_logs),
+            admin,
+        } => demo(listen, audit_dir, policy, certs, json_logs, admin),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {
@@ -291,7 +295,11 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
             println!("policy {} ({})", policy.display(), p.version);
             println!(
                 "consumer {consumer} system {} dataset {dataset} purpose {}",
-                if system.is_empty() { "(any)" } else { &system },
+                if system.is_empty() {
+                    "(none given: system-specific grants do not apply)"
+                } else {
+                    &system
+                },
                 if purpose.is_empty() {
                     "(none)"
                 } else {
@@ -299,7 +307,12 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                 }
             );
             for (i, (rule, note)) in steps.0.iter().enumerate() {
-                println!("  {}. ✓ {rule}: {note}", i + 1);
+                let mark = if note.starts_with("skipped") {
+                    "·"
+                } else {
+                    "✓"
+                };
+                println!("  {}. {mark} {rule}: {note}", i + 1);
             }
             match decision {
                 Ok(permit) => {
@@ -415,10 +428,12 @@ fn demo(
     policy: Option<PathBuf>,
     certs: Option<PathBuf>,
     json_logs: bool,
+    admin: Option<SocketAddr>,
 ) -> Result<(), String> {
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
     let mut cfg = Config::demo(&certs, policy_path.clone(), listen, audit_dir);
+    cfg.admin_listen = admin;
     if json_logs {
         cfg.log.format = xgate::config::LogFormat::Json;
     }
@@ -449,6 +464,10 @@ fn demo(
         println!("xgate demo listening on {addr}");
         println!("policy {} ({})", policy_path.display(), running.policy_version);
         println!("audit trail {}", running.audit_path.display());
+        match running.admin_addr {
+            Some(a) => println!("admin endpoint http://{a}/admin/policy (reload: POST /admin/policy/reload)"),
+            None => println!("policy reloads when {} changes (admin endpoint: --admin 127.0.0.1:9443)", policy_path.display()),
+        }
         println!();
         println!("Try it (another terminal, from the repository root):");
         let gw = if addr.port() == 8443 { String::new() } else { format!(" --gateway https://{addr}") };
@@ -575,7 +594,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                         "allowed": a.allowed, "readable_fields": a.readable_fields,
                         "masked_fields": a.masked_fields.iter().map(|m| serde_json::json!({"field": m.field, "mask": m.mask})).collect::<Vec<_>>(),
                         "allowed_purposes": a.allowed_purposes, "deciding_rule": a.deciding_rule,
-                        "evaluated_purpose": a.evaluated_purpose,
+                        "evaluated_purpose": a.evaluated_purpose, "row_scope": a.row_scope,
                         "denial_reason": a.denial_reason, "denial_message": a.denial_message,
                         "rate_limit": a.rate_limit.map(|r| serde_json::json!({"per_second": r.per_second, "burst": r.burst})),
                     })
@@ -613,6 +632,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                             a.allowed_purposes.join(", ")
                         }
                     );
+                    println!("  rows:     {}", a.row_scope);
                     if let Some(rl) = a.rate_limit {
                         println!("  rate:     {}/s, burst {}", rl.per_second, rl.burst);
                     }

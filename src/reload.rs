@@ -98,7 +98,10 @@ impl Reloader {
             Ok(policy) => {
                 let version = policy.version.clone();
                 if version == status.version {
+                    // Valid again (e.g. a broken edit was undone): nothing to swap, but the
+                    // last error no longer describes the file.
                     tracing::debug!(%version, trigger, "policy unchanged");
+                    status.last_error = None;
                     return Ok(version);
                 }
                 let Some(gateway) = self.gateway.upgrade() else {

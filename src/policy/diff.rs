@@ -123,16 +123,24 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
                     };
                     match (evaluate(old, caller, req), evaluate(new, caller, req)) {
                         (Err(_), Err(_)) => {}
-                        (Err(was), Ok(p)) => push(
-                            Direction::Loosens,
-                            "access",
-                            format!(
-                                "now allowed under {} (was refused: {}), reading {}",
-                                p.rule,
-                                was.reason,
-                                field_list(&p)
-                            ),
-                        ),
+                        (Err(was), Ok(p)) => {
+                            let w = window_of(new, &p);
+                            let when = if w == super::Window::default() {
+                                String::new()
+                            } else {
+                                format!(", valid {}", window_words(w))
+                            };
+                            push(
+                                Direction::Loosens,
+                                "access",
+                                format!(
+                                    "now allowed under {} (was refused: {}), reading {}{when}",
+                                    p.rule,
+                                    was.reason,
+                                    field_list(&p)
+                                ),
+                            )
+                        }
                         (Ok(p), Err(now)) => push(
                             Direction::Tightens,
                             "access",

@@ -447,7 +447,20 @@ impl Policy {
                     }
                 }
             }
-            for f in g.masks.keys() {
+            for (f, m) in &g.masks {
+                if let (Some(&k), Mask::Keep { .. }) = (ds.fields.get(f), m)
+                    && !matches!(
+                        file.datasets[ds.idx].fields[k].ty,
+                        model::FieldType::String | model::FieldType::Int64
+                    )
+                {
+                    err(
+                        at("masks"),
+                        format!(
+                            "`keep` masks apply to string and int64 fields only; `{f}` needs `redact` or `hash`"
+                        ),
+                    );
+                }
                 if !ds.fields.contains_key(f) {
                     err(
                         at("masks"),

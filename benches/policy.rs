@@ -1,0 +1,104 @@
+//! Policy decision cost as the model grows, and load time of a large policy.
+//!
+//! `cargo bench --bench policy` prints: load+validate time for 1,000 datasets and 10,000
+//! grants, and the cost of one decision with 10 vs 10,000 grants (same question asked). The
+//! decision is an index lookup, so the ratio should stay near 1.
+
+#![allow(clippy::expect_used)]
+
+use std::{hint::black_box, time::Instant};
+
+use xgate::policy::{Caller, Policy, Request, evaluate};
+
+fn policy_yaml(datasets: usize, grants: usize) -> String {
+    let mut y =
+        String::from("defaults: { rate_limit: { per_second: 10, burst: 20 } }\ndepartments:\n");
+    let depts = 200.min(grants.max(2));
+    for d in 0..depts {
+        y += &format!(
+            "  - {{ id: d{d}, name: D{d}, level: county, region: \"33{:02}{:02}\" }}\n",
+            d / 99 + 1,
+            d % 99 + 1
+        );
+    }
+    y += "providers:\n";
+    for p in 0..10 {
+        y += &format!("  - {{ id: p{p}, endpoint: \"https://10.0.0.{p}:8444\" }}\n");
+    }
+    y += "datasets:\n";
+    for i in 0..datasets {
+        y += &format!(
+            "  - id: ds{i}\n    title: Dataset {i}\n    owner: d{}\n    provider: p{}\n    share_type: conditional\n    subject_key: f0\n    region_field: region\n    fields:\n",
+            i % depts,
+            i % 10
+        );
+        for f in 0..9 {
+            let sens = ["public", "internal", "personal", "sensitive"][f % 4];
+            let mask = if f % 4 == 3 {
+                ", mask: { keep: { first: 3, last: 2 } }"
+            } else {
+                ""
+            };
+            y += &format!("      - {{ name: f{f}, type: string, sensitivity: {sens}{mask} }}\n");
+        }
+        y += "      - { name: region, type: string, sensitivity: internal }\n";
+    }
+    y += "grants:\n";
+    for g in 0..grants {
+        y += &format!(
+            "  - {{ id: g{g}, consumer: d{}, dataset: ds{}, fields: [f0, f1, f2, f3, f5, region], purposes: [p{}, audit], row_scope: own-region, expires: 2040-01-01 }}\n",
+            g % depts,
+            g % datasets,
+            g % 7
+        );
+    }
+    y
+}
+
+/// Nanoseconds per decision for the grant g0's consumer on its dataset.
+fn decision_ns(p: &Policy, iters: u32) -> f64 {
+    let fields = vec!["f0".to_owned(), "f3".to_owned()];
+    let caller = Caller {
+        dept: "d0",
+        system: "s",
+        token_purposes: None,
+    };
+    let req = Request {
+        dataset: "ds0",
+        fields: &fields,
+        filter: &[],
+        purpose: "audit",
+        now: Some(1_800_000_000),
+    };
+    assert!(
+        evaluate(p, caller, req).is_ok(),
+        "the benchmarked decision must be an allow"
+    );
+    let t = Instant::now();
+    for _ in 0..iters {
+        black_box(evaluate(black_box(p), caller, black_box(req)).ok());
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(iters)
+}
+
+fn main() {
+    let big = policy_yaml(1_000, 10_000);
+    let t = Instant::now();
+    let big_policy = Policy::from_yaml(big.as_bytes()).expect("valid");
+    let load = t.elapsed();
+    println!(
+        "load+validate: 1,000 datasets, 10,000 grants ({:.1} MiB of YAML): {:.0} ms",
+        big.len() as f64 / 1_048_576.0,
+        load.as_secs_f64() * 1e3
+    );
+    let small_policy = Policy::from_yaml(policy_yaml(10, 10).as_bytes()).expect("valid");
+    // Interleave runs so machine noise hits both alike; report the best of each.
+    let (mut small, mut large) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        small = small.min(decision_ns(&small_policy, 200_000));
+        large = large.min(decision_ns(&big_policy, 200_000));
+    }
+    println!("decision, 10 grants:     {small:.0} ns");
+    println!("decision, 10,000 grants: {large:.0} ns");
+    println!("ratio 10,000 / 10:       {:.2}", large / small);
+}
