@@ -62,6 +62,7 @@ fn decision_ns(p: &Policy, iters: u32) -> f64 {
         dept: "d0",
         system: "s",
         token_purposes: None,
+        token_bound: false,
     };
     let req = Request {
         dataset: "ds0",

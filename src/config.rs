@@ -63,8 +63,61 @@ pub struct ServerTls {
     pub key: PathBuf,
     /// CA bundle client certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER), reloaded when they change.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Lowest TLS version accepted: `"1.3"` (default) or `"1.2"`.
+    #[serde(default = "default_min_version")]
+    pub min_version: String,
     #[serde(default = "default_handshake_ms")]
     pub handshake_timeout_ms: u64,
+    /// Reload certificates, CA bundle and CRLs (server and upstream) when their files change.
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// Identities for certificates without a SAN URI, by certificate fingerprint.
+    #[serde(default)]
+    pub identity_map: Vec<MappedIdentity>,
+}
+
+/// A legacy certificate's identity, by fingerprint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappedIdentity {
+    /// `sha256:` + 64 hex digits of the certificate (DER).
+    pub fingerprint: String,
+    pub dept: String,
+    pub system: String,
+}
+
+fn default_min_version() -> String {
+    "1.3".into()
+}
+
+impl ServerTls {
+    pub fn files(&self) -> crate::tls::ServerTlsFiles {
+        crate::tls::ServerTlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+            crls: self.crls.clone(),
+            allow_tls12: self.min_version == "1.2",
+        }
+    }
+
+    pub fn identity_map(&self) -> crate::identity::IdentityMap {
+        self.identity_map
+            .iter()
+            .map(|m| {
+                (
+                    m.fingerprint.to_ascii_lowercase(),
+                    crate::identity::SystemId {
+                        dept: m.dept.clone(),
+                        system: m.system.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 fn default_handshake_ms() -> u64 {
@@ -74,14 +127,116 @@ fn default_handshake_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jwt {
-    /// JWKS file with the identity provider's public keys.
-    pub jwks: PathBuf,
+    /// JWKS file with the identity provider's public keys (or `jwks_url`).
+    #[serde(default)]
+    pub jwks: Option<PathBuf>,
+    /// HTTPS URL of the identity provider's JWKS (or `jwks`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// CA bundle the JWKS URL's certificate must chain to.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
     pub issuer: String,
     pub audience: String,
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
     #[serde(default = "default_token_cache")]
     pub cache_capacity: usize,
+    /// Accepted algorithms (default ES256, RS256, EdDSA). HMAC ones need `hmac_secret_file`.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Shared secret for HS256/384/512 (at least 32 bytes).
+    #[serde(default)]
+    pub hmac_secret_file: Option<PathBuf>,
+    /// Longest token lifetime accepted (`exp - iat`), seconds.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_secs: u64,
+    /// Largest `authorization` header accepted, bytes.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// How long the last good keys stay usable when the JWKS cannot be fetched, seconds.
+    #[serde(default = "default_keys_max_age")]
+    pub keys_max_age_secs: u64,
+    /// How often the JWKS is re-fetched, seconds.
+    #[serde(default = "default_refresh")]
+    pub refresh_interval_secs: u64,
+    /// At most one extra fetch per this many seconds for tokens with an unknown `kid`.
+    #[serde(default = "default_unknown_kid")]
+    pub unknown_kid_refresh_secs: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["ES256".into(), "RS256".into(), "EdDSA".into()]
+}
+fn default_max_lifetime() -> u64 {
+    24 * 3600
+}
+fn default_max_token_bytes() -> usize {
+    8 * 1024
+}
+fn default_keys_max_age() -> u64 {
+    24 * 3600
+}
+fn default_refresh() -> u64 {
+    300
+}
+fn default_unknown_kid() -> u64 {
+    30
+}
+
+impl Jwt {
+    /// The verifier settings this section describes.
+    pub fn settings(&self) -> Result<crate::token::TokenSettings, String> {
+        let mut algorithms = Vec::new();
+        for a in &self.algorithms {
+            if a.eq_ignore_ascii_case("none") {
+                return Err("jwt.algorithms: `none` is never accepted".into());
+            }
+            algorithms.push(
+                a.parse::<jsonwebtoken::Algorithm>()
+                    .map_err(|_| format!("jwt.algorithms: unknown algorithm `{a}`"))?,
+            );
+        }
+        let hmac_secret = match &self.hmac_secret_file {
+            None => None,
+            Some(p) => Some(
+                std::fs::read(p)
+                    .map(|b| b.trim_ascii().to_vec())
+                    .map_err(|e| format!("jwt.hmac_secret_file: {}: {e}", p.display()))?,
+            ),
+        };
+        Ok(crate::token::TokenSettings {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            leeway_secs: self.leeway_secs,
+            cache_capacity: self.cache_capacity,
+            algorithms,
+            max_lifetime_secs: self.max_lifetime_secs,
+            max_token_bytes: self.max_token_bytes,
+            hmac_secret,
+            keys_max_age_secs: self.keys_max_age_secs,
+            refresh_interval_secs: self.refresh_interval_secs,
+            unknown_kid_refresh_secs: self.unknown_kid_refresh_secs,
+        })
+    }
+
+    /// Where the keys come from.
+    pub fn source(&self) -> Result<crate::token::JwksSource, String> {
+        match (&self.jwks, &self.jwks_url) {
+            (Some(p), None) => Ok(crate::token::JwksSource::File(p.clone())),
+            (None, Some(u)) => {
+                let url: http::Uri = u.parse().map_err(|e| format!("jwt.jwks_url: {e}"))?;
+                let ca = self
+                    .jwks_ca
+                    .as_ref()
+                    .ok_or("jwt.jwks_url needs `jwks_ca`")?;
+                let ca_pem =
+                    std::fs::read(ca).map_err(|e| format!("jwt.jwks_ca: {}: {e}", ca.display()))?;
+                Ok(crate::token::JwksSource::Url { url, ca_pem })
+            }
+            _ => Err("jwt: set exactly one of `jwks` (a file) and `jwks_url`".into()),
+        }
+    }
 }
 
 fn default_leeway() -> u64 {
@@ -244,7 +399,19 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
-        fix(&mut self.jwt.jwks);
+        for p in &mut self.tls.crls {
+            fix(p);
+        }
+        for p in [
+            &mut self.jwt.jwks,
+            &mut self.jwt.jwks_ca,
+            &mut self.jwt.hmac_secret_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
         fix(&mut self.policy);
         if let Some(p) = &mut self.pseudonym_key_file {
             fix(p);
@@ -262,7 +429,6 @@ impl Config {
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
             ("tls.client_ca", &self.tls.client_ca),
-            ("jwt.jwks", &self.jwt.jwks),
             ("policy", &self.policy),
             ("upstream.ca", &self.upstream.ca),
             ("upstream.cert", &self.upstream.cert),
@@ -280,6 +446,17 @@ impl Config {
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
             errs.push("trust_domain: must be a host-like name such as `zj.gov.example`".into());
         }
+        if let Some(p) = &self.jwt.jwks
+            && let Err(e) = std::fs::metadata(p)
+        {
+            errs.push(format!("jwt.jwks: {}: {e}", p.display()));
+        }
+        if let Err(e) = self.jwt.source() {
+            errs.push(e);
+        }
+        if let Err(e) = self.jwt.settings() {
+            errs.push(e);
+        }
         if self.jwt.issuer.is_empty() {
             errs.push("jwt.issuer: must not be empty".into());
         }
@@ -291,6 +468,30 @@ impl Config {
         }
         if self.upstream.connect_timeout_ms == 0 || self.upstream.max_timeout_ms == 0 {
             errs.push("upstream: connect_timeout_ms and max_timeout_ms must be positive".into());
+        }
+        for p in &self.tls.crls {
+            if let Err(e) = std::fs::metadata(p) {
+                errs.push(format!("tls.crls: {}: {e}", p.display()));
+            }
+        }
+        if self.tls.min_version != "1.3" && self.tls.min_version != "1.2" {
+            errs.push(format!(
+                "tls.min_version: `{}`: use \"1.3\" or \"1.2\"",
+                self.tls.min_version
+            ));
+        }
+        for (i, m) in self.tls.identity_map.iter().enumerate() {
+            let hexpart = m.fingerprint.strip_prefix("sha256:").unwrap_or("");
+            if hexpart.len() != 64 || !hexpart.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errs.push(format!(
+                    "tls.identity_map[{i}].fingerprint: use `sha256:` + 64 hex digits"
+                ));
+            }
+            if m.dept.is_empty() || m.system.is_empty() {
+                errs.push(format!(
+                    "tls.identity_map[{i}]: dept and system must not be empty"
+                ));
+            }
         }
         if self.tls.handshake_timeout_ms == 0 {
             errs.push("tls.handshake_timeout_ms: must be positive".into());
@@ -338,14 +539,27 @@ impl Config {
                 cert: certs.join("gateway.pem"),
                 key: certs.join("gateway.key"),
                 client_ca: certs.join("ca.pem"),
+                crls: Vec::new(),
+                min_version: default_min_version(),
                 handshake_timeout_ms: default_handshake_ms(),
+                watch: true,
+                identity_map: Vec::new(),
             },
             jwt: Jwt {
-                jwks: certs.join("jwks.json"),
+                jwks: Some(certs.join("jwks.json")),
+                jwks_url: None,
+                jwks_ca: None,
                 issuer: crate::devpki::ISSUER.into(),
                 audience: crate::devpki::AUDIENCE.into(),
                 leeway_secs: default_leeway(),
                 cache_capacity: default_token_cache(),
+                algorithms: default_algorithms(),
+                hmac_secret_file: None,
+                max_lifetime_secs: default_max_lifetime(),
+                max_token_bytes: default_max_token_bytes(),
+                keys_max_age_secs: default_keys_max_age(),
+                refresh_interval_secs: default_refresh(),
+                unknown_kid_refresh_secs: default_unknown_kid(),
             },
             policy,
             pseudonym_key_file: Some(certs.join("pseudonym.key")),

@@ -49,10 +49,24 @@ reasons! {
     /// The TLS handshake failed: no client certificate, or one the CA did not issue.
     /// (Recorded in the audit trail; the client sees a TLS alert, not a gRPC status.)
     TlsHandshakeFailed => Unauthenticated, "TLS_HANDSHAKE_FAILED";
+    /// The client opened TCP but did not finish the TLS handshake in time (audited).
+    TlsHandshakeTimeout => Unauthenticated, "TLS_HANDSHAKE_TIMEOUT";
     /// The client certificate carries no `spiffe://<trust-domain>/dept/<d>/sys/<s>` SAN URI.
     CertIdentityMissing => Unauthenticated, "CERT_IDENTITY_MISSING";
     /// No `authorization: Bearer` header.
     TokenMissing => Unauthenticated, "TOKEN_MISSING";
+    /// The `authorization` header is larger than the gateway accepts.
+    TokenTooLarge => Unauthenticated, "TOKEN_TOO_LARGE";
+    /// The token's algorithm is not allowed (`none`, HMAC without a configured secret, ...).
+    TokenAlgorithmNotAllowed => Unauthenticated, "TOKEN_ALGORITHM_NOT_ALLOWED";
+    /// The token lives longer than the gateway accepts.
+    TokenLifetimeTooLong => Unauthenticated, "TOKEN_LIFETIME_TOO_LONG";
+    /// The token is bound to another certificate than the one presented.
+    TokenBindingMismatch => Unauthenticated, "TOKEN_BINDING_MISMATCH";
+    /// The policy requires a certificate-bound token here.
+    TokenBindingRequired => Unauthenticated, "TOKEN_BINDING_REQUIRED";
+    /// The gateway has no usable keys to check tokens (identity provider unreachable).
+    TokenKeysUnavailable => Unavailable, "TOKEN_KEYS_UNAVAILABLE";
     /// The token is not a well-formed JWT.
     TokenMalformed => Unauthenticated, "TOKEN_MALFORMED";
     /// `exp` is in the past.

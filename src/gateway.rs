@@ -46,7 +46,7 @@ pub const METHOD_DESCRIBE: &str = "/xgate.v1.Catalog/DescribeDataset";
 /// Everything derived from one policy file; swapped atomically as a whole.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     pub limits: RateLimits,
     pub upstreams: Upstreams,
 }
@@ -71,7 +71,7 @@ impl WeakGateway {
 #[derive(Debug)]
 struct Inner {
     snapshot: ArcSwap<Snapshot>,
-    tokens: TokenVerifier,
+    tokens: Arc<TokenVerifier>,
     audit: AuditLog,
     limits: Limits,
     max_timeout: Duration,
@@ -100,6 +100,8 @@ struct OpenStream {
 struct Authenticated {
     system: SystemId,
     claims: Arc<Claims>,
+    /// The token is bound to the presenting certificate (RFC 8705).
+    bound: bool,
 }
 
 /// One call in progress: its trace id and its audit record.
@@ -111,7 +113,7 @@ struct Call {
 impl Gateway {
     pub fn new(
         snapshot: Snapshot,
-        tokens: TokenVerifier,
+        tokens: Arc<TokenVerifier>,
         audit: AuditLog,
         limits: Limits,
         max_timeout: Duration,
@@ -209,7 +211,11 @@ impl Gateway {
     }
 
     /// Stage `authenticate`: certificate identity, then the token, then their agreement.
-    fn authenticate<T>(&self, call: &mut Call, req: &Request<T>) -> Result<Authenticated, Reject> {
+    async fn authenticate<T>(
+        &self,
+        call: &mut Call,
+        req: &Request<T>,
+    ) -> Result<Authenticated, Reject> {
         let peer = req.extensions().get::<Peer>().ok_or_else(|| {
             // Only reachable if the server is wired without the TLS acceptor: a bug.
             tracing::error!(trace_id = %call.trace_id, "request without peer info");
@@ -229,6 +235,7 @@ impl Gateway {
             .inner
             .tokens
             .verify_header(header)
+            .await
             .map_err(|r| r.with_rule("identity:token"))?;
         call.pending.rec().token_subject = Some(claims.sub.clone());
         if claims.dept != system.dept {
@@ -241,7 +248,23 @@ impl Gateway {
             )
             .with_rule("identity:token-department-binding"));
         }
-        Ok(Authenticated { system, claims })
+        // RFC 8705: a bound token is only good with the certificate it was bound to.
+        let bound = match claims.bound_thumbprint() {
+            None => false,
+            Some(t) if t == peer.x5t_s256 => true,
+            Some(_) => {
+                return Err(Reject::new(
+                    Reason::TokenBindingMismatch,
+                    "the token is bound to another certificate than the one presented",
+                )
+                .with_rule("identity:certificate-bound-token"));
+            }
+        };
+        Ok(Authenticated {
+            system,
+            claims,
+            bound,
+        })
     }
 
     /// Stage `finish`: commit the record with the outcome and build the reply.
@@ -285,6 +308,7 @@ impl Gateway {
             dept: &who.system.dept,
             system: &who.system.system,
             token_purposes: who.claims.purposes.as_deref(),
+            token_bound: who.bound,
         };
         let ask = policy::Request {
             dataset: &req.dataset,
@@ -364,7 +388,7 @@ impl Gateway {
         call: &mut Call,
         req: Request<QueryRequest>,
     ) -> Result<QueryResponse, Reject> {
-        let who = self.authenticate(call, &req)?;
+        let who = self.authenticate(call, &req).await?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         let deadline = self.deadline(&req);
@@ -401,7 +425,7 @@ impl Gateway {
         call: &mut Call,
         req: Request<QueryRequest>,
     ) -> Result<OpenStream, Reject> {
-        let who = self.authenticate(call, &req)?;
+        let who = self.authenticate(call, &req).await?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         // A bulk stream is bounded by the caller's deadline if it set one; otherwise each
@@ -449,6 +473,7 @@ impl Gateway {
             dept: &open.who.system.dept,
             system: &open.who.system.system,
             token_purposes: open.who.claims.purposes.as_deref(),
+            token_bound: open.who.bound,
         };
         let ask = policy::Request {
             dataset: &a.dataset,
@@ -546,12 +571,12 @@ impl Gateway {
         }
     }
 
-    fn list_inner(
+    async fn list_inner(
         &self,
         call: &mut Call,
         req: &Request<pb::ListDatasetsRequest>,
     ) -> Result<pb::ListDatasetsResponse, Reject> {
-        self.authenticate(call, req)?;
+        self.authenticate(call, req).await?;
         let snap = self.snapshot();
         let rec = call.pending.rec();
         rec.policy_version = snap.policy.version.clone();
@@ -571,12 +596,12 @@ impl Gateway {
         })
     }
 
-    fn describe_inner(
+    async fn describe_inner(
         &self,
         call: &mut Call,
         req: &Request<pb::DescribeDatasetRequest>,
     ) -> Result<pb::DescribeDatasetResponse, Reject> {
-        let who = self.authenticate(call, req)?;
+        let who = self.authenticate(call, req).await?;
         let snap = self.snapshot();
         let p = &snap.policy;
         let body = req.get_ref();
@@ -630,6 +655,7 @@ fn describe_access(
         dept,
         system: sys,
         token_purposes,
+        token_bound: who_dept_sys.bound,
     };
     let ask = policy::Request {
         dataset,
@@ -976,7 +1002,7 @@ impl pb::catalog_server::Catalog for Gateway {
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let mut call = self.begin(METHOD_LIST, &req)?;
-        let result = self.list_inner(&mut call, &req);
+        let result = self.list_inner(&mut call, &req).await;
         self.finish(call, result).await
     }
 
@@ -985,7 +1011,7 @@ impl pb::catalog_server::Catalog for Gateway {
         req: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DescribeDatasetResponse>, Status> {
         let mut call = self.begin(METHOD_DESCRIBE, &req)?;
-        let result = self.describe_inner(&mut call, &req);
+        let result = self.describe_inner(&mut call, &req).await;
         self.finish(call, result).await
     }
 }

@@ -26,11 +26,17 @@ pub struct PeerInfo {
     pub identity: Result<SystemId, String>,
     /// `sha256:` + hex SHA-256 of the leaf certificate (DER).
     pub fingerprint: String,
+    /// base64url SHA-256 of the leaf (DER): what RFC 8705 `cnf.x5t#S256` binds a token to.
+    pub x5t_s256: String,
     pub remote: SocketAddr,
 }
 
 /// Per-connection peer info, shared by every request on the connection.
 pub type Peer = Arc<PeerInfo>;
+
+/// Identities for certificates that carry no SAN URI (legacy systems), by fingerprint
+/// (`sha256:<hex>` of the certificate). Anything not mapped is refused.
+pub type IdentityMap = std::collections::HashMap<String, SystemId>;
 
 /// Parse `spiffe://<td>/dept/<dept>/sys/<system>` for the expected trust domain.
 pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Option<SystemId> {
@@ -59,13 +65,21 @@ fn valid_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Read the identity and fingerprint from a leaf certificate (DER).
-pub fn peer_info(leaf_der: &[u8], trust_domain: &str, remote: SocketAddr) -> PeerInfo {
+/// Read the identity and fingerprint from a leaf certificate (DER): the SAN URI, else the
+/// configured fingerprint mapping, else none.
+pub fn peer_info(
+    leaf_der: &[u8],
+    trust_domain: &str,
+    map: &IdentityMap,
+    remote: SocketAddr,
+) -> PeerInfo {
     let fingerprint = format!("sha256:{}", hex::encode(Sha256::digest(leaf_der)));
-    let identity = identity_of(leaf_der, trust_domain);
+    let identity = identity_of(leaf_der, trust_domain)
+        .or_else(|why| map.get(&fingerprint).cloned().ok_or(why));
     PeerInfo {
         identity,
         fingerprint,
+        x5t_s256: crate::token::x5t_s256(leaf_der),
         remote,
     }
 }

@@ -23,6 +23,7 @@ pub mod devpki;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod jwks_fetch;
 pub mod pb;
 pub mod policy;
 pub mod provider;

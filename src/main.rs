@@ -282,6 +282,7 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                     dept: &consumer,
                     system: &system,
                     token_purposes: None,
+                    token_bound: false,
                 },
                 xgate::policy::Request {
                     dataset: &dataset,

@@ -46,7 +46,7 @@ pub struct FailedReload {
 pub struct Reloader {
     path: PathBuf,
     gateway: WeakGateway,
-    upstream: UpstreamTls,
+    upstream: Mutex<UpstreamTls>,
     mask_key_set: bool,
     /// Serialises reloads and holds the status.
     status: Mutex<PolicyStatus>,
@@ -60,7 +60,7 @@ impl Reloader {
         Self {
             path: path.to_owned(),
             gateway: gateway.downgrade(),
-            upstream,
+            upstream: Mutex::new(upstream),
             mask_key_set: mask_key.is_set(),
             status: Mutex::new(PolicyStatus {
                 path: path.display().to_string(),
@@ -108,8 +108,13 @@ impl Reloader {
                     return Err(vec!["the gateway is shutting down".into()]);
                 };
                 let old = gateway.snapshot();
+                let up = self
+                    .upstream
+                    .lock()
+                    .map_err(|_| vec!["upstream TLS state poisoned".to_owned()])?
+                    .clone();
                 let snap =
-                    server::snapshot(policy, &self.upstream, Some(&old)).map_err(|e| vec![e])?;
+                    server::snapshot(Arc::new(policy), &up, Some(&old)).map_err(|e| vec![e])?;
                 gateway.swap(snap);
                 tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
                 metrics::counter!("xgate_policy_reloads_total", "result" => "ok").increment(1);
@@ -139,37 +144,91 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// Install a new upstream client certificate / CA: the same policy with fresh provider
+    /// channels. Calls in flight finish on the old channels.
+    pub fn rotate_upstream(&self, up: UpstreamTls) -> Result<(), String> {
+        let gateway = self
+            .gateway
+            .upgrade()
+            .ok_or("the gateway is shutting down")?;
+        let mut cur = self
+            .upstream
+            .lock()
+            .map_err(|_| "upstream TLS state poisoned")?;
+        let old = gateway.snapshot();
+        let fresh = server::snapshot(old.policy.clone(), &up, None)?;
+        // Keep the limiter state: only the channels are new.
+        let snap = crate::gateway::Snapshot {
+            limits: crate::ratelimit::RateLimits::for_policy(&old.policy, Some(&old.limits)),
+            ..fresh
+        };
+        gateway.swap(snap);
+        *cur = up;
+        tracing::info!("upstream client certificate and CA reloaded");
+        Ok(())
+    }
+}
+
 /// Watch the policy file's directory (editors replace files rather than write them) and
 /// reload shortly after the file changes. Returns the watcher; dropping it stops watching.
 pub fn watch_file(reloader: Arc<Reloader>) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{RecursiveMode, Watcher};
     let path = reloader.path.clone();
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
-    let name = path.file_name().map(|n| n.to_owned());
+    watch_paths(vec![path], "policy", move || {
+        let _ = reloader.reload("file-change");
+    })
+}
+
+/// Call `on_change` (on a blocking thread) shortly after any of `paths` changes. The
+/// directories are watched, not the files, so editors' rename-over-the-file saves and
+/// Kubernetes' symlink swaps of mounted secrets are seen.
+pub fn watch_paths(
+    paths: Vec<PathBuf>,
+    what: &'static str,
+    on_change: impl Fn() + Send + Sync + 'static,
+) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{RecursiveMode, Watcher};
+    let names: Vec<std::ffi::OsString> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev
             && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+            && ev.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.iter().any(|m| m == n) || n == "..data")
+            })
         {
             let _ = tx.try_send(());
         }
     })
-    .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    .map_err(|e| format!("cannot watch {what} files: {e}"))?;
+    for d in &dirs {
+        watcher
+            .watch(d, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+    }
+    let on_change = Arc::new(on_change);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Let the writer finish (several events arrive per save).
             tokio::time::sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
-            let r = reloader.clone();
-            let _ = tokio::task::spawn_blocking(move || r.reload("file-change")).await;
+            let f = on_change.clone();
+            let _ = tokio::task::spawn_blocking(move || f()).await;
         }
     });
     Ok(watcher)

@@ -17,7 +17,7 @@ use crate::{
     ratelimit::RateLimits,
     reload::{self, Reloader},
     tls,
-    token::{TokenSettings, TokenVerifier},
+    token::TokenVerifier,
     upstream::{UpstreamTls, Upstreams},
 };
 
@@ -64,7 +64,7 @@ impl Running {
 /// Derive a policy's snapshot (limiters, provider channels), reusing what `previous` had
 /// for unchanged grants and providers.
 pub fn snapshot(
-    policy: Policy,
+    policy: Arc<Policy>,
     up: &UpstreamTls,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, String> {
@@ -75,6 +75,49 @@ pub fn snapshot(
         limits,
         upstreams,
     })
+}
+
+/// Rebuild the server TLS config and the upstream TLS from their files; on any error keep
+/// what is in use and say why.
+fn rotate_tls(
+    files: &tls::ServerTlsFiles,
+    live: &tls::LiveServerConfig,
+    reloader: &Reloader,
+    up: &crate::config::Upstream,
+    max_msg: usize,
+) {
+    match tls::server_config(files) {
+        Ok(c) => {
+            live.store(c);
+            metrics::counter!("xgate_tls_reloads_total", "side" => "server", "result" => "ok")
+                .increment(1);
+            tracing::info!("server certificates, client CA and CRLs reloaded");
+        }
+        Err(e) => {
+            metrics::counter!("xgate_tls_reloads_total", "side" => "server", "result" => "error")
+                .increment(1);
+            tracing::error!(error = %e, "server TLS reload refused; the previous certificates stay in use");
+        }
+    }
+    match UpstreamTls::load(
+        &up.ca,
+        &up.cert,
+        &up.key,
+        Duration::from_millis(up.connect_timeout_ms),
+        max_msg,
+    )
+    .and_then(|u| reloader.rotate_upstream(u))
+    {
+        Ok(()) => {
+            metrics::counter!("xgate_tls_reloads_total", "side" => "upstream", "result" => "ok")
+                .increment(1);
+        }
+        Err(e) => {
+            metrics::counter!("xgate_tls_reloads_total", "side" => "upstream", "result" => "error")
+                .increment(1);
+            tracing::error!(error = %e, "upstream TLS reload refused; the previous certificate stays in use");
+        }
+    }
 }
 
 /// Build everything from `cfg`, bind, and start serving in the background.
@@ -88,20 +131,21 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         errs.extend(e);
         return Err(StartError(errs));
     }
-    let server_tls = tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
+    let tls_files = cfg.tls.files();
+    let server_tls = tls::server_config(&tls_files)
         .map_err(|e| errs.push(format!("tls: {e}")))
         .ok();
-    let tokens = TokenVerifier::from_jwks_file(
-        &cfg.jwt.jwks,
-        TokenSettings {
-            issuer: cfg.jwt.issuer.clone(),
-            audience: cfg.jwt.audience.clone(),
-            leeway_secs: cfg.jwt.leeway_secs,
-            cache_capacity: cfg.jwt.cache_capacity,
-        },
-    )
-    .map_err(|e| errs.push(format!("jwt.jwks: {e}")))
-    .ok();
+    let tokens = match (cfg.jwt.source(), cfg.jwt.settings()) {
+        (Ok(src), Ok(settings)) => TokenVerifier::new(src, settings)
+            .await
+            .map_err(|e| errs.push(format!("jwt: {e}")))
+            .ok()
+            .map(Arc::new),
+        (a, b) => {
+            errs.extend(a.err().into_iter().chain(b.err()));
+            None
+        }
+    };
     let policy = Policy::load(&cfg.policy)
         .map_err(|e| {
             for pe in e.0 {
@@ -137,7 +181,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if !errs.is_empty() {
         return Err(StartError(errs));
     }
-    let snap = snapshot(policy, &up, None).map_err(|e| StartError(vec![e]))?;
+    let snap = snapshot(Arc::new(policy), &up, None).map_err(|e| StartError(vec![e]))?;
     let policy_version = snap.policy.version.clone();
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -150,6 +194,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let audit_path = writer.path.clone();
     let handshake_audit = audit_log.clone();
 
+    let tokens_for_refresh = tokens.clone();
     let gateway = Gateway::new(
         snap,
         tokens,
@@ -177,6 +222,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             }
         })
     };
+    let jwks_refresher = tokens_for_refresh.spawn_refresher();
     let cutter = gateway.clone();
     // Live policy changes: file watch, SIGHUP, admin endpoint.
     let reloader = Arc::new(Reloader::new(
@@ -185,6 +231,24 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         up,
         &mask_key_for_reload,
     ));
+    // Certificate rotation: server cert/key, client CA, CRLs and the upstream client
+    // certificate reload when their files change; established connections keep theirs.
+    let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
+    let tls_watcher = if cfg.tls.watch {
+        let (files, live, r) = (tls_files.clone(), live_tls.clone(), reloader.clone());
+        let up_cfg = cfg.upstream.clone();
+        let max_msg = cfg.limits.max_message_bytes;
+        let mut paths = files.paths();
+        paths.extend([up_cfg.ca.clone(), up_cfg.cert.clone(), up_cfg.key.clone()]);
+        Some(
+            reload::watch_paths(paths, "certificates", move || {
+                rotate_tls(&files, &live, &r, &up_cfg, max_msg);
+            })
+            .map_err(|e| StartError(vec![e]))?,
+        )
+    } else {
+        None
+    };
     let watcher = if cfg.watch_policy {
         Some(reload::watch_file(reloader.clone()).map_err(|e| StartError(vec![e]))?)
     } else {
@@ -216,8 +280,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
 
     let incoming = tls::incoming(
         listener,
-        server_tls,
+        live_tls,
         Arc::from(cfg.trust_domain.as_str()),
+        Arc::new(cfg.tls.identity_map()),
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
         handshake_audit,
     );
@@ -256,8 +321,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             },
         };
         drop(cutter);
+        jwks_refresher.abort();
         let _ = admin_stop_tx.send(());
         drop(watcher);
+        drop(tls_watcher);
         #[cfg(unix)]
         if let Some(h) = sighup {
             h.abort();

@@ -32,7 +32,7 @@ use tonic::transport::server::Connected;
 use crate::{
     audit::{self, AuditLog, AuditRecord, Pending},
     error::Reason,
-    identity::{Peer, peer_info},
+    identity::{IdentityMap, Peer, peer_info},
 };
 
 /// Errors building TLS configuration from files.
@@ -75,35 +75,89 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey { path: p })
 }
 
-/// A server config that requires a client certificate chaining to `client_ca`, speaks h2.
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
-    client_ca: &Path,
-) -> Result<Arc<ServerConfig>, TlsError> {
+/// What the server's TLS is built from; rebuilt whenever one of these files changes.
+#[derive(Debug, Clone)]
+pub struct ServerTlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// CA bundle client certificates must chain to.
+    pub client_ca: std::path::PathBuf,
+    /// Certificate revocation lists (PEM or DER); revoked client certificates fail the handshake.
+    pub crls: Vec<std::path::PathBuf>,
+    /// Also accept TLS 1.2 (default: TLS 1.3 only).
+    pub allow_tls12: bool,
+}
+
+impl ServerTlsFiles {
+    /// Every file the config depends on.
+    pub fn paths(&self) -> Vec<std::path::PathBuf> {
+        let mut v = vec![self.cert.clone(), self.key.clone(), self.client_ca.clone()];
+        v.extend(self.crls.iter().cloned());
+        v
+    }
+}
+
+fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls::pki_types::CertificateRevocationListDer as Crl;
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    let pem: Vec<Crl<'static>> = Crl::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+    if pem.is_empty() {
+        // Not PEM: a single DER CRL.
+        return Ok(vec![Crl::from(bytes)]);
+    }
+    Ok(pem)
+}
+
+/// A server config that requires a client certificate chaining to the client CA and not
+/// revoked by any CRL, speaks h2, and TLS 1.3 (plus 1.2 when allowed).
+pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for c in load_certs(client_ca)? {
+    for c in load_certs(&files.client_ca)? {
         roots.add(c).map_err(|e| TlsError::Invalid {
-            path: client_ca.display().to_string(),
+            path: files.client_ca.display().to_string(),
             message: e.to_string(),
         })?;
     }
+    let mut crls = Vec::new();
+    for p in &files.crls {
+        crls.extend(load_crls(p)?);
+    }
     let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .with_crls(crls)
         .build()
         .map_err(|e| TlsError::Invalid {
-            path: client_ca.display().to_string(),
+            path: files.client_ca.display().to_string(),
             message: e.to_string(),
         })?;
-    let mut cfg = ServerConfig::builder()
+    let versions: &[&rustls::SupportedProtocolVersion] = if files.allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut cfg = ServerConfig::builder_with_protocol_versions(versions)
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(|e| TlsError::Invalid {
-            path: key.display().to_string(),
+            path: files.key.display().to_string(),
             message: e.to_string(),
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// The server config in use; swapped whole when certificates, CA or CRLs change.
+pub type LiveServerConfig = Arc<arc_swap::ArcSwap<ServerConfig>>;
 
 /// An accepted, authenticated TLS connection and its peer.
 pub struct TlsConn {
@@ -169,13 +223,13 @@ impl AsyncWrite for TlsConn {
 /// The accept loop ends when the returned stream is dropped (the server stopped accepting).
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: LiveServerConfig,
     trust_domain: Arc<str>,
+    identity_map: Arc<IdentityMap>,
     handshake_timeout: Duration,
     audit: AuditLog,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -191,28 +245,41 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // Each handshake uses the config current at accept time; established
+            // connections keep theirs.
+            let acceptor = TlsAcceptor::from(config.load_full());
+            let identity_map = identity_map.clone();
             let tx = tx.clone();
             let td = trust_domain.clone();
             let audit = audit.clone();
             tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "TLS handshake failed");
-                            if let Some(tls_err) =
-                                e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-                            {
-                                audit_refused_handshake(audit, remote, tls_err).await;
-                            }
-                            return;
+                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake failed");
+                        if let Some(tls_err) =
+                            e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+                        {
+                            audit_refused_handshake(
+                                audit,
+                                remote,
+                                Reason::TlsHandshakeFailed,
+                                tls_err.to_string(),
+                            )
+                            .await;
                         }
-                        Err(_) => {
-                            tracing::info!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        let why = format!("no completed handshake within {handshake_timeout:?}");
+                        audit_refused_handshake(audit, remote, Reason::TlsHandshakeTimeout, why)
+                            .await;
+                        return;
+                    }
+                };
                 let Some(leaf) = stream
                     .get_ref()
                     .1
@@ -223,7 +290,7 @@ pub fn incoming(
                     tracing::warn!(%remote, "TLS connection without a client certificate");
                     return;
                 };
-                let peer = Arc::new(peer_info(leaf.as_ref(), &td, remote));
+                let peer = Arc::new(peer_info(leaf.as_ref(), &td, &identity_map, remote));
                 if let Err(why) = &peer.identity {
                     tracing::info!(%remote, fingerprint = %peer.fingerprint, %why, "client certificate without system identity");
                 }
@@ -238,9 +305,9 @@ pub fn incoming(
 async fn audit_refused_handshake(
     audit: AuditLog,
     remote: std::net::SocketAddr,
-    err: &rustls::Error,
+    reason: Reason,
+    detail: String,
 ) {
-    let reason = Reason::TlsHandshakeFailed;
     let rec = AuditRecord {
         time: audit::now_rfc3339(),
         trace_id: audit::new_trace_id(),
@@ -249,7 +316,7 @@ async fn audit_refused_handshake(
         decision: "deny",
         rule: Some("tls:client-certificate".into()),
         reason: Some(reason.as_str().into()),
-        detail: Some(err.to_string()),
+        detail: Some(detail),
         ..AuditRecord::default()
     };
     Pending::new(audit, rec).commit(reason.code()).await;

@@ -1,18 +1,32 @@
-//! The caller's JWT: verified against a JWKS (signature, `iss`, `aud`, `exp`, `nbf`) and bound
-//! to the certificate's department.
+//! The caller's JWT: verified against the identity provider's keys (JWKS from a file or an
+//! HTTPS URL), with an algorithm allow-list, time checks, a lifetime cap, a size cap, and an
+//! optional certificate binding (RFC 8705 `cnf.x5t#S256`, checked by the gateway per call).
 //!
-//! Verified tokens are cached (keyed by the SHA-256 of the token, bounded, honouring `exp`), so
-//! a busy system does not pay a signature check on every call. The cache holds only tokens
-//! that verified; every hit re-checks time validity.
+//! Keys are refreshed on an interval and when a token names an unknown `kid` (at most once per
+//! `unknown_kid_refresh_secs`, so a flood of bogus `kid`s cannot hammer the identity
+//! provider). When the provider is down, the last good keys keep working for
+//! `keys_max_age_secs` after they were fetched; with no usable keys at all the answer is
+//! `UNAVAILABLE`/`TOKEN_KEYS_UNAVAILABLE`, never `UNAUTHENTICATED`: "the identity provider is
+//! unreachable" is not "your token is bad".
+//!
+//! Verified tokens are cached (keyed by the SHA-256 of the token, bounded, honouring `exp`,
+//! dropped when their signing key leaves the key set), so a busy system does not pay a
+//! signature check per call.
 
 use std::{
     collections::HashMap,
-    path::Path,
+    path::PathBuf,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
+use arc_swap::ArcSwapOption;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation,
+    errors::ErrorKind,
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -26,9 +40,28 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default)]
     pub nbf: Option<u64>,
+    #[serde(default)]
+    pub iat: Option<u64>,
     /// Purposes the token was issued for; absent: any purpose the grant allows.
     #[serde(default)]
     pub purposes: Option<Vec<String>>,
+    /// RFC 8705 confirmation: the certificate the token is bound to.
+    #[serde(default)]
+    pub cnf: Option<Confirmation>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Confirmation {
+    /// base64url(SHA-256(certificate DER)).
+    #[serde(rename = "x5t#S256", default)]
+    pub x5t_s256: Option<String>,
+}
+
+impl Claims {
+    /// The certificate thumbprint the token is bound to, if it is bound.
+    pub fn bound_thumbprint(&self) -> Option<&str> {
+        self.cnf.as_ref().and_then(|c| c.x5t_s256.as_deref())
+    }
 }
 
 /// Settings for token verification.
@@ -36,10 +69,56 @@ pub struct Claims {
 pub struct TokenSettings {
     pub issuer: String,
     pub audience: String,
-    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    /// Clock skew tolerated on `exp`/`nbf`/`iat`, seconds.
     pub leeway_secs: u64,
     /// Verified tokens kept in the cache.
     pub cache_capacity: usize,
+    /// Accepted algorithms. `none` is never accepted; HMAC ones only with `hmac_secret`.
+    pub algorithms: Vec<Algorithm>,
+    /// Longest accepted lifetime (`exp - iat`, or `exp - now` without `iat`), seconds.
+    pub max_lifetime_secs: u64,
+    /// Largest accepted `authorization` header, bytes; checked before any parsing.
+    pub max_token_bytes: usize,
+    /// Shared secret for HS256/384/512 (only if those are in `algorithms`).
+    pub hmac_secret: Option<Vec<u8>>,
+    /// How long the last good keys stay usable after they were fetched.
+    pub keys_max_age_secs: u64,
+    /// How often keys are re-fetched.
+    pub refresh_interval_secs: u64,
+    /// At most one on-demand refresh (unknown `kid`) per this many seconds.
+    pub unknown_kid_refresh_secs: u64,
+}
+
+impl TokenSettings {
+    /// Defaults for everything but issuer and audience.
+    pub fn new(issuer: &str, audience: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            leeway_secs: 30,
+            cache_capacity: 10_000,
+            algorithms: vec![Algorithm::ES256, Algorithm::RS256, Algorithm::EdDSA],
+            max_lifetime_secs: 24 * 3600,
+            max_token_bytes: 8 * 1024,
+            hmac_secret: None,
+            keys_max_age_secs: 24 * 3600,
+            refresh_interval_secs: 300,
+            unknown_kid_refresh_secs: 30,
+        }
+    }
+}
+
+/// Where the identity provider's public keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// An HTTPS URL, verified against `ca_pem`.
+    Url {
+        url: http::Uri,
+        ca_pem: Vec<u8>,
+    },
+    /// Fixed keys (tests, embedding).
+    Static(Vec<u8>),
 }
 
 struct Key {
@@ -47,87 +126,223 @@ struct Key {
     validation: Validation,
 }
 
+struct KeySet {
+    keys: HashMap<String, Key>,
+    /// The only key, when the set has exactly one (tokens may then omit `kid`).
+    single: Option<String>,
+    fetched: Instant,
+}
+
+struct Cached {
+    claims: Arc<Claims>,
+    /// The signing key, re-checked on every hit: a key removed from the JWKS takes its
+    /// tokens with it.
+    kid: Option<String>,
+}
+
 /// Verifies bearer tokens.
 pub struct TokenVerifier {
-    keys: HashMap<String, Key>,
-    /// The only key, when the JWKS has exactly one (tokens may then omit `kid`).
-    single: Option<String>,
     settings: TokenSettings,
-    cache: Mutex<HashMap<[u8; 32], Arc<Claims>>>,
+    source: JwksSource,
+    keys: ArcSwapOption<KeySet>,
+    hmac: Option<(DecodingKey, Vec<Algorithm>)>,
+    last_on_demand: Mutex<Option<Instant>>,
+    refreshing: tokio::sync::Mutex<()>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<String> = self
+            .keys
+            .load()
+            .as_ref()
+            .map(|k| k.keys.keys().cloned().collect())
+            .unwrap_or_default();
         f.debug_struct("TokenVerifier")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("kids", &kids)
             .finish_non_exhaustive()
     }
 }
 
 impl TokenVerifier {
-    /// Load a JWKS file (`{"keys": [...]}`).
-    pub fn from_jwks_file(path: &Path, settings: TokenSettings) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::from_jwks(&bytes, settings).map_err(|e| format!("{}: {e}", path.display()))
+    /// Build a verifier and load its keys once. A file or static source must load; a URL that
+    /// cannot be reached leaves the verifier without keys (calls get `UNAVAILABLE`) until a
+    /// refresh succeeds.
+    pub async fn new(source: JwksSource, settings: TokenSettings) -> Result<Self, String> {
+        if settings.algorithms.is_empty() {
+            return Err("jwt.algorithms: allow at least one algorithm".into());
+        }
+        let hmac_algs: Vec<Algorithm> = settings
+            .algorithms
+            .iter()
+            .copied()
+            .filter(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+            .collect();
+        let hmac = match (&settings.hmac_secret, hmac_algs.is_empty()) {
+            (Some(secret), false) => {
+                if secret.len() < 32 {
+                    return Err(
+                        "jwt.hmac_secret_file: an HMAC secret needs at least 32 bytes".into(),
+                    );
+                }
+                Some((DecodingKey::from_secret(secret), hmac_algs))
+            }
+            (None, false) => {
+                return Err("jwt.algorithms: HMAC algorithms need `hmac_secret_file`".into());
+            }
+            _ => None,
+        };
+        let v = Self {
+            settings,
+            source,
+            keys: ArcSwapOption::empty(),
+            hmac,
+            last_on_demand: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+            cache: Mutex::new(HashMap::new()),
+        };
+        match (&v.source, v.refresh().await) {
+            (_, Ok(_)) => {}
+            (JwksSource::Url { url, .. }, Err(e)) => {
+                tracing::error!(%url, error = %e, "JWKS unavailable at start-up; calls get UNAVAILABLE until it loads");
+            }
+            (_, Err(e)) => return Err(e),
+        }
+        Ok(v)
     }
 
-    pub fn from_jwks(json: &[u8], settings: TokenSettings) -> Result<Self, String> {
+    /// Fixed keys from JWKS JSON (tests, embedding).
+    pub async fn from_jwks(json: &[u8], settings: TokenSettings) -> Result<Self, String> {
+        Self::new(JwksSource::Static(json.to_vec()), settings).await
+    }
+
+    /// Fetch the key set now and install it if it parses. Returns how many keys it has.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let bytes = match &self.source {
+            JwksSource::File(p) => tokio::fs::read(p)
+                .await
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+            JwksSource::Url { url, ca_pem } => crate::jwks_fetch::get(url, ca_pem).await?,
+            JwksSource::Static(b) => b.clone(),
+        };
+        let set = self.parse(&bytes)?;
+        let n = set.keys.len();
+        self.keys.store(Some(Arc::new(set)));
+        metrics::counter!("xgate_jwks_refresh_total", "result" => "ok").increment(1);
+        Ok(n)
+    }
+
+    /// Re-fetch the keys every `refresh_interval_secs` (failures keep the last good keys).
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let every = Duration::from_secs(self.settings.refresh_interval_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(v) = me.upgrade() else { return };
+                if let Err(e) = v.refresh().await {
+                    metrics::counter!("xgate_jwks_refresh_total", "result" => "error").increment(1);
+                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good keys");
+                }
+            }
+        })
+    }
+
+    fn parse(&self, json: &[u8]) -> Result<KeySet, String> {
         let set: JwkSet = serde_json::from_slice(json).map_err(|e| format!("not a JWKS: {e}"))?;
         let mut keys = HashMap::new();
         for (i, jwk) in set.keys.iter().enumerate() {
-            let kid = jwk
-                .common
-                .key_id
-                .clone()
-                .ok_or_else(|| format!("keys[{i}] has no `kid`"))?;
-            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
-                (Some(a), _) => Algorithm::from_str_opt(&a.to_string()),
-                (None, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)) => match ec.curve
-                {
-                    jsonwebtoken::jwk::EllipticCurve::P256 => Some(Algorithm::ES256),
-                    jsonwebtoken::jwk::EllipticCurve::P384 => Some(Algorithm::ES384),
-                    jsonwebtoken::jwk::EllipticCurve::Ed25519 => Some(Algorithm::EdDSA),
-                    _ => None,
-                },
-                (None, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => Some(Algorithm::RS256),
-                _ => None,
+            match self.parse_key(jwk) {
+                Ok((kid, key)) => {
+                    keys.insert(kid, key);
+                }
+                Err(e) => tracing::warn!(key = i, error = %e, "JWKS key skipped"),
             }
-            .ok_or_else(|| format!("keys[{i}] (`{kid}`): unsupported or missing `alg`"))?;
-            if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-                return Err(format!("keys[{i}] (`{kid}`): HMAC keys are not accepted"));
-            }
-            let key =
-                DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{i}] (`{kid}`): {e}"))?;
-            let mut v = Validation::new(alg);
-            v.set_issuer(&[&settings.issuer]);
-            v.set_audience(&[&settings.audience]);
-            v.leeway = settings.leeway_secs;
-            v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-            keys.insert(kid, Key { key, validation: v });
         }
         if keys.is_empty() {
-            return Err("the JWKS has no keys".into());
+            return Err("the JWKS has no usable keys for the allowed algorithms".into());
         }
         let single = (keys.len() == 1)
             .then(|| keys.keys().next().cloned())
             .flatten();
-        Ok(Self {
+        Ok(KeySet {
             keys,
             single,
-            settings,
-            cache: Mutex::new(HashMap::new()),
+            fetched: Instant::now(),
         })
     }
 
+    fn parse_key(&self, jwk: &Jwk) -> Result<(String, Key), String> {
+        let kid = jwk.common.key_id.clone().ok_or("no `kid`")?;
+        // The algorithm the key's type allows; a stated `alg` must agree with it.
+        let by_type = match &jwk.algorithm {
+            AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                EllipticCurve::P256 => vec![Algorithm::ES256],
+                EllipticCurve::P384 => vec![Algorithm::ES384],
+                _ => vec![],
+            },
+            AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+                vec![Algorithm::EdDSA]
+            }
+            AlgorithmParameters::RSA(_) => vec![
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+            ],
+            _ => vec![],
+        };
+        let alg = match &jwk.common.key_algorithm {
+            Some(a) => {
+                let a: Algorithm = a
+                    .to_string()
+                    .parse()
+                    .map_err(|_| format!("`{kid}`: unsupported alg {a:?}"))?;
+                if !by_type.contains(&a) {
+                    return Err(format!("`{kid}`: alg {a:?} does not match the key type"));
+                }
+                a
+            }
+            None => *by_type
+                .first()
+                .ok_or(format!("`{kid}`: unsupported key type"))?,
+        };
+        if !self.settings.algorithms.contains(&alg) {
+            return Err(format!("`{kid}`: {alg:?} is not an allowed algorithm"));
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("`{kid}`: {e}"))?;
+        let mut v = Validation::new(alg);
+        v.set_issuer(&[&self.settings.issuer]);
+        v.set_audience(&[&self.settings.audience]);
+        v.leeway = self.settings.leeway_secs;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        Ok((kid, Key { key, validation: v }))
+    }
+
     /// Verify a token from an `authorization` header value.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Arc<Claims>, Reject> {
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Arc<Claims>, Reject> {
         let Some(h) = header else {
             return Err(Reject::new(
                 Reason::TokenMissing,
                 "send `authorization: Bearer <JWT>` issued by the province's identity provider",
             ));
         };
+        if h.len() > self.settings.max_token_bytes {
+            return Err(Reject::new(
+                Reason::TokenTooLarge,
+                format!(
+                    "the authorization header exceeds {} bytes",
+                    self.settings.max_token_bytes
+                ),
+            ));
+        }
         let token = h
             .strip_prefix("Bearer ")
             .or_else(|| h.strip_prefix("bearer "))
@@ -139,56 +354,168 @@ impl TokenVerifier {
                     "the authorization header is not `Bearer <JWT>`",
                 )
             })?;
-        self.verify(token)
+        self.verify(token).await
     }
 
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Reject> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, Reject> {
         let now = now_secs();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&digest).cloned()) {
-            // Re-check time on every hit: a cached token expires like any other.
-            self.check_times(&c, now)?;
-            return Ok(c);
+        let hit = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&digest).map(|c| (c.claims.clone(), c.kid.clone())));
+        if let Some((claims, kid)) = hit {
+            let key_still_there = match &kid {
+                None => true,
+                Some(k) => self
+                    .keys
+                    .load()
+                    .as_ref()
+                    .is_some_and(|s| s.keys.contains_key(k)),
+            };
+            if key_still_there {
+                // Re-check time on every hit: a cached token expires like any other.
+                self.check_times(&claims, now)?;
+                return Ok(claims);
+            }
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            Reject::new(
-                Reason::TokenMalformed,
-                "the bearer token is not a well-formed JWT",
-            )
-        })?;
-        let kid = header.kid.as_deref().or(self.single.as_deref());
-        let Some(key) = kid.and_then(|k| self.keys.get(k)) else {
+        let header = parse_header(token)?;
+        if !self.settings.algorithms.contains(&header.alg) {
             return Err(Reject::new(
-                Reason::TokenKeyUnknown,
-                "the token's signing key (`kid`) is not one the gateway trusts",
+                Reason::TokenAlgorithmNotAllowed,
+                format!("tokens signed with {:?} are not accepted", header.alg),
             ));
+        }
+        let (claims, kid) = if let Some((key, algs)) =
+            self.hmac.as_ref().filter(|(_, a)| a.contains(&header.alg))
+        {
+            let mut v = Validation::new(header.alg);
+            v.algorithms = algs.clone();
+            v.set_issuer(&[&self.settings.issuer]);
+            v.set_audience(&[&self.settings.audience]);
+            v.leeway = self.settings.leeway_secs;
+            v.validate_nbf = true;
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(map_jwt_error)?;
+            (data.claims, None)
+        } else if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(Reject::new(
+                Reason::TokenAlgorithmNotAllowed,
+                format!("tokens signed with {:?} are not accepted", header.alg),
+            ));
+        } else {
+            let set = self.usable_keys().await?;
+            let kid = header.kid.clone().or_else(|| set.single.clone());
+            let set = match kid.as_deref().map(|k| set.keys.contains_key(k)) {
+                Some(true) => set,
+                // Unknown kid: perhaps the provider rotated keys; look once (rate-limited).
+                _ => self.refresh_for_unknown_kid().await.unwrap_or(set),
+            };
+            let Some(key) = kid.as_deref().and_then(|k| set.keys.get(k)) else {
+                return Err(Reject::new(
+                    Reason::TokenKeyUnknown,
+                    "the token's signing key (`kid`) is not one the identity provider publishes",
+                ));
+            };
+            if header.alg != key.validation.algorithms[0] {
+                return Err(Reject::new(
+                    Reason::TokenSignatureInvalid,
+                    "the token's algorithm does not match its signing key",
+                ));
+            }
+            let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+                .map_err(map_jwt_error)?;
+            (data.claims, kid)
         };
-        if header.alg != key.validation.algorithms[0] {
-            return Err(Reject::new(
-                Reason::TokenSignatureInvalid,
-                "the token's algorithm does not match its signing key",
-            ));
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
-            .map_err(map_jwt_error)?;
-        let claims = Arc::new(data.claims);
         if claims.dept.is_empty() || claims.sub.is_empty() {
             return Err(Reject::new(
                 Reason::TokenClaimMissing,
                 "the token needs non-empty `sub` and `dept` claims",
             ));
         }
+        self.check_times(&claims, now)?;
+        let start = claims.iat.unwrap_or(now).min(now);
+        if claims.exp.saturating_sub(start) > self.settings.max_lifetime_secs {
+            return Err(Reject::new(
+                Reason::TokenLifetimeTooLong,
+                format!(
+                    "the token lives longer than the {} s the gateway accepts; ask for a shorter-lived token",
+                    self.settings.max_lifetime_secs
+                ),
+            ));
+        }
+        let claims = Arc::new(claims);
         if let Ok(mut m) = self.cache.lock() {
             if m.len() >= self.settings.cache_capacity {
                 // Cheap bound: drop the expired, then everything if still full.
-                m.retain(|_, c| c.exp + self.settings.leeway_secs > now);
+                m.retain(|_, c| c.claims.exp + self.settings.leeway_secs > now);
                 if m.len() >= self.settings.cache_capacity {
                     m.clear();
                 }
             }
-            m.insert(digest, claims.clone());
+            m.insert(
+                digest,
+                Cached {
+                    claims: claims.clone(),
+                    kid,
+                },
+            );
         }
         Ok(claims)
+    }
+
+    /// The current keys if still within their lifetime; otherwise try to fetch, and say
+    /// `UNAVAILABLE` if there are none.
+    async fn usable_keys(&self) -> Result<Arc<KeySet>, Reject> {
+        let max_age = Duration::from_secs(self.settings.keys_max_age_secs);
+        let fresh = |k: &Option<Arc<KeySet>>| {
+            k.as_ref()
+                .filter(|s| s.fetched.elapsed() <= max_age)
+                .cloned()
+        };
+        if let Some(k) = fresh(&self.keys.load_full()) {
+            return Ok(k);
+        }
+        if self.take_on_demand_slot() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), self.refresh()).await;
+        }
+        fresh(&self.keys.load_full()).ok_or_else(|| {
+            Reject::new(
+                Reason::TokenKeysUnavailable,
+                "the gateway cannot reach the identity provider's keys to check your token; retry later",
+            )
+        })
+    }
+
+    async fn refresh_for_unknown_kid(&self) -> Option<Arc<KeySet>> {
+        if matches!(self.source, JwksSource::Static(_)) || !self.take_on_demand_slot() {
+            return None;
+        }
+        match tokio::time::timeout(Duration::from_secs(3), self.refresh()).await {
+            Ok(Ok(_)) => self.keys.load_full(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "JWKS refresh for an unknown kid failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// At most one on-demand refresh per `unknown_kid_refresh_secs`.
+    fn take_on_demand_slot(&self) -> bool {
+        let Ok(mut last) = self.last_on_demand.lock() else {
+            return false;
+        };
+        let gap = Duration::from_secs(self.settings.unknown_kid_refresh_secs);
+        if last.is_some_and(|t| t.elapsed() < gap) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     fn check_times(&self, c: &Claims, now: u64) -> Result<(), Reject> {
@@ -205,8 +532,57 @@ impl TokenVerifier {
                 "the token is not valid yet (`nbf`)",
             ));
         }
+        if c.iat.is_some_and(|iat| iat > now + leeway) {
+            return Err(Reject::new(
+                Reason::TokenNotYetValid,
+                "the token was issued in the future (`iat`)",
+            ));
+        }
         Ok(())
     }
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+struct Header {
+    alg: Algorithm,
+    kid: Option<String>,
+}
+
+/// Read the JOSE header ourselves, so `alg: none` and friends get a precise refusal.
+fn parse_header(token: &str) -> Result<Header, Reject> {
+    let malformed = || {
+        Reject::new(
+            Reason::TokenMalformed,
+            "the bearer token is not a well-formed JWT",
+        )
+    };
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed());
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(h).map_err(|_| malformed())?;
+    let raw: RawHeader = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+    if raw.kid.as_ref().is_some_and(|k| k.len() > 256) {
+        return Err(malformed());
+    }
+    let alg = raw.alg.parse::<Algorithm>().map_err(|_| {
+        Reject::new(
+            Reason::TokenAlgorithmNotAllowed,
+            format!(
+                "tokens signed with `{}` are not accepted",
+                raw.alg.chars().take(16).collect::<String>()
+            ),
+        )
+    })?;
+    Ok(Header { alg, kid: raw.kid })
 }
 
 fn map_jwt_error(e: jsonwebtoken::errors::Error) -> Reject {
@@ -250,12 +626,7 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-trait FromStrOpt {
-    fn from_str_opt(s: &str) -> Option<Algorithm>;
-}
-
-impl FromStrOpt for Algorithm {
-    fn from_str_opt(s: &str) -> Option<Algorithm> {
-        s.parse().ok()
-    }
+/// base64url(SHA-256(der)): the RFC 8705 thumbprint of a certificate.
+pub fn x5t_s256(der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(der))
 }

@@ -102,6 +102,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
                         dept: consumer,
                         system: system.unwrap_or(OTHER_SYSTEM),
                         token_purposes: None,
+                        token_bound: false,
                     };
                     let req = Request {
                         dataset,

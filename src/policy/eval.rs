@@ -32,6 +32,8 @@ pub struct Caller<'a> {
     pub system: &'a str,
     /// The token's `purposes` claim, if it has one.
     pub token_purposes: Option<&'a [String]>,
+    /// The token is bound to the presenting certificate (RFC 8705 `cnf`).
+    pub token_bound: bool,
 }
 
 /// What the caller asks for.
@@ -173,6 +175,26 @@ pub fn evaluate_traced(
     t.step("negative-list", || {
         format!("dataset `{}` is not on the negative list", ds.id)
     });
+    let dept = policy.department(caller.dept);
+    let binding_rule = if dept.is_some_and(|d| d.require_bound_tokens) {
+        Some(format!("binding-required:department:{}", caller.dept))
+    } else if ds.require_bound_tokens {
+        Some(format!("binding-required:dataset:{}", ds.id))
+    } else {
+        None
+    };
+    if let Some(rule) = binding_rule {
+        if !caller.token_bound {
+            return Err(Reject::new(
+                Reason::TokenBindingRequired,
+                "this call needs a token bound to your system certificate (RFC 8705 `cnf.x5t#S256`); ask the identity provider for one",
+            )
+            .with_rule(rule));
+        }
+        t.step(&rule, || {
+            "the token is bound to the presenting certificate".into()
+        });
+    }
     t.step(
         &format!("share-type:{:?}", ds.share_type).to_lowercase(),
         || match ds.share_type {

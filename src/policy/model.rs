@@ -63,6 +63,9 @@ pub struct Department {
     pub level: Level,
     /// 6-digit administrative division code, e.g. `330106`.
     pub region: String,
+    /// Every call from this department needs a certificate-bound token.
+    #[serde(default)]
+    pub require_bound_tokens: bool,
 }
 
 /// A department backend serving one or more datasets.
@@ -240,6 +243,9 @@ pub struct Dataset {
     /// The field holding each row's 6-digit region code; needed by grants with a row scope.
     #[serde(default)]
     pub region_field: Option<String>,
+    /// Every call on this dataset needs a certificate-bound token.
+    #[serde(default)]
+    pub require_bound_tokens: bool,
     pub fields: Vec<Field>,
 }
 

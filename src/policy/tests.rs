@@ -114,6 +114,7 @@ fn decide(
             dept,
             system: sys,
             token_purposes: None,
+            token_bound: false,
         },
         Request {
             dataset,
@@ -529,6 +530,7 @@ fn token_purposes_narrow_what_a_grant_allows() {
         dept: "ca",
         system: "s",
         token_purposes: Some(&tp),
+        token_bound: false,
     };
     let ask = |purpose| Request {
         dataset: "people",
@@ -637,6 +639,7 @@ fn filters_must_fit_the_field_and_not_probe_masked_values() {
                 dept: "ca",
                 system: "s",
                 token_purposes: None,
+                token_bound: false,
             },
             Request {
                 dataset: "people",
@@ -866,6 +869,7 @@ fn validity_is_ignored_without_a_clock_and_checked_at_the_edges() {
                 dept: "ps",
                 system: "s",
                 token_purposes: None,
+                token_bound: false,
             },
             Request {
                 dataset: "people",
@@ -1093,6 +1097,7 @@ mod diff_property {
                 dept,
                 system: sys,
                 token_purposes: None,
+                token_bound: false,
             },
             Request {
                 dataset: ds,
