@@ -49,6 +49,8 @@ pub struct Leaf {
     pub client: bool,
     /// Validity as (not_before, not_after) years; default 2025..2045.
     pub years: Option<(i32, i32)>,
+    /// Serial number (random when absent), for revocation lists.
+    pub serial: Option<u64>,
 }
 
 /// A certificate authority that can issue leaves.
@@ -138,8 +140,33 @@ impl DevCa {
                 .subject_alt_names
                 .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         }
+        if let Some(n) = leaf.serial {
+            params.serial_number = Some(rcgen::SerialNumber::from(n));
+        }
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A CRL (PEM) revoking these serial numbers; `crl_number` must grow with each issue.
+    pub fn crl(&self, revoked: &[u64], crl_number: u64) -> Result<String, Error> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(5),
+            next_update: now + time::Duration::days(30),
+            crl_number: rcgen::SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&n| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(n),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

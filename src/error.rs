@@ -112,6 +112,12 @@ reasons! {
     FieldDenied => PermissionDenied, "FIELD_DENIED";
     /// A requested or filtered field is not in the dataset's schema.
     FieldUnknown => InvalidArgument, "FIELD_UNKNOWN";
+    /// The method path is not part of the interface.
+    MethodUnknown => Unimplemented, "METHOD_UNKNOWN";
+    /// The request body is not a protobuf message of the interface.
+    RequestMalformed => InvalidArgument, "REQUEST_MALFORMED";
+    /// The request message is over the size limit.
+    MessageTooLarge => ResourceExhausted, "MESSAGE_TOO_LARGE";
     /// The request is malformed (no dataset, bad filter, ...).
     RequestInvalid => InvalidArgument, "REQUEST_INVALID";
     // --- limits ---------------------------------------------------------------------------

@@ -179,6 +179,9 @@ impl Gateway {
 
     /// Stage `begin`: open the audit record. Refuses when the audit trail cannot take records.
     fn begin<T>(&self, method: &'static str, req: &Request<T>) -> Result<Call, Status> {
+        if let Some(h) = req.extensions().get::<crate::edge::Handled>() {
+            h.mark();
+        }
         let trace_id = trace_id_from(req.metadata());
         if !self.inner.audit.is_open() {
             tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod devpki;
+pub mod edge;
 pub mod error;
 pub mod gateway;
 pub mod identity;

@@ -223,6 +223,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         })
     };
     let jwks_refresher = tokens_for_refresh.spawn_refresher();
+    let edge = crate::edge::EdgeLayer::new(handshake_audit.clone(), gateway.downgrade());
     let cutter = gateway.clone();
     // Live policy changes: file watch, SIGHUP, admin endpoint.
     let reloader = Arc::new(Reloader::new(
@@ -292,6 +293,14 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit: a
+        // client that opens and cancels streams faster than this is sent GOAWAY.
+        .max_concurrent_streams(256)
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_header_list_size(32 * 1024)
+        // Outermost: refusals tonic makes before the pipeline runs get xgate's reasons and
+        // an audit record.
+        .layer(edge)
         .add_service(data)
         .add_service(catalog)
         .serve_with_incoming_shutdown(incoming, async move {

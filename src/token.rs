@@ -35,7 +35,9 @@ use crate::error::{Reason, Reject};
 /// Claims xgate reads from a token.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Claims {
+    #[serde(default)]
     pub sub: String,
+    #[serde(default)]
     pub dept: String,
     pub exp: u64,
     #[serde(default)]

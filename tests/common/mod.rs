@@ -32,6 +32,9 @@ pub fn dev_policy() -> String {
         .unwrap()
 }
 
+/// A change to the gateway config before start.
+pub type ConfigHook = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// Options for one harness.
 #[derive(Clone, Default)]
 pub struct Opts {
@@ -46,6 +49,8 @@ pub struct Opts {
     pub admin: bool,
     /// Rewrite the final policy text before it is written.
     pub edit_policy: Option<fn(String) -> String>,
+    /// Adjust the gateway config before start.
+    pub config: Option<ConfigHook>,
 }
 
 pub struct Harness {
@@ -56,7 +61,7 @@ pub struct Harness {
     pub audit_dir: tempfile::TempDir,
     pub ps: SampleProvider,
     pub ms: SampleProvider,
-    gateway: Option<Running>,
+    pub gateway: Option<Running>,
     stop_providers: watch::Sender<bool>,
 }
 
@@ -118,6 +123,9 @@ impl Harness {
         );
         if opts.admin {
             cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
+        if let Some(f) = &opts.config {
+            f(&mut cfg);
         }
         if let Some(d) = opts.drain_ms {
             cfg.shutdown.drain_timeout_ms = d;
@@ -256,4 +264,88 @@ pub fn replace_file(path: &Path, text: &str) {
     let tmp = path.with_extension("yaml.tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A channel with an arbitrary client certificate.
+pub async fn channel_with(h: &Harness, cert_pem: &str, key_pem: &str) -> Result<Channel, String> {
+    let ca = std::fs::read(certs().join("ca.pem")).unwrap();
+    client::connect(
+        &h.url(),
+        &ca,
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+        "localhost",
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Read a dev certificate's DER.
+pub fn cert_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// A gRPC codec that sends and receives raw bytes (for hostile payloads and unknown paths).
+#[derive(Clone, Default)]
+pub struct RawCodec;
+
+pub struct RawEnc;
+pub struct RawDec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+impl tonic::codec::Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use bytes::Buf;
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+/// Send raw bytes as one unary gRPC request to `path`.
+pub async fn raw_unary(
+    ch: Channel,
+    path: &'static str,
+    body: Vec<u8>,
+    token: &str,
+) -> Result<Vec<u8>, Status> {
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let r = req(body, token);
+    g.unary(r, http::uri::PathAndQuery::from_static(path), RawCodec)
+        .await
+        .map(|r| r.into_inner())
 }

@@ -1,0 +1,933 @@
+//! The attack suite: hostile callers against the real gateway over real TLS. Every case
+//! asserts the exact gRPC code and `ErrorInfo` reason, that the refusal was audited, and that
+//! the provider received nothing. Add new cases here as new attacks are met.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_types::StatusExt;
+use xgate::{
+    devpki::{self, DevCa, Leaf},
+    pb,
+};
+
+fn trace_of(st: &tonic::Status) -> String {
+    st.get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get("trace_id").cloned())
+        .unwrap_or_default()
+}
+
+/// Every refusal in `traces` has exactly one audit record, a denial with its reason.
+fn assert_audited(recs: &[serde_json::Value], traces: &[(String, &str)]) {
+    for (t, reason) in traces {
+        let m: Vec<_> = recs
+            .iter()
+            .filter(|r| r["trace_id"] == t.as_str())
+            .collect();
+        assert_eq!(m.len(), 1, "one record for {t} ({reason}): {recs:#?}");
+        assert_eq!(m[0]["decision"], "deny", "{t}");
+        assert_eq!(m[0]["reason"], *reason, "{t}");
+    }
+}
+
+fn jwt(header: serde_json::Value, claims: serde_json::Value, sig: &[u8]) -> String {
+    format!(
+        "{}.{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string()),
+        B64.encode(sig)
+    )
+}
+
+fn claims(dept: &str) -> serde_json::Value {
+    devpki::dev_claims(dept, "attacker", None, 600)
+}
+
+fn with(mut c: serde_json::Value, k: &str, v: serde_json::Value) -> serde_json::Value {
+    c[k] = v;
+    c
+}
+
+fn without(mut c: serde_json::Value, k: &str) -> serde_json::Value {
+    c.as_object_mut().unwrap().remove(k);
+    c
+}
+
+fn hs256(secret: &[u8], header: serde_json::Value, claims: serde_json::Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let sig = ring::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", B64.encode(sig.as_ref()))
+}
+
+#[tokio::test]
+async fn hostile_tokens() {
+    let mut h = Harness::start(Opts::default()).await;
+    let mut c = h.data("civil-affairs").await;
+    let now = xgate::token::now_secs();
+    let (other_key, _) = devpki::jwt_keypair(devpki::KID).unwrap();
+    let jwks = std::fs::read(certs().join("jwks.json")).unwrap();
+    let ca = claims("civil-affairs");
+    let es = |c: serde_json::Value| token_with(c);
+    // (case, authorization header, code, reason)
+    let cases: Vec<(&str, Option<String>, Code, &str)> = vec![
+        ("no token", None, Code::Unauthenticated, "TOKEN_MISSING"),
+        (
+            "not a bearer token",
+            Some("Basic YWxhZGRpbjpvcGVuc2VzYW1l".into()),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
+        (
+            "alg none",
+            Some(jwt(
+                serde_json::json!({"alg": "none", "typ": "JWT"}),
+                ca.clone(),
+                b"",
+            )),
+            Code::Unauthenticated,
+            "TOKEN_ALGORITHM_NOT_ALLOWED",
+        ),
+        (
+            "HS256 signed with the public key's bytes",
+            Some(hs256(
+                &jwks,
+                serde_json::json!({"alg": "HS256", "kid": devpki::KID}),
+                ca.clone(),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_ALGORITHM_NOT_ALLOWED",
+        ),
+        (
+            "RS256 header on the EC key",
+            Some(jwt(
+                serde_json::json!({"alg": "RS256", "kid": devpki::KID}),
+                ca.clone(),
+                &[7; 256],
+            )),
+            Code::Unauthenticated,
+            "TOKEN_SIGNATURE_INVALID",
+        ),
+        (
+            "forged signature under the trusted kid",
+            Some(devpki::mint_token(&other_key, devpki::KID, &ca).unwrap()),
+            Code::Unauthenticated,
+            "TOKEN_SIGNATURE_INVALID",
+        ),
+        (
+            "unknown kid",
+            Some(devpki::mint_token(&other_key, "rotated-away", &ca).unwrap()),
+            Code::Unauthenticated,
+            "TOKEN_KEY_UNKNOWN",
+        ),
+        (
+            "path-traversal kid",
+            Some(jwt(
+                serde_json::json!({"alg": "ES256", "kid": "../../../../etc/passwd"}),
+                ca.clone(),
+                &[1; 64],
+            )),
+            Code::Unauthenticated,
+            "TOKEN_KEY_UNKNOWN",
+        ),
+        (
+            "huge kid",
+            Some(jwt(
+                serde_json::json!({"alg": "ES256", "kid": "k".repeat(400)}),
+                ca.clone(),
+                &[1; 64],
+            )),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
+        (
+            "malformed base64",
+            Some("@@@.###.$$$".into()),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
+        (
+            "malformed JSON",
+            Some(format!(
+                "{}.{}.{}",
+                B64.encode("{not json"),
+                B64.encode("{}"),
+                B64.encode("x")
+            )),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
+        (
+            "oversized token",
+            Some("a".repeat(10_000)),
+            Code::Unauthenticated,
+            "TOKEN_TOO_LARGE",
+        ),
+        (
+            "expired",
+            Some(es(with(
+                with(ca.clone(), "exp", (now - 3600).into()),
+                "iat",
+                (now - 7200).into(),
+            ))),
+            Code::Unauthenticated,
+            "TOKEN_EXPIRED",
+        ),
+        (
+            "not yet valid",
+            Some(es(with(ca.clone(), "nbf", (now + 3600).into()))),
+            Code::Unauthenticated,
+            "TOKEN_NOT_YET_VALID",
+        ),
+        (
+            "issued in the future",
+            Some(es(with(
+                with(ca.clone(), "iat", (now + 3600).into()),
+                "exp",
+                (now + 4000).into(),
+            ))),
+            Code::Unauthenticated,
+            "TOKEN_NOT_YET_VALID",
+        ),
+        (
+            "wrong audience",
+            Some(es(with(ca.clone(), "aud", "another-gateway".into()))),
+            Code::Unauthenticated,
+            "TOKEN_AUDIENCE_INVALID",
+        ),
+        (
+            "wrong issuer",
+            Some(es(with(
+                ca.clone(),
+                "iss",
+                "https://idp.evil.example".into(),
+            ))),
+            Code::Unauthenticated,
+            "TOKEN_ISSUER_INVALID",
+        ),
+        (
+            "thirty-day lifetime",
+            Some(es(with(ca.clone(), "exp", (now + 30 * 86_400).into()))),
+            Code::Unauthenticated,
+            "TOKEN_LIFETIME_TOO_LONG",
+        ),
+        (
+            "no dept claim",
+            Some(es(without(ca.clone(), "dept"))),
+            Code::Unauthenticated,
+            "TOKEN_CLAIM_MISSING",
+        ),
+        (
+            "no sub claim",
+            Some(es(without(ca.clone(), "sub"))),
+            Code::Unauthenticated,
+            "TOKEN_CLAIM_MISSING",
+        ),
+        (
+            "token of another department",
+            Some(token("health")),
+            Code::PermissionDenied,
+            "TOKEN_DEPT_MISMATCH",
+        ),
+    ];
+    let mut traces = Vec::new();
+    for (name, header, code, reason) in &cases {
+        let mut r = tonic::Request::new(query("hukou.person_basic", "subsidy-eligibility", &[], 1));
+        if let Some(hv) = header {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {hv}").parse().unwrap());
+            if name == &"not a bearer token" {
+                r.metadata_mut()
+                    .insert("authorization", hv.parse().unwrap());
+            }
+        }
+        let st = c.query(r).await.expect_err(name);
+        assert_eq!(st.code(), *code, "{name}: {st:?}");
+        let info = st
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: no ErrorInfo"));
+        assert_eq!(info.reason, *reason, "{name}: {st:?}");
+        traces.push((trace_of(&st), *reason));
+    }
+    let recs = h.stop().await;
+    assert_eq!(
+        h.provider_calls(),
+        0,
+        "no hostile token reached the provider"
+    );
+    assert_eq!(recs.len(), cases.len());
+    assert_audited(&recs, &traces);
+}
+
+/// Handshake-level refusals: (what, certificate or none) — the client cannot even call.
+#[tokio::test]
+async fn hostile_certificates_fail_the_handshake_and_are_audited() {
+    let mut h = Harness::start(Opts::default()).await;
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    let leaf = devpki::consumer_leaf("civil-affairs", "subsidy");
+    // (what, certificate and key or none, what the audit record's detail says)
+    type CertCase = (&'static str, Option<(String, String)>, &'static str);
+    let cases: Vec<CertCase> = vec![
+        ("no client certificate", None, "no certificates"),
+        (
+            "another CA",
+            Some(rogue.issue(&leaf).unwrap()),
+            "UnknownIssuer",
+        ),
+        (
+            "expired",
+            Some(
+                dev.issue(&Leaf {
+                    years: Some((2020, 2021)),
+                    ..leaf.clone()
+                })
+                .unwrap(),
+            ),
+            "certificate expired",
+        ),
+        (
+            "not yet valid",
+            Some(
+                dev.issue(&Leaf {
+                    years: Some((2040, 2045)),
+                    ..leaf.clone()
+                })
+                .unwrap(),
+            ),
+            "not valid yet",
+        ),
+    ];
+    for (name, cert, _) in &cases {
+        let outcome = match cert {
+            Some((c, k)) => match channel_with(&h, c, k).await {
+                Err(_) => None,
+                Ok(ch) => Some(
+                    pb::catalog_client::CatalogClient::new(ch)
+                        .list_datasets(req(pb::ListDatasetsRequest {}, &token("civil-affairs")))
+                        .await,
+                ),
+            },
+            None => {
+                let ca = std::fs::read(certs().join("ca.pem")).unwrap();
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name("localhost");
+                match tonic::transport::Endpoint::from_shared(h.url())
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                {
+                    Err(_) => None,
+                    Ok(ch) => Some(
+                        pb::catalog_client::CatalogClient::new(ch)
+                            .list_datasets(req(pb::ListDatasetsRequest {}, &token("civil-affairs")))
+                            .await,
+                    ),
+                }
+            }
+        };
+        assert!(
+            !matches!(outcome, Some(Ok(_))),
+            "{name}: the call went through"
+        );
+    }
+    // HTTP/1.1 instead of HTTP/2: refused at ALPN.
+    let (c, k) = (
+        std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),
+        std::fs::read_to_string(certs().join("civil-affairs.key")).unwrap(),
+    );
+    let err = tls_handshake(&h, &c, &k, vec![b"http/1.1".to_vec()])
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("NoApplicationProtocol")
+            || err.contains("no_application_protocol")
+            || err.contains("alert"),
+        "{err}"
+    );
+    let recs = h.stop().await;
+    assert_eq!(h.provider_calls(), 0);
+    assert_eq!(recs.len(), cases.len() + 1, "{recs:#?}");
+    for r in &recs {
+        assert_eq!(r["method"], "(tls-handshake)");
+        assert_eq!(r["reason"], "TLS_HANDSHAKE_FAILED");
+    }
+    for (name, _, detail) in &cases {
+        assert!(
+            recs.iter()
+                .any(|r| r["detail"].as_str().unwrap_or("").contains(detail)),
+            "{name}: no record mentioning `{detail}`: {recs:#?}"
+        );
+    }
+}
+
+/// A raw TLS handshake with the given client certificate and ALPN offer.
+async fn tls_handshake(
+    h: &Harness,
+    cert: &str,
+    key: &str,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chain,
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = alpn;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    // TLS 1.3: the server's verdict on the client certificate arrives after the client's
+    // handshake completes; a read surfaces it.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await {
+        Ok(Err(e)) => return Err(format!("{e:?}")),
+        Ok(Ok(0)) => return Err("closed".into()),
+        _ => {}
+    }
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    Ok(peer)
+}
+
+#[tokio::test]
+async fn hostile_identities_are_refused_per_call() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "  - { id: xihu-civil-affairs,",
+                "  - { id: bound-only, name: Bound Only, level: county, region: \"330108\", require_bound_tokens: true }\n  - { id: xihu-civil-affairs,",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    let q = || query("hukou.person_basic", "subsidy-eligibility", &[], 1);
+    let mut traces = Vec::new();
+    let mut expect = async |ch: tonic::transport::Channel,
+                            tok: String,
+                            code: Code,
+                            reason: &'static str,
+                            name: &str| {
+        let st = pb::data_exchange_client::DataExchangeClient::new(ch)
+            .query(req(q(), &tok))
+            .await
+            .expect_err(name);
+        assert_reject(&st, code, reason);
+        traces.push((trace_of(&st), reason));
+    };
+    // A certificate without a system identity.
+    let (c, k) = dev
+        .issue(&Leaf {
+            common_name: "anonymous".into(),
+            client: true,
+            ..Leaf::default()
+        })
+        .unwrap();
+    expect(
+        channel_with(&h, &c, &k).await.unwrap(),
+        token("civil-affairs"),
+        Code::Unauthenticated,
+        "CERT_IDENTITY_MISSING",
+        "no identity",
+    )
+    .await;
+    // A SPIFFE identity from another trust domain.
+    let (c, k) = dev
+        .issue(&Leaf {
+            uris: vec!["spiffe://other.example/dept/civil-affairs/sys/subsidy".into()],
+            client: true,
+            ..Leaf::default()
+        })
+        .unwrap();
+    expect(
+        channel_with(&h, &c, &k).await.unwrap(),
+        token("civil-affairs"),
+        Code::Unauthenticated,
+        "CERT_IDENTITY_MISSING",
+        "foreign trust domain",
+    )
+    .await;
+    // A department the bureau never registered.
+    let (c, k) = dev
+        .issue(&devpki::consumer_leaf("shadow-dept", "x"))
+        .unwrap();
+    expect(
+        channel_with(&h, &c, &k).await.unwrap(),
+        token("shadow-dept"),
+        Code::PermissionDenied,
+        "CONSUMER_UNKNOWN",
+        "unregistered department",
+    )
+    .await;
+    // Certificate of department A with a token of department B.
+    expect(
+        h.channel("health").await,
+        token("civil-affairs"),
+        Code::PermissionDenied,
+        "TOKEN_DEPT_MISMATCH",
+        "A cert, B token",
+    )
+    .await;
+    // A token bound to one system's certificate, replayed from another system of the same department.
+    let subsidy_pem = std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap();
+    let bound = token_with(with(
+        claims("civil-affairs"),
+        "cnf",
+        serde_json::json!({ "x5t#S256": xgate::token::x5t_s256(&cert_der(&subsidy_pem)) }),
+    ));
+    let (c, k) = dev
+        .issue(&devpki::consumer_leaf("civil-affairs", "another-system"))
+        .unwrap();
+    expect(
+        channel_with(&h, &c, &k).await.unwrap(),
+        bound.clone(),
+        Code::Unauthenticated,
+        "TOKEN_BINDING_MISMATCH",
+        "replayed from another system",
+    )
+    .await;
+    // The same bound token with a certificate of another department entirely.
+    expect(
+        h.channel("health").await,
+        bound.clone(),
+        Code::PermissionDenied,
+        "TOKEN_DEPT_MISMATCH",
+        "bound token, other dept",
+    )
+    .await;
+    // A department that must use bound tokens, without one.
+    let (c, k) = dev
+        .issue(&devpki::consumer_leaf("bound-only", "s"))
+        .unwrap();
+    let ch = channel_with(&h, &c, &k).await.unwrap();
+    expect(
+        ch.clone(),
+        token("bound-only"),
+        Code::Unauthenticated,
+        "TOKEN_BINDING_REQUIRED",
+        "binding required",
+    )
+    .await;
+    // ... and with one it gets past identity (to the sharing rules: no grant).
+    let bound_ok = token_with(with(
+        claims("bound-only"),
+        "cnf",
+        serde_json::json!({ "x5t#S256": xgate::token::x5t_s256(&cert_der(&c)) }),
+    ));
+    expect(
+        ch,
+        bound_ok,
+        Code::PermissionDenied,
+        "GRANT_MISSING",
+        "bound, then the rules",
+    )
+    .await;
+    // The legitimate bound token works.
+    let ok = h.data("civil-affairs").await.query(req(q(), &bound)).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    let recs = h.stop().await;
+    assert_eq!(
+        h.provider_calls(),
+        1,
+        "only the legitimate call reached the provider"
+    );
+    assert_audited(&recs, &traces);
+}
+
+#[tokio::test]
+async fn hostile_requests() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "negative_list:\n",
+                "negative_list:\n  - { dataset: hukou.criminal_record, reason: never }\n",
+            )
+        }),
+        config: Some(Arc::new(|c| c.limits.max_message_bytes = 64 * 1024)),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let ch = h.channel("civil-affairs").await;
+    let mut c = pb::data_exchange_client::DataExchangeClient::new(ch.clone());
+    let mut traces = Vec::new();
+    // (name, request, code, reason)
+    let mut filtered = query(
+        "hukou.person_basic",
+        "subsidy-eligibility",
+        &["address^=1"],
+        1,
+    );
+    filtered.fields = vec!["name".into()];
+    let mut huge = query("hukou.person_basic", "subsidy-eligibility", &[], 1);
+    huge.fields = vec!["x".repeat(100 * 1024)];
+    let cases = vec![
+        (
+            "missing purpose on a conditional dataset",
+            query("hukou.person_basic", "", &[], 1),
+            Code::InvalidArgument,
+            "PURPOSE_MISSING",
+        ),
+        (
+            "filter on a field it may not read",
+            filtered,
+            Code::PermissionDenied,
+            "FIELD_DENIED",
+        ),
+        (
+            "prefix probe of a masked field",
+            query(
+                "hukou.person_basic",
+                "subsidy-eligibility",
+                &["id_number^=3301061990"],
+                1,
+            ),
+            Code::PermissionDenied,
+            "FIELD_DENIED",
+        ),
+        (
+            "a negative-listed dataset",
+            query("hukou.criminal_record", "subsidy-eligibility", &[], 1),
+            Code::PermissionDenied,
+            "NEGATIVE_LIST",
+        ),
+        (
+            "an oversized request message",
+            huge,
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+        ),
+    ];
+    for (name, q, code, reason) in cases {
+        let st = c.query(req(q, &t)).await.expect_err(name);
+        assert_reject(&st, code, reason);
+        traces.push((trace_of(&st), reason));
+    }
+    // Bytes that are not protobuf, and an unknown method path.
+    let st = raw_unary(
+        ch.clone(),
+        "/xgate.v1.DataExchange/Query",
+        vec![0xff; 32],
+        &t,
+    )
+    .await
+    .unwrap_err();
+    assert_reject(&st, Code::InvalidArgument, "REQUEST_MALFORMED");
+    traces.push((trace_of(&st), "REQUEST_MALFORMED"));
+    let st = raw_unary(
+        ch.clone(),
+        "/xgate.v1.DataExchange/DeleteEverything",
+        vec![],
+        &t,
+    )
+    .await
+    .unwrap_err();
+    assert_reject(&st, Code::Unimplemented, "METHOD_UNKNOWN");
+    traces.push((trace_of(&st), "METHOD_UNKNOWN"));
+    let st = raw_unary(
+        ch,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        vec![],
+        &t,
+    )
+    .await
+    .unwrap_err();
+    assert_reject(&st, Code::Unimplemented, "METHOD_UNKNOWN");
+    traces.push((trace_of(&st), "METHOD_UNKNOWN"));
+    let recs = h.stop().await;
+    assert_eq!(h.provider_calls(), 0);
+    assert_eq!(recs.len(), traces.len());
+    assert_audited(&recs, &traces);
+    let edge: Vec<_> = recs
+        .iter()
+        .filter(|r| r["reason"] == "METHOD_UNKNOWN")
+        .collect();
+    assert_eq!(
+        edge[0]["consumer_dept"], "civil-affairs",
+        "edge records still name the caller"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(|c| c.tls.handshake_timeout_ms = 300)),
+        ..Opts::default()
+    })
+    .await;
+    // Stalled TCP connections that never say a word.
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        stalled.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    // A flood of streams opened and cancelled at once on one connection.
+    let attacker = h.data("civil-affairs").await;
+    let t = token("civil-affairs");
+    let flood = tokio::spawn(async move {
+        let mut n = 0;
+        for _ in 0..20 {
+            let mut batch = Vec::new();
+            for _ in 0..100 {
+                let mut c = attacker.clone();
+                let t = t.clone();
+                batch.push(tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_micros(50),
+                        c.query(req(
+                            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                            &t,
+                        )),
+                    )
+                    .await;
+                }));
+            }
+            for b in batch {
+                let _ = b.await;
+                n += 1;
+            }
+        }
+        n
+    });
+    // Meanwhile a well-behaved caller on its own connection.
+    let mut good = h.data("health").await;
+    let tg = token("health");
+    let t0 = Instant::now();
+    let mut traces = Vec::new();
+    for _ in 0..30 {
+        let r = good
+            .query(req(
+                query(
+                    "market.company_registry",
+                    "medical-institution-licensing",
+                    &[],
+                    2,
+                ),
+                &tg,
+            ))
+            .await
+            .expect("a well-behaved caller was starved");
+        traces.push(
+            r.metadata()
+                .get(xgate::TRACE_ID_HEADER)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(20), "30 calls took {took:?}");
+    assert_eq!(flood.await.unwrap(), 2000);
+    // The stalled connections were closed by the server after the handshake timeout.
+    for mut s in stalled {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "stalled connection still open: {r:?}"
+        );
+    }
+    let recs = h.stop().await;
+    for t in &traces {
+        assert_eq!(
+            recs.iter()
+                .filter(|r| r["trace_id"] == t.as_str() && r["grpc_status"] == "OK")
+                .count(),
+            1
+        );
+    }
+    let timeouts = recs
+        .iter()
+        .filter(|r| r["reason"] == "TLS_HANDSHAKE_TIMEOUT")
+        .count();
+    assert_eq!(timeouts, 20, "each stalled connection is audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_certificates_are_refused_after_a_crl_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("crl.pem");
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    std::fs::write(&crl, dev.crl(&[], 1).unwrap()).unwrap();
+    let crl_path = crl.clone();
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(move |c| c.tls.crls = vec![crl_path.clone()])),
+        ..Opts::default()
+    })
+    .await;
+    let (c, k) = dev
+        .issue(&Leaf {
+            serial: Some(0x7e5_0001),
+            ..devpki::consumer_leaf("civil-affairs", "laptop-lost")
+        })
+        .unwrap();
+    let call = async |ch: tonic::transport::Channel| {
+        pb::catalog_client::CatalogClient::new(ch)
+            .list_datasets(req(pb::ListDatasetsRequest {}, &token("civil-affairs")))
+            .await
+    };
+    assert!(
+        call(channel_with(&h, &c, &k).await.unwrap()).await.is_ok(),
+        "valid before revocation"
+    );
+    // The bureau revokes the lost laptop's certificate: no restart.
+    replace_file(&crl, &dev.crl(&[0x7e5_0001], 2).unwrap());
+    let t0 = Instant::now();
+    loop {
+        let refused = match channel_with(&h, &c, &k).await {
+            Err(_) => true,
+            Ok(ch) => call(ch).await.is_err(),
+        };
+        if refused {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "revocation not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Other systems are unaffected.
+    assert!(call(h.channel("civil-affairs").await).await.is_ok());
+    let recs = h.stop().await;
+    assert!(
+        recs.iter().any(|r| r["reason"] == "TLS_HANDSHAKE_FAILED"
+            && r["detail"].as_str().unwrap_or("").contains("Revoked")),
+        "{recs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    for f in [
+        "gateway.pem",
+        "gateway.key",
+        "gateway-client.pem",
+        "gateway-client.key",
+    ] {
+        std::fs::copy(certs().join(f), dir.path().join(f)).unwrap();
+    }
+    let d = dir.path().to_owned();
+    let mut h = Harness::start(Opts {
+        admin: true,
+        config: Some(Arc::new(move |c| {
+            c.tls.cert = d.join("gateway.pem");
+            c.tls.key = d.join("gateway.key");
+            c.upstream.cert = d.join("gateway-client.pem");
+            c.upstream.key = d.join("gateway-client.key");
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut old = h.data("civil-affairs").await;
+    old.query(req(
+        query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+        &t,
+    ))
+    .await
+    .unwrap();
+    // New server and upstream-client certificates land on disk (as a secret rotation would).
+    let (sc, sk) = dev
+        .issue(&devpki::server_leaf("gateway-2027.xgate.internal"))
+        .unwrap();
+    let (uc, uk) = dev
+        .issue(&Leaf {
+            uris: vec![format!("spiffe://{}/gateway", devpki::TRUST_DOMAIN)],
+            client: true,
+            ..Leaf::default()
+        })
+        .unwrap();
+    std::fs::write(dir.path().join("gateway.key"), &sk).unwrap();
+    replace_file(&dir.path().join("gateway.pem"), &sc);
+    std::fs::write(dir.path().join("gateway-client.key"), &uk).unwrap();
+    replace_file(&dir.path().join("gateway-client.pem"), &uc);
+    let (cc, ck) = (
+        std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),
+        std::fs::read_to_string(certs().join("civil-affairs.key")).unwrap(),
+    );
+    let t0 = Instant::now();
+    loop {
+        if let Ok(peer) = tls_handshake(&h, &cc, &ck, vec![b"h2".to_vec()]).await
+            && peer == cert_der(&sc)
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "new server certificate not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = http(h.admin.unwrap(), "GET", "/metrics").await;
+        if m.contains("xgate_tls_reloads_total{side=\"upstream\",result=\"ok\"}") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "upstream certificate not reloaded: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The established connection still works; new ones use the new certificates end to end.
+    old.query(req(
+        query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+        &t,
+    ))
+    .await
+    .unwrap();
+    h.data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    let recs = h.stop().await;
+    assert_eq!(recs.iter().filter(|r| r["grpc_status"] == "OK").count(), 3);
+}
