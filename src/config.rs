@@ -249,10 +249,67 @@ fn default_token_cache() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
-    /// Directory of the audit trail (`audit.jsonl` inside).
+    /// Directory of the audit trail (segments `audit-<n>.jsonl`).
     pub dir: PathBuf,
     #[serde(default = "default_audit_queue")]
     pub queue_capacity: usize,
+    /// `sync` (default): a call's record is fsync'd before its response. `async`: bounded loss.
+    #[serde(default)]
+    pub mode: crate::audit::Durability,
+    /// Ed25519 key (PKCS#8 PEM) that signs checkpoints.
+    pub signing_key_file: PathBuf,
+    /// Key for the data-subject hashes (at least 32 bytes); absent: no subjects recorded.
+    #[serde(default)]
+    pub subject_key_file: Option<PathBuf>,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_max_bytes: u64,
+    #[serde(default = "default_segment_age")]
+    pub segment_max_age_secs: u64,
+    /// Delete segments older than this many days; 0 keeps everything.
+    #[serde(default)]
+    pub retention_days: u64,
+    #[serde(default = "default_ckpt_records")]
+    pub checkpoint_every_records: u64,
+    #[serde(default = "default_ckpt_secs")]
+    pub checkpoint_interval_secs: u64,
+    /// `async` mode: longest time a record waits before it is written.
+    #[serde(default = "default_async_flush")]
+    pub async_flush_ms: u64,
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_segment_age() -> u64 {
+    24 * 3600
+}
+fn default_ckpt_records() -> u64 {
+    1000
+}
+fn default_ckpt_secs() -> u64 {
+    10
+}
+fn default_async_flush() -> u64 {
+    200
+}
+
+impl Audit {
+    pub fn settings(&self) -> crate::audit::AuditSettings {
+        crate::audit::AuditSettings {
+            dir: self.dir.clone(),
+            queue_capacity: self.queue_capacity,
+            durability: self.mode,
+            store: crate::audit::StoreSettings {
+                segment_max_bytes: self.segment_max_bytes,
+                segment_max_age: Duration::from_secs(self.segment_max_age_secs),
+                retention: (self.retention_days > 0)
+                    .then(|| Duration::from_secs(self.retention_days * 86_400)),
+                checkpoint_every_records: self.checkpoint_every_records,
+                checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
+            },
+            async_flush: Duration::from_millis(self.async_flush_ms),
+        }
+    }
 }
 
 fn default_audit_queue() -> usize {
@@ -417,6 +474,10 @@ impl Config {
             fix(p);
         }
         fix(&mut self.audit.dir);
+        fix(&mut self.audit.signing_key_file);
+        if let Some(p) = &mut self.audit.subject_key_file {
+            fix(p);
+        }
         fix(&mut self.upstream.ca);
         fix(&mut self.upstream.cert);
         fix(&mut self.upstream.key);
@@ -462,6 +523,23 @@ impl Config {
         }
         if self.jwt.audience.is_empty() {
             errs.push("jwt.audience: must not be empty".into());
+        }
+        if let Err(e) = std::fs::metadata(&self.audit.signing_key_file) {
+            errs.push(format!(
+                "audit.signing_key_file: {}: {e}",
+                self.audit.signing_key_file.display()
+            ));
+        }
+        if let Some(p) = &self.audit.subject_key_file
+            && let Err(e) = std::fs::metadata(p)
+        {
+            errs.push(format!("audit.subject_key_file: {}: {e}", p.display()));
+        }
+        if self.audit.segment_max_bytes < 4096
+            || self.audit.checkpoint_every_records == 0
+            || self.audit.checkpoint_interval_secs == 0
+        {
+            errs.push("audit: segment_max_bytes >= 4096, checkpoint_every_records and checkpoint_interval_secs > 0".into());
         }
         if self.audit.queue_capacity == 0 {
             errs.push("audit.queue_capacity: must be at least 1".into());
@@ -566,6 +644,15 @@ impl Config {
             audit: Audit {
                 dir: audit_dir,
                 queue_capacity: default_audit_queue(),
+                mode: crate::audit::Durability::Sync,
+                signing_key_file: certs.join("audit-signing.key"),
+                subject_key_file: Some(certs.join("audit-subject.key")),
+                segment_max_bytes: default_segment_bytes(),
+                segment_max_age_secs: default_segment_age(),
+                retention_days: 0,
+                checkpoint_every_records: default_ckpt_records(),
+                checkpoint_interval_secs: default_ckpt_secs(),
+                async_flush_ms: default_async_flush(),
             },
             upstream: Upstream {
                 ca: certs.join("ca.pem"),
@@ -599,7 +686,7 @@ trust_domain: ""
 tls: { cert: missing.pem, key: missing.key, client_ca: ca.pem, handshake_timeout_ms: 0 }
 jwt: { jwks: jwks.json, issuer: "", audience: xgate }
 policy: policy.yaml
-audit: { dir: audit, queue_capacity: 0 }
+audit: { dir: audit, queue_capacity: 0, signing_key_file: audit.key }
 upstream: { ca: ca.pem, cert: c.pem, key: c.key }
 limits: { default_page_size: 10, max_page_size: 5, max_message_bytes: 10, max_filter_terms: 5 }
 otlp: { endpoint: "not a url", sample_ratio: 2 }

@@ -242,6 +242,17 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
         put(&format!("{dept}.key"), &k)?;
     }
 
+    let (audit_key, audit_pub) = audit_keypair()?;
+    put("audit-signing.key", &audit_key)?;
+    put("audit-signing.pub", &audit_pub)?;
+    put(
+        "audit-subject.key",
+        &format!(
+            "{:032x}{:032x}\n",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        ),
+    )?;
     put(
         "pseudonym.key",
         &format!(
@@ -267,7 +278,9 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
          | `<dept>.pem/.key` | consumer system certificates, SAN URI `spiffe://zj.gov.example/dept/<dept>/sys/<system>` |\n\
          | `jwt-signing.key` | ES256 key that signs dev tokens (`xgate token`) |\n\
          | `jwks.json` | the matching JWKS the gateway verifies against |\n\
-         | `pseudonym.key` | the bureau's key for `hash` masks (keyed pseudonyms) |\n",
+         | `pseudonym.key` | the bureau's key for `hash` masks (keyed pseudonyms) |\n\
+         | `audit-signing.key`, `audit-signing.pub` | Ed25519 key that signs audit checkpoints, and its public half for `xgate audit verify` |\n\
+         | `audit-subject.key` | key of the data-subject hashes in audit records (`xgate audit search --subject`) |\n",
     )?;
     Ok(written)
 }
@@ -288,6 +301,25 @@ pub fn jwt_keypair(kid: &str) -> Result<(String, String), Error> {
         }]
     });
     Ok((key.serialize_pem(), serde_json::to_string_pretty(&jwks)?))
+}
+
+/// A fresh Ed25519 checkpoint-signing key: (PKCS#8 PEM, base64 public key).
+pub fn audit_keypair() -> Result<(String, String), Error> {
+    use base64::engine::general_purpose::STANDARD;
+    use ring::signature::KeyPair;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| format!("{e}"))?;
+    let pair =
+        ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| format!("{e}"))?;
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        STANDARD.encode(pkcs8.as_ref())
+    );
+    Ok((
+        pem,
+        format!("{}\n", STANDARD.encode(pair.public_key().as_ref())),
+    ))
 }
 
 /// Sign a token with an ES256 PKCS#8 PEM key.

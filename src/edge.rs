@@ -142,9 +142,12 @@ where
                     .unwrap_or_default(),
                 ..AuditRecord::default()
             };
-            Pending::new(layer.audit.clone(), rec)
+            if let Err(rec) = Pending::new(layer.audit.clone(), rec)
                 .commit(rej.code())
-                .await;
+                .await
+            {
+                layer.audit.submit_detached(rec);
+            }
             Ok(resp)
         })
     }

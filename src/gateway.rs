@@ -276,9 +276,15 @@ impl Gateway {
         mut call: Call,
         result: Result<T, Reject>,
     ) -> Result<Response<T>, Status> {
+        let log = call.pending.log().clone();
         match result {
             Ok(body) => {
-                call.pending.commit(Code::Ok).await;
+                // The response leaves only once its record is durable (sync mode).
+                if let Err(rec) = call.pending.commit(Code::Ok).await {
+                    let rej = audit_failed();
+                    log.submit_detached(refused_for_audit(rec, &rej, true));
+                    return Err(rej.to_status(&call.trace_id));
+                }
                 let mut resp = Response::new(body);
                 if let Ok(v) = MetadataValue::try_from(call.trace_id.as_str()) {
                     resp.metadata_mut().insert(TRACE_ID_HEADER, v);
@@ -289,7 +295,10 @@ impl Gateway {
                 let status = rej.to_status(&call.trace_id);
                 record_reject(call.pending.rec(), &rej);
                 tracing::info!(trace_id = %call.trace_id, reason = %rej.reason, rule = ?rej.rule, "call refused");
-                call.pending.commit(rej.code()).await;
+                if let Err(rec) = call.pending.commit(rej.code()).await {
+                    // The refusal stands; its record waits for the trail to recover.
+                    log.submit_detached(rec);
+                }
                 Err(status)
             }
         }
@@ -329,7 +338,9 @@ impl Gateway {
             let conds = &mut req.filter.get_or_insert_with(Default::default).conditions;
             policy::scope::narrow(conds, scope, &permit.rule)?;
         }
+        let subjects = subject_hashes(call.pending.log(), &snap.policy, req);
         let rec = call.pending.rec();
+        rec.subjects = subjects;
         rec.decision = "allow";
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
@@ -563,12 +574,22 @@ impl Gateway {
             rows += n;
             call.pending.rec().rows = rows;
         };
+        let log = call.pending.log().clone();
         match outcome {
-            Ok(()) => call.pending.commit(Code::Ok).await,
+            Ok(()) => {
+                // The stream's status is sent only once its record is durable (sync mode).
+                if let Err(rec) = call.pending.commit(Code::Ok).await {
+                    let rej = audit_failed();
+                    log.submit_detached(refused_for_audit(rec, &rej, false));
+                    let _ = tx.send(Err(rej.to_status(&call.trace_id))).await;
+                }
+            }
             Err(rej) => {
                 let status = rej.to_status(&call.trace_id);
                 record_reject(call.pending.rec(), &rej);
-                call.pending.commit(rej.code()).await;
+                if let Err(rec) = call.pending.commit(rej.code()).await {
+                    log.submit_detached(rec);
+                }
                 let _ = tx.send(Err(status)).await;
             }
         }
@@ -715,15 +736,15 @@ fn now_unix() -> i64 {
     i64::try_from(crate::token::now_secs()).unwrap_or(i64::MAX)
 }
 
-/// The caller's `grpc-timeout`, less headroom (a tenth, at most 50 ms) for the answer to
-/// travel back.
+/// The caller's `grpc-timeout`, less headroom (a fifth, at most 100 ms) for the answer to be
+/// audited (fsync) and travel back.
 fn caller_deadline<T>(req: &Request<T>) -> Option<Duration> {
     let d = req
         .metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(upstream::parse_grpc_timeout)?;
-    Some(d.saturating_sub((d / 10).min(Duration::from_millis(50))))
+    Some(d.saturating_sub((d / 5).min(Duration::from_millis(100))))
 }
 
 fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
@@ -887,6 +908,57 @@ fn record_rows(rec: &mut AuditRecord, s: &Shaped) {
     rec.fields_returned = s.returned.clone();
     rec.fields_masked = s.masked.clone();
     rec.rows = s.response.rows.len() as u64;
+}
+
+/// Keyed hashes of the data subjects a request names: the `eq`/`in` values of its filter on
+/// the dataset's subject-key field.
+fn subject_hashes(log: &AuditLog, policy: &Policy, req: &QueryRequest) -> Vec<String> {
+    use pb::condition::Test;
+    let Some(key) = policy.dataset(&req.dataset).map(|d| d.subject_key.as_str()) else {
+        return Vec::new();
+    };
+    let conds = req
+        .filter
+        .as_ref()
+        .map(|f| f.conditions.as_slice())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for c in conds.iter().filter(|c| c.field == key) {
+        let values: &[pb::Value] = match &c.test {
+            Some(Test::Eq(v)) => std::slice::from_ref(v),
+            Some(Test::In(l)) => &l.values,
+            _ => &[],
+        };
+        out.extend(
+            values
+                .iter()
+                .filter_map(|v| v.as_text())
+                .filter_map(|t| log.subject_hash(&t)),
+        );
+    }
+    out
+}
+
+fn audit_failed() -> Reject {
+    Reject::new(
+        Reason::AuditUnavailable,
+        "the audit trail could not record this call, so its result is withheld; retry shortly",
+    )
+    .with_rule("audit:fail-closed")
+}
+
+/// The record of a call answered `AUDIT_UNAVAILABLE` because its own record could not be
+/// written: what the caller actually got. (`withheld`: no data reached the caller.)
+fn refused_for_audit(mut rec: AuditRecord, rej: &Reject, withheld: bool) -> AuditRecord {
+    rec.grpc_status = audit::code_name(rej.code());
+    rec.grpc_code = rej.code() as i32;
+    rec.reason = Some(rej.reason.as_str().to_owned());
+    if withheld {
+        rec.rows = 0;
+        rec.fields_returned.clear();
+        rec.fields_masked.clear();
+    }
+    rec
 }
 
 fn record_reject(rec: &mut AuditRecord, rej: &Reject) {

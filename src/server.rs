@@ -189,9 +189,14 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError(vec![format!("listen: {e}")]))?;
-    let (audit_log, writer) = audit::start(&cfg.audit.dir, cfg.audit.queue_capacity)
+    let keys = audit::AuditKeys::load(
+        &cfg.audit.signing_key_file,
+        cfg.audit.subject_key_file.as_deref(),
+    )
+    .map_err(|e| StartError(vec![format!("audit: {e}")]))?;
+    let (audit_log, writer) = audit::start(cfg.audit.settings(), keys)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
-    let audit_path = writer.path.clone();
+    let audit_path = writer.dir.clone();
     let handshake_audit = audit_log.clone();
 
     let tokens_for_refresh = tokens.clone();

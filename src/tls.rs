@@ -319,5 +319,7 @@ async fn audit_refused_handshake(
         detail: Some(detail),
         ..AuditRecord::default()
     };
-    Pending::new(audit, rec).commit(reason.code()).await;
+    if let Err(rec) = Pending::new(audit.clone(), rec).commit(reason.code()).await {
+        audit.submit_detached(rec);
+    }
 }

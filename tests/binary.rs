@@ -47,7 +47,7 @@ tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem }}
 jwt: {{ jwks: {c}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
 policy: policy.yaml
 pseudonym_key_file: {c}/pseudonym.key
-audit: {{ dir: audit }}
+audit: {{ dir: audit, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}
 upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}
 log: {{ format: json, level: info }}
 otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}

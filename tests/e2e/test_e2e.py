@@ -530,15 +530,21 @@ class Scenario:
                                    consumer_dept="civil-affairs", policy_rule=False)
 
 
-def check_audit(audit_path: Path, log: CallLog):
-    require(audit_path.exists(), f"no audit file at {audit_path}")
-    lines = [l for l in audit_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+def check_audit(audit_dir: Path, log: CallLog):
+    # Segments audit-<n>.jsonl, in order; checkpoint lines are not call records.
+    segments = sorted(audit_dir.glob("audit-*.jsonl"))
+    require(segments, f"no audit segments in {audit_dir}")
     records = []
-    for i, l in enumerate(lines):
-        try:
-            records.append(json.loads(l))
-        except json.JSONDecodeError as e:
-            raise CheckFailed(f"audit line {i + 1} is not JSON ({e}): {l[:200]}")
+    for seg in segments:
+        for i, l in enumerate(seg.read_text(encoding="utf-8").splitlines()):
+            if not l.strip():
+                continue
+            try:
+                v = json.loads(l)
+            except json.JSONDecodeError as e:
+                raise CheckFailed(f"{seg.name}:{i + 1} is not JSON ({e}): {l[:200]}")
+            if "checkpoint" not in v:
+                records.append(v)
     problems = []
     if len(records) != len(log.calls):
         problems.append(f"audit has {len(records)} lines for {len(log.calls)} calls made")
@@ -617,7 +623,7 @@ def run(results: Results, tmp: Path, state: dict):
     results.run("SIGTERM: graceful exit 0", stop)
     if gw.proc.poll() is not None:  # it exited (cleanly or not): its audit file is final
         results.run(f"audit trail: one line per call ({len(log.calls)} calls)", check_audit,
-                    gw.audit_dir / "audit.jsonl", log)
+                    gw.audit_dir, log)
 
 
 def main() -> int:

@@ -1,0 +1,555 @@
+//! The audit trail: one record per call, allowed or denied, that loses nothing and cannot be
+//! quietly changed.
+//!
+//! Calls hand records to a bounded channel; a single writer thread owns the files
+//! ([`store`]: hash-chained segments with signed checkpoints) and batches whatever is queued
+//! into one write — and, in `sync` mode (the default), one fsync — before it answers the
+//! batch's callers (group commit). A call's response leaves only after its record is on disk.
+//! In `async` mode records are written without waiting, within a bounded loss window.
+//!
+//! Fail-closed: when a write fails (disk full, I/O error), the trail is marked unhealthy, new
+//! calls are refused (`AUDIT_UNAVAILABLE`), calls waiting on the failed batch are answered
+//! `UNAVAILABLE` instead of their data (and recorded so), and the writer retries — in a new
+//! segment — until writing works again, then resumes by itself.
+//!
+//! A [`Pending`] record is created when a call starts; if the call's future is dropped before
+//! it finishes (client cancelled, drain timeout), the record is still written, with status
+//! `CANCELLED`. Shutdown closes the channel; the writer drains it, checkpoints and fsyncs.
+
+pub mod read;
+pub mod store;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+pub use store::StoreSettings;
+
+/// One call, as the audit trail records it.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct AuditRecord {
+    /// RFC 3339 UTC, millisecond precision: when the call arrived.
+    pub time: String,
+    /// 32 hex digits; also returned to the caller as `x-xgate-trace-id`.
+    pub trace_id: String,
+    /// `/xgate.v1.DataExchange/Query`, ...
+    pub method: String,
+    pub consumer_dept: Option<String>,
+    pub consumer_system: Option<String>,
+    pub cert_fingerprint: Option<String>,
+    pub remote_addr: Option<String>,
+    pub token_subject: Option<String>,
+    pub purpose: Option<String>,
+    pub dataset: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The rule that decided (grant id, share type, negative-list entry, ...).
+    pub rule: Option<String>,
+    /// `ErrorInfo.reason` when the call failed.
+    pub reason: Option<String>,
+    pub approval_ref: Option<String>,
+    /// Keyed hashes of the data subjects the call asked about (ids from the filter on the
+    /// dataset's subject key), so "who looked at this person" is answerable without ids here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
+    /// Extra detail for refusals outside a call (e.g. why a TLS handshake failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub fields_returned: Vec<String>,
+    pub fields_masked: Vec<String>,
+    pub rows: u64,
+    /// Rows the provider sent outside the caller's row scope, withheld by the gateway.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rows_withheld: u64,
+    /// gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).
+    pub grpc_status: &'static str,
+    pub grpc_code: i32,
+    pub latency_us: u64,
+    pub policy_version: String,
+}
+
+/// `sync`: a call's record is fsync'd before its response; `async`: written without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// How the trail is kept.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub queue_capacity: usize,
+    pub durability: Durability,
+    pub store: StoreSettings,
+    /// `async` mode: records reach the file at least this often, and are fsync'd at every
+    /// checkpoint; this bounds what a crash can lose.
+    pub async_flush: Duration,
+}
+
+impl AuditSettings {
+    /// Defaults for everything but the directory.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            queue_capacity: 65_536,
+            durability: Durability::Sync,
+            store: StoreSettings {
+                segment_max_bytes: 64 << 20,
+                segment_max_age: Duration::from_secs(24 * 3600),
+                retention: None,
+                checkpoint_every_records: 1_000,
+                checkpoint_interval: Duration::from_secs(10),
+            },
+            async_flush: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The keys the trail uses.
+pub struct AuditKeys {
+    /// Signs checkpoints.
+    pub signer: ring::signature::Ed25519KeyPair,
+    /// Keys the data-subject hashes (optional: without it no subjects are recorded).
+    pub subject: Option<ring::hmac::Key>,
+}
+
+impl std::fmt::Debug for AuditKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKeys").finish_non_exhaustive()
+    }
+}
+
+impl AuditKeys {
+    /// Load the Ed25519 signing key (PKCS#8 PEM) and the optional subject key file.
+    pub fn load(signing_key: &Path, subject_key: Option<&Path>) -> Result<Self, String> {
+        use rustls::pki_types::{PrivatePkcs8KeyDer, pem::PemObject};
+        let der = PrivatePkcs8KeyDer::from_pem_file(signing_key)
+            .map_err(|e| format!("{}: not a PKCS#8 PEM key: {e}", signing_key.display()))?;
+        let signer = ring::signature::Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der())
+            .map_err(|e| format!("{}: not an Ed25519 key: {e}", signing_key.display()))?;
+        let subject = match subject_key {
+            None => None,
+            Some(p) => {
+                let b = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let b = b.trim_ascii();
+                if b.len() < 32 {
+                    return Err(format!(
+                        "{}: the subject key needs at least 32 bytes",
+                        p.display()
+                    ));
+                }
+                Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b))
+            }
+        };
+        Ok(Self { signer, subject })
+    }
+}
+
+/// The keyed hash recorded for a data subject's id: `s:` + 32 hex digits.
+pub fn subject_hash(key: &ring::hmac::Key, id: &str) -> String {
+    format!(
+        "s:{}",
+        hex::encode(&ring::hmac::sign(key, id.as_bytes()).as_ref()[..16])
+    )
+}
+
+/// Load a subject key file for searching.
+pub fn load_subject_key(p: &Path) -> Result<ring::hmac::Key, String> {
+    let b = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        b.trim_ascii(),
+    ))
+}
+
+type Ack = oneshot::Sender<Result<(), AuditRecord>>;
+
+/// Handle calls use to submit records. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<(AuditRecord, Option<Ack>)>,
+    healthy: Arc<AtomicBool>,
+    durability: Durability,
+    subject: Option<Arc<ring::hmac::Key>>,
+}
+
+/// The writer thread; [`AuditWriter::join`] waits for it to drain and sync.
+#[derive(Debug)]
+pub struct AuditWriter {
+    handle: JoinHandle<std::io::Result<u64>>,
+    pub dir: PathBuf,
+}
+
+impl AuditWriter {
+    /// Wait until every record submitted before the last [`AuditLog`] was dropped is written
+    /// and synced. Returns how many records this writer wrote.
+    pub fn join(self) -> std::io::Result<u64> {
+        self.handle
+            .join()
+            .map_err(|_| std::io::Error::other("audit writer thread panicked"))?
+    }
+}
+
+/// Open the trail (recovering a torn tail) and start the writer.
+pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(AuditLog, AuditWriter)> {
+    let (store, recovered) =
+        store::Store::open(&settings.dir, settings.store.clone(), keys.signer)?;
+    if recovered.torn_bytes > 0 {
+        tracing::warn!(
+            segment = recovered.segment,
+            bytes = recovered.torn_bytes,
+            last_seq = recovered.last_seq,
+            "audit trail: cut a torn last line left by a crash; the chain continues"
+        );
+    }
+    let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    let s = settings.clone();
+    let handle = std::thread::Builder::new()
+        .name("xgate-audit".into())
+        .spawn(move || writer::run(store, rx, h, s))?;
+    metrics::gauge!("xgate_audit_healthy").set(1.0);
+    Ok((
+        AuditLog {
+            tx,
+            healthy,
+            durability: settings.durability,
+            subject: keys.subject.map(Arc::new),
+        },
+        AuditWriter {
+            handle,
+            dir: settings.dir,
+        },
+    ))
+}
+
+impl AuditLog {
+    /// Whether the trail takes records now (fail-closed: calls are refused when not).
+    pub fn is_open(&self) -> bool {
+        !self.tx.is_closed() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The keyed hash of a data subject's id, if the trail has a subject key.
+    pub fn subject_hash(&self, id: &str) -> Option<String> {
+        self.subject.as_deref().map(|k| subject_hash(k, id))
+    }
+
+    /// Submit a record. In `sync` mode, wait until it is on disk: `Err` gives the record back
+    /// when it could not be written.
+    pub async fn submit(&self, rec: AuditRecord) -> Result<(), AuditRecord> {
+        match self.durability {
+            Durability::Async => match self.tx.send((rec, None)).await {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::SendError((rec, _))) => {
+                    tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
+                    Err(rec)
+                }
+            },
+            Durability::Sync => {
+                let (ack, done) = oneshot::channel();
+                if let Err(mpsc::error::SendError((rec, _))) = self.tx.send((rec, Some(ack))).await
+                {
+                    tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
+                    return Err(rec);
+                }
+                match done.await {
+                    Ok(r) => r,
+                    // The writer stopped with our record in hand: it wrote it at shutdown.
+                    Err(_) => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Submit without waiting (from a `Drop`, or a record the caller need not wait for):
+    /// queue if there is room, else hand the wait to a task.
+    pub fn submit_detached(&self, rec: AuditRecord) {
+        match self.tx.try_send((rec, None)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full((rec, _))) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        let tx = self.tx.clone();
+                        h.spawn(async move {
+                            if tx.send((rec, None)).await.is_err() {
+                                tracing::error!("audit writer is gone; record lost");
+                            }
+                        });
+                    }
+                    Err(_) => {
+                        tracing::error!(trace_id = %rec.trace_id, "audit queue full outside the runtime; record lost")
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed((rec, _))) => {
+                tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
+            }
+        }
+    }
+}
+
+/// A call's record in the making. Commit it with [`Pending::commit`]; if it is dropped
+/// uncommitted, it is written anyway with status `CANCELLED`.
+#[derive(Debug)]
+pub struct Pending {
+    log: AuditLog,
+    started: Instant,
+    pub rec: Option<AuditRecord>,
+}
+
+impl Pending {
+    pub fn new(log: AuditLog, rec: AuditRecord) -> Self {
+        Self {
+            log,
+            started: Instant::now(),
+            rec: Some(rec),
+        }
+    }
+
+    /// Mutable access to the record being built.
+    pub fn rec(&mut self) -> &mut AuditRecord {
+        self.rec.get_or_insert_with(AuditRecord::default)
+    }
+
+    /// Finish with the call's final status and submit; in `sync` mode, wait until it is on
+    /// disk. On failure the record comes back so the caller can answer (and record) the call
+    /// as refused instead.
+    pub async fn commit(mut self, code: tonic::Code) -> Result<(), AuditRecord> {
+        match self.rec.take() {
+            Some(mut rec) => {
+                finish(&mut rec, code, self.started);
+                self.log.submit(rec).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The log this record goes to.
+    pub fn log(&self) -> &AuditLog {
+        &self.log
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            finish(&mut rec, tonic::Code::Cancelled, self.started);
+            if rec.reason.is_none() {
+                rec.reason = Some("CANCELLED".into());
+            }
+            self.log.submit_detached(rec);
+        }
+    }
+}
+
+fn finish(rec: &mut AuditRecord, code: tonic::Code, started: Instant) {
+    rec.grpc_code = code as i32;
+    rec.grpc_status = code_name(code);
+    rec.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    if code != tonic::Code::Ok && rec.decision.is_empty() {
+        rec.decision = "deny";
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Current time as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&fmt)
+        .unwrap_or_default()
+}
+
+/// A fresh W3C-format trace id (32 lowercase hex digits).
+pub fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The canonical upper-case name of a gRPC code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Read every record (not checkpoint) of an audit directory, oldest first (tests and tools).
+pub fn read_all(dir: &Path) -> std::io::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    read::search(dir, &read::Query::default(), |v| out.push(v))?;
+    Ok(out)
+}
+
+mod writer {
+    //! The writer thread: group commit, checkpoints, rotation, fail-closed with recovery.
+
+    use super::*;
+
+    /// Records held while the trail cannot be written (refusals made meanwhile); beyond this
+    /// they are dropped with an error log and a metric.
+    const BACKLOG_MAX: usize = 100_000;
+
+    pub(super) fn run(
+        mut store: store::Store,
+        mut rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
+        healthy: Arc<AtomicBool>,
+        settings: AuditSettings,
+    ) -> std::io::Result<u64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let sync = settings.durability == Durability::Sync;
+        let mut written = 0u64;
+        let mut backlog: Vec<AuditRecord> = Vec::new();
+        let mut batch: Vec<(AuditRecord, Option<Ack>)> = Vec::with_capacity(1024);
+        let mut last_sync = Instant::now();
+        let mut open = true;
+        // One new segment per failure episode, not one per retry.
+        let mut rotated_for_failure = false;
+        while open || !backlog.is_empty() {
+            let failed = !healthy.load(Ordering::Relaxed);
+            let wait = if failed {
+                Duration::from_millis(250)
+            } else if sync {
+                settings.store.checkpoint_interval
+            } else {
+                settings.async_flush
+            };
+            if open {
+                match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(Some(m)) => {
+                        batch.push(m);
+                        while batch.len() < 4096 {
+                            match rx.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Ok(None) => open = false,
+                    Err(_) => {}
+                }
+            }
+            // Retry what could not be written (new segment first: the old may be full).
+            if !backlog.is_empty() {
+                if failed && !rotated_for_failure {
+                    rotated_for_failure = store.rotate_after_failure().is_ok();
+                }
+                match store.append(&backlog, true) {
+                    Ok(()) => {
+                        written += backlog.len() as u64;
+                        backlog.clear();
+                        if failed {
+                            rotated_for_failure = false;
+                            healthy.store(true, Ordering::Relaxed);
+                            metrics::gauge!("xgate_audit_healthy").set(1.0);
+                            tracing::warn!("audit trail writable again; calls resume");
+                        }
+                    }
+                    Err(e) => {
+                        if !open {
+                            tracing::error!(error = %e, records = backlog.len(), "audit trail still failing at shutdown; records lost");
+                            break;
+                        }
+                        rt.block_on(async { tokio::time::sleep(Duration::from_millis(250)).await });
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let recs: Vec<AuditRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let t0 = Instant::now();
+                let ok = healthy.load(Ordering::Relaxed)
+                    && backlog.is_empty()
+                    && {
+                        match store.append(&recs, sync) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::error!(error = %e, "audit write failed: refusing calls until it works again");
+                                metrics::counter!("xgate_audit_write_errors_total").increment(1);
+                                metrics::gauge!("xgate_audit_healthy").set(0.0);
+                                healthy.store(false, Ordering::Relaxed);
+                                false
+                            }
+                        }
+                    };
+                metrics::histogram!("xgate_audit_commit_seconds")
+                    .record(t0.elapsed().as_secs_f64());
+                for (rec, ack) in batch.drain(..) {
+                    match (ok, ack) {
+                        (true, Some(a)) => {
+                            let _ = a.send(Ok(()));
+                        }
+                        (true, None) => {}
+                        // The caller answers UNAVAILABLE and records that instead.
+                        (false, Some(a)) => {
+                            if let Err(Err(rec)) = a.send(Err(rec)) {
+                                push_backlog(&mut backlog, rec);
+                            }
+                        }
+                        (false, None) => push_backlog(&mut backlog, rec),
+                    }
+                }
+                if ok {
+                    written += recs.len() as u64;
+                }
+            }
+            if healthy.load(Ordering::Relaxed) {
+                let r = store
+                    .maybe_checkpoint(false, true)
+                    .and_then(|()| store.maybe_rotate().map(|_| ()));
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "audit checkpoint/rotation failed; will retry");
+                }
+                if !sync && last_sync.elapsed() >= settings.async_flush {
+                    let _ = store.sync();
+                    last_sync = Instant::now();
+                }
+            }
+        }
+        store.close()?;
+        Ok(written)
+    }
+
+    fn push_backlog(backlog: &mut Vec<AuditRecord>, rec: AuditRecord) {
+        if backlog.len() >= BACKLOG_MAX {
+            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+            tracing::error!(trace_id = %rec.trace_id, "audit backlog full while the trail is failing; record dropped");
+        } else {
+            backlog.push(rec);
+        }
+    }
+}
