@@ -20,10 +20,7 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::{
-    gateway::{Gateway, WeakGateway},
-    reload::Reloader,
-};
+use crate::{gateway::WeakGateway, reload::Reloader};
 
 #[derive(Clone)]
 struct AdminState {
@@ -48,12 +45,12 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 pub async fn serve(
     listener: TcpListener,
     reloader: Arc<Reloader>,
-    gateway: Gateway,
+    gateway: WeakGateway,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AdminState {
         reloader,
-        gateway: gateway.downgrade(),
+        gateway,
         metrics: metrics_handle(),
     };
     let app = Router::new()

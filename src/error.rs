@@ -51,6 +51,10 @@ reasons! {
     TlsHandshakeFailed => Unauthenticated, "TLS_HANDSHAKE_FAILED";
     /// The client opened TCP but did not finish the TLS handshake in time (audited).
     TlsHandshakeTimeout => Unauthenticated, "TLS_HANDSHAKE_TIMEOUT";
+    /// The certificate was revoked (CRL) after its connection was opened.
+    CertRevoked => Unauthenticated, "CERT_REVOKED";
+    /// The certificate expired after its connection was opened.
+    CertExpired => Unauthenticated, "CERT_EXPIRED";
     /// The client certificate carries no `spiffe://<trust-domain>/dept/<d>/sys/<s>` SAN URI.
     CertIdentityMissing => Unauthenticated, "CERT_IDENTITY_MISSING";
     /// No `authorization: Bearer` header.

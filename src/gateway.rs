@@ -80,6 +80,8 @@ struct Inner {
     cut: tokio::sync::watch::Sender<bool>,
     /// Bumped on every policy swap, so open streams re-check at once.
     policy_changes: tokio::sync::watch::Sender<u64>,
+    /// Serials revoked by the current CRLs.
+    revocations: crate::tls::Revocations,
 }
 
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
@@ -129,6 +131,7 @@ impl Gateway {
                 mask_key,
                 cut: tokio::sync::watch::Sender::new(false),
                 policy_changes: tokio::sync::watch::Sender::new(0),
+                revocations: Arc::default(),
             }),
         }
     }
@@ -148,10 +151,7 @@ impl Gateway {
         let mut cut = self.inner.cut.subscribe();
         tokio::select! {
             r = tokio::time::timeout(wait, fut) => Ok(r),
-            _ = cut.wait_for(|c| *c) => Err(Reject::new(
-                Reason::GatewayShuttingDown,
-                "the gateway is shutting down; retry (another replica will answer)",
-            )),
+            _ = cut.wait_for(|c| *c) => Err(shutting_down()),
         }
     }
 
@@ -165,6 +165,14 @@ impl Gateway {
 
     pub fn downgrade(&self) -> WeakGateway {
         WeakGateway(Arc::downgrade(&self.inner))
+    }
+
+    /// Share the revocation list the TLS layer keeps current.
+    pub fn with_revocations(mut self, r: crate::tls::Revocations) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.revocations = r;
+        }
+        self
     }
 
     /// Whether the audit trail still takes records.
@@ -227,6 +235,21 @@ impl Gateway {
                 "internal error; quote the trace id to the operators",
             )
         })?;
+        // The connection may be older than a revocation or outlive its certificate.
+        if !peer.serial.is_empty() && self.inner.revocations.load().contains(&peer.serial) {
+            return Err(Reject::new(
+                Reason::CertRevoked,
+                "your client certificate has been revoked; ask your CA for a new one",
+            )
+            .with_rule("tls:revocation-list"));
+        }
+        if peer.not_after < now_unix() {
+            return Err(Reject::new(
+                Reason::CertExpired,
+                "your client certificate has expired; renew it",
+            )
+            .with_rule("tls:certificate-validity"));
+        }
         let system = peer.identity.clone().map_err(|why| {
             Reject::new(Reason::CertIdentityMissing, why).with_rule("identity:certificate")
         })?;
@@ -312,10 +335,11 @@ impl Gateway {
         snap: &Snapshot,
         req: &mut QueryRequest,
     ) -> Result<Permit, Reject> {
+        // Shape first: nothing caller-sized reaches the audit record or a message unchecked.
+        check_request(req, &self.inner.limits)?;
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
-        check_request(req, &self.inner.limits)?;
         let caller = Caller {
             dept: &who.system.dept,
             system: &who.system.system,
@@ -523,6 +547,10 @@ impl Gateway {
             .caller_deadline
             .map(|d| tokio::time::Instant::now() + d);
         let mut changes = self.inner.policy_changes.subscribe();
+        let mut cut = self.inner.cut.subscribe();
+        let lifetime = open.who.claims.exp.saturating_sub(crate::token::now_secs());
+        let token_expiry = tokio::time::sleep(Duration::from_secs(lifetime));
+        tokio::pin!(token_expiry);
         let mut rows = 0u64;
         let provider = open.provider.clone();
         let outcome: Result<(), Reject> = loop {
@@ -534,6 +562,12 @@ impl Gateway {
             };
             let next = tokio::select! {
                 n = self.bounded(wait, open.upstream.message()) => n,
+                // A stream ends with its token.
+                _ = &mut token_expiry => break Err(Reject::new(
+                    Reason::TokenExpired,
+                    "your token expired during the stream; resume with a new token",
+                )
+                .with_rule("identity:token")),
                 // The caller went away while we waited for the provider.
                 _ = tx.closed() => return,
                 // The policy changed while we waited: re-decide now, not at the next batch.
@@ -565,7 +599,17 @@ impl Gateway {
                 rec.fields_masked = shaped.masked;
             }
             let n = shaped.response.rows.len() as u64;
-            if tx.send(Ok(shaped.response)).await.is_err() {
+            // A caller that stops reading holds nothing for long: not past the idle timeout,
+            // not past shutdown.
+            let sent = tokio::select! {
+                r = tx.send(Ok(shaped.response)) => r.is_ok(),
+                _ = tokio::time::sleep(idle) => {
+                    tracing::info!(trace_id = %call.trace_id, "stream caller stopped reading; ending the stream");
+                    false
+                }
+                _ = cut.wait_for(|c| *c) => break Err(shutting_down()),
+            };
+            if !sent {
                 // The caller went away: the record is written as CANCELLED when `call` drops,
                 // counting the rows handed over before.
                 tracing::info!(trace_id = %call.trace_id, "stream cancelled by the caller");
@@ -581,7 +625,8 @@ impl Gateway {
                 if let Err(rec) = call.pending.commit(Code::Ok).await {
                     let rej = audit_failed();
                     log.submit_detached(refused_for_audit(rec, &rej, false));
-                    let _ = tx.send(Err(rej.to_status(&call.trace_id))).await;
+                    let _ = tokio::time::timeout(idle, tx.send(Err(rej.to_status(&call.trace_id))))
+                        .await;
                 }
             }
             Err(rej) => {
@@ -590,7 +635,7 @@ impl Gateway {
                 if let Err(rec) = call.pending.commit(rej.code()).await {
                     log.submit_detached(rec);
                 }
-                let _ = tx.send(Err(status)).await;
+                let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
             }
         }
     }
@@ -629,6 +674,13 @@ impl Gateway {
         let snap = self.snapshot();
         let p = &snap.policy;
         let body = req.get_ref();
+        if body.dataset.len() > MAX_NAME_BYTES || body.purpose.len() > MAX_NAME_BYTES {
+            return Err(Reject::new(
+                Reason::RequestInvalid,
+                format!("dataset and purpose are at most {MAX_NAME_BYTES} bytes"),
+            )
+            .with_rule("request:shape"));
+        }
         let rec = call.pending.rec();
         rec.policy_version = p.version.clone();
         rec.dataset = Some(body.dataset.clone());
@@ -760,8 +812,23 @@ fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
 }
 
 /// Stage `check`: shape rules that do not depend on the policy (sizes, well-formed conditions).
+/// Longest dataset id, purpose or field name accepted.
+const MAX_NAME_BYTES: usize = 128;
+/// Most fields one request may name.
+const MAX_FIELDS: usize = 512;
+
 fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), Reject> {
     let invalid = |why: String| Reject::new(Reason::RequestInvalid, why).with_rule("request:shape");
+    if req.dataset.len() > MAX_NAME_BYTES || req.purpose.len() > MAX_NAME_BYTES {
+        return Err(invalid(format!(
+            "dataset and purpose are at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    if req.fields.len() > MAX_FIELDS || req.fields.iter().any(|f| f.len() > MAX_NAME_BYTES) {
+        return Err(invalid(format!(
+            "at most {MAX_FIELDS} fields of at most {MAX_NAME_BYTES} bytes each"
+        )));
+    }
     let conds = req
         .filter
         .as_ref()
@@ -939,6 +1006,13 @@ fn subject_hashes(log: &AuditLog, policy: &Policy, req: &QueryRequest) -> Vec<St
     out
 }
 
+fn shutting_down() -> Reject {
+    Reject::new(
+        Reason::GatewayShuttingDown,
+        "the gateway is shutting down; retry (another replica will answer)",
+    )
+}
+
 fn audit_failed() -> Reject {
     Reject::new(
         Reason::AuditUnavailable,
@@ -1047,7 +1121,8 @@ impl pb::data_exchange_server::DataExchange for Gateway {
             .await
         {
             Ok(open) => {
-                let (tx, rx) = mpsc::channel(4);
+                // One batch in the pipe: a policy change applies from the next batch on.
+                let (tx, rx) = mpsc::channel(1);
                 let trace_id = call.trace_id.clone();
                 tokio::spawn(self.clone().relay(call, open, tx).instrument(span));
                 let mut resp = Response::new(ReceiverStream::new(rx));

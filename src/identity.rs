@@ -28,6 +28,10 @@ pub struct PeerInfo {
     pub fingerprint: String,
     /// base64url SHA-256 of the leaf (DER): what RFC 8705 `cnf.x5t#S256` binds a token to.
     pub x5t_s256: String,
+    /// The certificate's serial number (raw), checked against the CRLs on every call.
+    pub serial: Vec<u8>,
+    /// notAfter, seconds since the epoch: a connection outliving its certificate is refused.
+    pub not_after: i64,
     pub remote: SocketAddr,
 }
 
@@ -76,10 +80,15 @@ pub fn peer_info(
     let fingerprint = format!("sha256:{}", hex::encode(Sha256::digest(leaf_der)));
     let identity = identity_of(leaf_der, trust_domain)
         .or_else(|why| map.get(&fingerprint).cloned().ok_or(why));
+    let (serial, not_after) = x509_parser::certificate::X509Certificate::from_der(leaf_der)
+        .map(|(_, c)| (c.raw_serial().to_vec(), c.validity().not_after.timestamp()))
+        .unwrap_or((Vec::new(), 0));
     PeerInfo {
         identity,
         fingerprint,
         x5t_s256: crate::token::x5t_s256(leaf_der),
+        serial,
+        not_after,
         remote,
     }
 }

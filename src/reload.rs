@@ -152,6 +152,12 @@ impl Reloader {
             .gateway
             .upgrade()
             .ok_or("the gateway is shutting down")?;
+        // Same lock order as `reload` (status, then upstream): the two never interleave, so
+        // neither can install a snapshot built from a state the other just replaced.
+        let _serial = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
         let mut cur = self
             .upstream
             .lock()

@@ -82,13 +82,16 @@ pub fn snapshot(
 fn rotate_tls(
     files: &tls::ServerTlsFiles,
     live: &tls::LiveServerConfig,
+    revoked: &tls::Revocations,
     reloader: &Reloader,
     up: &crate::config::Upstream,
     max_msg: usize,
+    upstream_digest: &std::sync::Mutex<[u8; 32]>,
 ) {
-    match tls::server_config(files) {
-        Ok(c) => {
+    match tls::server_config(files).and_then(|c| Ok((c, tls::revoked_serials(files)?))) {
+        Ok((c, serials)) => {
             live.store(c);
+            revoked.store(Arc::new(serials));
             metrics::counter!("xgate_tls_reloads_total", "side" => "server", "result" => "ok")
                 .increment(1);
             tracing::info!("server certificates, client CA and CRLs reloaded");
@@ -98,6 +101,14 @@ fn rotate_tls(
                 .increment(1);
             tracing::error!(error = %e, "server TLS reload refused; the previous certificates stay in use");
         }
+    }
+    // Only when the upstream files changed: a CRL update must not drop provider connections.
+    let digest = files_digest(&[&up.ca, &up.cert, &up.key]);
+    if let Ok(mut last) = upstream_digest.lock() {
+        if *last == digest {
+            return;
+        }
+        *last = digest;
     }
     match UpstreamTls::load(
         &up.ca,
@@ -118,6 +129,17 @@ fn rotate_tls(
             tracing::error!(error = %e, "upstream TLS reload refused; the previous certificate stays in use");
         }
     }
+}
+
+/// SHA-256 over the contents of `paths` (unreadable files count as empty).
+fn files_digest(paths: &[&std::path::Path]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in paths {
+        h.update(std::fs::read(p).unwrap_or_default());
+        h.update([0u8]);
+    }
+    h.finalize().into()
 }
 
 /// Build everything from `cfg`, bind, and start serving in the background.
@@ -200,6 +222,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let handshake_audit = audit_log.clone();
 
     let tokens_for_refresh = tokens.clone();
+    let revocations: tls::Revocations = Arc::new(arc_swap::ArcSwap::from_pointee(
+        tls::revoked_serials(&tls_files).map_err(|e| StartError(vec![format!("tls.crls: {e}")]))?,
+    ));
     let gateway = Gateway::new(
         snap,
         tokens,
@@ -207,7 +232,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         cfg.limits.clone(),
         Duration::from_millis(cfg.upstream.max_timeout_ms),
         mask_key.clone(),
-    );
+    )
+    .with_revocations(revocations.clone());
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
     let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())
@@ -242,13 +268,24 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
     let tls_watcher = if cfg.tls.watch {
         let (files, live, r) = (tls_files.clone(), live_tls.clone(), reloader.clone());
+        let revoked = revocations.clone();
         let up_cfg = cfg.upstream.clone();
         let max_msg = cfg.limits.max_message_bytes;
         let mut paths = files.paths();
         paths.extend([up_cfg.ca.clone(), up_cfg.cert.clone(), up_cfg.key.clone()]);
+        let upstream_digest =
+            std::sync::Mutex::new(files_digest(&[&up_cfg.ca, &up_cfg.cert, &up_cfg.key]));
         Some(
             reload::watch_paths(paths, "certificates", move || {
-                rotate_tls(&files, &live, &r, &up_cfg, max_msg);
+                rotate_tls(
+                    &files,
+                    &live,
+                    &revoked,
+                    &r,
+                    &up_cfg,
+                    max_msg,
+                    &upstream_digest,
+                );
             })
             .map_err(|e| StartError(vec![e]))?,
         )
@@ -269,7 +306,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             let (l, bound) = admin::bind(a)
                 .await
                 .map_err(|e| StartError(vec![format!("admin_listen {a}: {e}")]))?;
-            let (r, g) = (reloader.clone(), gateway.clone());
+            let (r, g) = (reloader.clone(), gateway.downgrade());
             tokio::spawn(async move {
                 let stop = async move {
                     let _ = admin_stop_rx.await;

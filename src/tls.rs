@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
-    audit::{self, AuditLog, AuditRecord, Pending},
+    audit::{self, AuditLog, AuditRecord},
     error::Reason,
     identity::{IdentityMap, Peer, peer_info},
 };
@@ -133,13 +133,15 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsErr
     for p in &files.crls {
         crls.extend(load_crls(p)?);
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .with_crls(crls)
-        .build()
-        .map_err(|e| TlsError::Invalid {
-            path: files.client_ca.display().to_string(),
-            message: e.to_string(),
-        })?;
+    let mut builder = WebPkiClientVerifier::builder(Arc::new(roots)).with_crls(crls);
+    if !files.crls.is_empty() {
+        // A CRL past its nextUpdate means revocation news stopped: refuse rather than trust it.
+        builder = builder.enforce_revocation_expiration();
+    }
+    let verifier = builder.build().map_err(|e| TlsError::Invalid {
+        path: files.client_ca.display().to_string(),
+        message: e.to_string(),
+    })?;
     let versions: &[&rustls::SupportedProtocolVersion] = if files.allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
@@ -154,6 +156,34 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsErr
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Serial numbers revoked by the configured CRLs: checked on every call too, so a connection
+/// opened before a revocation cannot keep using the revoked certificate.
+pub type Revocations = Arc<arc_swap::ArcSwap<std::collections::HashSet<Vec<u8>>>>;
+
+/// The revoked serial numbers in the configured CRLs.
+pub fn revoked_serials(
+    files: &ServerTlsFiles,
+) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let mut out = std::collections::HashSet::new();
+    for p in &files.crls {
+        for crl in load_crls(p)? {
+            let (_, parsed) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                    .map_err(|e| TlsError::Invalid {
+                        path: p.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+            out.extend(
+                parsed
+                    .iter_revoked_certificates()
+                    .map(|r| r.raw_serial().to_vec()),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The server config in use; swapped whole when certificates, CA or CRLs change.
@@ -230,6 +260,10 @@ pub fn incoming(
     audit: AuditLog,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    // At most this many handshakes at once: a flood of silent or garbage connections costs
+    // a bounded number of tasks and sockets, and past it new connections are shed at once.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let refusals = Arc::new(RefusalAudit::new(audit));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -244,6 +278,11 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                metrics::counter!("xgate_tls_handshakes_shed_total").increment(1);
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             // Each handshake uses the config current at accept time; established
             // connections keep theirs.
@@ -251,8 +290,9 @@ pub fn incoming(
             let identity_map = identity_map.clone();
             let tx = tx.clone();
             let td = trust_domain.clone();
-            let audit = audit.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
                     .await
                 {
@@ -262,21 +302,18 @@ pub fn incoming(
                         if let Some(tls_err) =
                             e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
                         {
-                            audit_refused_handshake(
-                                audit,
+                            refusals.record(
                                 remote,
                                 Reason::TlsHandshakeFailed,
                                 tls_err.to_string(),
-                            )
-                            .await;
+                            );
                         }
                         return;
                     }
                     Err(_) => {
                         tracing::info!(%remote, "TLS handshake timed out");
                         let why = format!("no completed handshake within {handshake_timeout:?}");
-                        audit_refused_handshake(audit, remote, Reason::TlsHandshakeTimeout, why)
-                            .await;
+                        refusals.record(remote, Reason::TlsHandshakeTimeout, why);
                         return;
                     }
                 };
@@ -294,7 +331,7 @@ pub fn incoming(
                 if let Err(why) = &peer.identity {
                     tracing::info!(%remote, fingerprint = %peer.fingerprint, %why, "client certificate without system identity");
                 }
-                drop(audit);
+                drop(refusals);
                 let _ = tx.send(Ok(TlsConn { stream, peer })).await;
             });
         }
@@ -302,24 +339,60 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-async fn audit_refused_handshake(
+/// Handshakes in progress at once, at most.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 1024;
+
+/// Audit records for refused handshakes. Anyone on the network can cause these, so they are
+/// rate-limited (the rest are counted into the next record that is written) and never wait
+/// for room in the queue that calls use.
+struct RefusalAudit {
     audit: AuditLog,
-    remote: std::net::SocketAddr,
-    reason: Reason,
-    detail: String,
-) {
-    let rec = AuditRecord {
-        time: audit::now_rfc3339(),
-        trace_id: audit::new_trace_id(),
-        method: "(tls-handshake)".into(),
-        remote_addr: Some(remote.to_string()),
-        decision: "deny",
-        rule: Some("tls:client-certificate".into()),
-        reason: Some(reason.as_str().into()),
-        detail: Some(detail),
-        ..AuditRecord::default()
-    };
-    if let Err(rec) = Pending::new(audit.clone(), rec).commit(reason.code()).await {
-        audit.submit_detached(rec);
+    limiter: governor::DefaultDirectRateLimiter,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalAudit {
+    fn new(audit: AuditLog) -> Self {
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(20).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+        .allow_burst(std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN));
+        Self {
+            audit,
+            limiter: governor::RateLimiter::direct(quota),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, remote: std::net::SocketAddr, reason: Reason, mut detail: String) {
+        use std::sync::atomic::Ordering;
+        metrics::counter!("xgate_tls_handshake_failures_total", "reason" => reason.as_str())
+            .increment(1);
+        if self.limiter.check().is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let n = self.suppressed.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            detail.push_str(&format!(
+                " (+{n} similar refusals since the last record, not recorded one by one)"
+            ));
+        }
+        let rec = AuditRecord {
+            time: audit::now_rfc3339(),
+            trace_id: audit::new_trace_id(),
+            method: "(tls-handshake)".into(),
+            remote_addr: Some(remote.to_string()),
+            decision: "deny",
+            rule: Some("tls:client-certificate".into()),
+            reason: Some(reason.as_str().into()),
+            detail: Some(detail),
+            grpc_status: audit::code_name(reason.code()),
+            grpc_code: reason.code() as i32,
+            ..AuditRecord::default()
+        };
+        if !self.audit.try_submit(rec) {
+            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+        }
     }
 }

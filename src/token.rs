@@ -129,6 +129,8 @@ struct Key {
 }
 
 struct KeySet {
+    /// Distinguishes fetches: cached tokens are only good against the set they were checked with.
+    generation: u64,
     keys: HashMap<String, Key>,
     /// The only key, when the set has exactly one (tokens may then omit `kid`).
     single: Option<String>,
@@ -137,9 +139,20 @@ struct KeySet {
 
 struct Cached {
     claims: Arc<Claims>,
-    /// The signing key, re-checked on every hit: a key removed from the JWKS takes its
-    /// tokens with it.
-    kid: Option<String>,
+    /// The key set generation it was verified against (`None` for HMAC): a hit counts only
+    /// while that exact set is current and fresh, so a re-key — even under the same `kid` —
+    /// or stale keys take cached tokens with them.
+    generation: Option<u64>,
+}
+
+/// The outcome of looking for an unknown `kid`.
+enum Lookup {
+    /// Fresh keys, just fetched.
+    Fetched(Arc<KeySet>),
+    /// No new look (fixed keys, or looked recently and that look worked).
+    NotNeeded,
+    /// The identity provider could not be reached.
+    Failed,
 }
 
 /// Verifies bearer tokens.
@@ -149,6 +162,7 @@ pub struct TokenVerifier {
     keys: ArcSwapOption<KeySet>,
     hmac: Option<(DecodingKey, Vec<Algorithm>)>,
     last_on_demand: Mutex<Option<Instant>>,
+    last_on_demand_failed: std::sync::atomic::AtomicBool,
     refreshing: tokio::sync::Mutex<()>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
@@ -201,6 +215,7 @@ impl TokenVerifier {
             keys: ArcSwapOption::empty(),
             hmac,
             last_on_demand: Mutex::new(None),
+            last_on_demand_failed: std::sync::atomic::AtomicBool::new(false),
             refreshing: tokio::sync::Mutex::new(()),
             cache: Mutex::new(HashMap::new()),
         };
@@ -271,7 +286,9 @@ impl TokenVerifier {
         let single = (keys.len() == 1)
             .then(|| keys.keys().next().cloned())
             .flatten();
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(KeySet {
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             keys,
             single,
             fetched: Instant::now(),
@@ -366,17 +383,19 @@ impl TokenVerifier {
             .cache
             .lock()
             .ok()
-            .and_then(|m| m.get(&digest).map(|c| (c.claims.clone(), c.kid.clone())));
-        if let Some((claims, kid)) = hit {
-            let key_still_there = match &kid {
+            .and_then(|m| m.get(&digest).map(|c| (c.claims.clone(), c.generation)));
+        if let Some((claims, generation)) = hit {
+            let current = match generation {
                 None => true,
-                Some(k) => self
-                    .keys
-                    .load()
-                    .as_ref()
-                    .is_some_and(|s| s.keys.contains_key(k)),
+                Some(g) => {
+                    let max_age = Duration::from_secs(self.settings.keys_max_age_secs);
+                    self.keys
+                        .load()
+                        .as_ref()
+                        .is_some_and(|s| s.generation == g && s.fetched.elapsed() <= max_age)
+                }
             };
-            if key_still_there {
+            if current {
                 // Re-check time on every hit: a cached token expires like any other.
                 self.check_times(&claims, now)?;
                 return Ok(claims);
@@ -400,7 +419,7 @@ impl TokenVerifier {
             v.validate_nbf = true;
             v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(map_jwt_error)?;
-            (data.claims, None)
+            (data.claims, None::<u64>)
         } else if matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
@@ -414,8 +433,19 @@ impl TokenVerifier {
             let kid = header.kid.clone().or_else(|| set.single.clone());
             let set = match kid.as_deref().map(|k| set.keys.contains_key(k)) {
                 Some(true) => set,
-                // Unknown kid: perhaps the provider rotated keys; look once (rate-limited).
-                _ => self.refresh_for_unknown_kid().await.unwrap_or(set),
+                // Unknown kid: perhaps the provider rotated keys; look (rate-limited).
+                _ => match self.refresh_for_unknown_kid().await {
+                    Lookup::Fetched(s) => s,
+                    Lookup::NotNeeded => set,
+                    // We could not look: that is not the caller's fault.
+                    Lookup::Failed => {
+                        return Err(Reject::new(
+                            Reason::TokenKeysUnavailable,
+                            "the token names a key the gateway cannot fetch from the identity provider right now; retry later",
+                        )
+                        .with_retry_after(Duration::from_secs(self.settings.unknown_kid_refresh_secs.max(1))));
+                    }
+                },
             };
             let Some(key) = kid.as_deref().and_then(|k| set.keys.get(k)) else {
                 return Err(Reject::new(
@@ -431,7 +461,7 @@ impl TokenVerifier {
             }
             let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
                 .map_err(map_jwt_error)?;
-            (data.claims, kid)
+            (data.claims, Some(set.generation))
         };
         if claims.dept.is_empty() || claims.sub.is_empty() {
             return Err(Reject::new(
@@ -454,7 +484,7 @@ impl TokenVerifier {
         if let Ok(mut m) = self.cache.lock() {
             if m.len() >= self.settings.cache_capacity {
                 // Cheap bound: drop the expired, then everything if still full.
-                m.retain(|_, c| c.claims.exp + self.settings.leeway_secs > now);
+                m.retain(|_, c| c.claims.exp.saturating_add(self.settings.leeway_secs) > now);
                 if m.len() >= self.settings.cache_capacity {
                     m.clear();
                 }
@@ -463,7 +493,7 @@ impl TokenVerifier {
                 digest,
                 Cached {
                     claims: claims.clone(),
-                    kid,
+                    generation: kid,
                 },
             );
         }
@@ -493,17 +523,36 @@ impl TokenVerifier {
         })
     }
 
-    async fn refresh_for_unknown_kid(&self) -> Option<Arc<KeySet>> {
-        if matches!(self.source, JwksSource::Static(_)) || !self.take_on_demand_slot() {
-            return None;
+    /// Look for an unknown `kid` by fetching the keys again, at most once per
+    /// `unknown_kid_refresh_secs`. Within that window the previous look stands: if it
+    /// succeeded the kid is simply unknown; if it failed the keys are unavailable.
+    async fn refresh_for_unknown_kid(&self) -> Lookup {
+        if matches!(self.source, JwksSource::Static(_)) {
+            return Lookup::NotNeeded;
         }
-        match tokio::time::timeout(Duration::from_secs(3), self.refresh()).await {
-            Ok(Ok(_)) => self.keys.load_full(),
+        if !self.take_on_demand_slot() {
+            return if self
+                .last_on_demand_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                Lookup::Failed
+            } else {
+                Lookup::NotNeeded
+            };
+        }
+        let ok = match tokio::time::timeout(Duration::from_secs(6), self.refresh()).await {
+            Ok(Ok(_)) => true,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "JWKS refresh for an unknown kid failed");
-                None
+                false
             }
-            Err(_) => None,
+            Err(_) => false,
+        };
+        self.last_on_demand_failed
+            .store(!ok, std::sync::atomic::Ordering::Relaxed);
+        match (ok, self.keys.load_full()) {
+            (true, Some(s)) => Lookup::Fetched(s),
+            _ => Lookup::Failed,
         }
     }
 
@@ -522,19 +571,19 @@ impl TokenVerifier {
 
     fn check_times(&self, c: &Claims, now: u64) -> Result<(), Reject> {
         let leeway = self.settings.leeway_secs;
-        if c.exp + leeway <= now {
+        if c.exp.saturating_add(leeway) <= now {
             return Err(Reject::new(
                 Reason::TokenExpired,
                 "the token has expired; get a new one",
             ));
         }
-        if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
+        if c.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
             return Err(Reject::new(
                 Reason::TokenNotYetValid,
                 "the token is not valid yet (`nbf`)",
             ));
         }
-        if c.iat.is_some_and(|iat| iat > now + leeway) {
+        if c.iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
             return Err(Reject::new(
                 Reason::TokenNotYetValid,
                 "the token was issued in the future (`iat`)",

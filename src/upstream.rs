@@ -23,6 +23,8 @@ use crate::{
 pub struct UpstreamTls {
     ca: Certificate,
     identity: Identity,
+    /// Distinguishes loads: channels built from another load are never reused.
+    generation: u64,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
 }
@@ -42,17 +44,19 @@ impl UpstreamTls {
         max_message_bytes: usize,
     ) -> Result<Self, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Self {
             ca: Certificate::from_pem(read(ca)?),
             identity: Identity::from_pem(read(cert)?, read(key)?),
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             connect_timeout,
             max_message_bytes,
         })
     }
 }
 
-/// What a provider's channel depends on: (endpoint, TLS name).
-type ChannelKey = (String, Option<String>);
+/// What a provider's channel depends on: (endpoint, TLS name, upstream TLS generation).
+type ChannelKey = (String, Option<String>, u64);
 
 /// Clients for every provider of one policy snapshot.
 #[derive(Debug, Default)]
@@ -71,7 +75,7 @@ impl Upstreams {
     ) -> Result<Self, String> {
         let mut clients = HashMap::new();
         for p in &policy.file.providers {
-            let key = (p.endpoint.clone(), p.tls_name.clone());
+            let key = (p.endpoint.clone(), p.tls_name.clone(), tls.generation);
             if let Some((_, c)) = previous
                 .and_then(|prev| prev.clients.get(&p.id))
                 .filter(|(k, _)| *k == key)

@@ -637,6 +637,12 @@ async fn hostile_requests() {
             Code::ResourceExhausted,
             "MESSAGE_TOO_LARGE",
         ),
+        (
+            "a 1,000-byte purpose",
+            query("hukou.person_basic", &"p".repeat(1000), &[], 1),
+            Code::InvalidArgument,
+            "REQUEST_INVALID",
+        ),
     ];
     for (name, q, code, reason) in cases {
         let st = c.query(req(q, &t)).await.expect_err(name);
@@ -806,27 +812,35 @@ async fn revoked_certificates_are_refused_after_a_crl_reload() {
             .list_datasets(req(pb::ListDatasetsRequest {}, &token("civil-affairs")))
             .await
     };
+    let open_before = channel_with(&h, &c, &k).await.unwrap();
     assert!(
-        call(channel_with(&h, &c, &k).await.unwrap()).await.is_ok(),
+        call(open_before.clone()).await.is_ok(),
         "valid before revocation"
     );
     // The bureau revokes the lost laptop's certificate: no restart.
     replace_file(&crl, &dev.crl(&[0x7e5_0001], 2).unwrap());
+    // The connection opened before the revocation is refused too, call by call.
     let t0 = Instant::now();
-    loop {
-        let refused = match channel_with(&h, &c, &k).await {
-            Err(_) => true,
-            Ok(ch) => call(ch).await.is_err(),
-        };
-        if refused {
-            break;
+    let st = loop {
+        if let Err(st) = call(open_before.clone()).await {
+            break st;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "revocation not applied"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert_reject(&st, Code::Unauthenticated, "CERT_REVOKED");
+    // New connections fail the handshake itself.
+    let refused = match channel_with(&h, &c, &k).await {
+        Err(_) => true,
+        Ok(ch) => call(ch).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a new connection with the revoked certificate went through"
+    );
     // Other systems are unaffected.
     assert!(call(h.channel("civil-affairs").await).await.is_ok());
     let recs = h.stop().await;
@@ -834,6 +848,12 @@ async fn revoked_certificates_are_refused_after_a_crl_reload() {
         recs.iter().any(|r| r["reason"] == "TLS_HANDSHAKE_FAILED"
             && r["detail"].as_str().unwrap_or("").contains("Revoked")),
         "{recs:#?}"
+    );
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["reason"] == "CERT_REVOKED")
+            .count(),
+        1
     );
 }
 

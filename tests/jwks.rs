@@ -138,7 +138,7 @@ async fn list(h: &Harness, tok: &str) -> Result<(), tonic::Status> {
 async fn rotation_floods_and_outages() {
     let dev_jwks = std::fs::read_to_string(certs().join("jwks.json")).unwrap();
     let idp = Idp::start(dev_jwks.clone()).await;
-    let mut h = harness(&idp, 3).await;
+    let mut h = harness(&idp, 5).await;
     assert_eq!(idp.fetches(), 1, "fetched once at start-up");
     list(&h, &token("civil-affairs")).await.unwrap();
 
@@ -175,8 +175,19 @@ async fn rotation_floods_and_outages() {
     // The provider goes down: the last good keys keep working for their lifetime ...
     idp.up.store(false, Ordering::SeqCst);
     list(&h, &token("civil-affairs")).await.unwrap();
+    // A token under a key we cannot look up now: the provider's fault, not the token's.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (k3, _) = devpki::jwt_keypair("idp-2027-02").unwrap();
+    let t3 = devpki::mint_token(
+        &k3,
+        "idp-2027-02",
+        &devpki::dev_claims("civil-affairs", "u", None, 600),
+    )
+    .unwrap();
+    let st = list(&h, &t3).await.unwrap_err();
+    assert_reject(&st, Code::Unavailable, "TOKEN_KEYS_UNAVAILABLE");
     // ... then the answer is UNAVAILABLE with its own reason, never UNAUTHENTICATED.
-    tokio::time::sleep(Duration::from_millis(3_300)).await;
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
     let st = list(&h, &token("civil-affairs")).await.unwrap_err();
     assert_reject(&st, Code::Unavailable, "TOKEN_KEYS_UNAVAILABLE");
     // Back up: the next call after the refresh gap gets fresh keys.

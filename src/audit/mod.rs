@@ -274,6 +274,12 @@ impl AuditLog {
         }
     }
 
+    /// Queue a record only if there is room right now (records anyone can cause, which must
+    /// never slow calls down). Returns whether it was queued.
+    pub fn try_submit(&self, rec: AuditRecord) -> bool {
+        self.tx.try_send((rec, None)).is_ok()
+    }
+
     /// Submit without waiting (from a `Drop`, or a record the caller need not wait for):
     /// queue if there is room, else hand the wait to a task.
     pub fn submit_detached(&self, rec: AuditRecord) {
