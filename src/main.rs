@@ -60,6 +60,51 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Read the audit trail: verify it, search it.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain and every checkpoint signature; name the first damage; exit 1 if any.
+    Verify {
+        dir: PathBuf,
+        /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it).
+        #[arg(long, default_value = "certs-dev/audit-signing.pub")]
+        public_key: PathBuf,
+    },
+    /// Find records by consumer, dataset, time, status, decision or data subject.
+    Search {
+        dir: PathBuf,
+        #[arg(long)]
+        consumer: Option<String>,
+        #[arg(long)]
+        dataset: Option<String>,
+        /// From this time (RFC 3339, inclusive).
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (RFC 3339, exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        /// gRPC status name, e.g. OK, PERMISSION_DENIED.
+        #[arg(long)]
+        status: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        decision: Option<String>,
+        /// A data subject's id (e.g. an id number): which calls asked about this person.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The subject-hash key the gateway uses (`audit.subject_key_file`).
+        #[arg(long, default_value = "certs-dev/audit-subject.key")]
+        subject_key: PathBuf,
+        /// table, jsonl or csv.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,6 +242,7 @@ fn main() -> ExitCode {
         Cmd::Token(t) => token(t),
         Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
+        Cmd::Audit { cmd } => audit_cmd(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -351,6 +397,132 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                     );
                     println!("DENY {} ({:?})", r.reason, r.code());
                 }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
+    use base64::Engine;
+    match cmd {
+        AuditCmd::Verify { dir, public_key } => {
+            let text = std::fs::read_to_string(&public_key)
+                .map_err(|e| format!("{}: {e}", public_key.display()))?;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| {
+                    format!(
+                        "{}: not a base64 Ed25519 public key: {e}",
+                        public_key.display()
+                    )
+                })?;
+            match xgate::audit::read::verify(&dir, &key)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+            {
+                Ok(r) => {
+                    println!(
+                        "{}: OK — {} records (seq {}..{}) in {} segment(s), {} signed checkpoint(s); {} record(s) after the last checkpoint",
+                        dir.display(),
+                        r.records,
+                        r.first_seq,
+                        r.last_seq,
+                        r.segments,
+                        r.checkpoints,
+                        r.unsigned_tail
+                    );
+                    Ok(())
+                }
+                Err(d) => Err(format!("audit trail damaged: {d}")),
+            }
+        }
+        AuditCmd::Search {
+            dir,
+            consumer,
+            dataset,
+            since,
+            until,
+            status,
+            decision,
+            subject,
+            subject_key,
+            format,
+        } => {
+            let subject = match subject {
+                None => None,
+                Some(id) => Some(xgate::audit::subject_hash(
+                    &xgate::audit::load_subject_key(&subject_key)?,
+                    &id,
+                )),
+            };
+            let q = xgate::audit::read::Query {
+                consumer,
+                dataset,
+                since,
+                until,
+                status,
+                decision,
+                subject,
+            };
+            const COLS: [&str; 11] = [
+                "time",
+                "trace_id",
+                "consumer_dept",
+                "consumer_system",
+                "method",
+                "dataset",
+                "purpose",
+                "decision",
+                "rule",
+                "grpc_status",
+                "rows",
+            ];
+            let cell = |v: &serde_json::Value, k: &str| match &v[k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if format == "table" {
+                println!(
+                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} {}",
+                    "time", "consumer", "system", "method", "dataset", "dec.", "status", "rule"
+                );
+            } else if format == "csv" {
+                println!("{}", COLS.join(","));
+            } else if format != "jsonl" {
+                return Err(format!("--format `{format}`: use table, jsonl or csv"));
+            }
+            let n = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
+                "jsonl" => println!("{v}"),
+                "csv" => println!(
+                    "{}",
+                    COLS.iter()
+                        .map(|k| {
+                            let c = cell(&v, k);
+                            if c.contains([',', '"', '\n']) {
+                                format!("\"{}\"", c.replace('"', "\"\""))
+                            } else {
+                                c
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                _ => println!(
+                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} {}",
+                    cell(&v, "time"),
+                    cell(&v, "consumer_dept"),
+                    cell(&v, "consumer_system"),
+                    cell(&v, "method"),
+                    cell(&v, "dataset"),
+                    cell(&v, "decision"),
+                    cell(&v, "grpc_status"),
+                    cell(&v, "rule")
+                ),
+            })
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            if format == "table" {
+                println!("({n} records)");
             }
             Ok(())
         }
