@@ -484,8 +484,8 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             };
             if format == "table" {
                 println!(
-                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} {}",
-                    "time", "consumer", "system", "method", "dataset", "dec.", "status", "rule"
+                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} rule",
+                    "time", "consumer", "system", "method", "dataset", "dec.", "status"
                 );
             } else if format == "csv" {
                 println!("{}", COLS.join(","));
@@ -561,6 +561,15 @@ async fn shutdown_signal() {
     }
 }
 
+/// A file-size limit (`ulimit -f`) must surface as a write error the audit trail can fail
+/// closed on and recover from, not kill the process: take SIGXFSZ over.
+#[cfg(unix)]
+fn ignore_sigxfsz() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    const SIGXFSZ: i32 = 25;
+    signal(SignalKind::from_raw(SIGXFSZ)).ok()
+}
+
 fn serve(path: &Path) -> Result<(), String> {
     let cfg = Config::load(path).map_err(|errs| {
         format!(
@@ -572,6 +581,8 @@ fn serve(path: &Path) -> Result<(), String> {
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async move {
         let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
+        #[cfg(unix)]
+        let _sigxfsz = ignore_sigxfsz();
         let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
         let result = tokio::select! {
             _ = shutdown_signal() => {

@@ -55,6 +55,8 @@ pub struct Opts {
 
 pub struct Harness {
     pub addr: SocketAddr,
+    /// Where the gateway keeps its audit trail.
+    pub audit_path: PathBuf,
     pub admin: Option<SocketAddr>,
     pub policy_path: PathBuf,
     pub reloader: std::sync::Arc<xgate::reload::Reloader>,
@@ -135,6 +137,7 @@ impl Harness {
         }
         let running = server::start(&cfg).await.unwrap();
         Harness {
+            audit_path: cfg.audit.dir.clone(),
             addr: running.addr,
             admin: running.admin_addr,
             policy_path,
@@ -180,7 +183,7 @@ impl Harness {
             g.shutdown().await.unwrap();
         }
         let _ = self.stop_providers.send(true);
-        xgate::audit::read_all(&self.audit_dir.path().join("audit")).unwrap()
+        xgate::audit::read_all(&self.audit_path).unwrap()
     }
 
     pub fn take_gateway(&mut self) -> Running {

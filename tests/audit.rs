@@ -1,0 +1,530 @@
+//! The audit trail under attack and accident: tampering of every kind is detected, rotation
+//! keeps the chain, a torn tail is cut on restart, a real write fault fails calls closed and
+//! recovers by itself, and `kill -9` under load loses no acknowledged record.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tonic::Code;
+
+fn xgate(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn verify(dir: &Path) -> (i32, String) {
+    xgate(&[
+        "audit",
+        "verify",
+        dir.to_str().unwrap(),
+        "--public-key",
+        "certs-dev/audit-signing.pub",
+    ])
+}
+
+fn copy_dir(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.path().join(p.file_name().unwrap())).unwrap();
+    }
+    to
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Edit the `n`th line of the first segment with `f`.
+fn edit_line(dir: &Path, n: usize, f: impl Fn(&str) -> Option<String>) {
+    let seg = &segments(dir)[0];
+    let text = std::fs::read_to_string(seg).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    match f(&lines[n]) {
+        Some(l) => lines[n] = l,
+        None => {
+            lines.remove(n);
+        }
+    }
+    std::fs::write(seg, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn tampering_of_every_kind_is_detected() {
+    let mut h = Harness::start(Opts::default()).await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    for i in 0..6 {
+        let id = format!("33010619510807000{i}");
+        let _ = c
+            .query(req(
+                query(
+                    "hukou.person_basic",
+                    "subsidy-eligibility",
+                    &[&format!("id_number={id}")],
+                    1,
+                ),
+                &t,
+            ))
+            .await;
+    }
+    let _ = c
+        .query(req(query("hukou.person_basic", "marketing", &[], 1), &t))
+        .await;
+    h.stop().await;
+    let dir = h.audit_dir.path().join("audit");
+    let (code, out) = verify(&dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("OK — 7 records") && out.contains("0 record(s) after the last checkpoint"),
+        "{out}"
+    );
+
+    // Who looked at this person? Answerable by the subject's id, without ids in the trail.
+    let (code, out) = xgate(&[
+        "audit",
+        "search",
+        dir.to_str().unwrap(),
+        "--subject",
+        "330106195108070003",
+        "--format",
+        "jsonl",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("civil-affairs") && !out.contains("330106195108070003"),
+        "{out}"
+    );
+    let raw = std::fs::read_to_string(&segments(&dir)[0]).unwrap();
+    assert!(
+        !raw.contains("330106195108070003"),
+        "the trail holds no subject ids"
+    );
+    let (_, denied) = xgate(&[
+        "audit",
+        "search",
+        dir.to_str().unwrap(),
+        "--decision",
+        "deny",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(denied.lines().count(), 2, "header + one denial: {denied}");
+
+    // (what, edit, what verify must say)
+    type Tamper = (&'static str, Box<dyn Fn(&Path)>, &'static str);
+    let cases: Vec<Tamper> = vec![
+        (
+            "edited field",
+            Box::new(|d| {
+                edit_line(d, 2, |l| {
+                    Some(l.replace(
+                        "\"purpose\":\"subsidy-eligibility\"",
+                        "\"purpose\":\"audit-exempt\"",
+                    ))
+                })
+            }),
+            "does not match its hash",
+        ),
+        (
+            "edited and re-hashed record",
+            Box::new(|d| {
+                edit_line(d, 2, |l| {
+                    Some(rehash(&l.replace(
+                        "\"consumer_dept\":\"civil-affairs\"",
+                        "\"consumer_dept\":\"health\"",
+                    )))
+                })
+            }),
+            "does not chain",
+        ),
+        (
+            "deleted record",
+            Box::new(|d| edit_line(d, 3, |_| None)),
+            "missing or reordered",
+        ),
+        (
+            "swapped records",
+            Box::new(|d| {
+                let seg = &segments(d)[0];
+                let text = std::fs::read_to_string(seg).unwrap();
+                let mut lines: Vec<&str> = text.lines().collect();
+                lines.swap(1, 2);
+                std::fs::write(seg, lines.join("\n") + "\n").unwrap();
+            }),
+            "missing or reordered",
+        ),
+        (
+            "truncated tail",
+            Box::new(|d| {
+                let seg = &segments(d)[0];
+                let text = std::fs::read_to_string(seg).unwrap();
+                let lines: Vec<&str> = text.lines().collect();
+                // Drop the last two records but keep the final checkpoint.
+                let kept: Vec<&str> = lines[..lines.len() - 3]
+                    .iter()
+                    .chain(lines.last())
+                    .copied()
+                    .collect();
+                std::fs::write(seg, kept.join("\n") + "\n").unwrap();
+            }),
+            "records were removed or inserted",
+        ),
+        (
+            "forged checkpoint",
+            Box::new(|d| {
+                let last = std::fs::read_to_string(&segments(d)[0])
+                    .unwrap()
+                    .lines()
+                    .count()
+                    - 1;
+                edit_line(d, last, |l| Some(l.replace("\"seq\":7", "\"seq\":6")));
+            }),
+            "signature does not verify",
+        ),
+        (
+            "garbage line",
+            Box::new(|d| edit_line(d, 4, |_| Some("not json at all".into()))),
+            "not an audit record line",
+        ),
+    ];
+    for (what, tamper, says) in cases {
+        let copy = copy_dir(&dir);
+        tamper(copy.path());
+        let (code, out) = verify(copy.path());
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains(says), "{what}: expected `{says}` in: {out}");
+        assert!(
+            out.contains("audit-00000001.jsonl:"),
+            "{what}: names the place: {out}"
+        );
+    }
+}
+
+/// Recompute a record line's own hash after editing it (an attacker who knows the format).
+fn rehash(line: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let (body, _) = xgate::audit::store::split_hash(line).unwrap();
+    let h = hex::encode(Sha256::digest(body.as_bytes()));
+    format!("{},\"hash\":\"{h}\"}}", &body[..body.len() - 1])
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_chain_and_a_torn_tail_is_cut_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_dir = dir.path().to_owned();
+    let hook: ConfigHook = Arc::new(move |c| {
+        c.audit.dir = audit_dir.clone();
+        c.audit.segment_max_bytes = 4096;
+    });
+    let mut h = Harness::start(Opts {
+        config: Some(hook.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    for _ in 0..30 {
+        c.query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    }
+    h.stop().await;
+    assert!(
+        segments(dir.path()).len() >= 3,
+        "rotated: {:?}",
+        segments(dir.path())
+    );
+    assert_eq!(verify(dir.path()).0, 0, "{}", verify(dir.path()).1);
+    // A crash tore the last line in half.
+    let last = segments(dir.path()).last().unwrap().clone();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":31,\"prev\":\"abc").unwrap();
+    drop(f);
+    assert_eq!(
+        verify(dir.path()).0,
+        1,
+        "the torn line is damage until recovery"
+    );
+    // Restart on the same trail: the torn line is cut, the chain continues.
+    let mut h = Harness::start(Opts {
+        config: Some(hook),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = h.data("civil-affairs").await;
+    for _ in 0..5 {
+        c.query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    }
+    let recs = h.stop().await;
+    assert_eq!(recs.len(), 35);
+    let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=35).collect::<Vec<_>>());
+    let (code, out) = verify(dir.path());
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A real gateway process on a dev config, optionally under a file-size limit.
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_serve(work: &Path, audit: &Path, providers: &Harness, fsize: Option<u64>) -> Proc {
+    let c = certs();
+    let policy = std::fs::read_to_string(&providers.policy_path).unwrap();
+    std::fs::write(work.join("policy.yaml"), policy).unwrap();
+    let port = free_port();
+    let cfg = format!(
+        "listen: 127.0.0.1:{port}\nwatch_policy: false\ntrust_domain: zj.gov.example\n\
+         tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem, watch: false }}\n\
+         jwt: {{ jwks: {c}/jwks.json, issuer: \"https://idp.zj.gov.example\", audience: xgate }}\n\
+         policy: policy.yaml\npseudonym_key_file: {c}/pseudonym.key\n\
+         audit: {{ dir: {a}, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}\n\
+         upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}\n\
+         log: {{ level: warn }}\n",
+        c = c.display(),
+        a = audit.display()
+    );
+    let cfg_path = work.join("xgate.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let bin = env!("CARGO_BIN_EXE_xgate");
+    let mut cmd = match fsize {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--fsize={n}")).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child, port }
+}
+
+async fn wait_listening(port: u16) {
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn client(
+    port: u16,
+    dept: &str,
+) -> xgate::pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel> {
+    let c = certs();
+    let ch = xgate::client::connect(
+        &format!("https://127.0.0.1:{port}"),
+        &std::fs::read(c.join("ca.pem")).unwrap(),
+        &std::fs::read(c.join(format!("{dept}.pem"))).unwrap(),
+        &std::fs::read(c.join(format!("{dept}.key"))).unwrap(),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    xgate::pb::data_exchange_client::DataExchangeClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
+    // The sample providers of a harness serve the real binary below.
+    let mut providers = Harness::start(Opts::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit");
+    // Every file the gateway writes is capped at 24 kB by the kernel (RLIMIT_FSIZE).
+    let mut p = start_serve(work.path(), &audit, &providers, Some(24_000));
+    wait_listening(p.port).await;
+    let mut c = client(p.port, "civil-affairs").await;
+    let t = token("civil-affairs");
+    let (mut ok, mut refused, mut ok_after_refusal) = (Vec::new(), 0, 0);
+    for _ in 0..200 {
+        match c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        {
+            Ok(r) => {
+                ok.push(
+                    r.metadata()
+                        .get(xgate::TRACE_ID_HEADER)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                );
+                if refused > 0 {
+                    ok_after_refusal += 1;
+                }
+            }
+            Err(st) => {
+                assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+                refused += 1;
+            }
+        }
+        if ok_after_refusal >= 10 {
+            break;
+        }
+    }
+    assert!(refused > 0, "the file-size limit never made a write fail");
+    assert!(
+        ok_after_refusal >= 10,
+        "service did not resume after the fault: {refused} refused"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status();
+    let _ = p.child.wait();
+    providers.stop().await;
+    // Every OK call has its record; the chain verifies across the segment the writer moved to.
+    let recs = xgate::audit::read_all(&audit).unwrap();
+    for t in &ok {
+        assert_eq!(
+            recs.iter()
+                .filter(|r| r["trace_id"] == t.as_str() && r["grpc_status"] == "OK")
+                .count(),
+            1,
+            "{t}"
+        );
+    }
+    assert!(
+        recs.iter().any(|r| r["reason"] == "AUDIT_UNAVAILABLE"),
+        "the refusals were recorded once writing worked"
+    );
+    assert!(segments(&audit).len() >= 2);
+    let (code, out) = verify(&audit);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_acknowledged_record() {
+    let mut providers = Harness::start(Opts::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit");
+    let mut p = start_serve(work.path(), &audit, &providers, None);
+    wait_listening(p.port).await;
+    let t = token("civil-affairs");
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut c = client(p.port, "civil-affairs").await;
+        let (t, acked) = (t.clone(), acked.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                match c
+                    .query(req(
+                        query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                        &t,
+                    ))
+                    .await
+                {
+                    Ok(r) => acked.lock().unwrap().push(
+                        r.metadata()
+                            .get(xgate::TRACE_ID_HEADER)
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                            .to_owned(),
+                    ),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let _ = Command::new("kill")
+        .args(["-KILL", &p.child.id().to_string()])
+        .status();
+    let _ = p.child.wait();
+    for w in workers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "enough load: {}", acked.len());
+    // Restart on the same trail, make a call, stop cleanly.
+    let mut p = start_serve(work.path(), &audit, &providers, None);
+    wait_listening(p.port).await;
+    client(p.port, "civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status();
+    let _ = p.child.wait();
+    providers.stop().await;
+    let recs = xgate::audit::read_all(&audit).unwrap();
+    for t in &acked {
+        assert_eq!(
+            recs.iter().filter(|r| r["trace_id"] == t.as_str()).count(),
+            1,
+            "acknowledged call {t} lost its record"
+        );
+    }
+    let (code, out) = verify(&audit);
+    assert_eq!(code, 0, "{out}");
+}
