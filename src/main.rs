@@ -45,6 +45,9 @@ enum Cmd {
         /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// Audit durability: sync (record fsync'd before each response) or async.
+        #[arg(long, default_value = "sync")]
+        audit_mode: String,
     },
     /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
     DevCerts {
@@ -231,7 +234,8 @@ fn main() -> ExitCode {
             certs,
             json_logs,
             admin,
-        } => demo(listen, audit_dir, policy, certs, json_logs, admin),
+            audit_mode,
+        } => demo(listen, audit_dir, policy, certs, json_logs, admin, &audit_mode),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {
@@ -613,11 +617,17 @@ fn demo(
     certs: Option<PathBuf>,
     json_logs: bool,
     admin: Option<SocketAddr>,
+    audit_mode: &str,
 ) -> Result<(), String> {
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
     let mut cfg = Config::demo(&certs, policy_path.clone(), listen, audit_dir);
     cfg.admin_listen = admin;
+    cfg.audit.mode = match audit_mode {
+        "sync" => xgate::audit::Durability::Sync,
+        "async" => xgate::audit::Durability::Async,
+        other => return Err(format!("--audit-mode `{other}`: use sync or async")),
+    };
     if json_logs {
         cfg.log.format = xgate::config::LogFormat::Json;
     }
