@@ -15,7 +15,11 @@ use std::{
 };
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// utime + stime of a process, in microseconds.
@@ -44,10 +48,20 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
         .unwrap()
         .replace("127.0.0.1:8444", &format!("127.0.0.1:{ps}"))
         .replace("127.0.0.1:8445", &format!("127.0.0.1:{ms}"))
-        .replace("{ per_second: 50, burst: 100 }", "{ per_second: 1000000, burst: 1000000 }");
+        .replace(
+            "{ per_second: 50, burst: 100 }",
+            "{ per_second: 1000000, burst: 1000000 }",
+        );
     std::fs::write(work.path().join("policy.yaml"), policy).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_xgate"))
-        .args(["demo", "--listen", "127.0.0.1:0", "--audit-mode", mode, "--certs"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--audit-mode",
+            mode,
+            "--certs",
+        ])
         .arg(repo.join("certs-dev"))
         .arg("--policy")
         .arg(work.path().join("policy.yaml"))
@@ -69,13 +83,17 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the demo did not start");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the demo did not start");
     let c = repo.join("certs-dev");
     let (cert, key, token) = xgate::client::dev_identity(&c, "civil-affairs", None).unwrap();
     let ca = std::fs::read(c.join("ca.pem")).unwrap();
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let ch = xgate::client::connect(&format!("https://{addr}"), &ca, &cert, &key, "localhost").await.unwrap();
+        let ch = xgate::client::connect(&format!("https://{addr}"), &ca, &cert, &key, "localhost")
+            .await
+            .unwrap();
         clients.push(xgate::pb::data_exchange_client::DataExchangeClient::new(ch));
     }
     let req = xgate::client::query_request(
@@ -90,7 +108,9 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
     .unwrap();
     // Warm up, then measure.
     for c in &mut clients {
-        c.query(xgate::client::with_token(req.clone(), &token)).await.unwrap();
+        c.query(xgate::client::with_token(req.clone(), &token))
+            .await
+            .unwrap();
     }
     let lat = Arc::new(Mutex::new(Vec::with_capacity((rate * secs) as usize)));
     let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -119,12 +139,18 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
     }
     let elapsed = start.elapsed();
     let cpu = cpu_us(pid) - cpu0;
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = child.wait();
     let mut l = lat.lock().unwrap().clone();
     l.sort();
     let ok = ok.load(std::sync::atomic::Ordering::Relaxed);
-    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     Run {
         mode,
         sent: total,
@@ -138,13 +164,30 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rate: u64 = std::env::var("XGATE_BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let secs: u64 = std::env::var("XGATE_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let rate: u64 = std::env::var("XGATE_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let secs: u64 = std::env::var("XGATE_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let runs: Vec<Run> = ["async", "sync"].iter().map(|m| rt.block_on(run(m, rate, secs, repo))).collect();
-    println!("audit cost at {rate} calls/s for {secs} s (gateway + sample providers in one process):");
-    println!("{:<6} {:>8} {:>8} {:>10} {:>10} {:>10} {:>16}", "mode", "sent", "ok", "calls/s", "p50 ms", "p99 ms", "CPU µs/call");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs: Vec<Run> = ["async", "sync"]
+        .iter()
+        .map(|m| rt.block_on(run(m, rate, secs, repo)))
+        .collect();
+    println!(
+        "audit cost at {rate} calls/s for {secs} s (gateway + sample providers in one process):"
+    );
+    println!(
+        "{:<6} {:>8} {:>8} {:>10} {:>10} {:>10} {:>16}",
+        "mode", "sent", "ok", "calls/s", "p50 ms", "p99 ms", "CPU µs/call"
+    );
     for r in &runs {
         println!(
             "{:<6} {:>8} {:>8} {:>10.0} {:>10.2} {:>10.2} {:>16.0}",
@@ -157,5 +200,8 @@ fn main() {
             r.cpu_per_call_us
         );
     }
-    println!("sync / async CPU per call: {:.2}", runs[1].cpu_per_call_us / runs[0].cpu_per_call_us);
+    println!(
+        "sync / async CPU per call: {:.2}",
+        runs[1].cpu_per_call_us / runs[0].cpu_per_call_us
+    );
 }

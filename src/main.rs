@@ -235,7 +235,15 @@ fn main() -> ExitCode {
             json_logs,
             admin,
             audit_mode,
-        } => demo(listen, audit_dir, policy, certs, json_logs, admin, &audit_mode),
+        } => demo(
+            listen,
+            audit_dir,
+            policy,
+            certs,
+            json_logs,
+            admin,
+            &audit_mode,
+        ),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {
