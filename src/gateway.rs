@@ -84,6 +84,18 @@ struct Inner {
     revocations: crate::tls::Revocations,
 }
 
+impl Authenticated {
+    /// The caller as the policy sees it.
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            dept: &self.system.dept,
+            system: &self.system.system,
+            token_purposes: self.claims.purposes.as_deref(),
+            token_bound: self.bound,
+        }
+    }
+}
+
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
 struct OpenStream {
     upstream: tonic::Streaming<QueryResponse>,
@@ -340,12 +352,7 @@ impl Gateway {
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
-        let caller = Caller {
-            dept: &who.system.dept,
-            system: &who.system.system,
-            token_purposes: who.claims.purposes.as_deref(),
-            token_bound: who.bound,
-        };
+        let caller = who.caller();
         let ask = policy::Request {
             dataset: &req.dataset,
             fields: &req.fields,
@@ -507,12 +514,7 @@ impl Gateway {
             return Ok(());
         }
         let a = &open.asked;
-        let caller = Caller {
-            dept: &open.who.system.dept,
-            system: &open.who.system.system,
-            token_purposes: open.who.claims.purposes.as_deref(),
-            token_bound: open.who.bound,
-        };
+        let caller = open.who.caller();
         let ask = policy::Request {
             dataset: &a.dataset,
             fields: &a.fields,
@@ -727,12 +729,7 @@ fn describe_access(
             .or_else(|| token_purposes.and_then(|t| t.first().cloned()))
             .unwrap_or_else(|| "unspecified".to_owned())
     };
-    let caller = Caller {
-        dept,
-        system: sys,
-        token_purposes,
-        token_bound: who_dept_sys.bound,
-    };
+    let caller = who_dept_sys.caller();
     let ask = policy::Request {
         dataset,
         fields: &[],

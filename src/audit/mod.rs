@@ -139,20 +139,7 @@ impl AuditKeys {
             .map_err(|e| format!("{}: not a PKCS#8 PEM key: {e}", signing_key.display()))?;
         let signer = ring::signature::Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der())
             .map_err(|e| format!("{}: not an Ed25519 key: {e}", signing_key.display()))?;
-        let subject = match subject_key {
-            None => None,
-            Some(p) => {
-                let b = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                let b = b.trim_ascii();
-                if b.len() < 32 {
-                    return Err(format!(
-                        "{}: the subject key needs at least 32 bytes",
-                        p.display()
-                    ));
-                }
-                Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b))
-            }
-        };
+        let subject = subject_key.map(load_subject_key).transpose()?;
         Ok(Self { signer, subject })
     }
 }
