@@ -329,10 +329,16 @@ pub struct Upstream {
     /// Cap on a call's deadline towards a provider (the caller's `grpc-timeout` may be shorter).
     #[serde(default = "default_max_timeout_ms")]
     pub max_timeout_ms: u64,
+    /// Longest a call waits for a provider at its protection limit before `UNAVAILABLE`.
+    #[serde(default = "default_queue_wait_ms")]
+    pub queue_wait_ms: u64,
 }
 
 fn default_connect_ms() -> u64 {
     1_000
+}
+fn default_queue_wait_ms() -> u64 {
+    100
 }
 fn default_max_timeout_ms() -> u64 {
     30_000
@@ -660,6 +666,7 @@ impl Config {
                 key: certs.join("gateway-client.key"),
                 connect_timeout_ms: default_connect_ms(),
                 max_timeout_ms: default_max_timeout_ms(),
+                queue_wait_ms: default_queue_wait_ms(),
             },
             limits: Limits::default(),
             log: Log::default(),

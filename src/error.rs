@@ -130,6 +130,8 @@ reasons! {
     // --- upstream -------------------------------------------------------------------------
     /// The provider cannot be reached or refused the connection.
     ProviderUnavailable => Unavailable, "PROVIDER_UNAVAILABLE";
+    /// The provider is at its protection limit (rate or in-flight) after a short wait.
+    ProviderSaturated => Unavailable, "PROVIDER_SATURATED";
     /// The provider did not answer within the deadline.
     ProviderTimeout => DeadlineExceeded, "PROVIDER_TIMEOUT";
     /// The provider refused the call itself; the provider's code is passed through.

@@ -98,6 +98,7 @@ impl Authenticated {
 
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
 struct OpenStream {
+    _place: upstream::ProviderPermit,
     upstream: tonic::Streaming<QueryResponse>,
     permit: Permit,
     /// The policy version `permit` was decided under.
@@ -446,6 +447,8 @@ impl Gateway {
                 "internal error; quote the trace id to the operators",
             )
         })?;
+        // Provider protection: a place with the provider, or a quick UNAVAILABLE.
+        let _place = snap.upstreams.admit(&provider).await?;
         let up = self.upstream_request(call, &who, body, Some(deadline));
         let sent = tokio::time::Instant::now();
         let resp = match self.bounded(deadline, client.query(up)).await? {
@@ -486,6 +489,8 @@ impl Gateway {
                 "internal error; quote the trace id to the operators",
             )
         })?;
+        // Held for the whole stream: a bulk transfer counts against the provider's in-flight cap.
+        let place = snap.upstreams.admit(&provider).await?;
         let up = self.upstream_request(call, &who, body, caller_deadline);
         let first_wait = caller_deadline
             .unwrap_or(self.inner.max_timeout)
@@ -496,6 +501,7 @@ impl Gateway {
             Ok(Ok(r)) => r.into_inner(),
         };
         Ok(OpenStream {
+            _place: place,
             upstream: stream,
             permit,
             version: snap.policy.version.clone(),

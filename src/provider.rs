@@ -40,6 +40,9 @@ pub struct Table {
 #[derive(Debug, Default)]
 pub struct ProviderStats {
     pub calls: AtomicU64,
+    /// Calls being answered now, and the most ever at once.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
     pub last_metadata: Mutex<Option<MetadataMap>>,
 }
 
@@ -177,6 +180,9 @@ fn matches(v: &Value, test: Option<&Test>) -> bool {
 impl pb::data_exchange_server::DataExchange for SampleProvider {
     async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         self.note(&req);
+        let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let _done = InFlight(self.stats.clone());
         if !self.behaviour.delay.is_zero() {
             tokio::time::sleep(self.behaviour.delay).await;
         }
@@ -244,6 +250,15 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Decrements the in-flight count when a call ends, however it ends.
+struct InFlight(Arc<ProviderStats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

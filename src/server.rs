@@ -116,6 +116,7 @@ fn rotate_tls(
         &up.key,
         Duration::from_millis(up.connect_timeout_ms),
         max_msg,
+        Duration::from_millis(up.queue_wait_ms),
     )
     .and_then(|u| reloader.rotate_upstream(u))
     {
@@ -181,6 +182,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         &cfg.upstream.key,
         Duration::from_millis(cfg.upstream.connect_timeout_ms),
         cfg.limits.max_message_bytes,
+        Duration::from_millis(cfg.upstream.queue_wait_ms),
     )
     .map_err(|e| errs.push(format!("upstream: {e}")))
     .ok();

@@ -12,10 +12,12 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
+use std::sync::Arc;
+
 use crate::{
     error::{Reason, Reject},
     pb::data_exchange_client::DataExchangeClient,
-    policy::Policy,
+    policy::{Policy, RateLimit},
 };
 
 /// The gateway's TLS material towards providers.
@@ -27,6 +29,8 @@ pub struct UpstreamTls {
     generation: u64,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Longest a call waits for a saturated provider before `UNAVAILABLE`.
+    pub queue_wait: Duration,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -42,6 +46,7 @@ impl UpstreamTls {
         key: &Path,
         connect_timeout: Duration,
         max_message_bytes: usize,
+        queue_wait: Duration,
     ) -> Result<Self, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -51,6 +56,7 @@ impl UpstreamTls {
             generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             connect_timeout,
             max_message_bytes,
+            queue_wait,
         })
     }
 }
@@ -61,8 +67,39 @@ type ChannelKey = (String, Option<String>, u64);
 /// Clients for every provider of one policy snapshot.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    /// provider id -> ((endpoint, tls name), client)
+    /// provider id -> ((endpoint, tls name, generation), client)
     clients: HashMap<String, (ChannelKey, DataExchangeClient<Channel>)>,
+    /// provider id -> its protection (shared with the next snapshot when unchanged).
+    protection: HashMap<String, Arc<Protection>>,
+    queue_wait: Duration,
+}
+
+/// Provider protection: the most the gateway sends one provider, whoever the callers are.
+pub struct Protection {
+    settings: (Option<RateLimit>, Option<u32>),
+    rate: Option<governor::DefaultDirectRateLimiter>,
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl std::fmt::Debug for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protection")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Held while a call is with the provider (counts against `max_in_flight`).
+#[derive(Debug)]
+pub struct ProviderPermit(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+
+fn saturated(provider: &str, retry: Duration) -> Reject {
+    Reject::new(
+        Reason::ProviderSaturated,
+        format!("the provider `{provider}` is at its capacity limit; retry shortly"),
+    )
+    .with_rule(format!("provider-protection:{provider}"))
+    .with_retry_after(retry.max(Duration::from_millis(10)))
 }
 
 impl Upstreams {
@@ -109,7 +146,67 @@ impl Upstreams {
                 .max_encoding_message_size(tls.max_message_bytes);
             clients.insert(p.id.clone(), (key, client));
         }
-        Ok(Self { clients })
+        // Protection state survives a reload when the provider's limits did not change.
+        let mut protection = HashMap::new();
+        for p in &policy.file.providers {
+            let settings = (p.max_rate, p.max_in_flight);
+            let kept = previous
+                .and_then(|prev| prev.protection.get(&p.id))
+                .filter(|g| g.settings == settings)
+                .cloned();
+            let guard = kept.unwrap_or_else(|| {
+                Arc::new(Protection {
+                    settings,
+                    rate: p
+                        .max_rate
+                        .map(|r| governor::RateLimiter::direct(crate::ratelimit::quota(r))),
+                    in_flight: p
+                        .max_in_flight
+                        .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+                })
+            });
+            protection.insert(p.id.clone(), guard);
+        }
+        Ok(Self {
+            clients,
+            protection,
+            queue_wait: tls.queue_wait,
+        })
+    }
+
+    /// Take a place with the provider: within its rate and in-flight limits, waiting at most
+    /// `queue_wait` (never an unbounded queue), else `UNAVAILABLE`/`PROVIDER_SATURATED`.
+    pub async fn admit(&self, provider: &str) -> Result<ProviderPermit, Reject> {
+        let Some(p) = self.protection.get(provider) else {
+            return Ok(ProviderPermit(None));
+        };
+        if let Some(l) = &p.rate
+            && let Err(not_until) = l.check()
+        {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            if wait > self.queue_wait {
+                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "rate").increment(1);
+                return Err(saturated(provider, wait));
+            }
+            tokio::time::sleep(wait).await;
+            if l.check().is_err() {
+                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "rate").increment(1);
+                return Err(saturated(provider, wait));
+            }
+        }
+        match &p.in_flight {
+            None => Ok(ProviderPermit(None)),
+            Some(sem) => {
+                match tokio::time::timeout(self.queue_wait, sem.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => Ok(ProviderPermit(Some(permit))),
+                    _ => {
+                        metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "in_flight").increment(1);
+                        Err(saturated(provider, self.queue_wait))
+                    }
+                }
+            }
+        }
     }
 
     pub fn client(&self, provider: &str) -> Option<DataExchangeClient<Channel>> {

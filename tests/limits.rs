@@ -1,0 +1,104 @@
+//! Provider protection: whoever the callers are, a department backend gets at most its
+//! configured rate and in-flight calls; past that, callers get a quick `UNAVAILABLE` with
+//! `RetryInfo` after a bounded wait — never an unbounded queue.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use common::*;
+use tonic::Code;
+use tonic_types::StatusExt;
+use xgate::provider::Behaviour;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_protection_caps_in_flight_calls_and_rate() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_millis(400),
+            ..Behaviour::default()
+        },
+        edit_policy: Some(|p| {
+            p.replace(
+                "tls_name: public-security.provider.xgate.internal }",
+                "tls_name: public-security.provider.xgate.internal, max_in_flight: 2 }",
+            )
+            .replace(
+                "tls_name: market-supervision.provider.xgate.internal }",
+                "tls_name: market-supervision.provider.xgate.internal, max_rate: { per_second: 2, burst: 3 } }",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    // Eight callers at once against a provider that takes two at a time, 400 ms each.
+    let c = h.data("civil-affairs").await;
+    let t = token("civil-affairs");
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let (mut c, t) = (c.clone(), t.clone());
+        calls.push(tokio::spawn(async move {
+            c.query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        }));
+    }
+    let (mut ok, mut saturated) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
+                assert!(
+                    st.get_error_details().retry_info().is_some(),
+                    "says when to retry"
+                );
+                saturated += 1;
+            }
+        }
+    }
+    assert_eq!(
+        h.ps.stats.max_in_flight.load(Ordering::SeqCst),
+        2,
+        "never more than two at the provider"
+    );
+    assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");
+    // A rate cap on the other provider: a burst of 3, then 2/s; eight callers at once.
+    let health = h.data("health").await;
+    let th = token("health");
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let (mut c, t) = (health.clone(), th.clone());
+        calls.push(tokio::spawn(async move {
+            c.query(req(
+                query(
+                    "market.company_registry",
+                    "medical-institution-licensing",
+                    &[],
+                    1,
+                ),
+                &t,
+            ))
+            .await
+        }));
+    }
+    let mut refused = 0;
+    for call in calls {
+        if let Err(st) = call.await.unwrap() {
+            assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "the rate cap held: {refused} refused");
+    let recs = h.stop().await;
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["reason"] == "PROVIDER_SATURATED")
+            .count(),
+        saturated + refused
+    );
+}
