@@ -353,6 +353,13 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most conditions in one filter, and values in one IN list.
     pub max_filter_terms: usize,
+    /// Time zone whose midnight resets daily quotas: `Asia/Shanghai` or `+HH:MM`.
+    #[serde(default = "default_quota_zone")]
+    pub quota_timezone: String,
+}
+
+fn default_quota_zone() -> String {
+    "Asia/Shanghai".into()
 }
 
 impl Default for Limits {
@@ -362,6 +369,7 @@ impl Default for Limits {
             max_page_size: 1_000,
             max_message_bytes: 4 * 1024 * 1024,
             max_filter_terms: 1_000,
+            quota_timezone: default_quota_zone(),
         }
     }
 }
@@ -583,6 +591,9 @@ impl Config {
         let l = &self.limits;
         if l.default_page_size == 0 || l.max_page_size < l.default_page_size {
             errs.push("limits: need 0 < default_page_size <= max_page_size".into());
+        }
+        if let Err(e) = crate::ratelimit::zone_offset(&l.quota_timezone) {
+            errs.push(format!("limits.quota_timezone: {e}"));
         }
         if l.max_message_bytes < 1024 {
             errs.push("limits.max_message_bytes: at least 1024".into());

@@ -125,8 +125,10 @@ reasons! {
     /// The request is malformed (no dataset, bad filter, ...).
     RequestInvalid => InvalidArgument, "REQUEST_INVALID";
     // --- limits ---------------------------------------------------------------------------
-    /// Over the grant's rate limit; `RetryInfo` says when to retry.
+    /// Over a rate limit (grant or consumer); `RetryInfo` says when, `QuotaFailure` which.
     RateLimited => ResourceExhausted, "RATE_LIMITED";
+    /// A grant's daily quota (calls or rows) is used up until local midnight.
+    QuotaExhausted => ResourceExhausted, "QUOTA_EXHAUSTED";
     // --- upstream -------------------------------------------------------------------------
     /// The provider cannot be reached or refused the connection.
     ProviderUnavailable => Unavailable, "PROVIDER_UNAVAILABLE";
@@ -165,6 +167,8 @@ pub struct Reject {
     pub retry_after: Option<Duration>,
     /// A provider's own status, passed through (code and message) when the provider refused.
     pub upstream_code: Option<Code>,
+    /// Which limit was hit: (subject, description) for `google.rpc.QuotaFailure`.
+    pub quota: Option<(String, String)>,
 }
 
 impl Reject {
@@ -175,7 +179,17 @@ impl Reject {
             rule: None,
             retry_after: None,
             upstream_code: None,
+            quota: None,
         }
+    }
+
+    pub fn with_quota(
+        mut self,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        self.quota = Some((subject.into(), description.into()));
+        self
     }
 
     pub fn with_rule(mut self, rule: impl Into<String>) -> Self {
@@ -205,6 +219,9 @@ impl Reject {
         details.set_error_info(self.reason.as_str(), ERROR_DOMAIN, meta);
         if let Some(d) = self.retry_after {
             details.set_retry_info(Some(d));
+        }
+        if let Some((subject, description)) = &self.quota {
+            details.add_quota_failure_violation(subject.clone(), description.clone());
         }
         let mut status = Status::with_error_details(self.code(), self.message.clone(), details);
         if let Ok(v) = trace_id.parse() {

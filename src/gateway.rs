@@ -82,6 +82,8 @@ struct Inner {
     policy_changes: tokio::sync::watch::Sender<u64>,
     /// Serials revoked by the current CRLs.
     revocations: crate::tls::Revocations,
+    /// Daily quota counters (kept across policy reloads).
+    quotas: crate::ratelimit::Quotas,
 }
 
 impl Authenticated {
@@ -145,6 +147,7 @@ impl Gateway {
                 cut: tokio::sync::watch::Sender::new(false),
                 policy_changes: tokio::sync::watch::Sender::new(0),
                 revocations: Arc::default(),
+                quotas: crate::ratelimit::Quotas::new(8 * 3600),
             }),
         }
     }
@@ -186,6 +189,23 @@ impl Gateway {
             inner.revocations = r;
         }
         self
+    }
+
+    /// Count daily quotas in this zone (seconds east of UTC) and on this clock.
+    pub fn with_quotas(mut self, q: crate::ratelimit::Quotas) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.quotas = q;
+        }
+        self
+    }
+
+    /// Count rows delivered under a grant with a rows quota.
+    fn count_rows(&self, permit: &Permit, rows: u64) {
+        if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota)
+            && q.rows.is_some()
+        {
+            self.inner.quotas.add_rows(g, rows);
+        }
     }
 
     /// Whether the audit trail still takes records.
@@ -377,6 +397,9 @@ impl Gateway {
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
         snap.limits.check(&who.system.dept, &req.dataset, &permit)?;
+        if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
+            self.inner.quotas.admit(g, q)?;
+        }
         // What the provider is asked for: exactly the permitted columns, plus the dataset's
         // region column (stripped again on the way back) so a row scope can always be checked,
         // including one a policy change adds to an open stream.
@@ -464,6 +487,7 @@ impl Gateway {
             Ok(Ok(r)) => r.into_inner(),
         };
         let shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
+        self.count_rows(&permit, shaped.response.rows.len() as u64);
         record_rows(call.pending.rec(), &shaped);
         Ok(shaped.response)
     }
@@ -625,6 +649,7 @@ impl Gateway {
             }
             rows += n;
             call.pending.rec().rows = rows;
+            self.count_rows(&open.permit, n);
         };
         let log = call.pending.log().clone();
         match outcome {

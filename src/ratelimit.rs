@@ -17,7 +17,7 @@ use governor::{
 
 use crate::{
     error::{Reason, Reject},
-    policy::{Permit, Policy, RateLimit},
+    policy::{Permit, Policy, RateLimit, model::DailyQuota},
 };
 
 /// The limiters of one policy snapshot.
@@ -25,6 +25,8 @@ pub struct RateLimits {
     /// grant id -> (its rate, its limiter). Shared with the next snapshot when unchanged.
     grants: HashMap<String, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
     default: (RateLimit, Arc<DefaultKeyedRateLimiter<(String, String)>>),
+    /// Each consumer's overall rate (policy `defaults.per_consumer`), keyed by department.
+    per_consumer: Option<(RateLimit, Arc<DefaultKeyedRateLimiter<String>>)>,
     clock: DefaultClock,
 }
 
@@ -74,15 +76,43 @@ impl RateLimits {
                     Arc::new(RateLimiter::keyed(quota(default_rate))),
                 )
             });
+        let per_consumer = policy.file.defaults.per_consumer.map(|rate| {
+            previous
+                .and_then(|p| p.per_consumer.as_ref())
+                .filter(|(r, _)| *r == rate)
+                .map(|(r, l)| (*r, l.clone()))
+                .unwrap_or_else(|| (rate, Arc::new(RateLimiter::keyed(quota(rate)))))
+        });
         Self {
             grants,
             default,
+            per_consumer,
             clock: DefaultClock::default(),
         }
     }
 
-    /// Take one call from the permit's limiter, or say when to retry.
+    /// Take one call from the consumer's overall limiter and the permit's limiter, or say
+    /// which limit and when to retry.
     pub fn check(&self, dept: &str, dataset: &str, permit: &Permit) -> Result<(), Reject> {
+        if let Some((rate, l)) = &self.per_consumer
+            && let Err(not_until) = l.check_key(&dept.to_owned())
+        {
+            let wait = not_until
+                .wait_time_from(self.clock.now())
+                .max(Duration::from_millis(1));
+            return Err(Reject::new(
+                Reason::RateLimited,
+                format!(
+                    "department `{dept}` is over its overall rate of {}/s (burst {}); retry after {} ms",
+                    rate.per_second,
+                    rate.burst,
+                    wait.as_millis()
+                ),
+            )
+            .with_rule("defaults:per_consumer")
+            .with_retry_after(wait)
+            .with_quota(format!("consumer:{dept}"), format!("{}/s, burst {}", rate.per_second, rate.burst)));
+        }
         let res = match permit.grant_id.as_deref().and_then(|g| self.grants.get(g)) {
             Some((_, l)) => l.check(),
             None => self
@@ -91,23 +121,227 @@ impl RateLimits {
                 .check_key(&(dept.to_owned(), dataset.to_owned())),
         };
         res.map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
+            let wait = not_until
+                .wait_time_from(self.clock.now())
+                .max(Duration::from_millis(1));
+            let r = permit.rate_limit;
             Reject::new(
                 Reason::RateLimited,
                 format!(
                     "over the rate limit of {}/s (burst {}) on `{dataset}`; retry after {} ms",
-                    permit.rate_limit.per_second,
-                    permit.rate_limit.burst,
-                    wait.as_millis().max(1)
+                    r.per_second,
+                    r.burst,
+                    wait.as_millis()
                 ),
             )
             .with_rule(permit.rule.clone())
-            .with_retry_after(wait.max(Duration::from_millis(1)))
+            .with_retry_after(wait)
+            .with_quota(
+                permit.rule.clone(),
+                format!("{}/s, burst {}", r.per_second, r.burst),
+            )
         })
     }
 
     /// Forget idle keys of the keyed limiter (bounded memory); call periodically.
     pub fn retain_recent(&self) {
         self.default.1.retain_recent();
+        if let Some((_, l)) = &self.per_consumer {
+            l.retain_recent();
+        }
+    }
+}
+
+/// Daily quotas per grant, in calls and rows, reset at local midnight. The clock is injected,
+/// so the reset is testable; counters live with the gateway (not the policy snapshot), so a
+/// reload does not hand anyone a fresh day.
+pub struct Quotas {
+    /// Seconds east of UTC of the zone whose midnight resets the quotas.
+    offset_secs: i64,
+    clock: Arc<dyn Fn() -> i64 + Send + Sync>,
+    used: std::sync::Mutex<HashMap<String, Used>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Used {
+    day: i64,
+    calls: u64,
+    rows: u64,
+}
+
+impl std::fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quotas")
+            .field("offset_secs", &self.offset_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Quotas {
+    /// Quotas on the system clock.
+    pub fn new(offset_secs: i64) -> Self {
+        Self::with_clock(
+            offset_secs,
+            Arc::new(|| i64::try_from(crate::token::now_secs()).unwrap_or(i64::MAX)),
+        )
+    }
+
+    /// Quotas on a given clock (seconds since the epoch).
+    pub fn with_clock(offset_secs: i64, clock: Arc<dyn Fn() -> i64 + Send + Sync>) -> Self {
+        Self {
+            offset_secs,
+            clock,
+            used: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// (local day number, time until the next local midnight)
+    fn today(&self) -> (i64, Duration) {
+        let local = (self.clock)() + self.offset_secs;
+        let day = local.div_euclid(86_400);
+        let left = 86_400 - local.rem_euclid(86_400);
+        (day, Duration::from_secs(left as u64))
+    }
+
+    /// Count one call against the grant's quota, or refuse it until midnight.
+    pub fn admit(&self, grant: &str, q: &DailyQuota) -> Result<(), Reject> {
+        let (day, left) = self.today();
+        let Ok(mut used) = self.used.lock() else {
+            return Ok(());
+        };
+        let u = used.entry(grant.to_owned()).or_default();
+        if u.day != day {
+            *u = Used {
+                day,
+                ..Used::default()
+            };
+        }
+        let over = |what: &str, limit: u64| {
+            Reject::new(
+                Reason::QuotaExhausted,
+                format!("the daily quota of {limit} {what} for grant `{grant}` is used up; it resets at midnight"),
+            )
+            .with_rule(format!("grant:{grant}"))
+            .with_retry_after(left)
+            .with_quota(format!("grant:{grant}"), format!("{limit} {what} per day"))
+        };
+        if let Some(limit) = q.calls
+            && u.calls >= limit
+        {
+            return Err(over("calls", limit));
+        }
+        if let Some(limit) = q.rows
+            && u.rows >= limit
+        {
+            return Err(over("rows", limit));
+        }
+        u.calls += 1;
+        Ok(())
+    }
+
+    /// Count rows delivered under the grant today.
+    pub fn add_rows(&self, grant: &str, rows: u64) {
+        let (day, _) = self.today();
+        if let Ok(mut used) = self.used.lock() {
+            let u = used.entry(grant.to_owned()).or_default();
+            if u.day != day {
+                *u = Used {
+                    day,
+                    ..Used::default()
+                };
+            }
+            u.rows += rows;
+        }
+    }
+}
+
+/// Seconds east of UTC for a quota time zone: `Asia/Shanghai` (and the other UTC+8 zones of
+/// China) or a fixed offset like `+08:00` / `-05:30`.
+pub fn zone_offset(zone: &str) -> Result<i64, String> {
+    match zone {
+        "Asia/Shanghai" | "Asia/Chongqing" | "Asia/Harbin" | "Asia/Urumqi" | "PRC" => {
+            return Ok(8 * 3600);
+        }
+        "UTC" | "Etc/UTC" => return Ok(0),
+        _ => {}
+    }
+    let (sign, rest) = match zone.as_bytes().first() {
+        Some(b'+') => (1, &zone[1..]),
+        Some(b'-') => (-1, &zone[1..]),
+        _ => {
+            return Err(format!(
+                "`{zone}`: use Asia/Shanghai, UTC, or a fixed offset like +08:00"
+            ));
+        }
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let (h, m): (i64, i64) = (
+        h.parse().map_err(|_| format!("`{zone}`: bad hours"))?,
+        m.parse().map_err(|_| format!("`{zone}`: bad minutes"))?,
+    );
+    if h > 14 || m > 59 {
+        return Err(format!("`{zone}`: offset out of range"));
+    }
+    Ok(sign * (h * 3600 + m * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn a_daily_quota_runs_out_and_resets_at_local_midnight() {
+        // 2026-06-01 23:59:00 China Standard Time.
+        let now = Arc::new(AtomicI64::new(1_780_329_540));
+        let n = now.clone();
+        let q = Quotas::with_clock(
+            zone_offset("Asia/Shanghai").unwrap(),
+            Arc::new(move || n.load(Ordering::SeqCst)),
+        );
+        let calls = DailyQuota {
+            calls: Some(3),
+            rows: None,
+        };
+        for _ in 0..3 {
+            q.admit("g", &calls).unwrap();
+        }
+        let r = q.admit("g", &calls).unwrap_err();
+        assert_eq!(r.reason, Reason::QuotaExhausted);
+        assert_eq!(
+            r.retry_after,
+            Some(Duration::from_secs(60)),
+            "until midnight"
+        );
+        assert!(
+            r.quota
+                .as_ref()
+                .is_some_and(|(s, d)| s == "grant:g" && d == "3 calls per day")
+        );
+        // Other grants are not affected.
+        q.admit("other", &calls).unwrap();
+        // Past local midnight the day starts afresh.
+        now.fetch_add(61, Ordering::SeqCst);
+        q.admit("g", &calls).unwrap();
+        // Rows: refused once the rows delivered reach the quota.
+        let rows = DailyQuota {
+            calls: None,
+            rows: Some(100),
+        };
+        q.admit("r", &rows).unwrap();
+        q.add_rows("r", 100);
+        assert_eq!(
+            q.admit("r", &rows).unwrap_err().reason,
+            Reason::QuotaExhausted
+        );
+    }
+
+    #[test]
+    fn zones() {
+        assert_eq!(zone_offset("Asia/Shanghai"), Ok(28_800));
+        assert_eq!(zone_offset("+05:30"), Ok(19_800));
+        assert_eq!(zone_offset("-03:00"), Ok(-10_800));
+        assert!(zone_offset("Europe/Paris").is_err());
     }
 }

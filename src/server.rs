@@ -235,7 +235,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         Duration::from_millis(cfg.upstream.max_timeout_ms),
         mask_key.clone(),
     )
-    .with_revocations(revocations.clone());
+    .with_revocations(revocations.clone())
+    .with_quotas(crate::ratelimit::Quotas::new(
+        crate::ratelimit::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
+    ));
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
     let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())

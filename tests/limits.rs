@@ -102,3 +102,69 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
         saturated + refused
     );
 }
+
+#[tokio::test]
+async fn daily_quotas_and_the_per_consumer_rate_say_which_limit() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "    approval_ref: ZJ-DSB-2026-014",
+                "    daily_quota: { calls: 3 }\n    approval_ref: ZJ-DSB-2026-014",
+            )
+            .replace(
+                "defaults:\n  # Rate for access without a grant (unconditional datasets, non-sensitive fields).\n  rate_limit: { per_second: 20, burst: 40 }",
+                "defaults:\n  rate_limit: { per_second: 20, burst: 40 }\n  per_consumer: { per_second: 1, burst: 4 }",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    for _ in 0..3 {
+        c.query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    }
+    let st = c
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::ResourceExhausted, "QUOTA_EXHAUSTED");
+    let d = st.get_error_details();
+    let retry = d.retry_info().and_then(|r| r.retry_delay).unwrap();
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(86_400),
+        "until local midnight: {retry:?}"
+    );
+    let v = &d.quota_failure().unwrap().violations[0];
+    assert_eq!(
+        (v.subject.as_str(), v.description.as_str()),
+        ("grant:ca-hukou-subsidy", "3 calls per day")
+    );
+    // The department's overall rate (burst 4) is reached on another dataset.
+    let st = c
+        .query(req(query("market.company_registry", "any", &[], 1), &t))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::ResourceExhausted, "RATE_LIMITED");
+    let d = st.get_error_details();
+    assert_eq!(
+        d.quota_failure().unwrap().violations[0].subject,
+        "consumer:civil-affairs"
+    );
+    let recs = h.stop().await;
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["reason"] == "QUOTA_EXHAUSTED")
+            .count(),
+        1
+    );
+    assert_eq!(h.provider_calls(), 3);
+}

@@ -65,6 +65,8 @@ pub struct Permit {
     pub purposes: Vec<String>,
     /// Which rows the caller may receive; `None`: every row.
     pub scope: Option<Scope>,
+    /// The grant's daily quota, if it has one.
+    pub daily_quota: Option<super::model::DailyQuota>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -422,6 +424,7 @@ pub fn evaluate_traced(
     Ok(match basis {
         Basis::Grant(g) => Permit {
             scope: row_scope(policy, ds, g, caller.dept),
+            daily_quota: g.daily_quota,
             rule,
             grant_id: Some(g.id.clone()),
             approval_ref: g.approval_ref.clone(),
@@ -437,6 +440,7 @@ pub fn evaluate_traced(
             rate_limit: policy.file.defaults.rate_limit,
             purposes: Vec::new(),
             scope: None,
+            daily_quota: None,
         },
     })
 }

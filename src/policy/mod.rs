@@ -181,6 +181,14 @@ impl Policy {
             })
         };
 
+        if let Some(r) = file.defaults.per_consumer
+            && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+        {
+            err(
+                "defaults.per_consumer".into(),
+                "per_second and burst must be positive".into(),
+            );
+        }
         let mut departments = HashMap::new();
         for (i, d) in file.departments.iter().enumerate() {
             if departments.insert(d.id.clone(), i).is_some() {
@@ -396,6 +404,16 @@ impl Policy {
                 err(
                     at("rate_limit"),
                     "per_second and burst must be positive".into(),
+                );
+            }
+            if let Some(q) = g.daily_quota
+                && (q.calls.is_none() && q.rows.is_none()
+                    || q.calls == Some(0)
+                    || q.rows == Some(0))
+            {
+                err(
+                    at("daily_quota"),
+                    "set `calls` and/or `rows`, each at least 1".into(),
                 );
             }
             let Some(ds) = datasets.get(&g.dataset) else {

@@ -30,12 +30,16 @@ pub struct Defaults {
     /// Rate limit for access without a grant (unconditional datasets).
     #[serde(default = "default_rate")]
     pub rate_limit: RateLimit,
+    /// Each consumer department's overall rate, across all datasets (absent: no such cap).
+    #[serde(default)]
+    pub per_consumer: Option<RateLimit>,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
         Self {
             rate_limit: default_rate(),
+            per_consumer: None,
         }
     }
 }
@@ -279,6 +283,9 @@ pub struct Grant {
     pub masks: BTreeMap<String, Mask>,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Calls and/or rows per day, reset at local midnight (gateway's `limits.quota_timezone`).
+    #[serde(default)]
+    pub daily_quota: Option<DailyQuota>,
     /// Which rows the consumer may receive (default `all`).
     #[serde(default)]
     pub row_scope: RowScope,
@@ -291,6 +298,16 @@ pub struct Grant {
     /// Reference of the approval document.
     #[serde(default)]
     pub approval_ref: Option<String>,
+}
+
+/// A grant's daily allowance.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DailyQuota {
+    #[serde(default)]
+    pub calls: Option<u64>,
+    #[serde(default)]
+    pub rows: Option<u64>,
 }
 
 /// Which rows a grant covers, by the dataset's region field.
