@@ -3,17 +3,21 @@
 //! ```text
 //!  consumer system ──mTLS + JWT──▶ xgate ──mTLS──▶ provider (department backend)
 //!
-//!  tls        handshake; client cert must chain to the CA; identity from the SAN URI
+//!  tls        handshake; client cert must chain to the CA (CRLs, live rotation);
+//!             identity from the SAN URI; refused handshakes audited (rate-limited)
+//!  edge       refusals tonic makes before the pipeline get xgate reasons + audit records
 //!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish
-//!    token      JWT verified against the JWKS, dept bound to the certificate
-//!    policy     pure evaluation of the data-sharing model (grants, share types, masks)
-//!    ratelimit  GCRA limiters per grant
-//!    upstream   pooled HTTP/2 channel per provider, deadline propagated
-//!    audit      one JSON-lines record per call, single writer thread
+//!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate
+//!    policy     pure evaluation of the data-sharing model (grants, scopes, masks)
+//!    ratelimit  GCRA limiters per grant and per consumer, daily quotas
+//!    upstream   pooled HTTP/2 channel per provider, provider protection, deadlines
+//!    audit      hash-chained, signed, fsync'd (group commit) records; fail-closed
+//!  reload     live policy and certificate changes; admin: status, reload, metrics, health
 //!  error      the one table: Reason -> gRPC code, rich google.rpc.Status details
 //! ```
 //!
-//! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`.
+//! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`,
+//! `policy check|diff|explain`, `audit verify|search`.
 
 pub mod admin;
 pub mod audit;
