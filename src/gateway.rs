@@ -3,16 +3,21 @@
 //! Every call walks the same stages, in this order, and leaves exactly one audit record:
 //!
 //! ```text
-//! begin        trace id, audit record opened (refuse if the audit trail is down)
-//! authenticate certificate identity (per connection) + JWT, token dept == cert dept
-//! check        request shape: dataset named, filter bounded, page size capped
-//! decide       policy::evaluate(snapshot, caller, request) -> Permit | Reject   (pure)
-//! limit        the permit's rate limiter
-//! forward      pooled mTLS channel to the owning provider, deadline propagated,
-//!              verified identity + purpose as metadata (never the caller's token)
-//! shape        strip columns not permitted, apply masks (never trusting the provider)
-//! finish       audit record committed with status, rows, fields, latency
+//! begin        trace id, audit record opened (refuse if the audit trail is failing)
+//! authenticate certificate identity (per connection; revocation and expiry per call)
+//!              + JWT (cached), token dept == cert dept, RFC 8705 binding
+//! check        request shape: names and filter bounded, page size capped
+//! decide       policy::evaluate(snapshot, caller, request, now) -> Permit | Reject   (pure)
+//! scope        a row-scoped permit narrows (or refuses) the filter
+//! limit        consumer and permit rate limiters, the grant's daily quota
+//! forward      provider protection (rate, in-flight), pooled mTLS channel, deadline
+//!              propagated, verified identity + purpose as metadata (never the token)
+//! shape        strip columns not permitted and rows out of scope, apply masks
+//!              (never trusting the provider)
+//! finish       audit record committed (fsync'd in sync mode) before the response leaves
 //! ```
+//!
+//! Streams re-decide every batch under the newest policy and end with their token.
 //!
 //! Rejections at any stage become statuses through [`Reject::to_status`] (one table), and the
 //! record carries the reason and the rule.
