@@ -145,6 +145,25 @@ struct Cached {
     generation: Option<u64>,
 }
 
+/// How long a definitively bad token is remembered, and how many at most.
+const REFUSED_TTL: Duration = Duration::from_secs(30);
+const REFUSED_MAX: usize = 10_000;
+
+/// Refusals that time or a key refresh cannot change (so they may be remembered).
+fn is_final(r: Reason) -> bool {
+    matches!(
+        r,
+        Reason::TokenMalformed
+            | Reason::TokenSignatureInvalid
+            | Reason::TokenIssuerInvalid
+            | Reason::TokenAudienceInvalid
+            | Reason::TokenClaimMissing
+            | Reason::TokenAlgorithmNotAllowed
+            | Reason::TokenLifetimeTooLong
+            | Reason::TokenExpired
+    )
+}
+
 /// The outcome of looking for an unknown `kid`.
 enum Lookup {
     /// Fresh keys, just fetched.
@@ -165,6 +184,9 @@ pub struct TokenVerifier {
     last_on_demand_failed: std::sync::atomic::AtomicBool,
     refreshing: tokio::sync::Mutex<()>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// Tokens that failed for good, briefly remembered: replaying a bad token does not buy
+    /// a signature check each time.
+    refused: Mutex<HashMap<[u8; 32], (Instant, Reject)>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -218,6 +240,7 @@ impl TokenVerifier {
             last_on_demand_failed: std::sync::atomic::AtomicBool::new(false),
             refreshing: tokio::sync::Mutex::new(()),
             cache: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         };
         match (&v.source, v.refresh().await) {
             (_, Ok(_)) => {}
@@ -377,8 +400,36 @@ impl TokenVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, Reject> {
-        let now = now_secs();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(r) = self.refused.lock().ok().and_then(|m| {
+            m.get(&digest)
+                .filter(|(at, _)| at.elapsed() < REFUSED_TTL)
+                .map(|(_, r)| r.clone())
+        }) {
+            return Err(r);
+        }
+        let result = self.verify_uncached_failure(token, digest).await;
+        if let Err(r) = &result
+            && is_final(r.reason)
+            && let Ok(mut m) = self.refused.lock()
+        {
+            if m.len() >= REFUSED_MAX {
+                m.retain(|_, (at, _)| at.elapsed() < REFUSED_TTL);
+                if m.len() >= REFUSED_MAX {
+                    m.clear();
+                }
+            }
+            m.insert(digest, (Instant::now(), r.clone()));
+        }
+        result
+    }
+
+    async fn verify_uncached_failure(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+    ) -> Result<Arc<Claims>, Reject> {
+        let now = now_secs();
         let hit = self
             .cache
             .lock()
@@ -680,4 +731,65 @@ pub fn now_secs() -> u64 {
 /// base64url(SHA-256(der)): the RFC 8705 thumbprint of a certificate.
 pub fn x5t_s256(der: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_jwks() -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev/jwks.json"))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_remembered_good_and_transient_ones_are_not() {
+        let v = TokenVerifier::from_jwks(
+            &dev_jwks(),
+            TokenSettings::new(crate::devpki::ISSUER, crate::devpki::AUDIENCE),
+        )
+        .await
+        .unwrap();
+        let (other, _) = crate::devpki::jwt_keypair(crate::devpki::KID).unwrap();
+        let forged = crate::devpki::mint_token(
+            &other,
+            crate::devpki::KID,
+            &crate::devpki::dev_claims("health", "x", None, 600),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                v.verify(&forged).await.unwrap_err().reason,
+                Reason::TokenSignatureInvalid
+            );
+        }
+        assert_eq!(
+            v.refused.lock().unwrap().len(),
+            1,
+            "one signature check, then remembered"
+        );
+        // Not yet valid can become valid: not remembered.
+        let now = now_secs();
+        let mut c = crate::devpki::dev_claims("health", "x", None, 600);
+        c["nbf"] = (now + 3600).into();
+        let key = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev/jwt-signing.key"),
+        )
+        .unwrap();
+        let early = crate::devpki::mint_token(&key, crate::devpki::KID, &c).unwrap();
+        assert_eq!(
+            v.verify(&early).await.unwrap_err().reason,
+            Reason::TokenNotYetValid
+        );
+        assert_eq!(v.refused.lock().unwrap().len(), 1);
+        // A good token verifies (and is cached positively).
+        let good = crate::devpki::mint_token(
+            &key,
+            crate::devpki::KID,
+            &crate::devpki::dev_claims("health", "x", None, 600),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&good).await.unwrap().dept, "health");
+        assert_eq!(v.cache.lock().unwrap().len(), 1);
+    }
 }
