@@ -308,14 +308,6 @@ struct Proc {
     port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_serve(work: &Path, audit: &Path, providers: &Harness, fsize: Option<u64>) -> Proc {
     let c = certs();
     let policy = std::fs::read_to_string(&providers.policy_path).unwrap();

@@ -13,14 +13,6 @@ use std::{
 
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn kill(sig: &str, pid: u32) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])

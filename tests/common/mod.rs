@@ -352,3 +352,40 @@ pub async fn raw_unary(
         .await
         .map(|r| r.into_inner())
 }
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a catalogue call with this client certificate (or none) gets through: `false` when
+/// the connection or the call is refused.
+pub async fn call_goes_through(h: &Harness, cert: Option<(&str, &str)>) -> bool {
+    let ch = match cert {
+        Some((c, k)) => channel_with(h, c, k).await.ok(),
+        None => {
+            let ca = std::fs::read(certs().join("ca.pem")).unwrap();
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost");
+            match tonic::transport::Endpoint::from_shared(h.url())
+                .unwrap()
+                .tls_config(tls)
+            {
+                Ok(e) => e.connect().await.ok(),
+                Err(_) => None,
+            }
+        }
+    };
+    match ch {
+        None => false,
+        Some(ch) => CatalogClient::new(ch)
+            .list_datasets(req(pb::ListDatasetsRequest {}, &token("civil-affairs")))
+            .await
+            .is_ok(),
+    }
+}
