@@ -356,6 +356,9 @@ pub struct Limits {
     /// Time zone whose midnight resets daily quotas: `Asia/Shanghai` or `+HH:MM`.
     #[serde(default = "default_quota_zone")]
     pub quota_timezone: String,
+    /// Share rates and quotas between replicas in Redis; absent: each process decides alone.
+    #[serde(default)]
+    pub shared: Option<crate::ratelimit::shared::SharedConfig>,
 }
 
 fn default_quota_zone() -> String {
@@ -370,6 +373,7 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             max_filter_terms: 1_000,
             quota_timezone: default_quota_zone(),
+            shared: None,
         }
     }
 }
@@ -484,6 +488,14 @@ impl Config {
             fix(p);
         }
         fix(&mut self.policy);
+        if let Some(p) = self
+            .limits
+            .shared
+            .as_mut()
+            .and_then(|s| s.password_file.as_mut())
+        {
+            fix(p);
+        }
         if let Some(p) = &mut self.pseudonym_key_file {
             fix(p);
         }
@@ -594,6 +606,25 @@ impl Config {
         }
         if let Err(e) = crate::ratelimit::zone_offset(&l.quota_timezone) {
             errs.push(format!("limits.quota_timezone: {e}"));
+        }
+        if let Some(sh) = &l.shared {
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(sh.redis_url.as_str()) {
+                errs.push(format!("limits.shared.redis_url: {e}"));
+            }
+            if let Some(p) = &sh.password_file
+                && !p.is_file()
+            {
+                errs.push(format!(
+                    "limits.shared.password_file: {} is not a readable file",
+                    p.display()
+                ));
+            }
+            if sh.key_prefix.is_empty() || sh.key_prefix.contains(char::is_whitespace) {
+                errs.push("limits.shared.key_prefix: must be a non-empty word".into());
+            }
+            if sh.timeout_ms == 0 || sh.timeout_ms > 5_000 {
+                errs.push("limits.shared.timeout_ms: between 1 and 5000".into());
+            }
         }
         if l.max_message_bytes < 1024 {
             errs.push("limits.max_message_bytes: at least 1024".into());

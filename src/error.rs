@@ -129,6 +129,9 @@ reasons! {
     RateLimited => ResourceExhausted, "RATE_LIMITED";
     /// A grant's daily quota (calls or rows) is used up until local midnight.
     QuotaExhausted => ResourceExhausted, "QUOTA_EXHAUSTED";
+    /// The shared limit store (Redis) cannot be reached and the gateway is configured
+    /// `fail-closed`: no call goes through unmetered.
+    LimitsUnavailable => Unavailable, "LIMITS_UNAVAILABLE";
     // --- upstream -------------------------------------------------------------------------
     /// The provider cannot be reached or refused the connection.
     ProviderUnavailable => Unavailable, "PROVIDER_UNAVAILABLE";

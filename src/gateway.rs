@@ -38,7 +38,10 @@ use crate::{
     identity::{Peer, SystemId},
     pb::{self, QueryRequest, QueryResponse},
     policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
-    ratelimit::RateLimits,
+    ratelimit::{
+        RateLimits,
+        shared::{OnUnavailable, SharedLimits, Verdict},
+    },
     token::{Claims, TokenVerifier},
     upstream::{self, Upstreams},
 };
@@ -89,6 +92,8 @@ struct Inner {
     revocations: crate::tls::Revocations,
     /// Daily quota counters (kept across policy reloads).
     quotas: crate::ratelimit::Quotas,
+    /// Limits shared with other replicas in Redis; `None`: this process's limiters decide.
+    shared: Option<Arc<SharedLimits>>,
 }
 
 impl Authenticated {
@@ -153,6 +158,7 @@ impl Gateway {
                 policy_changes: tokio::sync::watch::Sender::new(0),
                 revocations: Arc::default(),
                 quotas: crate::ratelimit::Quotas::new(8 * 3600),
+                shared: None,
             }),
         }
     }
@@ -204,12 +210,25 @@ impl Gateway {
         self
     }
 
-    /// Count rows delivered under a grant with a rows quota.
+    /// Decide rates and quotas in Redis, shared with the other replicas.
+    pub fn with_shared_limits(mut self, shared: Arc<SharedLimits>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.shared = Some(shared);
+        }
+        self
+    }
+
+    /// Count rows delivered under a grant with a rows quota (locally, and in Redis when the
+    /// limits are shared).
     fn count_rows(&self, permit: &Permit, rows: u64) {
         if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota)
             && q.rows.is_some()
         {
             self.inner.quotas.add_rows(g, rows);
+            if let Some(shared) = &self.inner.shared {
+                let (day, left) = self.inner.quotas.today();
+                shared.add_rows(g, day, left, rows);
+            }
         }
     }
 
@@ -401,10 +420,6 @@ impl Gateway {
         rec.decision = "allow";
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
-        snap.limits.check(&who.system.dept, &req.dataset, &permit)?;
-        if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
-            self.inner.quotas.admit(g, q)?;
-        }
         // What the provider is asked for: exactly the permitted columns, plus the dataset's
         // region column (stripped again on the way back) so a row scope can always be checked,
         // including one a policy change adds to an open stream.
@@ -422,6 +437,64 @@ impl Gateway {
             n => n.min(self.inner.limits.max_page_size),
         };
         Ok(permit)
+    }
+
+    /// Stage `limit`: the consumer's overall rate, the grant's rate, its daily quota and the
+    /// provider's protection rate — in Redis when the limits are shared (one round trip,
+    /// falling back by `on_unavailable`), else by this process's limiters. Returns whether the
+    /// provider's rate was decided here (so the forward stage does not take it twice).
+    async fn limit(
+        &self,
+        who: &Authenticated,
+        snap: &Snapshot,
+        dataset: &str,
+        permit: &Permit,
+        provider: &str,
+    ) -> Result<bool, Reject> {
+        let dept = &who.system.dept;
+        if let Some(shared) = &self.inner.shared {
+            let mut buckets = snap.limits.buckets(dept, dataset, permit);
+            if let Some(rate) = snap.upstreams.protection_rate(provider) {
+                buckets.push(crate::ratelimit::shared::Bucket {
+                    kind: crate::ratelimit::shared::BucketKind::Provider(provider.to_owned()),
+                    key: format!("r:p:{provider}"),
+                    rate,
+                    longest_wait: snap.upstreams.queue_wait(),
+                });
+            }
+            let quota = match (&permit.grant_id, &permit.daily_quota) {
+                (Some(g), Some(q)) => {
+                    let (day, left) = self.inner.quotas.today();
+                    Some(crate::ratelimit::shared::DayQuota {
+                        grant: g.clone(),
+                        calls: q.calls,
+                        rows: q.rows,
+                        day,
+                        left,
+                    })
+                }
+                _ => None,
+            };
+            match shared.decide(&buckets, quota.as_ref()).await {
+                Ok(Verdict::Admit(wait)) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    return Ok(true);
+                }
+                Ok(Verdict::Refuse(r)) => return Err(r),
+                Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
+                    return Err(crate::ratelimit::shared::unavailable());
+                }
+                // fail-open: this replica's own limiters decide.
+                Err(_) => {}
+            }
+        }
+        snap.limits.check(dept, dataset, permit)?;
+        if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
+            self.inner.quotas.admit(g, q)?;
+        }
+        Ok(false)
     }
 
     /// The upstream request: the checked query plus the verified identity, never the token.
@@ -469,6 +542,9 @@ impl Gateway {
         let mut body = req.into_inner();
         let permit = self.admit(call, &who, &snap, &mut body)?;
         let provider = provider_of(&snap, &body.dataset)?;
+        let rate_done = self
+            .limit(&who, &snap, &body.dataset, &permit, &provider)
+            .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
             Reject::new(
                 Reason::Internal,
@@ -476,7 +552,7 @@ impl Gateway {
             )
         })?;
         // Provider protection: a place with the provider, or a quick UNAVAILABLE.
-        let _place = snap.upstreams.admit(&provider).await?;
+        let _place = snap.upstreams.admit(&provider, rate_done).await?;
         let up = self.upstream_request(call, &who, body, Some(deadline));
         let sent = tokio::time::Instant::now();
         let resp = match self.bounded(deadline, client.query(up)).await? {
@@ -512,6 +588,9 @@ impl Gateway {
         let asked = body.clone();
         let permit = self.admit(call, &who, &snap, &mut body)?;
         let provider = provider_of(&snap, &body.dataset)?;
+        let rate_done = self
+            .limit(&who, &snap, &body.dataset, &permit, &provider)
+            .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
             Reject::new(
                 Reason::Internal,
@@ -519,7 +598,7 @@ impl Gateway {
             )
         })?;
         // Held for the whole stream: a bulk transfer counts against the provider's in-flight cap.
-        let place = snap.upstreams.admit(&provider).await?;
+        let place = snap.upstreams.admit(&provider, rate_done).await?;
         let up = self.upstream_request(call, &who, body, caller_deadline);
         let first_wait = caller_deadline
             .unwrap_or(self.inner.max_timeout)

@@ -239,6 +239,19 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     .with_quotas(crate::ratelimit::Quotas::new(
         crate::ratelimit::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
     ));
+    let gateway = match &cfg.limits.shared {
+        Some(sh) => {
+            let shared =
+                crate::ratelimit::shared::SharedLimits::new(sh).map_err(|e| StartError(vec![e]))?;
+            // Give Redis a moment, so the first calls are decided by it; if it is down, the
+            // gateway starts anyway and `on_unavailable` decides until it is back.
+            if !shared.wait_up(Duration::from_secs(2)).await {
+                tracing::warn!(on_unavailable = ?sh.on_unavailable, "shared limits: Redis not reachable at start");
+            }
+            gateway.with_shared_limits(shared)
+        }
+        None => gateway,
+    };
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
     let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())

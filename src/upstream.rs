@@ -93,7 +93,7 @@ impl std::fmt::Debug for Protection {
 #[derive(Debug)]
 pub struct ProviderPermit(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
-fn saturated(provider: &str, retry: Duration) -> Reject {
+pub(crate) fn saturated(provider: &str, retry: Duration) -> Reject {
     Reject::new(
         Reason::ProviderSaturated,
         format!("the provider `{provider}` is at its capacity limit; retry shortly"),
@@ -176,11 +176,17 @@ impl Upstreams {
 
     /// Take a place with the provider: within its rate and in-flight limits, waiting at most
     /// `queue_wait` (never an unbounded queue), else `UNAVAILABLE`/`PROVIDER_SATURATED`.
-    pub async fn admit(&self, provider: &str) -> Result<ProviderPermit, Reject> {
+    ///
+    /// `rate_decided`: the shared (Redis) limits took the provider's rate already.
+    pub async fn admit(
+        &self,
+        provider: &str,
+        rate_decided: bool,
+    ) -> Result<ProviderPermit, Reject> {
         let Some(p) = self.protection.get(provider) else {
             return Ok(ProviderPermit(None));
         };
-        if let Some(l) = &p.rate
+        if let Some(l) = p.rate.as_ref().filter(|_| !rate_decided)
             && let Err(not_until) = l.check()
         {
             use governor::clock::Clock;
@@ -207,6 +213,16 @@ impl Upstreams {
                 }
             }
         }
+    }
+
+    /// The provider's protection rate, if it has one.
+    pub fn protection_rate(&self, provider: &str) -> Option<RateLimit> {
+        self.protection.get(provider).and_then(|p| p.settings.0)
+    }
+
+    /// Longest a call waits for room with a provider.
+    pub fn queue_wait(&self) -> Duration {
+        self.queue_wait
     }
 
     pub fn client(&self, provider: &str) -> Option<DataExchangeClient<Channel>> {

@@ -32,6 +32,51 @@ pub fn dev_policy() -> String {
         .unwrap()
 }
 
+/// The demo's sample providers on `127.0.0.1:0`, until `stop` changes: their ports and
+/// handles by provider id.
+pub async fn start_providers(
+    behaviour: &Behaviour,
+    stop: watch::Receiver<bool>,
+) -> (
+    HashMap<&'static str, u16>,
+    HashMap<&'static str, SampleProvider>,
+) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut ports = HashMap::new();
+    let mut provs = HashMap::new();
+    for (id, tables) in provider::demo_providers() {
+        let sp = SampleProvider::new(id, tables, behaviour.clone());
+        let mut rx = stop.clone();
+        let (addr, _h) = provider::spawn_dev(
+            sp.clone(),
+            id,
+            "127.0.0.1:0".parse().unwrap(),
+            &certs(),
+            async move {
+                let _ = rx.changed().await;
+            },
+        )
+        .await
+        .unwrap();
+        ports.insert(id, addr.port());
+        provs.insert(id, sp);
+    }
+    (ports, provs)
+}
+
+/// The dev policy with its providers on these ports.
+pub fn policy_with_ports(public_security: u16, market_supervision: u16) -> String {
+    dev_policy()
+        .replace(
+            "https://127.0.0.1:8444",
+            &format!("https://127.0.0.1:{public_security}"),
+        )
+        .replace(
+            "https://127.0.0.1:8445",
+            &format!("https://127.0.0.1:{market_supervision}"),
+        )
+}
+
 /// A change to the gateway config before start.
 pub type ConfigHook = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
 
@@ -71,40 +116,14 @@ impl Harness {
     pub async fn start(opts: Opts) -> Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut ports = HashMap::new();
-        let mut provs = HashMap::new();
-        for (id, tables) in provider::demo_providers() {
-            let sp = SampleProvider::new(id, tables, opts.behaviour.clone());
-            let mut rx = stop_rx.clone();
-            let (addr, _h) = provider::spawn_dev(
-                sp.clone(),
-                id,
-                "127.0.0.1:0".parse().unwrap(),
-                &certs(),
-                async move {
-                    let _ = rx.changed().await;
-                },
-            )
-            .await
-            .unwrap();
-            ports.insert(id, addr.port());
-            provs.insert(id, sp);
-        }
+        let (ports, mut provs) = start_providers(&opts.behaviour, stop_rx).await;
         let mut ps_port = ports["public-security"];
         if opts.provider_down {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             ps_port = l.local_addr().unwrap().port();
             drop(l);
         }
-        let mut policy = dev_policy()
-            .replace(
-                "https://127.0.0.1:8444",
-                &format!("https://127.0.0.1:{ps_port}"),
-            )
-            .replace(
-                "https://127.0.0.1:8445",
-                &format!("https://127.0.0.1:{}", ports["market-supervision"]),
-            );
+        let mut policy = policy_with_ports(ps_port, ports["market-supervision"]);
         if !opts.extra_grants.is_empty() {
             policy = policy.replace(
                 "\ngrants:\n",

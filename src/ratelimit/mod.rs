@@ -5,8 +5,13 @@
 //! without a grant (unconditional datasets), keyed by (department, dataset) at the policy's
 //! default rate. Checks are lock-free on the grant path.
 //!
-//! Not yet here (see the rate-limit issue): per-consumer and per-provider limits, daily
-//! quotas, the Redis back end shared by replicas.
+//! Also here: each consumer's overall rate (`defaults.per_consumer`) and daily quotas per
+//! grant ([`Quotas`]). Provider protection lives with the upstream channels
+//! ([`crate::upstream`]). Where several replicas must share the limits, [`shared`] decides
+//! the same limits in one Redis round trip, and falls back to these local limiters (or
+//! refuses) when Redis is unreachable.
+
+pub mod shared;
 
 use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
 
@@ -45,6 +50,55 @@ pub fn quota(r: RateLimit) -> Quota {
     Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
         .allow_burst(burst)
+}
+
+/// The refusal for a department over its overall rate.
+pub(crate) fn consumer_over(dept: &str, rate: RateLimit, wait: Duration) -> Reject {
+    Reject::new(
+        Reason::RateLimited,
+        format!(
+            "department `{dept}` is over its overall rate of {}/s (burst {}); retry after {} ms",
+            rate.per_second,
+            rate.burst,
+            wait.as_millis()
+        ),
+    )
+    .with_rule("defaults:per_consumer")
+    .with_retry_after(wait)
+    .with_quota(
+        format!("consumer:{dept}"),
+        format!("{}/s, burst {}", rate.per_second, rate.burst),
+    )
+}
+
+/// The refusal for a call over its grant's (or the default) rate.
+pub(crate) fn grant_over(rule: &str, dataset: &str, r: RateLimit, wait: Duration) -> Reject {
+    Reject::new(
+        Reason::RateLimited,
+        format!(
+            "over the rate limit of {}/s (burst {}) on `{dataset}`; retry after {} ms",
+            r.per_second,
+            r.burst,
+            wait.as_millis()
+        ),
+    )
+    .with_rule(rule.to_owned())
+    .with_retry_after(wait)
+    .with_quota(
+        rule.to_owned(),
+        format!("{}/s, burst {}", r.per_second, r.burst),
+    )
+}
+
+/// The refusal for a grant whose daily quota of `what` (calls, rows) is used up.
+pub(crate) fn quota_exhausted(grant: &str, what: &str, limit: u64, left: Duration) -> Reject {
+    Reject::new(
+        Reason::QuotaExhausted,
+        format!("the daily quota of {limit} {what} for grant `{grant}` is used up; it resets at midnight"),
+    )
+    .with_rule(format!("grant:{grant}"))
+    .with_retry_after(left)
+    .with_quota(format!("grant:{grant}"), format!("{limit} {what} per day"))
 }
 
 impl RateLimits {
@@ -97,21 +151,7 @@ impl RateLimits {
         if let Some((rate, l)) = &self.per_consumer
             && let Err(not_until) = l.check_key(&dept.to_owned())
         {
-            let wait = not_until
-                .wait_time_from(self.clock.now())
-                .max(Duration::from_millis(1));
-            return Err(Reject::new(
-                Reason::RateLimited,
-                format!(
-                    "department `{dept}` is over its overall rate of {}/s (burst {}); retry after {} ms",
-                    rate.per_second,
-                    rate.burst,
-                    wait.as_millis()
-                ),
-            )
-            .with_rule("defaults:per_consumer")
-            .with_retry_after(wait)
-            .with_quota(format!("consumer:{dept}"), format!("{}/s, burst {}", rate.per_second, rate.burst)));
+            return Err(consumer_over(dept, *rate, self.wait(not_until)));
         }
         let res = match permit.grant_id.as_deref().and_then(|g| self.grants.get(g)) {
             Some((_, l)) => l.check(),
@@ -121,26 +161,50 @@ impl RateLimits {
                 .check_key(&(dept.to_owned(), dataset.to_owned())),
         };
         res.map_err(|not_until| {
-            let wait = not_until
-                .wait_time_from(self.clock.now())
-                .max(Duration::from_millis(1));
-            let r = permit.rate_limit;
-            Reject::new(
-                Reason::RateLimited,
-                format!(
-                    "over the rate limit of {}/s (burst {}) on `{dataset}`; retry after {} ms",
-                    r.per_second,
-                    r.burst,
-                    wait.as_millis()
-                ),
-            )
-            .with_rule(permit.rule.clone())
-            .with_retry_after(wait)
-            .with_quota(
-                permit.rule.clone(),
-                format!("{}/s, burst {}", r.per_second, r.burst),
+            grant_over(
+                &permit.rule,
+                dataset,
+                permit.rate_limit,
+                self.wait(not_until),
             )
         })
+    }
+
+    fn wait(&self, not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> Duration {
+        not_until
+            .wait_time_from(self.clock.now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// The same limits as [`check`](Self::check), as buckets for the shared (Redis) back end.
+    pub fn buckets(&self, dept: &str, dataset: &str, permit: &Permit) -> Vec<shared::Bucket> {
+        let mut out = Vec::with_capacity(3);
+        if let Some((rate, _)) = &self.per_consumer {
+            out.push(shared::Bucket {
+                kind: shared::BucketKind::Consumer(dept.to_owned()),
+                key: format!("r:c:{dept}"),
+                rate: *rate,
+                longest_wait: Duration::ZERO,
+            });
+        }
+        let key = match permit
+            .grant_id
+            .as_deref()
+            .filter(|g| self.grants.contains_key(*g))
+        {
+            Some(g) => format!("r:g:{g}"),
+            None => format!("r:d:{dept}:{dataset}"),
+        };
+        out.push(shared::Bucket {
+            kind: shared::BucketKind::Grant {
+                rule: permit.rule.clone(),
+                dataset: dataset.to_owned(),
+            },
+            key,
+            rate: permit.rate_limit,
+            longest_wait: Duration::ZERO,
+        });
+        out
     }
 
     /// Forget idle keys of the keyed limiter (bounded memory); call periodically.
@@ -196,7 +260,7 @@ impl Quotas {
     }
 
     /// (local day number, time until the next local midnight)
-    fn today(&self) -> (i64, Duration) {
+    pub fn today(&self) -> (i64, Duration) {
         let local = (self.clock)() + self.offset_secs;
         let day = local.div_euclid(86_400);
         let left = 86_400 - local.rem_euclid(86_400);
@@ -216,15 +280,7 @@ impl Quotas {
                 ..Used::default()
             };
         }
-        let over = |what: &str, limit: u64| {
-            Reject::new(
-                Reason::QuotaExhausted,
-                format!("the daily quota of {limit} {what} for grant `{grant}` is used up; it resets at midnight"),
-            )
-            .with_rule(format!("grant:{grant}"))
-            .with_retry_after(left)
-            .with_quota(format!("grant:{grant}"), format!("{limit} {what} per day"))
-        };
+        let over = |what: &str, limit: u64| quota_exhausted(grant, what, limit, left);
         if let Some(limit) = q.calls
             && u.calls >= limit
         {
