@@ -781,5 +781,41 @@ otlp: { endpoint: "not a url", sample_ratio: 2 }
     fn the_checked_in_dev_config_is_valid() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/dev/xgate.yaml");
         Config::load(&p).unwrap();
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/replicas/xgate.yaml");
+        let cfg = Config::load(&p).unwrap();
+        assert!(
+            cfg.limits.shared.is_some(),
+            "the replicas share their limits"
+        );
+    }
+
+    /// The gateway config inside the Kubernetes example is well-formed: its only complaints,
+    /// outside a cluster, are the files that the Secrets and ConfigMaps would mount.
+    #[test]
+    fn the_kubernetes_example_config_is_valid_but_for_mounted_files() {
+        use serde::Deserialize as _;
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/replicas/kubernetes/xgate.yaml");
+        let text = std::fs::read_to_string(p).unwrap();
+        let mut found = false;
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = serde_yaml_ng::Value::deserialize(doc).unwrap();
+            if v["kind"] == "ConfigMap" && v["metadata"]["name"] == "xgate-config" {
+                let cfg_text = v["data"]["xgate.yaml"].as_str().unwrap();
+                let cfg: Config = serde_yaml_ng::from_str(cfg_text).unwrap();
+                let errs = cfg.validate().err().unwrap_or_default();
+                for e in &errs {
+                    assert!(
+                        e.contains("/etc/xgate/") || e.contains("/var/lib/xgate"),
+                        "unexpected: {e}"
+                    );
+                }
+                assert_eq!(
+                    cfg.limits.shared.map(|s| s.redis_url),
+                    Some("redis://xgate-redis:6379/0".to_owned())
+                );
+                found = true;
+            }
+        }
+        assert!(found, "no xgate-config ConfigMap");
     }
 }

@@ -26,6 +26,15 @@ enum Cmd {
     Serve {
         #[arg(long, short, default_value = "deploy/dev/xgate.yaml")]
         config: PathBuf,
+        /// Override `listen` (one config file for several replicas).
+        #[arg(long, env = "XGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Override `admin_listen`.
+        #[arg(long, env = "XGATE_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Override `audit.dir` (each replica keeps its own trail).
+        #[arg(long, env = "XGATE_AUDIT_DIR")]
+        audit_dir: Option<PathBuf>,
     },
     /// Run the demo: the gateway on the dev PKI plus sample department backends.
     Demo {
@@ -48,6 +57,9 @@ enum Cmd {
         /// Audit durability: sync (record fsync'd before each response) or async.
         #[arg(long, default_value = "sync")]
         audit_mode: String,
+        /// Run only the sample department backends (for gateways started with `serve`).
+        #[arg(long)]
+        providers_only: bool,
     },
     /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
     DevCerts {
@@ -226,7 +238,12 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve { config } => serve(&config),
+        Cmd::Serve {
+            config,
+            listen,
+            admin_listen,
+            audit_dir,
+        } => serve(&config, listen, admin_listen, audit_dir),
         Cmd::Demo {
             listen,
             audit_dir,
@@ -235,6 +252,7 @@ fn main() -> ExitCode {
             json_logs,
             admin,
             audit_mode,
+            providers_only,
         } => demo(
             listen,
             audit_dir,
@@ -243,6 +261,7 @@ fn main() -> ExitCode {
             json_logs,
             admin,
             &audit_mode,
+            providers_only,
         ),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
@@ -582,14 +601,28 @@ fn ignore_sigxfsz() -> Option<tokio::signal::unix::Signal> {
     signal(SignalKind::from_raw(SIGXFSZ)).ok()
 }
 
-fn serve(path: &Path) -> Result<(), String> {
-    let cfg = Config::load(path).map_err(|errs| {
+fn serve(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    audit_dir: Option<PathBuf>,
+) -> Result<(), String> {
+    let mut cfg = Config::load(path).map_err(|errs| {
         format!(
             "invalid config {}:\n  - {}",
             path.display(),
             errs.join("\n  - ")
         )
     })?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if admin_listen.is_some() {
+        cfg.admin_listen = admin_listen;
+    }
+    if let Some(d) = audit_dir {
+        cfg.audit.dir = d;
+    }
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async move {
         let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
@@ -626,6 +659,7 @@ fn demo(
     json_logs: bool,
     admin: Option<SocketAddr>,
     audit_mode: &str,
+    providers_only: bool,
 ) -> Result<(), String> {
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
@@ -660,6 +694,18 @@ fn demo(
             .map_err(|e| format!("sample provider `{id}` on {addr}: {e}"))?;
             println!("sample provider {id:<20} https://{bound}");
             providers.push(h);
+        }
+        if providers_only {
+            println!("Ctrl-C stops the sample providers.");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            for h in providers {
+                let _ = h.await;
+            }
+            tel.shutdown().await;
+            return Ok(());
         }
         let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
         let addr = running.addr;
