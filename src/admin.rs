@@ -34,7 +34,17 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Real histograms (not summaries) for every `*_seconds` metric.
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
             metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &buckets,
+                )
+                .ok()?
                 .install_recorder()
                 .ok()
         })
@@ -99,6 +109,9 @@ async fn policy_reload(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    if let Some(gw) = s.gateway.upgrade() {
+        crate::health::export_gauges(&gw);
+    }
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
@@ -108,22 +121,19 @@ async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+async fn ready(State(s): State<AdminState>) -> axum::response::Response {
     let Some(gw) = s.gateway.upgrade() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: shutting down\n".to_owned(),
-        );
+            Json(serde_json::json!({"ready": false, "why_not": "shutting down"})),
+        )
+            .into_response();
     };
-    if gw.audit_open() {
-        (
-            StatusCode::OK,
-            format!("ready {}\n", gw.snapshot().policy.version),
-        )
+    let r = crate::health::readiness(&gw);
+    let code = if r.ready {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the audit trail does not take records\n".to_owned(),
-        )
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(r)).into_response()
 }

@@ -84,6 +84,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // Health checks and reflection carry no data: answered by their services, not audited.
+        let path = req.uri().path();
+        if path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") {
+            return Box::pin(self.inner.call(req));
+        }
         let handled = Handled::default();
         req.extensions_mut().insert(handled.clone());
         let peer = req.extensions().get::<Peer>().cloned();

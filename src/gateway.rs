@@ -94,6 +94,8 @@ struct Inner {
     quotas: crate::ratelimit::Quotas,
     /// Limits shared with other replicas in Redis; `None`: this process's limiters decide.
     shared: Option<Arc<SharedLimits>>,
+    /// Provider id -> reachable at the last health probe.
+    providers_up: ArcSwap<std::collections::HashMap<String, bool>>,
 }
 
 impl Authenticated {
@@ -131,10 +133,14 @@ struct Authenticated {
     bound: bool,
 }
 
-/// One call in progress: its trace id and its audit record.
+/// One call in progress: its trace id, its span and its audit record.
 struct Call {
     trace_id: String,
     pending: Pending,
+    /// `xgate.call`: the stages' spans are its children.
+    span: tracing::Span,
+    /// The caller's `traceparent`/`tracestate`, passed on unchanged when tracing is off.
+    trace_headers: Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>,
 }
 
 impl Gateway {
@@ -159,6 +165,7 @@ impl Gateway {
                 revocations: Arc::default(),
                 quotas: crate::ratelimit::Quotas::new(8 * 3600),
                 shared: None,
+                providers_up: ArcSwap::default(),
             }),
         }
     }
@@ -232,6 +239,20 @@ impl Gateway {
         }
     }
 
+    /// Provider reachability from the last health probe.
+    pub fn providers_up(&self) -> Arc<std::collections::HashMap<String, bool>> {
+        self.inner.providers_up.load_full()
+    }
+
+    pub fn set_providers_up(&self, up: std::collections::HashMap<String, bool>) {
+        self.inner.providers_up.store(Arc::new(up));
+    }
+
+    /// Audit records waiting for the writer.
+    pub fn audit_queue_depth(&self) -> usize {
+        self.inner.audit.queue_depth()
+    }
+
     /// Whether the audit trail still takes records.
     pub fn audit_open(&self) -> bool {
         self.inner.audit.is_open()
@@ -247,7 +268,30 @@ impl Gateway {
         if let Some(h) = req.extensions().get::<crate::edge::Handled>() {
             h.mark();
         }
-        let trace_id = trace_id_from(req.metadata());
+        let span = tracing::info_span!(
+            "xgate.call",
+            otel.name = method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = method,
+            trace_id = tracing::field::Empty,
+            xgate.consumer = tracing::field::Empty,
+            xgate.dataset = tracing::field::Empty,
+            xgate.purpose = tracing::field::Empty,
+            xgate.decision = tracing::field::Empty,
+            xgate.reason = tracing::field::Empty,
+            xgate.rows = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        // With tracing on, the audit trace id is the trace's id (the caller's, if it sent a
+        // traceparent): one id finds both the record and the spans.
+        let trace_id = crate::telemetry::adopt_parent(&span, req.metadata())
+            .unwrap_or_else(|| trace_id_from(req.metadata()));
+        span.record("trace_id", trace_id.as_str());
+        let trace_headers = ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|k| req.metadata().get(k).map(|v| (k, v.clone())))
+            .collect();
         if !self.inner.audit.is_open() {
             tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");
             return Err(Reject::new(
@@ -275,6 +319,8 @@ impl Gateway {
         Ok(Call {
             trace_id,
             pending: Pending::new(self.inner.audit.clone(), rec),
+            span,
+            trace_headers,
         })
     }
 
@@ -357,10 +403,12 @@ impl Gateway {
         result: Result<T, Reject>,
     ) -> Result<Response<T>, Status> {
         let log = call.pending.log().clone();
+        let audit_span = tracing::info_span!(parent: &call.span, "xgate.audit");
         match result {
             Ok(body) => {
+                self.settle(&mut call, Code::Ok, None);
                 // The response leaves only once its record is durable (sync mode).
-                if let Err(rec) = call.pending.commit(Code::Ok).await {
+                if let Err(rec) = call.pending.commit(Code::Ok).instrument(audit_span).await {
                     let rej = audit_failed();
                     log.submit_detached(refused_for_audit(rec, &rej, true));
                     return Err(rej.to_status(&call.trace_id));
@@ -374,14 +422,63 @@ impl Gateway {
             Err(rej) => {
                 let status = rej.to_status(&call.trace_id);
                 record_reject(call.pending.rec(), &rej);
-                tracing::info!(trace_id = %call.trace_id, reason = %rej.reason, rule = ?rej.rule, "call refused");
-                if let Err(rec) = call.pending.commit(rej.code()).await {
+                self.settle(&mut call, rej.code(), Some(rej.reason));
+                tracing::info!(parent: &call.span, trace_id = %call.trace_id, reason = %rej.reason, rule = ?rej.rule, "call refused");
+                if let Err(rec) = call.pending.commit(rej.code()).instrument(audit_span).await {
                     // The refusal stands; its record waits for the trail to recover.
                     log.submit_detached(rec);
                 }
                 Err(status)
             }
         }
+    }
+
+    /// The call's outcome into the metrics and onto its span (before its record is committed).
+    fn settle(&self, call: &mut Call, code: Code, reason: Option<Reason>) {
+        let snap = self.inner.snapshot.load();
+        let elapsed = call.pending.elapsed();
+        let rec = call.pending.rec();
+        // Label values come from the policy (bounded), never straight from the caller.
+        let consumer = rec
+            .consumer_dept
+            .as_deref()
+            .filter(|d| snap.policy.department(d).is_some())
+            .unwrap_or("(unknown)")
+            .to_owned();
+        let dataset = match rec.dataset.as_deref() {
+            None => "",
+            Some(d) if snap.policy.dataset(d).is_some() => d,
+            Some(_) => "(unknown)",
+        }
+        .to_owned();
+        let method = rec.method.clone();
+        let code_name = audit::code_name(code);
+        metrics::counter!("xgate_calls_total", "method" => method.clone(), "consumer" => consumer.clone(), "dataset" => dataset.clone(), "code" => code_name).increment(1);
+        metrics::histogram!("xgate_call_duration_seconds", "method" => method, "code" => code_name)
+            .record(elapsed.as_secs_f64());
+        if let Some(r) = reason {
+            metrics::counter!("xgate_denials_total", "reason" => r.as_str(), "consumer" => consumer.clone()).increment(1);
+            if matches!(
+                r,
+                Reason::RateLimited | Reason::QuotaExhausted | Reason::LimitsUnavailable
+            ) {
+                metrics::counter!("xgate_rate_limited_total", "reason" => r.as_str(), "consumer" => consumer.clone(), "dataset" => dataset.clone()).increment(1);
+            }
+        }
+        let span = &call.span;
+        span.record("xgate.consumer", consumer.as_str());
+        if !dataset.is_empty() {
+            span.record("xgate.dataset", dataset.as_str());
+        }
+        if let Some(p) = &rec.purpose {
+            span.record("xgate.purpose", p.as_str());
+        }
+        span.record("xgate.decision", rec.decision);
+        if let Some(r) = reason {
+            span.record("xgate.reason", r.as_str());
+        }
+        span.record("xgate.rows", rec.rows);
+        span.record("rpc.grpc.status_code", code as i64);
     }
 
     /// Stages `check` + `decide` + `limit` for a data request.
@@ -504,6 +601,7 @@ impl Gateway {
         who: &Authenticated,
         req: QueryRequest,
         deadline: Option<Duration>,
+        span: &tracing::Span,
     ) -> Request<QueryRequest> {
         let purpose = req.purpose.clone();
         let mut up = Request::new(req);
@@ -517,6 +615,13 @@ impl Gateway {
         put("x-xgate-consumer-system", &who.system.system);
         put("x-xgate-purpose", &purpose);
         put(TRACE_ID_HEADER, &call.trace_id);
+        // One trace across both departments: the upstream span's context, or (tracing off)
+        // the caller's own trace headers, unchanged.
+        if !crate::telemetry::inject(span, md) {
+            for (k, v) in &call.trace_headers {
+                md.insert(*k, v.clone());
+            }
+        }
         if let Some(d) = deadline {
             up.set_timeout(d);
         }
@@ -535,15 +640,20 @@ impl Gateway {
         call: &mut Call,
         req: Request<QueryRequest>,
     ) -> Result<QueryResponse, Reject> {
-        let who = self.authenticate(call, &req).await?;
+        let who = self
+            .authenticate(call, &req)
+            .instrument(tracing::info_span!("xgate.authenticate"))
+            .await?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         let deadline = self.deadline(&req);
         let mut body = req.into_inner();
-        let permit = self.admit(call, &who, &snap, &mut body)?;
+        let permit = tracing::info_span!("xgate.policy")
+            .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
         let rate_done = self
             .limit(&who, &snap, &body.dataset, &permit, &provider)
+            .instrument(tracing::info_span!("xgate.limit"))
             .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
             Reject::new(
@@ -553,9 +663,13 @@ impl Gateway {
         })?;
         // Provider protection: a place with the provider, or a quick UNAVAILABLE.
         let _place = snap.upstreams.admit(&provider, rate_done).await?;
-        let up = self.upstream_request(call, &who, body, Some(deadline));
+        let span = upstream_span(&provider);
+        let up = self.upstream_request(call, &who, body, Some(deadline), &span);
         let sent = tokio::time::Instant::now();
-        let resp = match self.bounded(deadline, client.query(up)).await? {
+        let resp = match self
+            .bounded(deadline, client.query(up).instrument(span.clone()))
+            .await?
+        {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
             // The provider enforces the propagated deadline too, and may answer first
             // (tonic servers say CANCELLED): that is still a timeout.
@@ -578,7 +692,10 @@ impl Gateway {
         call: &mut Call,
         req: Request<QueryRequest>,
     ) -> Result<OpenStream, Reject> {
-        let who = self.authenticate(call, &req).await?;
+        let who = self
+            .authenticate(call, &req)
+            .instrument(tracing::info_span!("xgate.authenticate"))
+            .await?;
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         // A bulk stream is bounded by the caller's deadline if it set one; otherwise each
@@ -586,10 +703,12 @@ impl Gateway {
         let caller_deadline = caller_deadline(&req);
         let mut body = req.into_inner();
         let asked = body.clone();
-        let permit = self.admit(call, &who, &snap, &mut body)?;
+        let permit = tracing::info_span!("xgate.policy")
+            .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
         let rate_done = self
             .limit(&who, &snap, &body.dataset, &permit, &provider)
+            .instrument(tracing::info_span!("xgate.limit"))
             .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
             Reject::new(
@@ -599,11 +718,15 @@ impl Gateway {
         })?;
         // Held for the whole stream: a bulk transfer counts against the provider's in-flight cap.
         let place = snap.upstreams.admit(&provider, rate_done).await?;
-        let up = self.upstream_request(call, &who, body, caller_deadline);
+        let span = upstream_span(&provider);
+        let up = self.upstream_request(call, &who, body, caller_deadline, &span);
         let first_wait = caller_deadline
             .unwrap_or(self.inner.max_timeout)
             .min(self.inner.max_timeout);
-        let stream = match self.bounded(first_wait, client.query_stream(up)).await? {
+        let stream = match self
+            .bounded(first_wait, client.query_stream(up).instrument(span))
+            .await?
+        {
             Err(_) => return Err(upstream::provider_timeout(&provider)),
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
@@ -736,10 +859,12 @@ impl Gateway {
             self.count_rows(&open.permit, n);
         };
         let log = call.pending.log().clone();
+        let audit_span = tracing::info_span!(parent: &call.span, "xgate.audit");
         match outcome {
             Ok(()) => {
+                self.settle(&mut call, Code::Ok, None);
                 // The stream's status is sent only once its record is durable (sync mode).
-                if let Err(rec) = call.pending.commit(Code::Ok).await {
+                if let Err(rec) = call.pending.commit(Code::Ok).instrument(audit_span).await {
                     let rej = audit_failed();
                     log.submit_detached(refused_for_audit(rec, &rej, false));
                     let _ = tokio::time::timeout(idle, tx.send(Err(rej.to_status(&call.trace_id))))
@@ -749,7 +874,8 @@ impl Gateway {
             Err(rej) => {
                 let status = rej.to_status(&call.trace_id);
                 record_reject(call.pending.rec(), &rej);
-                if let Err(rec) = call.pending.commit(rej.code()).await {
+                self.settle(&mut call, rej.code(), Some(rej.reason));
+                if let Err(rec) = call.pending.commit(rej.code()).instrument(audit_span).await {
                     log.submit_detached(rec);
                 }
                 let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
@@ -1195,6 +1321,16 @@ fn catalog_entry(ds: &policy::model::Dataset) -> pb::Dataset {
     }
 }
 
+/// The span of a call to a provider (client kind: the provider's spans become its children).
+fn upstream_span(provider: &str) -> tracing::Span {
+    tracing::info_span!(
+        "xgate.upstream",
+        otel.kind = "client",
+        rpc.system = "grpc",
+        xgate.provider = provider,
+    )
+}
+
 /// The call's trace id: the caller's W3C `traceparent` trace id if it sent one, else fresh.
 fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
     if let Some(tp) = md.get("traceparent").and_then(|v| v.to_str().ok()) {
@@ -1214,7 +1350,7 @@ fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
 impl pb::data_exchange_server::DataExchange for Gateway {
     async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let mut call = self.begin(METHOD_QUERY, &req)?;
-        let span = tracing::info_span!("query", trace_id = %call.trace_id);
+        let span = call.span.clone();
         let result = self.query_inner(&mut call, req).instrument(span).await;
         self.finish(call, result).await
     }
@@ -1226,7 +1362,7 @@ impl pb::data_exchange_server::DataExchange for Gateway {
         req: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStreamStream>, Status> {
         let mut call = self.begin(METHOD_QUERY_STREAM, &req)?;
-        let span = tracing::info_span!("query_stream", trace_id = %call.trace_id);
+        let span = call.span.clone();
         match self
             .query_stream_inner(&mut call, req)
             .instrument(span.clone())
@@ -1264,7 +1400,8 @@ impl pb::catalog_server::Catalog for Gateway {
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let mut call = self.begin(METHOD_LIST, &req)?;
-        let result = self.list_inner(&mut call, &req).await;
+        let span = call.span.clone();
+        let result = self.list_inner(&mut call, &req).instrument(span).await;
         self.finish(call, result).await
     }
 
@@ -1273,7 +1410,8 @@ impl pb::catalog_server::Catalog for Gateway {
         req: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DescribeDatasetResponse>, Status> {
         let mut call = self.begin(METHOD_DESCRIBE, &req)?;
-        let result = self.describe_inner(&mut call, &req).await;
+        let span = call.span.clone();
+        let result = self.describe_inner(&mut call, &req).instrument(span).await;
         self.finish(call, result).await
     }
 }

@@ -9,10 +9,12 @@
 //!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish
 //!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate
 //!    policy     pure evaluation of the data-sharing model (grants, scopes, masks)
-//!    ratelimit  GCRA limiters per grant and per consumer, daily quotas
+//!    ratelimit  GCRA limiters per grant and per consumer, daily quotas; shared in Redis
 //!    upstream   pooled HTTP/2 channel per provider, provider protection, deadlines
 //!    audit      hash-chained, signed, fsync'd (group commit) records; fail-closed
 //!  reload     live policy and certificate changes; admin: status, reload, metrics, health
+//!  health     readiness (policy, audit, provider probes) for /ready and grpc.health.v1
+//!  telemetry  logs, OTLP traces, W3C trace context in and out
 //!  error      the one table: Reason -> gRPC code, rich google.rpc.Status details
 //! ```
 //!
@@ -27,6 +29,7 @@ pub mod devpki;
 pub mod edge;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod identity;
 pub mod jwks_fetch;
 pub mod pb;

@@ -20,6 +20,32 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "demo-audit")]
+    audit_dir: PathBuf,
+    /// Policy file (its providers' endpoints say where the sample providers listen).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Dev PKI directory.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Log as JSON.
+    #[arg(long)]
+    json_logs: bool,
+    /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Audit durability: sync (record fsync'd before each response) or async.
+    #[arg(long, default_value = "sync")]
+    audit_mode: String,
+    /// Run only the sample department backends (for gateways started with `serve`).
+    #[arg(long)]
+    providers_only: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway from a config file.
@@ -37,30 +63,7 @@ enum Cmd {
         audit_dir: Option<PathBuf>,
     },
     /// Run the demo: the gateway on the dev PKI plus sample department backends.
-    Demo {
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: SocketAddr,
-        #[arg(long, default_value = "demo-audit")]
-        audit_dir: PathBuf,
-        /// Policy file (its providers' endpoints say where the sample providers listen).
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Dev PKI directory.
-        #[arg(long)]
-        certs: Option<PathBuf>,
-        /// Log as JSON.
-        #[arg(long)]
-        json_logs: bool,
-        /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
-        /// Audit durability: sync (record fsync'd before each response) or async.
-        #[arg(long, default_value = "sync")]
-        audit_mode: String,
-        /// Run only the sample department backends (for gateways started with `serve`).
-        #[arg(long)]
-        providers_only: bool,
-    },
+    Demo(DemoArgs),
     /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
     DevCerts {
         #[arg(long, default_value = "certs-dev")]
@@ -244,25 +247,7 @@ fn main() -> ExitCode {
             admin_listen,
             audit_dir,
         } => serve(&config, listen, admin_listen, audit_dir),
-        Cmd::Demo {
-            listen,
-            audit_dir,
-            policy,
-            certs,
-            json_logs,
-            admin,
-            audit_mode,
-            providers_only,
-        } => demo(
-            listen,
-            audit_dir,
-            policy,
-            certs,
-            json_logs,
-            admin,
-            &audit_mode,
-            providers_only,
-        ),
+        Cmd::Demo(d) => demo(d),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {
@@ -651,21 +636,22 @@ fn locate(rel: &str) -> PathBuf {
     if src.exists() { src } else { here }
 }
 
-fn demo(
-    listen: SocketAddr,
-    audit_dir: PathBuf,
-    policy: Option<PathBuf>,
-    certs: Option<PathBuf>,
-    json_logs: bool,
-    admin: Option<SocketAddr>,
-    audit_mode: &str,
-    providers_only: bool,
-) -> Result<(), String> {
+fn demo(d: DemoArgs) -> Result<(), String> {
+    let DemoArgs {
+        listen,
+        audit_dir,
+        policy,
+        certs,
+        json_logs,
+        admin,
+        audit_mode,
+        providers_only,
+    } = d;
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
     let mut cfg = Config::demo(&certs, policy_path.clone(), listen, audit_dir);
     cfg.admin_listen = admin;
-    cfg.audit.mode = match audit_mode {
+    cfg.audit.mode = match audit_mode.as_str() {
         "sync" => xgate::audit::Durability::Sync,
         "async" => xgate::audit::Durability::Async,
         other => return Err(format!("--audit-mode `{other}`: use sync or async")),

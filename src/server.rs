@@ -272,6 +272,34 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         })
     };
     let jwks_refresher = tokens_for_refresh.spawn_refresher();
+    // Counters a dashboard alerts on exist from the start (at zero), not from their first event.
+    for result in ["ok", "error"] {
+        metrics::counter!("xgate_policy_reloads_total", "result" => result).increment(0);
+    }
+    // The standard gRPC health service and server reflection (so `grpcurl` needs no proto
+    // files), both behind the same mTLS as the data calls.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for s in std::iter::once("").chain(crate::health::SERVICES) {
+        health_reporter
+            .set_service_status(s, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    let prober = crate::health::spawn_prober(
+        gateway.downgrade(),
+        health_reporter,
+        Duration::from_secs(5),
+        Duration::from_millis(cfg.upstream.connect_timeout_ms),
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError(vec![format!("reflection: {e}")]))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError(vec![format!("reflection: {e}")]))?;
     let edge = crate::edge::EdgeLayer::new(handshake_audit.clone(), gateway.downgrade());
     let cutter = gateway.clone();
     // Live policy changes: file watch, SIGHUP, admin endpoint.
@@ -363,6 +391,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         .layer(edge)
         .add_service(data)
         .add_service(catalog)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.await;
             let _ = drain_tx.send(());
@@ -402,6 +433,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         drop(serve);
         sweeper.abort();
         let _ = sweeper.await;
+        prober.abort();
         let written = tokio::task::spawn_blocking(move || writer.join())
             .await
             .map_err(|e| e.to_string())?

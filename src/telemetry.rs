@@ -1,10 +1,23 @@
 //! Logs and traces: `tracing` to stderr (text or JSON), and OTLP/gRPC trace export when the
 //! config asks for it (off by default).
+//!
+//! Every call is one `xgate.call` span (server kind) with children for authentication, the
+//! policy decision, the rate limit, the upstream call (client kind) and the audit write. The
+//! caller's W3C `traceparent`/`tracestate` is the parent of the call span, and the upstream
+//! span's context is sent on to the provider, so one trace crosses both departments. The log
+//! filter (`log.level`) applies to the logs only; spans go to the exporter at INFO whatever the
+//! log level.
 
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 use crate::config::{Log, LogFormat, Otlp};
 
@@ -28,21 +41,19 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .map_err(|e| format!("log.level: {e}"))?;
-    let (fmt_text, fmt_json) = match log.format {
-        LogFormat::Text => (
-            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
-            None,
-        ),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            ),
-        ),
-    };
+    let fmt = match log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        // JSON lines carry the call span's fields (its `trace_id` among them).
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(filter);
     let (otel_layer, provider) = match otlp {
         None => (None, None),
         Some(o) => {
@@ -64,17 +75,74 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
                 .build();
             let tracer = provider.tracer("xgate");
             (
-                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(LevelFilter::INFO),
+                ),
                 Some(provider),
             )
         }
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_text)
-        .with(fmt_json)
+        .with(fmt)
         .with(otel_layer)
         .try_init()
         .map_err(|e| format!("logging: {e}"))?;
     Ok(Telemetry { provider })
+}
+
+/// The caller's W3C trace context (`traceparent`, `tracestate`), as the parent of `span`.
+/// Returns the trace id `span` belongs to (32 hex digits) when tracing is on.
+pub fn adopt_parent(span: &tracing::Span, md: &MetadataMap) -> Option<String> {
+    if md.contains_key("traceparent") {
+        let cx = TraceContextPropagator::new().extract(&Extract(md));
+        let _ = span.set_parent(cx);
+    }
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Send `span`'s trace context on in `md`; `false` when tracing is off (nothing written).
+pub fn inject(span: &tracing::Span, md: &mut MetadataMap) -> bool {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return false;
+    }
+    TraceContextPropagator::new().inject_context(&cx, &mut Inject(md));
+    true
+}
+
+struct Extract<'a>(&'a MetadataMap);
+
+impl Extractor for Extract<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct Inject<'a>(&'a mut MetadataMap);
+
+impl Injector for Inject<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
 }

@@ -305,6 +305,7 @@ pub fn incoming(
                             refusals.record(
                                 remote,
                                 Reason::TlsHandshakeFailed,
+                                handshake_cause(tls_err),
                                 tls_err.to_string(),
                             );
                         }
@@ -313,7 +314,7 @@ pub fn incoming(
                     Err(_) => {
                         tracing::info!(%remote, "TLS handshake timed out");
                         let why = format!("no completed handshake within {handshake_timeout:?}");
-                        refusals.record(remote, Reason::TlsHandshakeTimeout, why);
+                        refusals.record(remote, Reason::TlsHandshakeTimeout, "timeout", why);
                         return;
                     }
                 };
@@ -364,9 +365,15 @@ impl RefusalAudit {
         }
     }
 
-    fn record(&self, remote: std::net::SocketAddr, reason: Reason, mut detail: String) {
+    fn record(
+        &self,
+        remote: std::net::SocketAddr,
+        reason: Reason,
+        cause: &'static str,
+        mut detail: String,
+    ) {
         use std::sync::atomic::Ordering;
-        metrics::counter!("xgate_tls_handshake_failures_total", "reason" => reason.as_str())
+        metrics::counter!("xgate_tls_handshake_failures_total", "reason" => reason.as_str(), "cause" => cause)
             .increment(1);
         if self.limiter.check().is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -394,5 +401,26 @@ impl RefusalAudit {
         if !self.audit.try_submit(rec) {
             metrics::counter!("xgate_audit_records_dropped_total").increment(1);
         }
+    }
+}
+
+/// A refused handshake's cause, as a bounded metric label.
+fn handshake_cause(e: &rustls::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    match e {
+        E::NoCertificatesPresented => "no-client-cert",
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "cert-expired",
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "cert-not-yet-valid"
+        }
+        E::InvalidCertificate(C::Revoked) => "cert-revoked",
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown-ca",
+        E::InvalidCertificate(_) => "bad-cert",
+        E::PeerIncompatible(_) => "incompatible",
+        E::AlertReceived(_) => "client-alert",
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => "protocol",
+        _ => "other",
     }
 }

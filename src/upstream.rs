@@ -89,9 +89,30 @@ impl std::fmt::Debug for Protection {
     }
 }
 
-/// Held while a call is with the provider (counts against `max_in_flight`).
+/// Held while a call is with the provider: counts against `max_in_flight` and in the
+/// `xgate_provider_in_flight` gauge.
 #[derive(Debug)]
-pub struct ProviderPermit(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+pub struct ProviderPermit {
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
+    gauge: metrics::Gauge,
+}
+
+impl ProviderPermit {
+    fn new(provider: &str, place: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        let gauge = metrics::gauge!("xgate_provider_in_flight", "provider" => provider.to_owned());
+        gauge.increment(1.0);
+        Self {
+            _place: place,
+            gauge,
+        }
+    }
+}
+
+impl Drop for ProviderPermit {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
 
 pub(crate) fn saturated(provider: &str, retry: Duration) -> Reject {
     Reject::new(
@@ -184,7 +205,7 @@ impl Upstreams {
         rate_decided: bool,
     ) -> Result<ProviderPermit, Reject> {
         let Some(p) = self.protection.get(provider) else {
-            return Ok(ProviderPermit(None));
+            return Ok(ProviderPermit::new(provider, None));
         };
         if let Some(l) = p.rate.as_ref().filter(|_| !rate_decided)
             && let Err(not_until) = l.check()
@@ -202,10 +223,10 @@ impl Upstreams {
             }
         }
         match &p.in_flight {
-            None => Ok(ProviderPermit(None)),
+            None => Ok(ProviderPermit::new(provider, None)),
             Some(sem) => {
                 match tokio::time::timeout(self.queue_wait, sem.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => Ok(ProviderPermit(Some(permit))),
+                    Ok(Ok(permit)) => Ok(ProviderPermit::new(provider, Some(permit))),
                     _ => {
                         metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "in_flight").increment(1);
                         Err(saturated(provider, self.queue_wait))

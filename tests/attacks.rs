@@ -641,14 +641,9 @@ async fn hostile_requests() {
     .unwrap_err();
     assert_reject(&st, Code::Unimplemented, "METHOD_UNKNOWN");
     traces.push((trace_of(&st), "METHOD_UNKNOWN"));
-    let st = raw_unary(
-        ch,
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        vec![],
-        &t,
-    )
-    .await
-    .unwrap_err();
+    let st = raw_unary(ch, "/grpc.channelz.v1.Channelz/GetTopChannels", vec![], &t)
+        .await
+        .unwrap_err();
     assert_reject(&st, Code::Unimplemented, "METHOD_UNKNOWN");
     traces.push((trace_of(&st), "METHOD_UNKNOWN"));
     let recs = h.stop().await;

@@ -27,7 +27,11 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs();
     let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, dev_policy()).unwrap();
+    // Real providers, so the gateway is ready (at least one provider reachable).
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (ports, _provs) = start_providers(&Default::default(), stop_rx).await;
+    let policy_text = policy_with_ports(ports["public-security"], ports["market-supervision"]);
+    std::fs::write(&policy, &policy_text).unwrap();
     let (port, admin_port, otlp_port) = (free_port(), free_port(), free_port());
     let cfg = format!(
         r#"
@@ -85,7 +89,7 @@ otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sam
     let (code, ready) = http(admin, "GET", "/ready").await;
     assert_eq!(code, 200, "{ready}");
     // The bureau edits the file; with watching off, SIGHUP applies it.
-    let edited = dev_policy().replace(
+    let edited = policy_text.replace(
         "{ per_second: 5, burst: 10 }",
         "{ per_second: 7, burst: 10 }",
     );

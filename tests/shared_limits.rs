@@ -204,23 +204,9 @@ async fn two_gateway_processes_hold_one_combined_rate_through_redis() {
     );
 
     let t = token("civil-affairs");
-    let c = certs();
-    let (ca, cert, key) = (
-        std::fs::read(c.join("ca.pem")).unwrap(),
-        std::fs::read(c.join("civil-affairs.pem")).unwrap(),
-        std::fs::read(c.join("civil-affairs.key")).unwrap(),
-    );
     let mut clients = Vec::new();
     for port in [pa, pb] {
-        let ch = xgate::client::connect(
-            &format!("https://127.0.0.1:{port}"),
-            &ca,
-            &cert,
-            &key,
-            "localhost",
-        )
-        .await
-        .unwrap();
+        let ch = dept_channel(&format!("https://127.0.0.1:{port}"), "civil-affairs").await;
         clients.push(xgate::pb::data_exchange_client::DataExchangeClient::new(ch));
     }
     // Warm both connections (TLS, token cache) with a call on another dataset, so the window

@@ -229,6 +229,11 @@ impl AuditLog {
         !self.tx.is_closed() && self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Records waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// The keyed hash of a data subject's id, if the trail has a subject key.
     pub fn subject_hash(&self, id: &str) -> Option<String> {
         self.subject.as_deref().map(|k| subject_hash(k, id))
@@ -328,6 +333,11 @@ impl Pending {
             }
             None => Ok(()),
         }
+    }
+
+    /// Time since the call began.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// The log this record goes to.

@@ -175,13 +175,7 @@ impl Harness {
 
     /// Channel authenticated with `dept`'s dev certificate.
     pub async fn channel(&self, dept: &str) -> Channel {
-        let c = certs();
-        let cert = std::fs::read(c.join(format!("{dept}.pem"))).unwrap();
-        let key = std::fs::read(c.join(format!("{dept}.key"))).unwrap();
-        let ca = std::fs::read(c.join("ca.pem")).unwrap();
-        client::connect(&self.url(), &ca, &cert, &key, "localhost")
-            .await
-            .unwrap()
+        dept_channel(&self.url(), dept).await
     }
 
     pub async fn data(&self, dept: &str) -> DataExchangeClient<Channel> {
@@ -290,9 +284,14 @@ pub fn replace_file(path: &Path, text: &str) {
 
 /// A channel with an arbitrary client certificate.
 pub async fn channel_with(h: &Harness, cert_pem: &str, key_pem: &str) -> Result<Channel, String> {
+    channel_at(&h.url(), cert_pem, key_pem).await
+}
+
+/// A channel to the gateway at `url` with this client certificate.
+pub async fn channel_at(url: &str, cert_pem: &str, key_pem: &str) -> Result<Channel, String> {
     let ca = std::fs::read(certs().join("ca.pem")).unwrap();
     client::connect(
-        &h.url(),
+        url,
         &ca,
         cert_pem.as_bytes(),
         key_pem.as_bytes(),
@@ -384,14 +383,19 @@ pub fn free_port() -> u16 {
 /// Whether a catalogue call with this client certificate (or none) gets through: `false` when
 /// the connection or the call is refused.
 pub async fn call_goes_through(h: &Harness, cert: Option<(&str, &str)>) -> bool {
+    call_goes_through_at(&h.url(), cert).await
+}
+
+/// [`call_goes_through`] for the gateway at `url`.
+pub async fn call_goes_through_at(url: &str, cert: Option<(&str, &str)>) -> bool {
     let ch = match cert {
-        Some((c, k)) => channel_with(h, c, k).await.ok(),
+        Some((c, k)) => channel_at(url, c, k).await.ok(),
         None => {
             let ca = std::fs::read(certs().join("ca.pem")).unwrap();
             let tls = tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(ca))
                 .domain_name("localhost");
-            match tonic::transport::Endpoint::from_shared(h.url())
+            match tonic::transport::Endpoint::from_shared(url.to_owned())
                 .unwrap()
                 .tls_config(tls)
             {
@@ -407,4 +411,12 @@ pub async fn call_goes_through(h: &Harness, cert: Option<(&str, &str)>) -> bool 
             .await
             .is_ok(),
     }
+}
+
+/// A channel to the gateway at `url` with `dept`'s dev certificate.
+pub async fn dept_channel(url: &str, dept: &str) -> Channel {
+    let c = certs();
+    let cert = std::fs::read_to_string(c.join(format!("{dept}.pem"))).unwrap();
+    let key = std::fs::read_to_string(c.join(format!("{dept}.key"))).unwrap();
+    channel_at(url, &cert, &key).await.unwrap()
 }

@@ -339,6 +339,45 @@ class Scenario:
         self.ca_chan.close()
         self.health_chan.close()
 
+    def health_service(self):
+        """grpc.health.v1 on the gateway port says SERVING for the interface services."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.ca_chan)
+        deadline = time.time() + 15
+        while True:  # NOT_SERVING until the first provider probe has run
+            st = stub.Check(health_pb2.HealthCheckRequest(service="xgate.v1.DataExchange"), timeout=RPC_TIMEOUT)
+            if st.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            require(time.time() < deadline, f"health status stays {st.status}")
+            time.sleep(0.2)
+        overall = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT)
+        require(overall.status == health_pb2.HealthCheckResponse.SERVING, f"overall {overall.status}")
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=RPC_TIMEOUT)
+            raise CheckFailed("unknown service answered")
+        except self.grpc.RpcError as e:
+            require(e.code() == self.grpc.StatusCode.NOT_FOUND, f"unknown service: {e.code()}")
+
+    def reflection(self):
+        """Server reflection describes the interface with no proto files on the client side."""
+        from google.protobuf import descriptor_pool
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+            ProtoReflectionDescriptorDatabase,
+        )
+
+        db = ProtoReflectionDescriptorDatabase(self.ca_chan)
+        services = set(db.get_services())
+        for svc in ("xgate.v1.DataExchange", "xgate.v1.Catalog", "grpc.health.v1.Health"):
+            require(svc in services, f"{svc} not listed: {sorted(services)}")
+        pool = descriptor_pool.DescriptorPool(db)
+        ex = pool.FindServiceByName("xgate.v1.DataExchange")
+        methods = {m.name: (m.input_type.full_name, m.output_type.full_name) for m in ex.methods}
+        require(methods.get("Query") == ("xgate.v1.QueryRequest", "xgate.v1.QueryResponse"), f"{methods}")
+        require("QueryStream" in methods, f"{methods}")
+        fields = {f.name for f in pool.FindMessageTypeByName("xgate.v1.QueryRequest").fields}
+        require({"dataset", "fields", "filter", "purpose"} <= fields, f"{fields}")
+
     def _query_request(self, page_size=5, page_token="", dataset=DATASET, purpose=PURPOSE, region="330106"):
         t = self.pb["types_pb2"]
         flt = t.Filter(conditions=[t.Condition(field="region_code", eq=t.Value(string_value=region))]) \
@@ -613,6 +652,8 @@ def run(results: Results, tmp: Path, state: dict):
     results.run("deny: share type none -> SHARE_TYPE_NONE", scenario.deny_share_type_none)
     results.run("deny: missing token -> TOKEN_MISSING", scenario.deny_missing_token)
     results.run("deny: health token on civil-affairs cert -> TOKEN_DEPT_MISMATCH", scenario.deny_dept_mismatch)
+    results.run("grpc.health.v1: SERVING", scenario.health_service)
+    results.run("server reflection: the interface without proto files", scenario.reflection)
     scenario.close()
     state["scenario"] = None
 

@@ -1,0 +1,148 @@
+//! Is this gateway fit to take calls? One answer for the admin `/ready`, the standard gRPC
+//! health service on the gateway port, and the metrics.
+//!
+//! Ready means: a policy is loaded, the audit trail takes records, and the providers can be
+//! reached. Providers are probed every few seconds (a TCP connect to each endpoint within the
+//! connect timeout); one department's backend being down does not take the gateway out of
+//! rotation — its calls get `PROVIDER_UNAVAILABLE` while every other department's data flows —
+//! so the gateway is *not ready* only when every provider is unreachable. `/ready` lists each
+//! provider either way, and `xgate_provider_up{provider}` carries it to dashboards.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::gateway::{Gateway, WeakGateway};
+
+/// What `/ready` says.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub policy_version: String,
+    pub audit_writable: bool,
+    /// provider id -> reachable at the last probe (absent before the first probe).
+    pub providers: BTreeMap<String, bool>,
+    /// Why not ready, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
+}
+
+/// The gateway's readiness now.
+pub fn readiness(gw: &Gateway) -> Readiness {
+    let snap = gw.snapshot();
+    let up = gw.providers_up();
+    let providers: BTreeMap<String, bool> = snap
+        .policy
+        .file
+        .providers
+        .iter()
+        .filter_map(|p| up.get(&p.id).map(|u| (p.id.clone(), *u)))
+        .collect();
+    let audit = gw.audit_open();
+    let all_down = !providers.is_empty() && providers.values().all(|u| !u);
+    let why_not = if !audit {
+        Some("the audit trail does not take records".to_owned())
+    } else if all_down {
+        Some("no provider can be reached".to_owned())
+    } else {
+        None
+    };
+    Readiness {
+        ready: why_not.is_none(),
+        policy_version: snap.policy.version.clone(),
+        audit_writable: audit,
+        providers,
+        why_not,
+    }
+}
+
+/// The gRPC services whose health is reported (plus `""`, the server as a whole).
+pub const SERVICES: [&str; 2] = ["xgate.v1.DataExchange", "xgate.v1.Catalog"];
+
+/// Probe the providers every `every`, and keep `/ready`, the gRPC health service and the
+/// provider gauges current. Ends when the gateway is gone.
+pub fn spawn_prober(
+    gateway: WeakGateway,
+    reporter: HealthReporter,
+    every: Duration,
+    connect_timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(gw) = gateway.upgrade() else { return };
+            let targets: Vec<(String, String)> = gw
+                .snapshot()
+                .policy
+                .file
+                .providers
+                .iter()
+                .map(|p| (p.id.clone(), p.endpoint.clone()))
+                .collect();
+            drop(gw);
+            let probes = targets.into_iter().map(|(id, endpoint)| async move {
+                let up = reachable(&endpoint, connect_timeout).await;
+                (id, up)
+            });
+            let results = futures_util::future::join_all(probes).await;
+            let Some(gw) = gateway.upgrade() else { return };
+            let mut map = std::collections::HashMap::new();
+            for (id, up) in results {
+                metrics::gauge!("xgate_provider_up", "provider" => id.clone()).set(if up {
+                    1.0
+                } else {
+                    0.0
+                });
+                if !up && gw.providers_up().get(&id).copied().unwrap_or(true) {
+                    tracing::warn!(provider = %id, "provider unreachable (health probe)");
+                }
+                map.insert(id, up);
+            }
+            gw.set_providers_up(map);
+            let status = if readiness(&gw).ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            drop(gw);
+            reporter.set_service_status("", status).await;
+            for s in SERVICES {
+                reporter.set_service_status(s, status).await;
+            }
+        }
+    })
+}
+
+/// Whether a TCP connection to the endpoint's host and port opens within `timeout`.
+async fn reachable(endpoint: &str, timeout: Duration) -> bool {
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else { return false };
+    let port = uri.port_u16().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Refresh the gauges that are read, not counted (called when `/metrics` is scraped).
+pub fn export_gauges(gw: &Gateway) {
+    metrics::gauge!("xgate_audit_queue_depth").set(gw.audit_queue_depth() as f64);
+    // `xgate_policy_info{version}`: 1 for the version serving, 0 for the one before.
+    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    let version = gw.snapshot().policy.version.clone();
+    if let Ok(mut last) = LAST.lock()
+        && *last != version
+    {
+        if !last.is_empty() {
+            metrics::gauge!("xgate_policy_info", "version" => last.clone()).set(0.0);
+        }
+        last.clone_from(&version);
+    }
+    metrics::gauge!("xgate_policy_info", "version" => version).set(1.0);
+}
