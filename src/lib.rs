@@ -37,6 +37,7 @@ pub mod policy;
 pub mod provider;
 pub mod ratelimit;
 pub mod reload;
+pub mod report;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

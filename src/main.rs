@@ -83,6 +83,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// The sharing league table from the audit trail (see docs/audit.md).
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The audit trail directory.
+    dir: PathBuf,
+    /// The policy that says which department owns each dataset.
+    #[arg(long, default_value = "deploy/dev/policy.yaml")]
+    policy: PathBuf,
+    /// day, week (ISO), month or all.
+    #[arg(long, default_value = "day")]
+    period: String,
+    /// From this time (a date or RFC 3339, inclusive).
+    #[arg(long)]
+    from: Option<String>,
+    /// Until this time (a date or RFC 3339, exclusive).
+    #[arg(long)]
+    to: Option<String>,
+    /// Offset that days, weeks, months and date-only bounds are in, e.g. +08:00.
+    #[arg(long, default_value = "Z", allow_hyphen_values = true)]
+    utc_offset: String,
+    /// table, csv, json or html.
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +288,7 @@ fn main() -> ExitCode {
         Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
         Cmd::Audit { cmd } => audit_cmd(cmd),
+        Cmd::Report(r) => report(r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -415,6 +445,35 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+fn report(a: ReportArgs) -> Result<(), String> {
+    use xgate::report;
+    let period: report::Period = a.period.parse()?;
+    let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.utc_offset)?;
+    let render = match a.format.as_str() {
+        "table" => report::render_table,
+        "csv" => report::render_csv,
+        "json" => report::render_json,
+        "html" => report::render_html,
+        f => return Err(format!("--format `{f}`: use table, csv, json or html")),
+    };
+    let policy = load_policy(&a.policy)?;
+    if !a.dir.is_dir() {
+        return Err(format!("{}: not an audit trail directory", a.dir.display()));
+    }
+    let records =
+        xgate::audit::read_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let text = render(&report::build(&records, &policy, period, range));
+    match a.out {
+        Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display())),
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("stdout: {e}"))
         }
     }
 }
