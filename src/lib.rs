@@ -7,7 +7,8 @@
 //!             identity from the SAN URI; refused handshakes audited (rate-limited)
 //!  edge       refusals tonic makes before the pipeline get xgate reasons + audit records
 //!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish
-//!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate
+//!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate;
+//!               signatures checked with ring (jwt_ring)
 //!    policy     pure evaluation of the data-sharing model (grants, scopes, masks)
 //!    ratelimit  GCRA limiters per grant and per consumer, daily quotas; shared in Redis
 //!    upstream   pooled HTTP/2 channel per provider, provider protection, deadlines
@@ -19,7 +20,7 @@
 //! ```
 //!
 //! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`,
-//! `policy check|diff|explain`, `audit verify|search`.
+//! `policy check|diff|explain`, `audit verify|search`, `report` (the sharing league table).
 
 pub mod admin;
 pub mod audit;
@@ -32,6 +33,7 @@ pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod jwks_fetch;
+pub mod jwt_ring;
 pub mod pb;
 pub mod policy;
 pub mod provider;

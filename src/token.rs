@@ -208,6 +208,7 @@ impl TokenVerifier {
     /// cannot be reached leaves the verifier without keys (calls get `UNAVAILABLE`) until a
     /// refresh succeeds.
     pub async fn new(source: JwksSource, settings: TokenSettings) -> Result<Self, String> {
+        crate::jwt_ring::install();
         if settings.algorithms.is_empty() {
             return Err("jwt.algorithms: allow at least one algorithm".into());
         }
