@@ -20,7 +20,8 @@
 //! ```
 //!
 //! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`,
-//! `policy check|diff|explain`, `audit verify|search`, `report` (the sharing league table).
+//! `policy check|diff|explain`, `audit verify|search`, `report` (the sharing league table),
+//! `bench` (a gRPC load generator: [`loadgen`]).
 
 pub mod admin;
 pub mod audit;
@@ -34,6 +35,7 @@ pub mod health;
 pub mod identity;
 pub mod jwks_fetch;
 pub mod jwt_ring;
+pub mod loadgen;
 pub mod pb;
 pub mod policy;
 pub mod provider;

@@ -73,6 +73,9 @@ enum Cmd {
     Token(TokenArgs),
     /// Call the gateway: list / describe / query / stream.
     Call(CallArgs),
+    /// Load-test a gateway (or any server of the interface): closed or open loop, latency
+    /// percentiles, errors by code, CPU and peak RSS of given processes.
+    Bench(BenchArgs),
     /// Tools for the data bureau's policy file.
     Policy {
         #[command(subcommand)]
@@ -207,6 +210,18 @@ struct TokenArgs {
 
 #[derive(Args)]
 struct CallArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: CallCmd,
+}
+
+/// Where the gateway is and who calls it (shared by `call` and `bench`).
+#[derive(Args)]
+struct ConnArgs {
     #[arg(long, default_value = "https://127.0.0.1:8443")]
     gateway: String,
     /// Act as this dev department: its certificate from the dev PKI and a fresh dev token.
@@ -226,11 +241,38 @@ struct CallArgs {
     /// Name to verify in the gateway's certificate.
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    #[command(subcommand)]
-    what: CallCmd,
+}
+
+/// (client cert, key, CA, token) from the connection arguments.
+type Identity = (Vec<u8>, Vec<u8>, Vec<u8>, Option<String>);
+
+impl ConnArgs {
+    fn identity(&self) -> Result<Identity, String> {
+        let (cert, key, dev_token) = match &self.as_dept {
+            Some(d) => {
+                let (cert, key, tok) = client::dev_identity(&self.certs, d, None)?;
+                (cert, key, Some(tok))
+            }
+            None => {
+                let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>, String> {
+                    let p = p
+                        .as_ref()
+                        .ok_or_else(|| format!("--{what} is required without --as"))?;
+                    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+                };
+                (read(&self.cert, "cert")?, read(&self.key, "key")?, None)
+            }
+        };
+        let ca_path = self.ca.clone().unwrap_or_else(|| self.certs.join("ca.pem"));
+        let ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+        Ok((cert, key, ca, self.token.clone().or(dev_token)))
+    }
+
+    async fn connect(&self, id: &Identity) -> Result<tonic::transport::Channel, String> {
+        client::connect(&self.gateway, &id.2, &id.0, &id.1, &self.server_name)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.gateway))
+    }
 }
 
 #[derive(Subcommand)]
@@ -247,6 +289,60 @@ enum CallCmd {
     Query(QueryArgs),
     /// Stream every matching row in batches.
     Stream(QueryArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Send no `authorization` header (e.g. to measure the refusal path).
+    #[arg(long)]
+    no_token: bool,
+    /// query | stream | list | describe | raw
+    #[arg(long, default_value = "query")]
+    method: String,
+    #[arg(long, default_value = "hukou.person_basic")]
+    dataset: String,
+    #[arg(long, default_value = "subsidy-eligibility")]
+    purpose: String,
+    /// Comma-separated fields (default: all you may read).
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Condition: field=value, field^=prefix or field:in=a,b,c (repeatable, AND-ed).
+    #[arg(long = "where")]
+    conditions: Vec<String>,
+    #[arg(long, default_value_t = 5)]
+    page_size: u32,
+    /// With `--method raw`: the method path, e.g. /pkg.Service/Method.
+    #[arg(long)]
+    raw_path: Option<String>,
+    /// With `--method raw`: the request message, hex-encoded protobuf.
+    #[arg(long, default_value = "")]
+    raw_body_hex: String,
+    /// Closed loop: this many calls in flight (the default, 32).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: this many calls per second, latency from each call's scheduled time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of calls before measuring (not counted).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// HTTP/2 connections to spread the calls over.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Report the CPU time and peak RSS of this process over the run (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Runtime threads of the load generator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -286,6 +382,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Token(t) => token(t),
         Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
+        Cmd::Bench(b) => runtime(b.threads).and_then(|rt| rt.block_on(bench(b))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
         Cmd::Audit { cmd } => audit_cmd(cmd),
         Cmd::Report(r) => report(r),
@@ -815,31 +912,11 @@ fn token(t: TokenArgs) -> Result<(), String> {
 }
 
 async fn call(c: CallArgs) -> Result<(), String> {
-    let (cert, key, dev_token) = match &c.as_dept {
-        Some(d) => {
-            let (cert, key, tok) = client::dev_identity(&c.certs, d, None)?;
-            (cert, key, Some(tok))
-        }
-        None => {
-            let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>, String> {
-                let p = p
-                    .as_ref()
-                    .ok_or_else(|| format!("--{what} is required without --as"))?;
-                std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
-            };
-            (read(&c.cert, "cert")?, read(&c.key, "key")?, None)
-        }
-    };
-    let ca_path = c.ca.clone().unwrap_or_else(|| c.certs.join("ca.pem"));
-    let ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
-    let token = c
-        .token
-        .clone()
-        .or(dev_token)
-        .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
-    let channel = client::connect(&c.gateway, &ca, &cert, &key, &c.server_name)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", c.gateway))?;
+    let id = c.conn.identity()?;
+    let token =
+        id.3.clone()
+            .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
+    let channel = c.conn.connect(&id).await?;
     let fail = |s: tonic::Status| client::explain(&s);
     match c.what {
         CallCmd::List => {
@@ -1081,4 +1158,76 @@ fn json_datasets(ds: &[pb::Dataset]) -> serde_json::Value {
             })
         })
         .collect()
+}
+
+async fn bench(b: BenchArgs) -> Result<(), String> {
+    use xgate::loadgen::{Call, Load, Plan};
+    let id = b.conn.identity()?;
+    let query = || {
+        client::query_request(
+            &b.dataset,
+            &b.fields,
+            &b.conditions,
+            &b.purpose,
+            b.page_size,
+            "",
+            &Default::default(),
+        )
+    };
+    let call = match b.method.as_str() {
+        "query" => Call::Query(query()?),
+        "stream" => Call::QueryStream(query()?),
+        "list" => Call::List,
+        "describe" => Call::Describe(pb::DescribeDatasetRequest {
+            dataset: b.dataset.clone(),
+            purpose: b.purpose.clone(),
+        }),
+        "raw" => Call::Raw {
+            path: b
+                .raw_path
+                .clone()
+                .ok_or("--method raw needs --raw-path /pkg.Service/Method")?,
+            body: hex::decode(&b.raw_body_hex).map_err(|e| format!("--raw-body-hex: {e}"))?,
+        },
+        other => {
+            return Err(format!(
+                "--method `{other}`: use query, stream, list, describe or raw"
+            ));
+        }
+    };
+    let token = if b.no_token {
+        None
+    } else {
+        Some(id.3.clone().ok_or(
+            "a token is required: --token, XGATE_TOKEN, --as DEPT for a dev token, or --no-token",
+        )?)
+    };
+    if !(b.duration > 0.0 && b.duration.is_finite()) || !(b.warmup >= 0.0 && b.warmup.is_finite()) {
+        return Err("--duration must be positive and --warmup not negative".into());
+    }
+    let mut channels = Vec::new();
+    for _ in 0..b.connections.max(1) {
+        channels.push(b.conn.connect(&id).await?);
+    }
+    let plan = Plan {
+        call,
+        load: match b.rate {
+            Some(r) => Load::Open(r),
+            None => Load::Closed(b.concurrency.unwrap_or(32)),
+        },
+        duration: std::time::Duration::from_secs_f64(b.duration),
+        warmup: std::time::Duration::from_secs_f64(b.warmup),
+        token,
+        watch: b.pids.clone(),
+    };
+    let report = xgate::loadgen::run(channels, plan).await?;
+    if b.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
 }

@@ -96,8 +96,14 @@ impl SampleProvider {
         );
     }
 
-    /// Rows matching the filter, projected onto the requested fields.
-    fn select(&self, req: &QueryRequest) -> Result<(Vec<Column>, Vec<Row>), Status> {
+    /// Rows matching the filter from `offset` on (at most `limit`), projected onto the
+    /// requested fields, and whether more rows follow. Only the rows returned are copied.
+    fn select(
+        &self,
+        req: &QueryRequest,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<Column>, Vec<Row>, bool), Status> {
         let table = self.tables.get(&req.dataset).ok_or_else(|| {
             Status::not_found(format!("dataset `{}` is not served here", req.dataset))
         })?;
@@ -124,7 +130,7 @@ impl SampleProvider {
                 .collect::<Result<_, _>>()?
         };
         let columns = proj.iter().map(|&i| table.columns[i].clone()).collect();
-        let rows = table
+        let mut matching = table
             .rows
             .iter()
             .filter(|r| {
@@ -133,11 +139,16 @@ impl SampleProvider {
                         .iter()
                         .all(|(i, t)| matches(&r.values[*i], t.as_ref()))
             })
+            .skip(offset);
+        let rows = matching
+            .by_ref()
+            .take(limit)
             .map(|r| Row {
                 values: proj.iter().map(|&i| r.values[i].clone()).collect(),
             })
             .collect();
-        Ok((columns, rows))
+        let more = matching.next().is_some();
+        Ok((columns, rows, more))
     }
 
     /// Serve over mTLS on `listener` until `shutdown` resolves.
@@ -187,7 +198,6 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
             tokio::time::sleep(self.behaviour.delay).await;
         }
         let body = req.into_inner();
-        let (columns, rows) = self.select(&body)?;
         let offset: usize = if body.page_token.is_empty() {
             0
         } else {
@@ -200,13 +210,12 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
         } else {
             body.page_size as usize
         };
-        let end = (offset + size).min(rows.len());
-        let next = if end < rows.len() {
-            end.to_string()
+        let (columns, page, more) = self.select(&body, offset, size)?;
+        let next = if more {
+            (offset + page.len()).to_string()
         } else {
             String::new()
         };
-        let page = rows.into_iter().skip(offset).take(size).collect();
         Ok(Response::new(QueryResponse {
             columns,
             rows: page,
@@ -223,7 +232,7 @@ impl pb::data_exchange_server::DataExchange for SampleProvider {
     ) -> Result<Response<Self::QueryStreamStream>, Status> {
         self.note(&req);
         let body = req.into_inner();
-        let (columns, rows) = self.select(&body)?;
+        let (columns, rows, _) = self.select(&body, 0, usize::MAX)?;
         let size = if body.page_size == 0 {
             100
         } else {

@@ -309,50 +309,7 @@ pub fn cert_der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-/// A gRPC codec that sends and receives raw bytes (for hostile payloads and unknown paths).
-#[derive(Clone, Default)]
-pub struct RawCodec;
-
-pub struct RawEnc;
-pub struct RawDec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEnc;
-    type Decoder = RawDec;
-    fn encoder(&mut self) -> RawEnc {
-        RawEnc
-    }
-    fn decoder(&mut self) -> RawDec {
-        RawDec
-    }
-}
-
-impl tonic::codec::Encoder for RawEnc {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawDec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        use bytes::Buf;
-        let mut v = vec![0; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
-}
+pub use xgate::client::RawCodec;
 
 /// Send raw bytes as one unary gRPC request to `path`.
 pub async fn raw_unary(
