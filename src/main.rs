@@ -1202,7 +1202,7 @@ async fn bench(b: BenchArgs) -> Result<(), String> {
             "a token is required: --token, XGATE_TOKEN, --as DEPT for a dev token, or --no-token",
         )?)
     };
-    if !(b.duration > 0.0 && b.duration.is_finite()) || !(b.warmup >= 0.0 && b.warmup.is_finite()) {
+    if !(b.duration > 0.0 && b.duration.is_finite() && b.warmup >= 0.0 && b.warmup.is_finite()) {
         return Err("--duration must be positive and --warmup not negative".into());
     }
     let mut channels = Vec::new();
