@@ -18,7 +18,10 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{
+    StreamExt,
+    wrappers::{ReceiverStream, TcpListenerStream},
+};
 use tonic::{
     Request, Response, Status,
     metadata::MetadataMap,
@@ -166,7 +169,15 @@ impl SampleProvider {
         Server::builder()
             .tls_config(tls)?
             .add_service(pb::data_exchange_server::DataExchangeServer::new(self))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // No Nagle: small responses must not wait for the peer's delayed ACK.
+                TcpListenerStream::new(listener).map(|s| {
+                    s.inspect(|t| {
+                        let _ = t.set_nodelay(true);
+                    })
+                }),
+                shutdown,
+            )
             .await
     }
 }

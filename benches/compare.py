@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""xgate side by side with Envoy doing the same job, a bare pass-through floor, and direct calls.
+
+One run, one machine, one client: every target is driven by `xgate bench` with the same
+provider (the sample public-security backend, `xgate demo --providers-only`), payload
+(Query hukou.person_basic, 5 rows of 8 columns), certificates (civil-affairs) and token.
+
+Targets
+  direct  the client calls the provider itself (mTLS, no proxy)
+  floor   examples/floor.rs: mTLS + HTTP/2 pass-through on xgate's stack, no features
+  envoy   Envoy 1.40: mTLS, jwt_authn (local JWKS, JWT cache on), RBAC on department
+          identities, local_ratelimit, JSON access log, HTTP/2 mTLS upstream
+          (benches/envoy/envoy.yaml.tmpl)
+  xgate   the full pipeline: mTLS, JWT, policy with field filtering and masking, rate limits,
+          audit in `sync` mode (fsync before each response, group commit)
+
+Each target runs open loop at --rate calls/s and closed loop at --concurrency in flight, for
+--seconds each. Per target and load it prints the achieved rate, p50/p99 latency (open loop:
+from each call's scheduled send time), the proxy's CPU µs per call (utime+stime from /proc over
+the run) and its peak RSS. Then a bulk QueryStream case: rows/s through xgate vs direct.
+
+Usage (from the repository root):
+    python3 benches/compare.py [--seconds 10] [--rate 2000] [--concurrency 32]
+                               [--targets direct,floor,envoy,xgate] [--json out.json]
+It builds target/release/xgate and the floor example (cargo build --release), installs Envoy
+into .venv-bench (benches/envoy/install.sh) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE / "envoy"))
+import check as envoy  # noqa: E402  (benches/envoy/check.py: render, start_envoy, stop, Providers)
+
+CERTS = REPO / "certs-dev"
+XGATE = REPO / "target" / "release" / "xgate"
+FLOOR = REPO / "target" / "release" / "examples" / "floor"
+PROVIDER_TLS_NAME = "public-security.provider.xgate.internal"
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "xgate", "--example", "floor"],
+                   cwd=REPO, check=True)
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0):
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: float,
+          method="query", page_size=5, server_name="localhost") -> dict:
+    cmd = [str(XGATE), "bench", "--gateway", url, "--as", "civil-affairs", "--certs", str(CERTS),
+           "--server-name", server_name, "--method", method, "--page-size", str(page_size),
+           "--duration", str(seconds), "--warmup", "1", "--json"]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    else:
+        cmd += ["--concurrency", str(concurrency)]
+    if pid:
+        cmd += ["--pid", str(pid)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=seconds * 4 + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"xgate bench failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def xgate_config(work: Path, port: int, policy: Path) -> Path:
+    cfg = work / "xgate.yaml"
+    cfg.write_text(f"""
+listen: 127.0.0.1:{port}
+watch_policy: false
+trust_domain: zj.gov.example
+tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/ca.pem, watch: false }}
+jwt: {{ jwks: {CERTS}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
+policy: {policy}
+pseudonym_key_file: {CERTS}/pseudonym.key
+audit: {{ dir: {work}/audit, mode: sync, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
+upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
+log: {{ format: text, level: warn }}
+runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
+""")
+    return cfg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=2000.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--targets", default="direct,floor,envoy,xgate")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+    if not a.no_build:
+        build()
+    targets = a.targets.split(",")
+    work = Path(tempfile.mkdtemp(prefix="xgate-compare-"))
+    # The policy: providers on free ports; the benchmarked grant's rate limit far above the
+    # load (limits are still evaluated on every call, they just never refuse).
+    pol = work / "policy.yaml"
+    ports = envoy.free_ports(2)
+    text = (REPO / "deploy/dev/policy.yaml").read_text()
+    text = text.replace("127.0.0.1:8444", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:8445", f"127.0.0.1:{ports[1]}")
+    text = text.replace("{ per_second: 50, burst: 100 }", "{ per_second: 1000000, burst: 1000000 }")
+    pol.write_text(text)
+    providers = envoy.Providers(pol, work / "providers.log")
+    results: dict[str, dict] = {}
+    procs = []
+    try:
+        pports = providers.start()
+        ps = pports["public-security"]
+        for t in targets:
+            proc, url, pid, name = None, None, None, "localhost"
+            port = envoy.free_ports(1)[0]
+            if t == "direct":
+                url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
+            elif t == "floor":
+                proc = subprocess.Popen([str(FLOOR), "--listen", f"127.0.0.1:{port}", "--upstream",
+                                         f"https://127.0.0.1:{ps}", "--certs", str(CERTS)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_port(port, proc)
+                url = f"https://127.0.0.1:{port}"
+            elif t == "envoy":
+                admin = envoy.free_ports(1)[0]
+                cfg = envoy.render(work / "envoy.yaml", listen_port=port, admin_port=admin,
+                                   upstream_port=ps, access_log=work / "envoy-access.log")
+                proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / "envoy.log")
+                url = f"https://127.0.0.1:{port}"
+            elif t == "xgate":
+                cfg = xgate_config(work, port, pol)
+                proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
+                                        stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
+                wait_port(port, proc)
+                url = f"https://127.0.0.1:{port}"
+            else:
+                raise SystemExit(f"unknown target {t}")
+            procs.append(proc)
+            pid = proc.pid if proc else None
+            r = {}
+            print(f"== {t}: open loop {a.rate:.0f}/s", file=sys.stderr, flush=True)
+            r["open"] = bench(url, pid, rate=a.rate, seconds=a.seconds, server_name=name)
+            print(f"== {t}: closed loop {a.concurrency} in flight", file=sys.stderr, flush=True)
+            r["closed"] = bench(url, pid, concurrency=a.concurrency, seconds=a.seconds, server_name=name)
+            if t in ("direct", "xgate"):
+                print(f"== {t}: bulk QueryStream", file=sys.stderr, flush=True)
+                r["stream"] = bench(url, pid, concurrency=4, seconds=a.seconds, method="stream",
+                                    page_size=200, server_name=name)
+            results[t] = r
+            envoy.stop(proc)
+    finally:
+        for p in procs:
+            envoy.stop(p)
+        providers.stop()
+
+    def row(t, load):
+        x = results[t][load]
+        p = x["processes"][0] if x["processes"] else None
+        cpu = f"{p['cpu_us_per_request']:.0f}" if p else "–"
+        rss = f"{p['peak_rss_kib'] / 1024:.1f}" if p else "–"
+        errs = sum(x["errors"].values())
+        return (f"| {t} | {x['rate']:,.0f} | {x['latency_us']['p50'] / 1000:.2f} | "
+                f"{x['latency_us']['p99'] / 1000:.2f} | {cpu} | {rss} | {errs} |")
+
+    head = "| target | calls/s | p50 ms | p99 ms | proxy CPU µs/call | peak RSS MiB | errors |\n|---|---|---|---|---|---|---|"
+    print(f"\n### Open loop, {a.rate:.0f} calls/s, {a.seconds:.0f} s\n\n{head}")
+    for t in results:
+        print(row(t, "open"))
+    print(f"\n### Closed loop, {a.concurrency} in flight, {a.seconds:.0f} s\n\n{head}")
+    for t in results:
+        print(row(t, "closed"))
+
+    def ratio(t, load, key):
+        try:
+            ex, ev = results[t][load], results["envoy"][load]
+            if key == "cpu":
+                return ex["processes"][0]["cpu_us_per_request"] / ev["processes"][0]["cpu_us_per_request"]
+            if key == "rss":
+                return ex["processes"][0]["peak_rss_kib"] / ev["processes"][0]["peak_rss_kib"]
+            if key == "p99":
+                return ex["latency_us"]["p99"] / ev["latency_us"]["p99"]
+            return ex["rate"] / ev["rate"]
+        except (KeyError, IndexError, ZeroDivisionError):
+            return float("nan")
+
+    if "xgate" in results and "envoy" in results:
+        print("\n### xgate / Envoy (same run)\n")
+        print(f"- CPU per call at {a.rate:.0f}/s: {ratio('xgate', 'open', 'cpu'):.2f} (target ≤ 0.5)")
+        print(f"- CPU per call, closed loop: {ratio('xgate', 'closed', 'cpu'):.2f} (target ≤ 0.85)")
+        print(f"- closed-loop throughput: {ratio('xgate', 'closed', 'rate'):.2f} (target ≥ 1.2)")
+        print(f"- p99 at {a.rate:.0f}/s: {ratio('xgate', 'open', 'p99'):.2f} (target ≤ 1)")
+        print(f"- peak RSS: {ratio('xgate', 'closed', 'rss'):.2f} (target ≤ 0.25)")
+    if "xgate" in results and "floor" in results:
+        xc = results["xgate"]["closed"]["processes"][0]["cpu_us_per_request"]
+        fc = results["floor"]["closed"]["processes"][0]["cpu_us_per_request"]
+        print(f"- xgate's features over the floor, CPU per call closed loop: {xc / fc:.2f}× (target ≤ 1.2)")
+    if "xgate" in results and "direct" in results:
+        xs, ds = results["xgate"]["stream"]["rows_per_second"], results["direct"]["stream"]["rows_per_second"]
+        print(f"- bulk QueryStream: xgate {xs:,.0f} rows/s vs direct {ds:,.0f} rows/s: {xs / ds:.2f} (target ≥ 0.8)")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
