@@ -25,7 +25,6 @@ fn kill(sig: &str, pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs();
     let policy = dir.path().join("policy.yaml");
     // Real providers, so the gateway is ready (at least one provider reachable).
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -33,22 +32,14 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let policy_text = policy_with_ports(ports["public-security"], ports["market-supervision"]);
     std::fs::write(&policy, &policy_text).unwrap();
     let (port, admin_port, otlp_port) = (free_port(), free_port(), free_port());
-    let cfg = format!(
-        r#"
-listen: 127.0.0.1:{port}
-admin_listen: 127.0.0.1:{admin_port}
-watch_policy: false
-trust_domain: zj.gov.example
-tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem }}
-jwt: {{ jwks: {c}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
-policy: policy.yaml
-pseudonym_key_file: {c}/pseudonym.key
-audit: {{ dir: audit, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}
-upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}
+    let cfg = serve_yaml(
+        port,
+        "audit",
+        &format!(
+            r#"admin_listen: 127.0.0.1:{admin_port}
 log: {{ format: json, level: info }}
-otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}
-"#,
-        c = certs.display()
+otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}"#
+        ),
     );
     let cfg_path = dir.path().join("xgate.yaml");
     std::fs::write(&cfg_path, cfg).unwrap();

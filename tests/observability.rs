@@ -8,8 +8,6 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -60,15 +58,6 @@ fn attr(s: &Span, key: &str) -> Option<String> {
         })
 }
 
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_metrics_logs_health_and_reflection_from_the_real_binary() {
     // The collector.
@@ -91,52 +80,21 @@ async fn spans_metrics_logs_health_and_reflection_from_the_real_binary() {
     )
     .unwrap();
     let (port, admin_port) = (free_port(), free_port());
-    let cfg = format!(
-        r#"
-listen: 127.0.0.1:{port}
-admin_listen: 127.0.0.1:{admin_port}
-trust_domain: zj.gov.example
-tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem }}
-jwt: {{ jwks: {c}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
-policy: policy.yaml
-pseudonym_key_file: {c}/pseudonym.key
-audit: {{ dir: audit, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}
-upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}
+    let cfg = serve_yaml(
+        port,
+        "audit",
+        &format!(
+            r#"admin_listen: 127.0.0.1:{admin_port}
 log: {{ format: json, level: info }}
-otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}
-"#,
-        c = certs().display()
+otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}"#
+        ),
     );
     std::fs::write(dir.path().join("xgate.yaml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xgate"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("xgate.yaml"))
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                logs.lock().unwrap().push(l);
-            }
-        });
-    }
-    let _served = Served(child);
-    let wait_log = |what: &str| {
-        let t0 = Instant::now();
-        while !logs.lock().unwrap().iter().any(|l| l.contains(what)) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no `{what}` in the logs:\n{}",
-                logs.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let served = Served::spawn(
+        &dir.path().join("xgate.yaml"),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let wait_log = |what: &str| served.wait_for(what);
     wait_log("xgate listening");
 
     let url = format!("https://127.0.0.1:{port}");

@@ -8,7 +8,6 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -108,72 +107,28 @@ impl Drop for Redis {
     }
 }
 
-/// `xgate serve` as a child process, killed on drop.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Start `xgate serve` with `config` (YAML) in `dir`; returns once it listens.
 fn serve(dir: &Path, name: &str, config: &str) -> Served {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xgate"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let served = Served(child);
-    let t0 = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30).saturating_sub(t0.elapsed())) {
-            Ok(l) if l.contains("xgate listening") => break,
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("{name} did not start:\n{}", seen.join("\n")),
-        }
-    }
-    // Keep draining its logs so it never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    let served = Served::spawn(&path, &[]);
+    served.wait_for("xgate listening");
     served
 }
 
 fn gateway_config(port: u16, audit: &Path, redis_url: &str) -> String {
-    format!(
-        r#"
-listen: 127.0.0.1:{port}
-watch_policy: false
-trust_domain: zj.gov.example
-tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem }}
-jwt: {{ jwks: {c}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
-policy: policy.yaml
-pseudonym_key_file: {c}/pseudonym.key
-audit: {{ dir: {a}, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}
-upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}
-limits:
+    serve_yaml(
+        port,
+        &audit.display().to_string(),
+        &format!(
+            r#"limits:
   default_page_size: 10
   max_page_size: 100
   max_message_bytes: 4194304
   max_filter_terms: 100
   shared: {{ redis_url: "{redis_url}", key_prefix: xgate-e2e }}
-log: {{ format: json, level: info }}
-"#,
-        c = certs().display(),
-        a = audit.display(),
+log: {{ format: json, level: info }}"#
+        ),
     )
 }
 

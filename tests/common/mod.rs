@@ -377,3 +377,80 @@ pub async fn dept_channel(url: &str, dept: &str) -> Channel {
     let key = std::fs::read_to_string(c.join(format!("{dept}.key"))).unwrap();
     channel_at(url, &cert, &key).await.unwrap()
 }
+
+/// A `xgate serve` config on the dev PKI: listening on `port`, the policy in `policy.yaml` next
+/// to the config file, the audit trail in `audit_dir`; `extra` (YAML) is appended.
+pub fn serve_yaml(port: u16, audit_dir: &str, extra: &str) -> String {
+    format!(
+        r#"
+listen: 127.0.0.1:{port}
+watch_policy: false
+trust_domain: zj.gov.example
+tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem }}
+jwt: {{ jwks: {c}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
+policy: policy.yaml
+pseudonym_key_file: {c}/pseudonym.key
+audit: {{ dir: {audit_dir}, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}
+upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}
+{extra}
+"#,
+        c = certs().display()
+    )
+}
+
+/// `xgate serve` (the real binary) as a child process, its stderr lines collected; killed on
+/// drop unless it already exited.
+pub struct Served {
+    pub child: std::process::Child,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Start `xgate serve --config <config>` with extra environment variables.
+    pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Served {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Served { child, logs }
+    }
+
+    /// Wait (at most 30 s) until a log line contains `what`; panics with the logs otherwise.
+    pub fn wait_for(&self, what: &str) {
+        let t0 = std::time::Instant::now();
+        while !self.logs().iter().any(|l| l.contains(what)) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no `{what}` in the logs:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
