@@ -1165,6 +1165,9 @@ fn shape(
     };
     let mut out_rows = Vec::with_capacity(rows.len());
     let mut dropped = 0usize;
+    // The usual case: the permitted columns come first, in order (the region column, if
+    // added for the scope check, after them): mask in place and cut, no new row vector.
+    let in_place = plan.iter().enumerate().all(|(k, &(i, _))| k == i);
     for (r, mut row) in rows.into_iter().enumerate() {
         if row.values.len() != width {
             tracing::warn!(%provider, row = r, got = row.values.len(), want = width, "provider row width mismatch");
@@ -1179,6 +1182,14 @@ fn shape(
             && !sc.admits(&row.values[i])
         {
             dropped += 1;
+            continue;
+        }
+        if in_place {
+            row.values.truncate(plan.len());
+            for (v, &(_, mask)) in row.values.iter_mut().zip(&plan) {
+                policy::mask::apply(mask, v, key);
+            }
+            out_rows.push(row);
             continue;
         }
         let values = plan
