@@ -446,7 +446,8 @@ impl Default for Shutdown {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// tokio worker threads; 0 = one per core.
+    /// tokio worker threads; 0 = one per core less one (at least 1), leaving a core for the
+    /// audit writer and the kernel's network work.
     #[serde(default)]
     pub worker_threads: usize,
 }

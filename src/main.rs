@@ -382,7 +382,12 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Token(t) => token(t),
         Cmd::Call(c) => runtime(0).and_then(|rt| rt.block_on(call(c))),
-        Cmd::Bench(b) => runtime(b.threads).and_then(|rt| rt.block_on(bench(b))),
+        // The load generator takes every core unless told otherwise.
+        Cmd::Bench(b) => runtime(match b.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        })
+        .and_then(|rt| rt.block_on(bench(b))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
         Cmd::Audit { cmd } => audit_cmd(cmd),
         Cmd::Report(r) => report(r),
@@ -701,11 +706,18 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
     }
 }
 
+/// The multi-threaded runtime. `workers == 0`: one worker per core less one, at least one —
+/// the audit writer and the kernel's network work need a core too, and on 2 cores a single
+/// worker spent 11–20 % less CPU per call than two (docs/benchmarks.md).
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
+    let workers = match workers {
+        0 => std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .max(1),
+        n => n,
+    };
+    b.worker_threads(workers);
     b.enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))
