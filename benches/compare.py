@@ -13,6 +13,8 @@ Targets
           (benches/envoy/envoy.yaml.tmpl)
   xgate   the full pipeline: mTLS, JWT, policy with field filtering and masking, rate limits,
           audit in `sync` mode (fsync before each response, group commit)
+  xgate-async  the same with the audit trail in `async` mode (not in the default set: it shows
+          what the fsync before each response costs)
 
 Each target runs open loop at --rate calls/s and closed loop at --concurrency in flight, for
 --seconds each. Per target and load it prints the achieved rate, p50/p99 latency (open loop:
@@ -84,8 +86,8 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
     return json.loads(out.stdout)
 
 
-def xgate_config(work: Path, port: int, policy: Path) -> Path:
-    cfg = work / "xgate.yaml"
+def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync") -> Path:
+    cfg = work / f"xgate-{audit_mode}.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{port}
 watch_policy: false
@@ -94,7 +96,7 @@ tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/
 jwt: {{ jwks: {CERTS}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
 policy: {policy}
 pseudonym_key_file: {CERTS}/pseudonym.key
-audit: {{ dir: {work}/audit, mode: sync, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
+audit: {{ dir: {work}/audit-{audit_mode}, mode: {audit_mode}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
 upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
 log: {{ format: text, level: warn }}
 runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
@@ -146,8 +148,8 @@ def main() -> int:
                                    upstream_port=ps, access_log=work / "envoy-access.log")
                 proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / "envoy.log")
                 url = f"https://127.0.0.1:{port}"
-            elif t == "xgate":
-                cfg = xgate_config(work, port, pol)
+            elif t in ("xgate", "xgate-async"):
+                cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync")
                 proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
                                         stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
                 wait_port(port, proc)
