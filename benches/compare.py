@@ -137,8 +137,12 @@ def main() -> int:
             if t == "direct":
                 url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
             elif t == "floor":
+                # The same runtime shape as xgate's default (one worker per core less one), so
+                # the ratio between them is the price of the features alone.
+                workers = str(max(1, (os.cpu_count() or 2) - 1))
                 proc = subprocess.Popen([str(FLOOR), "--listen", f"127.0.0.1:{port}", "--upstream",
-                                         f"https://127.0.0.1:{ps}", "--certs", str(CERTS)],
+                                         f"https://127.0.0.1:{ps}", "--certs", str(CERTS),
+                                         "--workers", workers],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 wait_port(port, proc)
                 url = f"https://127.0.0.1:{port}"
