@@ -40,7 +40,7 @@ use crate::{
     policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
     ratelimit::{
         RateLimits,
-        shared::{OnUnavailable, SharedLimits, Verdict},
+        shared::{Lease, OnUnavailable, SharedLimits, Verdict},
     },
     token::{Claims, TokenVerifier},
     upstream::{self, Upstreams},
@@ -113,6 +113,8 @@ impl Authenticated {
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
 struct OpenStream {
     _place: upstream::ProviderPermit,
+    /// The stream's place among every replica's calls to the provider (shared limits).
+    _lease: Option<Lease>,
     upstream: tonic::Streaming<QueryResponse>,
     permit: Permit,
     /// The policy version `permit` was decided under.
@@ -539,7 +541,9 @@ impl Gateway {
     /// Stage `limit`: the consumer's overall rate, the grant's rate, its daily quota and the
     /// provider's protection rate — in Redis when the limits are shared (one round trip,
     /// falling back by `on_unavailable`), else by this process's limiters. Returns whether the
-    /// provider's rate was decided here (so the forward stage does not take it twice).
+    /// provider's rate was decided here (so the forward stage does not take it twice) and, when
+    /// the limits are shared and the provider has a `max_in_flight`, the call's place among
+    /// all replicas' calls to it (hold it until the call ends).
     async fn limit(
         &self,
         who: &Authenticated,
@@ -547,7 +551,8 @@ impl Gateway {
         dataset: &str,
         permit: &Permit,
         provider: &str,
-    ) -> Result<bool, Reject> {
+        call_id: &str,
+    ) -> Result<(bool, Option<Lease>), Reject> {
         let dept = &who.system.dept;
         if let Some(shared) = &self.inner.shared {
             let mut buckets = snap.limits.buckets(dept, dataset, permit);
@@ -577,7 +582,8 @@ impl Gateway {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    return Ok(true);
+                    let lease = self.take_place(shared, snap, provider, call_id).await?;
+                    return Ok((true, lease));
                 }
                 Ok(Verdict::Refuse(r)) => return Err(r),
                 Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
@@ -591,7 +597,39 @@ impl Gateway {
         if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
             self.inner.quotas.admit(g, q)?;
         }
-        Ok(false)
+        Ok((false, None))
+    }
+
+    /// A place with the provider among every replica's calls (its `max_in_flight`, shared in
+    /// Redis), waiting at most `upstream.queue_wait_ms`. Without a cap: none needed.
+    async fn take_place(
+        &self,
+        shared: &Arc<SharedLimits>,
+        snap: &Snapshot,
+        provider: &str,
+        call_id: &str,
+    ) -> Result<Option<Lease>, Reject> {
+        let Some(max) = snap.upstreams.protection_in_flight(provider) else {
+            return Ok(None);
+        };
+        let wait = snap.upstreams.queue_wait();
+        // A lease outlives the longest call, and expires by itself if this replica dies.
+        let lease_for = self.inner.max_timeout + Duration::from_secs(5);
+        match shared
+            .take_place(provider, max, lease_for, wait, call_id)
+            .await
+        {
+            Ok(Some(lease)) => Ok(Some(lease)),
+            Ok(None) => {
+                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "in_flight_shared").increment(1);
+                Err(upstream::saturated(provider, wait))
+            }
+            Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
+                Err(crate::ratelimit::shared::unavailable())
+            }
+            // fail-open: the local semaphore (per replica) still holds.
+            Err(_) => Ok(None),
+        }
     }
 
     /// The upstream request: the checked query plus the verified identity, never the token.
@@ -651,8 +689,15 @@ impl Gateway {
         let permit = tracing::info_span!("xgate.policy")
             .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
-        let rate_done = self
-            .limit(&who, &snap, &body.dataset, &permit, &provider)
+        let (rate_done, lease) = self
+            .limit(
+                &who,
+                &snap,
+                &body.dataset,
+                &permit,
+                &provider,
+                &call.trace_id,
+            )
             .instrument(tracing::info_span!("xgate.limit"))
             .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
@@ -663,6 +708,7 @@ impl Gateway {
         })?;
         // Provider protection: a place with the provider, or a quick UNAVAILABLE.
         let _place = snap.upstreams.admit(&provider, rate_done).await?;
+        let _lease = lease;
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, Some(deadline), &span);
         let sent = tokio::time::Instant::now();
@@ -706,8 +752,15 @@ impl Gateway {
         let permit = tracing::info_span!("xgate.policy")
             .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
-        let rate_done = self
-            .limit(&who, &snap, &body.dataset, &permit, &provider)
+        let (rate_done, lease) = self
+            .limit(
+                &who,
+                &snap,
+                &body.dataset,
+                &permit,
+                &provider,
+                &call.trace_id,
+            )
             .instrument(tracing::info_span!("xgate.limit"))
             .await?;
         let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
@@ -733,6 +786,7 @@ impl Gateway {
         };
         Ok(OpenStream {
             _place: place,
+            _lease: lease,
             upstream: stream,
             permit,
             version: snap.policy.version.clone(),

@@ -241,6 +241,11 @@ impl Upstreams {
         self.protection.get(provider).and_then(|p| p.settings.0)
     }
 
+    /// The provider's in-flight cap, if it has one.
+    pub fn protection_in_flight(&self, provider: &str) -> Option<u32> {
+        self.protection.get(provider).and_then(|p| p.settings.1)
+    }
+
     /// Longest a call waits for room with a provider.
     pub fn queue_wait(&self) -> Duration {
         self.queue_wait

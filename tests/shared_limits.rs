@@ -372,6 +372,80 @@ async fn a_daily_quota_counts_calls_across_replicas() {
     assert!(d.retry_info().is_some(), "retry at midnight");
 }
 
+/// A provider's `max_in_flight` holds across replicas: two gateways in front of one slow
+/// provider with `max_in_flight: 2` never have more than two calls with it together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_in_flight_cap_holds_across_replicas() {
+    let redis = Redis::start();
+    let shared = redis.config(OnUnavailable::FailOpen);
+    let opts = Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_millis(400),
+            ..Behaviour::default()
+        },
+        edit_policy: Some(|p| {
+            p.replace(
+                "tls_name: public-security.provider.xgate.internal }",
+                "tls_name: public-security.provider.xgate.internal, max_in_flight: 2 }",
+            )
+        }),
+        config: Some(Arc::new(move |cfg| {
+            cfg.limits.shared = Some(shared.clone())
+        })),
+        ..Opts::default()
+    };
+    let a = Harness::start(opts.clone()).await;
+    let b = Harness::start(opts).await;
+    // Both gateways in front of a's providers.
+    std::fs::copy(&a.policy_path, &b.policy_path).unwrap();
+    b.reloader.reload("test").unwrap();
+    let t = token("civil-affairs");
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut c = if i % 2 == 0 {
+            a.data("civil-affairs").await
+        } else {
+            b.data("civil-affairs").await
+        };
+        let t = t.clone();
+        calls.push(tokio::spawn(async move {
+            c.query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        }));
+    }
+    let (mut ok, mut saturated) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
+                saturated += 1;
+            }
+        }
+    }
+    let seen = a.ps.stats.max_in_flight.load(Ordering::SeqCst);
+    assert!(seen <= 2, "the provider saw {seen} calls at once");
+    assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");
+    assert_eq!(
+        b.ps.stats.calls.load(Ordering::SeqCst),
+        0,
+        "b's own provider unused"
+    );
+    // Places are given back: a call later goes through.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+}
+
 fn bucket(kind: BucketKind, key: &str, per_second: f64, burst: u32, wait_ms: u64) -> Bucket {
     Bucket {
         kind,

@@ -6,6 +6,11 @@
 //! counters of the local day. Calls share one multiplexed connection, so concurrent decisions
 //! are pipelined on it and the gateway never queues behind a single Redis request.
 //!
+//! A provider's `max_in_flight` is shared the same way: each call to the provider holds a lease
+//! in a Redis sorted set (taken atomically by `inflight.lua`, released when the call ends,
+//! expiring by itself if a replica dies), so N replicas together never have more than
+//! `max_in_flight` calls with it.
+//!
 //! When Redis cannot be reached (connect error, broken connection, no answer within
 //! `timeout_ms`), the call is decided by the configured [`OnUnavailable`]: `fail-open` falls
 //! back to this replica's local limiters (the default: data keeps flowing, each replica holds
@@ -120,6 +125,7 @@ pub struct SharedLimits {
     conn: ArcSwapOption<MultiplexedConnection>,
     reconnecting: AtomicBool,
     script: redis::Script,
+    inflight: redis::Script,
     prefix: String,
     timeout: Duration,
     pub on_unavailable: OnUnavailable,
@@ -136,6 +142,7 @@ impl std::fmt::Debug for SharedLimits {
 }
 
 const SCRIPT: &str = include_str!("limits.lua");
+const INFLIGHT: &str = include_str!("inflight.lua");
 
 impl SharedLimits {
     /// Set up the shared limits. Does not need Redis to be up: the first connection is made
@@ -157,6 +164,7 @@ impl SharedLimits {
             conn: ArcSwapOption::empty(),
             reconnecting: AtomicBool::new(false),
             script: redis::Script::new(SCRIPT),
+            inflight: redis::Script::new(INFLIGHT),
             prefix: cfg.key_prefix.clone(),
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
             on_unavailable: cfg.on_unavailable,
@@ -258,6 +266,58 @@ impl SharedLimits {
                 ))
             }
         })
+    }
+
+    /// Take a place with `provider` among `max` shared by every replica, waiting at most
+    /// `wait` for one: `Ok(Some(lease))` (held until dropped), `Ok(None)` (still full),
+    /// `Err(Unreachable)` (Redis cannot say: `on_unavailable` decides).
+    pub async fn take_place(
+        self: &Arc<Self>,
+        provider: &str,
+        max: u32,
+        lease: Duration,
+        wait: Duration,
+        call: &str,
+    ) -> Result<Option<Lease>, Unreachable> {
+        let key = format!("{}:f:{provider}", self.prefix);
+        let member = format!("{call}:{}", rand::random::<u64>());
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let Some(conn) = self.conn.load_full() else {
+                return Err(self.fallback("down"));
+            };
+            let mut con = MultiplexedConnection::clone(&conn);
+            let mut inv = self.inflight.prepare_invoke();
+            inv.key(&key)
+                .arg(max)
+                .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX))
+                .arg(&member);
+            let answer: Result<Result<i64, redis::RedisError>, _> =
+                tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await;
+            match answer {
+                Ok(Ok(1)) => {
+                    return Ok(Some(Lease {
+                        shared: self.clone(),
+                        key,
+                        member,
+                    }));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    self.broken(&conn, &e.to_string());
+                    return Err(self.fallback("error"));
+                }
+                Err(_) => {
+                    self.broken(&conn, "no answer within limits.shared.timeout_ms");
+                    return Err(self.fallback("timeout"));
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(5).min(until - tokio::time::Instant::now()))
+                .await;
+        }
     }
 
     /// Count rows delivered under a grant today (after the call; not on the caller's path).
@@ -370,6 +430,41 @@ impl SharedLimits {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
+    }
+}
+
+/// A place with a provider shared by every replica; given back when dropped.
+pub struct Lease {
+    shared: Arc<SharedLimits>,
+    key: String,
+    member: String,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (key, member) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.member),
+        );
+        let shared = self.shared.clone();
+        // Outside a runtime (process exit) the lease simply expires.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let Some(conn) = shared.conn.load_full() else {
+                    return;
+                };
+                let mut con = MultiplexedConnection::clone(&conn);
+                let zrem = redis::cmd("ZREM").arg(&key).arg(&member).to_owned();
+                let _ =
+                    tokio::time::timeout(shared.timeout, zrem.query_async::<i64>(&mut con)).await;
+            });
+        }
     }
 }
 
