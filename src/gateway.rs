@@ -112,9 +112,9 @@ impl Authenticated {
 
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
 struct OpenStream {
-    _place: upstream::ProviderPermit,
-    /// The stream's place among every replica's calls to the provider (shared limits).
-    _lease: Option<Lease>,
+    /// The stream's places with the provider: this replica's, and among every replica's
+    /// calls when the limits are shared.
+    _places: (upstream::ProviderPermit, Option<Lease>),
     upstream: tonic::Streaming<QueryResponse>,
     permit: Permit,
     /// The policy version `permit` was decided under.
@@ -124,6 +124,19 @@ struct OpenStream {
     who: Authenticated,
     /// The request as the caller sent it (before the gateway narrowed it).
     asked: QueryRequest,
+}
+
+/// A data request ready for the provider (see [`Gateway::prepare`]).
+struct Prepared {
+    /// The policy version it was decided under.
+    version: String,
+    /// The request as the provider will see it (fields and filter narrowed).
+    body: QueryRequest,
+    permit: Permit,
+    provider: String,
+    client: pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+    /// This replica's place with the provider, and the shared lease (if any).
+    places: (upstream::ProviderPermit, Option<Lease>),
 }
 
 /// A caller that passed authentication.
@@ -673,6 +686,49 @@ impl Gateway {
         caller_deadline(req).map_or(self.inner.max_timeout, |d| d.min(self.inner.max_timeout))
     }
 
+    /// Stages `check` + `decide` + `limit` and the provider's admission, shared by `Query`
+    /// and `QueryStream`: the request as the provider will see it, its permit, the provider's
+    /// client and the call's places with it (held until the call ends).
+    async fn prepare(
+        &self,
+        call: &mut Call,
+        who: &Authenticated,
+        mut body: QueryRequest,
+    ) -> Result<Prepared, Reject> {
+        let snap = self.snapshot();
+        call.pending.rec().policy_version = snap.policy.version.clone();
+        let permit = tracing::info_span!("xgate.policy")
+            .in_scope(|| self.admit(call, who, &snap, &mut body))?;
+        let provider = provider_of(&snap, &body.dataset)?;
+        let (rate_done, lease) = self
+            .limit(
+                who,
+                &snap,
+                &body.dataset,
+                &permit,
+                &provider,
+                &call.trace_id,
+            )
+            .instrument(tracing::info_span!("xgate.limit"))
+            .await?;
+        let client = snap.upstreams.client(&provider).ok_or_else(|| {
+            Reject::new(
+                Reason::Internal,
+                "internal error; quote the trace id to the operators",
+            )
+        })?;
+        // Provider protection: a place with the provider, or a quick UNAVAILABLE.
+        let place = snap.upstreams.admit(&provider, rate_done).await?;
+        Ok(Prepared {
+            version: snap.policy.version.clone(),
+            body,
+            permit,
+            provider,
+            client,
+            places: (place, lease),
+        })
+    }
+
     async fn query_inner(
         &self,
         call: &mut Call,
@@ -682,33 +738,15 @@ impl Gateway {
             .authenticate(call, &req)
             .instrument(tracing::info_span!("xgate.authenticate"))
             .await?;
-        let snap = self.snapshot();
-        call.pending.rec().policy_version = snap.policy.version.clone();
         let deadline = self.deadline(&req);
-        let mut body = req.into_inner();
-        let permit = tracing::info_span!("xgate.policy")
-            .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
-        let provider = provider_of(&snap, &body.dataset)?;
-        let (rate_done, lease) = self
-            .limit(
-                &who,
-                &snap,
-                &body.dataset,
-                &permit,
-                &provider,
-                &call.trace_id,
-            )
-            .instrument(tracing::info_span!("xgate.limit"))
-            .await?;
-        let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
-            Reject::new(
-                Reason::Internal,
-                "internal error; quote the trace id to the operators",
-            )
-        })?;
-        // Provider protection: a place with the provider, or a quick UNAVAILABLE.
-        let _place = snap.upstreams.admit(&provider, rate_done).await?;
-        let _lease = lease;
+        let Prepared {
+            body,
+            permit,
+            provider,
+            mut client,
+            places: _places,
+            ..
+        } = self.prepare(call, &who, req.into_inner()).await?;
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, Some(deadline), &span);
         let sent = tokio::time::Instant::now();
@@ -742,35 +780,20 @@ impl Gateway {
             .authenticate(call, &req)
             .instrument(tracing::info_span!("xgate.authenticate"))
             .await?;
-        let snap = self.snapshot();
-        call.pending.rec().policy_version = snap.policy.version.clone();
         // A bulk stream is bounded by the caller's deadline if it set one; otherwise each
         // batch must arrive within the configured maximum.
         let caller_deadline = caller_deadline(&req);
-        let mut body = req.into_inner();
-        let asked = body.clone();
-        let permit = tracing::info_span!("xgate.policy")
-            .in_scope(|| self.admit(call, &who, &snap, &mut body))?;
-        let provider = provider_of(&snap, &body.dataset)?;
-        let (rate_done, lease) = self
-            .limit(
-                &who,
-                &snap,
-                &body.dataset,
-                &permit,
-                &provider,
-                &call.trace_id,
-            )
-            .instrument(tracing::info_span!("xgate.limit"))
-            .await?;
-        let mut client = snap.upstreams.client(&provider).ok_or_else(|| {
-            Reject::new(
-                Reason::Internal,
-                "internal error; quote the trace id to the operators",
-            )
-        })?;
-        // Held for the whole stream: a bulk transfer counts against the provider's in-flight cap.
-        let place = snap.upstreams.admit(&provider, rate_done).await?;
+        let asked = req.get_ref().clone();
+        // The places are held for the whole stream: a bulk transfer counts against the
+        // provider's in-flight cap.
+        let Prepared {
+            version,
+            body,
+            permit,
+            provider,
+            mut client,
+            places,
+        } = self.prepare(call, &who, req.into_inner()).await?;
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, caller_deadline, &span);
         let first_wait = caller_deadline
@@ -785,11 +808,10 @@ impl Gateway {
             Ok(Ok(r)) => r.into_inner(),
         };
         Ok(OpenStream {
-            _place: place,
-            _lease: lease,
+            _places: places,
             upstream: stream,
             permit,
-            version: snap.policy.version.clone(),
+            version,
             provider,
             caller_deadline,
             who,
