@@ -35,32 +35,13 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
     .await;
     // Eight callers at once against a provider that takes two at a time, 400 ms each.
     let c = h.data("civil-affairs").await;
-    let t = token("civil-affairs");
-    let mut calls = Vec::new();
-    for _ in 0..8 {
-        let (mut c, t) = (c.clone(), t.clone());
-        calls.push(tokio::spawn(async move {
-            c.query(req(
-                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-                &t,
-            ))
-            .await
-        }));
-    }
-    let (mut ok, mut saturated) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
-            Ok(_) => ok += 1,
-            Err(st) => {
-                assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
-                assert!(
-                    st.get_error_details().retry_info().is_some(),
-                    "says when to retry"
-                );
-                saturated += 1;
-            }
-        }
-    }
+    let (ok, saturated) = saturate(
+        vec![c; 8],
+        &token("civil-affairs"),
+        "hukou.person_basic",
+        "subsidy-eligibility",
+    )
+    .await;
     assert_eq!(
         h.ps.stats.max_in_flight.load(Ordering::SeqCst),
         2,
@@ -69,30 +50,13 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
     assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");
     // A rate cap on the other provider: a burst of 3, then 2/s; eight callers at once.
     let health = h.data("health").await;
-    let th = token("health");
-    let mut calls = Vec::new();
-    for _ in 0..8 {
-        let (mut c, t) = (health.clone(), th.clone());
-        calls.push(tokio::spawn(async move {
-            c.query(req(
-                query(
-                    "market.company_registry",
-                    "medical-institution-licensing",
-                    &[],
-                    1,
-                ),
-                &t,
-            ))
-            .await
-        }));
-    }
-    let mut refused = 0;
-    for call in calls {
-        if let Err(st) = call.await.unwrap() {
-            assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
-            refused += 1;
-        }
-    }
+    let (_, refused) = saturate(
+        vec![health; 8],
+        &token("health"),
+        "market.company_registry",
+        "medical-institution-licensing",
+    )
+    .await;
     assert!(refused >= 3, "the rate cap held: {refused} refused");
     let recs = h.stop().await;
     assert_eq!(

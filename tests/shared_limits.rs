@@ -90,6 +90,12 @@ impl Redis {
         }
     }
 
+    /// A harness config hook that shares the limits through this Redis.
+    fn hook(&self, on_unavailable: OnUnavailable) -> ConfigHook {
+        let shared = self.config(on_unavailable);
+        Arc::new(move |cfg| cfg.limits.shared = Some(shared.clone()))
+    }
+
     /// Whether Redis holds `key` (read with a plain RESP request, no xgate code involved).
     fn exists(&self, key: &str) -> bool {
         use std::io::{Read, Write};
@@ -232,7 +238,7 @@ async fn two_gateway_processes_hold_one_combined_rate_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dies_fail_open_uses_local_limits_and_recovers() {
     let mut redis = Redis::start();
-    let shared = redis.config(OnUnavailable::FailOpen);
+    let shared = redis.hook(OnUnavailable::FailOpen);
     let h = Harness::start(Opts {
         // Three calls, then one per 100 s: a refusal in this test means "this bucket is spent".
         edit_policy: Some(|p| {
@@ -241,9 +247,7 @@ async fn redis_dies_fail_open_uses_local_limits_and_recovers() {
                 "rate_limit: { per_second: 0.01, burst: 3 }",
             )
         }),
-        config: Some(Arc::new(move |cfg| {
-            cfg.limits.shared = Some(shared.clone())
-        })),
+        config: Some(shared),
         ..Opts::default()
     })
     .await;
@@ -296,11 +300,9 @@ async fn redis_dies_fail_open_uses_local_limits_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dies_fail_closed_refuses_then_recovers() {
     let mut redis = Redis::start();
-    let shared = redis.config(OnUnavailable::FailClosed);
+    let shared = redis.hook(OnUnavailable::FailClosed);
     let mut h = Harness::start(Opts {
-        config: Some(Arc::new(move |cfg| {
-            cfg.limits.shared = Some(shared.clone())
-        })),
+        config: Some(shared),
         ..Opts::default()
     })
     .await;
@@ -338,7 +340,7 @@ async fn redis_dies_fail_closed_refuses_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daily_quota_counts_calls_across_replicas() {
     let redis = Redis::start();
-    let shared = redis.config(OnUnavailable::FailOpen);
+    let shared = redis.hook(OnUnavailable::FailOpen);
     let opts = Opts {
         edit_policy: Some(|p| {
             p.replace(
@@ -346,9 +348,7 @@ async fn a_daily_quota_counts_calls_across_replicas() {
                 "approval_ref: ZJ-DSB-2026-014\n    daily_quota: { calls: 3 }",
             )
         }),
-        config: Some(Arc::new(move |cfg| {
-            cfg.limits.shared = Some(shared.clone())
-        })),
+        config: Some(shared),
         ..Opts::default()
     };
     let a = Harness::start(opts.clone()).await;
@@ -377,7 +377,7 @@ async fn a_daily_quota_counts_calls_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_in_flight_cap_holds_across_replicas() {
     let redis = Redis::start();
-    let shared = redis.config(OnUnavailable::FailOpen);
+    let shared = redis.hook(OnUnavailable::FailOpen);
     let opts = Opts {
         behaviour: Behaviour {
             delay: Duration::from_millis(400),
@@ -389,9 +389,7 @@ async fn provider_in_flight_cap_holds_across_replicas() {
                 "tls_name: public-security.provider.xgate.internal, max_in_flight: 2 }",
             )
         }),
-        config: Some(Arc::new(move |cfg| {
-            cfg.limits.shared = Some(shared.clone())
-        })),
+        config: Some(shared),
         ..Opts::default()
     };
     let a = Harness::start(opts.clone()).await;
@@ -400,32 +398,12 @@ async fn provider_in_flight_cap_holds_across_replicas() {
     std::fs::copy(&a.policy_path, &b.policy_path).unwrap();
     b.reloader.reload("test").unwrap();
     let t = token("civil-affairs");
-    let mut calls = Vec::new();
-    for i in 0..8 {
-        let mut c = if i % 2 == 0 {
-            a.data("civil-affairs").await
-        } else {
-            b.data("civil-affairs").await
-        };
-        let t = t.clone();
-        calls.push(tokio::spawn(async move {
-            c.query(req(
-                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-                &t,
-            ))
-            .await
-        }));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(a.data("civil-affairs").await);
+        clients.push(b.data("civil-affairs").await);
     }
-    let (mut ok, mut saturated) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
-            Ok(_) => ok += 1,
-            Err(st) => {
-                assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
-                saturated += 1;
-            }
-        }
-    }
+    let (ok, saturated) = saturate(clients, &t, "hukou.person_basic", "subsidy-eligibility").await;
     let seen = a.ps.stats.max_in_flight.load(Ordering::SeqCst);
     assert!(seen <= 2, "the provider saw {seen} calls at once");
     assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");

@@ -454,3 +454,36 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Send the same Query through each of `clients` at once (one call each) and count the
+/// outcomes: (OK, refused `UNAVAILABLE PROVIDER_SATURATED` with a `RetryInfo`). Any other
+/// refusal fails the test.
+pub async fn saturate(
+    clients: Vec<DataExchangeClient<Channel>>,
+    token: &str,
+    dataset: &str,
+    purpose: &str,
+) -> (usize, usize) {
+    let calls: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let r = req(query(dataset, purpose, &[], 1), token);
+            tokio::spawn(async move { c.query(r).await })
+        })
+        .collect();
+    let (mut ok, mut saturated) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
+                assert!(
+                    st.get_error_details().retry_info().is_some(),
+                    "says when to retry"
+                );
+                saturated += 1;
+            }
+        }
+    }
+    (ok, saturated)
+}
