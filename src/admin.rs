@@ -47,8 +47,28 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .map(start_upkeep)
         })
         .clone()
+}
+
+/// Histogram samples wait in the recorder until an upkeep (or a scrape) folds them into
+/// their buckets; with `install_recorder` the upkeep is ours to run. Without it a gateway
+/// nobody scrapes keeps every call's samples: its heap grew ~1.5 KiB per call.
+fn start_upkeep(handle: PrometheusHandle) -> PrometheusHandle {
+    let h = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("xgate-metrics".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                h.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started; histograms drain only when scraped");
+    }
+    handle
 }
 
 /// Serve the admin endpoint on `listener` until `shutdown` resolves.
