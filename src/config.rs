@@ -275,6 +275,13 @@ pub struct Audit {
     /// `async` mode: longest time a record waits before it is written.
     #[serde(default = "default_async_flush")]
     pub async_flush_ms: u64,
+    /// Zero-fill the live segment this many bytes ahead of its records (0: off, the
+    /// default). An fsync then flushes data only, not the file's size: ~40 % less CPU and
+    /// ~30 % less time per fsync here (docs/benchmarks.md). The live segment's tail reads
+    /// as NUL bytes until written, so a log shipper tailing it would skip records: ship
+    /// closed segments (trimmed when closed) or use `xgate audit search` instead.
+    #[serde(default)]
+    pub preallocate_bytes: u64,
 }
 
 fn default_segment_bytes() -> u64 {
@@ -306,6 +313,7 @@ impl Audit {
                     .then(|| Duration::from_secs(self.retention_days * 86_400)),
                 checkpoint_every_records: self.checkpoint_every_records,
                 checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
+                preallocate: self.preallocate_bytes,
             },
             async_flush: Duration::from_millis(self.async_flush_ms),
         }
@@ -702,6 +710,7 @@ impl Config {
                 checkpoint_every_records: default_ckpt_records(),
                 checkpoint_interval_secs: default_ckpt_secs(),
                 async_flush_ms: default_async_flush(),
+                preallocate_bytes: 0,
             },
             upstream: Upstream {
                 ca: certs.join("ca.pem"),

@@ -309,6 +309,17 @@ struct Proc {
 }
 
 fn start_serve(work: &Path, audit: &Path, providers: &Harness, fsize: Option<u64>) -> Proc {
+    start_serve_with(work, audit, providers, fsize, "")
+}
+
+/// [`start_serve`] with more keys for the `audit` section (e.g. `preallocate_bytes: 65536, `).
+fn start_serve_with(
+    work: &Path,
+    audit: &Path,
+    providers: &Harness,
+    fsize: Option<u64>,
+    audit_extra: &str,
+) -> Proc {
     let c = certs();
     let policy = std::fs::read_to_string(&providers.policy_path).unwrap();
     std::fs::write(work.join("policy.yaml"), policy).unwrap();
@@ -318,7 +329,7 @@ fn start_serve(work: &Path, audit: &Path, providers: &Harness, fsize: Option<u64
          tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem, watch: false }}\n\
          jwt: {{ jwks: {c}/jwks.json, issuer: \"https://idp.zj.gov.example\", audience: xgate }}\n\
          policy: policy.yaml\npseudonym_key_file: {c}/pseudonym.key\n\
-         audit: {{ dir: {a}, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}\n\
+         audit: {{ {audit_extra}dir: {a}, signing_key_file: {c}/audit-signing.key, subject_key_file: {c}/audit-subject.key }}\n\
          upstream: {{ ca: {c}/ca.pem, cert: {c}/gateway-client.pem, key: {c}/gateway-client.key }}\n\
          log: {{ level: warn }}\n",
         c = c.display(),
@@ -453,10 +464,22 @@ async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_record() {
+    kill_9_under_load("").await;
+}
+
+/// The same with the live segment preallocated: the crash leaves zeros after the last
+/// record, which `audit verify` reads past and the restart cuts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_preallocated_segment_loses_no_acknowledged_record() {
+    kill_9_under_load("preallocate_bytes: 65536, ").await;
+}
+
+async fn kill_9_under_load(audit_extra: &str) {
+    let prealloc = !audit_extra.is_empty();
     let mut providers = Harness::start(Opts::default()).await;
     let work = tempfile::tempdir().unwrap();
     let audit = work.path().join("audit");
-    let mut p = start_serve(work.path(), &audit, &providers, None);
+    let mut p = start_serve_with(work.path(), &audit, &providers, None, audit_extra);
     wait_listening(p.port).await;
     let t = token("civil-affairs");
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -496,8 +519,15 @@ async fn kill_9_under_load_loses_no_acknowledged_record() {
     }
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 20, "enough load: {}", acked.len());
+    let ends_in_zeros = |path: &Path| std::fs::read(path).unwrap().last() == Some(&0);
+    if prealloc {
+        let live = segments(&audit).last().unwrap().clone();
+        assert!(ends_in_zeros(&live), "the live segment was preallocated");
+        let (code, out) = verify(&audit);
+        assert_eq!(code, 0, "the crashed trail verifies as it is: {out}");
+    }
     // Restart on the same trail, make a call, stop cleanly.
-    let mut p = start_serve(work.path(), &audit, &providers, None);
+    let mut p = start_serve_with(work.path(), &audit, &providers, None, audit_extra);
     wait_listening(p.port).await;
     client(p.port, "civil-affairs")
         .await
@@ -522,4 +552,7 @@ async fn kill_9_under_load_loses_no_acknowledged_record() {
     }
     let (code, out) = verify(&audit);
     assert_eq!(code, 0, "{out}");
+    for seg in segments(&audit) {
+        assert!(!ends_in_zeros(&seg), "{} trimmed", seg.display());
+    }
 }

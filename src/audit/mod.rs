@@ -111,6 +111,7 @@ impl AuditSettings {
                 retention: None,
                 checkpoint_every_records: 1_000,
                 checkpoint_interval: Duration::from_secs(10),
+                preallocate: 0,
             },
             async_flush: Duration::from_millis(200),
         }
@@ -472,7 +473,7 @@ mod writer {
                 if failed && !rotated_for_failure {
                     rotated_for_failure = store.rotate_after_failure().is_ok();
                 }
-                match store.append(&backlog, true) {
+                match store.append(backlog.iter(), true) {
                     Ok(()) => {
                         written += backlog.len() as u64;
                         backlog.clear();
@@ -493,12 +494,12 @@ mod writer {
                 }
             }
             if !batch.is_empty() {
-                let recs: Vec<AuditRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let n = batch.len() as u64;
                 let t0 = Instant::now();
                 let ok = healthy.load(Ordering::Relaxed)
                     && backlog.is_empty()
                     && {
-                        match store.append(&recs, sync) {
+                        match store.append(batch.iter().map(|(r, _)| r), sync) {
                             Ok(()) => true,
                             Err(e) => {
                                 tracing::error!(error = %e, "audit write failed: refusing calls until it works again");
@@ -527,7 +528,7 @@ mod writer {
                     }
                 }
                 if ok {
-                    written += recs.len() as u64;
+                    written += n;
                 }
             }
             if healthy.load(Ordering::Relaxed) {

@@ -11,7 +11,8 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufRead, BufReader, Seek, SeekFrom, Write},
+    io::{self, BufRead, BufReader, Seek, SeekFrom},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -52,24 +53,39 @@ pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    seq: u64,
-    prev: &'a str,
-    #[serde(flatten)]
-    rec: &'a AuditRecord,
-}
-
 /// Encode one record as a chained line (with the newline). Returns (line, its hash).
 pub fn encode(rec: &AuditRecord, seq: u64, prev: &str) -> io::Result<(Vec<u8>, String)> {
-    let mut body = serde_json::to_vec(&Envelope { seq, prev, rec }).map_err(io::Error::other)?;
-    // body is `{...}`: hash everything before the closing brace, plus the brace.
-    let hash = hex::encode(Sha256::digest(&body));
-    body.pop();
-    body.extend_from_slice(b",\"hash\":\"");
-    body.extend_from_slice(hash.as_bytes());
-    body.extend_from_slice(b"\"}\n");
+    let mut body = Vec::with_capacity(768);
+    let hash = encode_into(&mut body, rec, seq, prev)?;
     Ok((body, hash))
+}
+
+/// Append one record's chained line to `out`; returns its hash.
+///
+/// The line is `{"seq":..,"prev":"..",<the record's own fields>,"hash":".."}`: the record is
+/// serialised straight into `out` and its opening brace replaced by the chain fields (what
+/// `#[serde(flatten)]` would write, without the intermediate map it builds).
+fn encode_into(out: &mut Vec<u8>, rec: &AuditRecord, seq: u64, prev: &str) -> io::Result<String> {
+    let start = out.len();
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"prev\":");
+    serde_json::to_writer(&mut *out, prev).map_err(io::Error::other)?;
+    let fields = out.len();
+    serde_json::to_writer(&mut *out, rec).map_err(io::Error::other)?;
+    // `{...}` -> `,...}` (or nothing more for a record with no fields: `{}` -> `}`).
+    if out.len() - fields == 2 {
+        out.remove(fields);
+    } else {
+        out[fields] = b',';
+    }
+    // The hash covers everything up to and including the closing brace.
+    let hash = hex::encode(Sha256::digest(&out[start..]));
+    out.pop();
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    Ok(hash)
 }
 
 /// Split a record line into (hashed bytes, stated hash), or `None` if it is not one.
@@ -121,6 +137,10 @@ pub struct StoreSettings {
     pub retention: Option<Duration>,
     pub checkpoint_every_records: u64,
     pub checkpoint_interval: Duration,
+    /// Zero-fill the live segment this many bytes ahead of its end (0: off). Closed
+    /// segments are trimmed; a crash leaves NUL bytes after the last record, which
+    /// recovery cuts like a torn tail.
+    pub preallocate: u64,
 }
 
 /// The open trail: current segment and chain state.
@@ -130,12 +150,17 @@ pub struct Store {
     signer: ring::signature::Ed25519KeyPair,
     file: File,
     seg_no: u64,
+    /// Where the next record goes: the end of the records (the file may be longer, zeros).
     seg_len: u64,
+    /// The file's length: `seg_len` plus the zero-filled space ahead.
+    file_len: u64,
     opened: Instant,
     seq: u64,
     last_hash: String,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// The encoding buffer, reused from batch to batch.
+    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Store {
@@ -171,11 +196,11 @@ impl Store {
             (segs.last().map_or(1, |s| s.0), 0u64, GENESIS.to_owned());
         // The chain state is the newest record (or checkpoint) found, newest segment first.
         for (n, path) in segs.iter().rev() {
-            let (state, torn) = scan_tail(path)?;
-            if *n == seg_no && torn > 0 {
+            let (state, torn, zeros) = scan_tail(path)?;
+            if *n == seg_no && torn + zeros > 0 {
                 let f = OpenOptions::new().write(true).open(path)?;
                 let len = f.metadata()?.len();
-                f.set_len(len - torn)?;
+                f.set_len(len - torn - zeros)?;
                 f.sync_all()?;
                 rec.torn_bytes = torn;
             }
@@ -186,7 +211,7 @@ impl Store {
             }
         }
         let path = segment_path(dir, seg_no);
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = open_segment(&path)?;
         let seg_len = file.seek(SeekFrom::End(0))?;
         rec.segment = seg_no;
         rec.last_seq = seq;
@@ -197,11 +222,13 @@ impl Store {
             file,
             seg_no,
             seg_len,
+            file_len: seg_len,
             opened: Instant::now(),
             seq,
             last_hash,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            buf: Vec::new(),
         };
         Ok((store, rec))
     }
@@ -212,16 +239,25 @@ impl Store {
 
     /// Append records as one write (and one fsync when `sync`). All or nothing: on error the
     /// segment is cut back and the chain state is unchanged, so the caller may retry.
-    pub fn append(&mut self, recs: &[AuditRecord], sync: bool) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(recs.len() * 640);
+    pub fn append<'r>(
+        &mut self,
+        recs: impl ExactSizeIterator<Item = &'r AuditRecord>,
+        sync: bool,
+    ) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.reserve(recs.len() * 768);
         let (mut seq, mut hash) = (self.seq, self.last_hash.clone());
         for r in recs {
             seq += 1;
-            let (line, h) = encode(r, seq, &hash)?;
-            buf.extend_from_slice(&line);
-            hash = h;
+            hash = encode_into(&mut buf, r, seq, &hash)?;
         }
-        self.write_all(&buf, sync)?;
+        let written = self.write_all(&buf, sync);
+        // Keep the buffer for the next batch unless a burst made it large.
+        if buf.capacity() <= 256 * 1024 {
+            self.buf = buf;
+        }
+        written?;
         self.since_checkpoint += seq - self.seq;
         self.seq = seq;
         self.last_hash = hash;
@@ -229,21 +265,53 @@ impl Store {
     }
 
     fn write_all(&mut self, buf: &[u8], sync: bool) -> io::Result<()> {
+        let end = self.seg_len + buf.len() as u64;
         let res = self
-            .file
-            .write_all(buf)
+            .reserve(end)
+            .and_then(|()| self.file.write_all_at(buf, self.seg_len))
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match res {
             Ok(()) => {
-                self.seg_len += buf.len() as u64;
+                self.seg_len = end;
+                self.file_len = self.file_len.max(end);
                 Ok(())
             }
             Err(e) => {
-                // Cut whatever part of the batch reached the file.
+                // Cut whatever part of the batch reached the file (and the space ahead).
                 let _ = self.file.set_len(self.seg_len);
+                self.file_len = self.seg_len;
                 Err(e)
             }
         }
+    }
+
+    /// With preallocation on: make sure the file is zero-filled up to at least `end`, a
+    /// whole chunk ahead. The next `sync_data` flushes the zeros and the new length once;
+    /// the syncs after it only flush the records written over the zeros.
+    fn reserve(&mut self, end: u64) -> io::Result<()> {
+        let chunk = self.settings.preallocate;
+        if chunk == 0 || end <= self.file_len {
+            return Ok(());
+        }
+        let target = end + chunk;
+        let zeros = [0u8; 64 * 1024];
+        let mut at = self.file_len.max(self.seg_len);
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.file_len = target;
+        Ok(())
+    }
+
+    /// Cut the zero-filled space after the records (before a segment is closed).
+    fn trim(&mut self) -> io::Result<()> {
+        if self.file_len > self.seg_len {
+            self.file.set_len(self.seg_len)?;
+            self.file_len = self.seg_len;
+        }
+        Ok(())
     }
 
     /// Write a signed checkpoint if enough records or time passed (or `force`).
@@ -291,11 +359,13 @@ impl Store {
     /// Close the current segment (checkpointed, synced) and open the next.
     pub fn rotate(&mut self) -> io::Result<()> {
         self.maybe_checkpoint(true, true)?;
+        self.trim()?;
         self.file.sync_all()?;
         let next = segment_path(&self.dir, self.seg_no + 1);
-        self.file = OpenOptions::new().create(true).append(true).open(&next)?;
+        self.file = open_segment(&next)?;
         self.seg_no += 1;
         self.seg_len = 0;
+        self.file_len = 0;
         self.opened = Instant::now();
         self.apply_retention();
         Ok(())
@@ -326,12 +396,14 @@ impl Store {
     /// After a failed write: start a new segment without a checkpoint (the old file may be
     /// full or broken); the chain continues across it.
     pub fn rotate_after_failure(&mut self) -> io::Result<()> {
+        let _ = self.trim();
         let _ = self.file.sync_all();
         let next = segment_path(&self.dir, self.seg_no + 1);
-        let file = OpenOptions::new().create(true).append(true).open(&next)?;
+        let file = open_segment(&next)?;
         self.file = file;
         self.seg_no += 1;
         self.seg_len = 0;
+        self.file_len = 0;
         self.opened = Instant::now();
         Ok(())
     }
@@ -344,14 +416,27 @@ impl Store {
     /// Final checkpoint and fsync.
     pub fn close(mut self) -> io::Result<()> {
         self.maybe_checkpoint(true, true)?;
+        self.trim()?;
         self.file.sync_all()
     }
 }
 
+/// Open (or create) a segment for writing. Records are written at the store's own offset
+/// (`pwrite`), not in append mode, so that preallocated zeros can be written over.
+fn open_segment(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
 /// The last (seq, hash) in a segment, from its last good record or checkpoint line, and how
-/// many bytes at its end are a torn last line (incomplete or unparsable). Only the very last
-/// line is ever treated as torn: damage in the middle is left for `audit verify` to report.
-fn scan_tail(path: &Path) -> io::Result<(Option<(u64, String)>, u64)> {
+/// many bytes at its end are a torn last line (incomplete or unparsable), and how many are
+/// zero-filled space after it (preallocated, never written). Only the very last line is ever
+/// treated as torn: damage in the middle is left for `audit verify` to report.
+type Tail = (Option<(u64, String)>, u64, u64);
+fn scan_tail(path: &Path) -> io::Result<Tail> {
     let f = File::open(path)?;
     let len = f.metadata()?.len();
     let mut r = BufReader::new(f);
@@ -365,6 +450,12 @@ fn scan_tail(path: &Path) -> io::Result<(Option<(u64, String)>, u64)> {
         let n = r.read_until(b'\n', &mut line)? as u64;
         if n == 0 {
             break;
+        }
+        // Preallocated space never written (a crash with `preallocate` on): not a torn
+        // record, but cut all the same.
+        if line.iter().all(|b| *b == 0) {
+            let torn = if last_ok { 0 } else { pos - last_start };
+            return Ok((state, torn, len - pos));
         }
         last_start = pos;
         pos += n;
@@ -383,7 +474,7 @@ fn scan_tail(path: &Path) -> io::Result<(Option<(u64, String)>, u64)> {
     } else {
         len - last_start
     };
-    Ok((state, torn))
+    Ok((state, torn, 0))
 }
 
 /// (seq, hash) stated by a record or checkpoint line.
