@@ -27,6 +27,7 @@ struct Args {
     tls_name: String,
     certs: PathBuf,
     workers: usize,
+    current_thread: bool,
 }
 
 fn args() -> Args {
@@ -36,6 +37,7 @@ fn args() -> Args {
         tls_name: "public-security.provider.xgate.internal".into(),
         certs: "certs-dev".into(),
         workers: 0,
+        current_thread: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -46,6 +48,7 @@ fn args() -> Args {
             "--tls-name" => a.tls_name = v,
             "--certs" => a.certs = v.into(),
             "--workers" => a.workers = v.parse().expect("--workers number"),
+            "--flavor" => a.current_thread = v == "current-thread",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -55,8 +58,12 @@ fn args() -> Args {
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = args();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if a.workers > 0 {
+    let mut rt = if a.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if a.workers > 0 && !a.current_thread {
         rt.worker_threads(a.workers);
     }
     rt.enable_all().build().expect("runtime").block_on(serve(a));

@@ -455,7 +455,8 @@ impl Default for Shutdown {
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// tokio worker threads; 0 = one per core less one (at least 1), leaving a core for the
-    /// audit writer and the kernel's network work.
+    /// audit writer and the kernel's network work. With one, the runtime is tokio's
+    /// single-threaded scheduler (no work-stealing machinery: ~10–20 % less CPU per call).
     #[serde(default)]
     pub worker_threads: usize,
 }

@@ -727,15 +727,27 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
 /// The multi-threaded runtime. `workers == 0`: one worker per core less one, at least one —
 /// the audit writer and the kernel's network work need a core too, and on 2 cores a single
 /// worker spent 11–20 % less CPU per call than two (docs/benchmarks.md).
+/// The runtime for `workers` threads (0: one per core less one).
+///
+/// One thread gets tokio's current-thread scheduler: every task, the accept loop and the
+/// provider connections on the one thread that also runs `block_on`, with no work-stealing
+/// queues, no cross-thread wake-ups and no idle worker to unpark. Measured on the bare
+/// pass-through (`examples/floor.rs --flavor current-thread`): 10–20 % less CPU per call than
+/// the multi-thread scheduler with one worker (docs/benchmarks.md).
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
     let workers = match workers {
         0 => std::thread::available_parallelism()
             .map_or(1, |n| n.get().saturating_sub(1))
             .max(1),
         n => n,
     };
-    b.worker_threads(workers);
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
     b.enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))
