@@ -22,5 +22,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // The gateway's own view of `DataExchange` (src/wire.rs): the same service, but its
+    // `QueryResponse` is `crate::wire::QueryResponse`, whose rows stay encoded, so responses
+    // pass through without decoding and re-encoding every cell. Every other type is `pb`'s.
+    let wire_out = out.join("wire");
+    fs::create_dir_all(&wire_out)?;
+    let mut cfg = tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(&wire_out)
+        .extern_path(".xgate.v1.QueryResponse", "crate::wire::QueryResponse");
+    for t in [
+        "Value",
+        "FieldType",
+        "Sensitivity",
+        "ShareType",
+        "Column",
+        "Row",
+        "ValueList",
+        "Condition",
+        "Filter",
+        "QueryRequest",
+    ] {
+        cfg = cfg.extern_path(format!(".xgate.v1.{t}"), format!("crate::pb::{t}"));
+    }
+    cfg.compile_fds(protox::compile(
+        [
+            "proto/xgate/v1/types.proto",
+            "proto/xgate/v1/exchange.proto",
+        ],
+        ["proto"],
+    )?)?;
     Ok(())
 }

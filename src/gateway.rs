@@ -36,7 +36,7 @@ use crate::{
     config::Limits,
     error::{Reason, Reject},
     identity::{Peer, SystemId},
-    pb::{self, QueryRequest, QueryResponse},
+    pb::{self, QueryRequest},
     policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
     ratelimit::{
         RateLimits,
@@ -44,6 +44,7 @@ use crate::{
     },
     token::{Claims, TokenVerifier},
     upstream::{self, Upstreams},
+    wire,
 };
 
 pub const METHOD_QUERY: &str = "/xgate.v1.DataExchange/Query";
@@ -115,7 +116,7 @@ struct OpenStream {
     /// The stream's places with the provider: this replica's, and among every replica's
     /// calls when the limits are shared.
     _places: (upstream::ProviderPermit, Option<Lease>),
-    upstream: tonic::Streaming<QueryResponse>,
+    upstream: tonic::Streaming<wire::QueryResponse>,
     permit: Permit,
     /// The policy version `permit` was decided under.
     version: String,
@@ -134,7 +135,7 @@ struct Prepared {
     body: QueryRequest,
     permit: Permit,
     provider: String,
-    client: pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+    client: wire::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
     /// This replica's place with the provider, and the shared lease (if any).
     places: (upstream::ProviderPermit, Option<Lease>),
 }
@@ -733,7 +734,7 @@ impl Gateway {
         &self,
         call: &mut Call,
         req: Request<QueryRequest>,
-    ) -> Result<QueryResponse, Reject> {
+    ) -> Result<wire::QueryResponse, Reject> {
         let who = self
             .authenticate(call, &req)
             .instrument(tracing::info_span!("xgate.authenticate"))
@@ -855,7 +856,7 @@ impl Gateway {
         self,
         mut call: Call,
         mut open: OpenStream,
-        tx: mpsc::Sender<Result<QueryResponse, Status>>,
+        tx: mpsc::Sender<Result<wire::QueryResponse, Status>>,
     ) {
         let idle = self.inner.max_timeout;
         let end = open
@@ -1183,7 +1184,7 @@ fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), Reject> {
 
 /// A provider response after the gateway enforced the permit on it.
 struct Shaped {
-    response: QueryResponse,
+    response: wire::QueryResponse,
     /// Rows the provider sent outside the caller's row scope, dropped here.
     withheld: u64,
     returned: Vec<String>,
@@ -1191,18 +1192,31 @@ struct Shaped {
 }
 
 /// Stage `shape`: keep only permitted columns, in the permit's order, and apply masks.
+///
+/// Works on encoded cells ([`wire`]): a permitted, unmasked cell leaves as the bytes the
+/// provider sent once checked to be a well-formed `Value`; masked cells and the cell a row
+/// scope reads are decoded. A cell that is not a valid `Value` fails the call. Rows are
+/// written in their final encoding, in one buffer.
 fn shape(
-    resp: QueryResponse,
+    resp: wire::QueryResponse,
     permit: &Permit,
     key: &MaskKey,
     provider: &str,
 ) -> Result<Shaped, Reject> {
-    let QueryResponse {
+    let wire::QueryResponse {
         columns,
         rows,
         next_page_token,
         ..
     } = resp;
+    let malformed = || {
+        Reject::new(
+            Reason::ProviderResponseInvalid,
+            format!(
+                "the provider `{provider}` returned a malformed response; the operators have been told"
+            ),
+        )
+    };
     // (output position) -> (provider column index, mask)
     let mut plan: Vec<(usize, Mask)> = Vec::with_capacity(permit.fields.len());
     let mut out_cols = Vec::with_capacity(permit.fields.len());
@@ -1230,62 +1244,49 @@ fn shape(
             Some(i) => Some((i, sc)),
             None => {
                 tracing::warn!(%provider, field = %sc.field, "provider omitted the region field needed for a row scope");
-                return Err(Reject::new(
-                    Reason::ProviderResponseInvalid,
-                    format!(
-                        "the provider `{provider}` returned a malformed response; the operators have been told"
-                    ),
-                ));
+                return Err(malformed());
             }
         },
     };
-    let mut out_rows = Vec::with_capacity(rows.len());
+    let rows = match rows {
+        wire::Rows::Received(rows) => rows,
+        // Only responses decoded from a provider reach here.
+        wire::Rows::Encoded { .. } => return Err(malformed()),
+    };
+    let mut out = wire::RowWriter::with_capacity(rows.iter().map(|r| r.len() + 4).sum());
     let mut dropped = 0usize;
-    // The usual case: the permitted columns come first, in order (the region column, if
-    // added for the scope check, after them): mask in place and cut, no new row vector.
-    let in_place = plan.iter().enumerate().all(|(k, &(i, _))| k == i);
-    for (r, mut row) in rows.into_iter().enumerate() {
-        if row.values.len() != width {
-            tracing::warn!(%provider, row = r, got = row.values.len(), want = width, "provider row width mismatch");
-            return Err(Reject::new(
-                Reason::ProviderResponseInvalid,
-                format!(
-                    "the provider `{provider}` returned a malformed response; the operators have been told"
-                ),
-            ));
+    let mut cells = Vec::with_capacity(width);
+    for (r, row) in rows.iter().enumerate() {
+        if !wire::cells(row, &mut cells) || cells.len() != width {
+            tracing::warn!(%provider, row = r, got = cells.len(), want = width, "provider row malformed or of the wrong width");
+            return Err(malformed());
         }
-        if let Some((i, sc)) = scope
-            && !sc.admits(&row.values[i])
-        {
-            dropped += 1;
-            continue;
-        }
-        if in_place {
-            row.values.truncate(plan.len());
-            for (v, &(_, mask)) in row.values.iter_mut().zip(&plan) {
-                policy::mask::apply(mask, v, key);
+        if let Some((i, sc)) = scope {
+            let Some(v) = wire::decode_cell(&row[cells[i].clone()]) else {
+                tracing::warn!(%provider, row = r, "provider sent a cell that is not a Value");
+                return Err(malformed());
+            };
+            if !sc.admits(&v) {
+                dropped += 1;
+                continue;
             }
-            out_rows.push(row);
-            continue;
         }
-        let values = plan
-            .iter()
-            .map(|&(i, mask)| {
-                let mut v = std::mem::take(&mut row.values[i]);
-                policy::mask::apply(mask, &mut v, key);
-                v
-            })
-            .collect();
-        out_rows.push(pb::Row { values });
+        for &(i, mask) in &plan {
+            if !out.cell(&row[cells[i].clone()], mask, key) {
+                tracing::warn!(%provider, row = r, "provider sent a cell that is not a Value");
+                return Err(malformed());
+            }
+        }
+        out.end_row();
     }
     if dropped > 0 {
         // The provider ignored the (narrowed) filter: worth an operator's attention.
         tracing::warn!(%provider, dropped, scope = %permit.scope.as_ref().map(|s| s.label.as_str()).unwrap_or(""), "dropped out-of-scope rows");
     }
     Ok(Shaped {
-        response: QueryResponse {
+        response: wire::QueryResponse {
             columns: out_cols,
-            rows: out_rows,
+            rows: out.finish(),
             masked_columns: masked.clone(),
             next_page_token,
         },
@@ -1434,15 +1435,18 @@ fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
 }
 
 #[tonic::async_trait]
-impl pb::data_exchange_server::DataExchange for Gateway {
-    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+impl wire::data_exchange_server::DataExchange for Gateway {
+    async fn query(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> Result<Response<wire::QueryResponse>, Status> {
         let mut call = self.begin(METHOD_QUERY, &req)?;
         let span = call.span.clone();
         let result = self.query_inner(&mut call, req).instrument(span).await;
         self.finish(call, result).await
     }
 
-    type QueryStreamStream = ReceiverStream<Result<QueryResponse, Status>>;
+    type QueryStreamStream = ReceiverStream<Result<wire::QueryResponse, Status>>;
 
     async fn query_stream(
         &self,
@@ -1475,7 +1479,7 @@ impl pb::data_exchange_server::DataExchange for Gateway {
 }
 
 /// `finish` with an error never yields Ok; this keeps the types honest without a panic.
-fn unreachable_stream() -> Response<ReceiverStream<Result<QueryResponse, Status>>> {
+fn unreachable_stream() -> Response<ReceiverStream<Result<wire::QueryResponse, Status>>> {
     let (_tx, rx) = mpsc::channel(1);
     Response::new(ReceiverStream::new(rx))
 }
@@ -1500,5 +1504,156 @@ impl pb::catalog_server::Catalog for Gateway {
         let span = call.span.clone();
         let result = self.describe_inner(&mut call, &req).instrument(span).await;
         self.finish(call, result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `shape` on encoded rows: what the caller gets, and what a lying provider gets.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use prost::Message;
+
+    use super::*;
+    use crate::policy::{PermittedField, RateLimit, scope::Scope};
+
+    fn permit(fields: &[(&str, Mask)], scope: Option<Scope>) -> Permit {
+        Permit {
+            rule: "grant:test".into(),
+            grant_id: Some("test".into()),
+            approval_ref: None,
+            fields: fields
+                .iter()
+                .map(|(n, m)| PermittedField {
+                    name: (*n).into(),
+                    mask: *m,
+                })
+                .collect(),
+            rate_limit: RateLimit {
+                per_second: 1.0,
+                burst: 1,
+            },
+            purposes: vec![],
+            scope,
+            daily_quota: None,
+        }
+    }
+
+    fn col(name: &str) -> pb::Column {
+        pb::Column {
+            name: name.into(),
+            r#type: pb::FieldType::String as i32,
+        }
+    }
+
+    /// A provider response as it arrives: encoded by the provider, decoded into wire types.
+    fn arrives(resp: &pb::QueryResponse) -> wire::QueryResponse {
+        wire::QueryResponse::decode(resp.encode_to_vec().as_slice()).unwrap()
+    }
+
+    fn delivered(s: Shaped) -> pb::QueryResponse {
+        pb::QueryResponse::decode(s.response.encode_to_vec().as_slice()).unwrap()
+    }
+
+    fn provider_reply() -> pb::QueryResponse {
+        let row = |id: &str, name: &str, region: &str| pb::Row {
+            values: vec![
+                pb::Value::string(id),
+                pb::Value::string(name),
+                pb::Value::string(region),
+            ],
+        };
+        pb::QueryResponse {
+            columns: vec![col("id_number"), col("name"), col("region_code")],
+            rows: vec![
+                row("330102199001011234", "张三", "330106"),
+                row("330102199202022345", "李四", "330108"),
+            ],
+            masked_columns: vec![],
+            next_page_token: "p2".into(),
+        }
+    }
+
+    #[test]
+    fn permitted_columns_in_the_permits_order_masked_and_scoped() {
+        let scope = Scope {
+            field: "region_code".into(),
+            prefixes: vec!["330106".into()],
+            label: "own-region 330106".into(),
+        };
+        let p = permit(
+            &[
+                ("name", Mask::None),
+                ("id_number", Mask::Keep { first: 6, last: 4 }),
+            ],
+            Some(scope),
+        );
+        let s = shape(arrives(&provider_reply()), &p, &MaskKey::none(), "ps").unwrap();
+        assert_eq!(s.withheld, 1);
+        assert_eq!(s.returned, ["name", "id_number"]);
+        assert_eq!(s.masked, ["id_number"]);
+        let got = delivered(s);
+        assert_eq!(got.next_page_token, "p2");
+        assert_eq!(got.masked_columns, ["id_number"]);
+        assert_eq!(
+            got.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["name", "id_number"]
+        );
+        assert_eq!(
+            got.rows,
+            [pb::Row {
+                values: vec![
+                    pb::Value::string("张三"),
+                    pb::Value::string("330102********1234"),
+                ]
+            }]
+        );
+    }
+
+    fn refused(resp: wire::QueryResponse) {
+        let p = permit(&[("id_number", Mask::None), ("name", Mask::None)], None);
+        let rej = shape(resp, &p, &MaskKey::none(), "ps")
+            .err()
+            .expect("refused");
+        assert_eq!(rej.reason, Reason::ProviderResponseInvalid);
+        assert_eq!(rej.code(), Code::Internal);
+        assert!(
+            !rej.message.contains("utf"),
+            "no internals: {}",
+            rej.message
+        );
+    }
+
+    #[test]
+    fn a_provider_that_sends_malformed_rows_fails_the_call() {
+        // A row one cell short.
+        let mut short = provider_reply();
+        short.rows[1].values.pop();
+        refused(arrives(&short));
+        // A text cell that is not UTF-8 (bytes a full decode would refuse).
+        let mut resp = arrives(&provider_reply());
+        let wire::Rows::Received(rows) = &mut resp.rows else {
+            panic!("received rows")
+        };
+        let mut body = Vec::new();
+        for cell in [
+            &[0x12u8, 2, 0xff, 0xfe][..],
+            &[0x12, 1, b'a'],
+            &[0x12, 1, b'b'],
+        ] {
+            prost::encoding::bytes::encode(1, &cell.to_vec(), &mut body);
+        }
+        rows[0] = bytes::Bytes::from(body);
+        refused(resp);
+        // A row whose cell length runs past its end.
+        let mut resp = arrives(&provider_reply());
+        let wire::Rows::Received(rows) = &mut resp.rows else {
+            panic!("received rows")
+        };
+        rows[1] = bytes::Bytes::from_static(&[0x0a, 9, 0x12]);
+        refused(resp);
     }
 }

@@ -47,6 +47,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod wire;
 
 /// Response (and upstream request) metadata carrying the call's trace id.
 pub const TRACE_ID_HEADER: &str = "x-xgate-trace-id";

@@ -254,7 +254,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     };
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
-    let data = pb::data_exchange_server::DataExchangeServer::new(gateway.clone())
+    let data = crate::wire::data_exchange_server::DataExchangeServer::new(gateway.clone())
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let catalog = pb::catalog_server::CatalogServer::new(gateway.clone())

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::{
     error::{Reason, Reject},
-    pb::data_exchange_client::DataExchangeClient,
     policy::{Policy, RateLimit},
+    wire::data_exchange_client::DataExchangeClient,
 };
 
 /// The gateway's TLS material towards providers.
