@@ -17,6 +17,8 @@ Targets
           what the fsync before each response costs)
   xgate-prealloc  `sync` mode with `audit.preallocate_bytes: 1 MiB` (the live segment
           zero-filled ahead, so each fsync flushes data only; docs/audit.md)
+  xgate-tuned  `sync` mode with preallocation and `audit.group_commit_us: 1000` (calls within
+          1 ms share an fsync: a latency-for-CPU trade; docs/audit.md)
 
 Each target runs open loop at --rate calls/s and closed loop at --concurrency in flight, for
 --seconds each. Per target and load it prints the achieved rate, p50/p99 latency (open loop:
@@ -92,8 +94,9 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
     return json.loads(out.stdout)
 
 
-def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", prealloc: int = 0) -> Path:
-    cfg = work / f"xgate-{audit_mode}-{prealloc}.yaml"
+def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", prealloc: int = 0,
+                 group_commit_us: int = 0) -> Path:
+    cfg = work / f"xgate-{audit_mode}-{prealloc}-{group_commit_us}.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{port}
 watch_policy: false
@@ -102,7 +105,7 @@ tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/
 jwt: {{ jwks: {CERTS}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
 policy: {policy}
 pseudonym_key_file: {CERTS}/pseudonym.key
-audit: {{ dir: {work}/audit-{audit_mode}-{prealloc}, mode: {audit_mode}, preallocate_bytes: {prealloc}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
+audit: {{ dir: {work}/audit-{audit_mode}-{prealloc}-{group_commit_us}, mode: {audit_mode}, preallocate_bytes: {prealloc}, group_commit_us: {group_commit_us}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
 upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
 log: {{ format: text, level: warn }}
 runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
@@ -159,9 +162,10 @@ def main() -> int:
                                    upstream_port=ps, access_log=work / "envoy-access.log")
                 proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / "envoy.log")
                 url = f"https://127.0.0.1:{port}"
-            elif t in ("xgate", "xgate-async", "xgate-prealloc"):
+            elif t in ("xgate", "xgate-async", "xgate-prealloc", "xgate-tuned"):
                 cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync",
-                                   1 << 20 if t == "xgate-prealloc" else 0)
+                                   1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
+                                   1000 if t == "xgate-tuned" else 0)
                 proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
                                         stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
                 wait_port(port, proc)
@@ -216,7 +220,7 @@ def main() -> int:
         except (KeyError, IndexError, ZeroDivisionError):
             return float("nan")
 
-    for x in ("xgate", "xgate-prealloc"):
+    for x in ("xgate", "xgate-prealloc", "xgate-tuned"):
         if x in results and "envoy" in results:
             print(f"\n### {x} / Envoy (same run)\n")
             print(f"- CPU per call at {a.rate:.0f}/s: {ratio(x, 'open', 'cpu'):.2f} (target ≤ 0.5)")
