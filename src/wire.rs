@@ -159,18 +159,13 @@ pub fn cells(body: &[u8], out: &mut Vec<std::ops::Range<usize>>) -> bool {
         };
         match (tag, wire_type) {
             (_, WireType::LengthDelimited) => {
-                let Some(n) = encoding::decode_varint(&mut b)
-                    .ok()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .filter(|n| *n <= b.len())
-                else {
+                let Some(field) = take_delimited(&mut b) else {
                     return false;
                 };
                 if tag == VALUES {
-                    let start = body.len() - b.len();
-                    out.push(start..start + n);
+                    let start = body.len() - b.len() - field.len();
+                    out.push(start..start + field.len());
                 }
-                b.advance(n);
             }
             (VALUES, _) => return false,
             (_, WireType::Varint) => {
@@ -193,6 +188,18 @@ pub fn cells(body: &[u8], out: &mut Vec<std::ops::Range<usize>>) -> bool {
         }
     }
     true
+}
+
+/// A length-delimited field's bytes (its key already read), advancing `b` past them;
+/// `None` if the length is unreadable or runs past the end.
+fn take_delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = encoding::decode_varint(b)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= b.len())?;
+    let (field, rest) = b.split_at(n);
+    *b = rest;
+    Some(field)
 }
 
 /// A cell decoded (for a row scope's check, or to mask it).
@@ -219,15 +226,9 @@ pub fn is_plain(mut b: &[u8]) -> bool {
                 ok
             }
             (2 | 6 | 7, WireType::LengthDelimited) => {
-                let Some(n) = encoding::decode_varint(&mut b)
-                    .ok()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .filter(|n| *n <= b.len())
-                else {
+                let Some(field) = take_delimited(&mut b) else {
                     return false;
                 };
-                let (field, rest) = b.split_at(n);
-                b = rest;
                 match tag {
                     2 => std::str::from_utf8(field).is_ok(),
                     7 => prost_types::Timestamp::decode(field).is_ok(),
