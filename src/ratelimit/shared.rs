@@ -232,14 +232,8 @@ impl SharedLimits {
             tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await;
         let (code, which, micros) = match answer {
             Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                self.broken(&conn, &e.to_string());
-                return Err(self.fallback("error"));
-            }
-            Err(_) => {
-                self.broken(&conn, "no answer within limits.shared.timeout_ms");
-                return Err(self.fallback("timeout"));
-            }
+            Ok(Err(e)) => return Err(self.unanswered(&conn, Some(&e))),
+            Err(_) => return Err(self.unanswered(&conn, None)),
         };
         let wait = Duration::from_micros(micros.max(0) as u64);
         Ok(match code {
@@ -303,14 +297,8 @@ impl SharedLimits {
                     }));
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    self.broken(&conn, &e.to_string());
-                    return Err(self.fallback("error"));
-                }
-                Err(_) => {
-                    self.broken(&conn, "no answer within limits.shared.timeout_ms");
-                    return Err(self.fallback("timeout"));
-                }
+                Ok(Err(e)) => return Err(self.unanswered(&conn, Some(&e))),
+                Err(_) => return Err(self.unanswered(&conn, None)),
             }
             if tokio::time::Instant::now() >= until {
                 return Ok(None);
@@ -358,6 +346,25 @@ impl SharedLimits {
     }
 
     /// The connection `conn` failed: drop it (once) and reconnect in the background.
+    /// Redis answered with an error (`Some`) or not within the timeout (`None`): drop the
+    /// connection and fall back as configured.
+    fn unanswered(
+        &self,
+        conn: &Arc<MultiplexedConnection>,
+        error: Option<&redis::RedisError>,
+    ) -> Unreachable {
+        match error {
+            Some(e) => {
+                self.broken(conn, &e.to_string());
+                self.fallback("error")
+            }
+            None => {
+                self.broken(conn, "no answer within limits.shared.timeout_ms");
+                self.fallback("timeout")
+            }
+        }
+    }
+
     fn broken(&self, conn: &Arc<MultiplexedConnection>, why: &str) {
         let current = self.conn.load();
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
