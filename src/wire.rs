@@ -244,6 +244,57 @@ pub fn is_plain(mut b: &[u8]) -> bool {
     true
 }
 
+/// The text of a cell that is exactly one `string_value` field of valid UTF-8.
+fn plain_text(cell: &[u8]) -> Option<&str> {
+    let (&key, mut rest) = cell.split_first()?;
+    if key != STRING_VALUE {
+        return None;
+    }
+    let text = take_delimited(&mut rest)?;
+    if !rest.is_empty() {
+        return None;
+    }
+    std::str::from_utf8(text).ok()
+}
+
+/// Key byte of `Value.string_value` (field 2, length-delimited).
+const STRING_VALUE: u8 = 2 << 3 | 2;
+
+/// Write `text` with `keep { first, last }` applied as a `Value` cell: the same bytes as
+/// [`crate::policy::mask::keep`] then encoding `Value::string`, without either.
+fn put_kept(row: &mut Vec<u8>, text: &str, first: usize, last: usize) {
+    let chars = if text.is_ascii() {
+        text.len()
+    } else {
+        text.chars().count()
+    };
+    // (bytes kept at the start, stars, bytes kept at the end)
+    let (head, stars, tail) = if chars <= first + last {
+        (0, chars, 0)
+    } else if chars == text.len() {
+        (first, chars - first - last, last)
+    } else {
+        let head = text
+            .char_indices()
+            .nth(first)
+            .map_or(text.len(), |(i, _)| i);
+        let tail = text
+            .char_indices()
+            .nth(chars - last)
+            .map_or(0, |(i, _)| text.len() - i);
+        (head, chars - first - last, tail)
+    };
+    let len = head + stars + tail;
+    let value_len = 1 + encoding::encoded_len_varint(len as u64) + len;
+    encoding::encode_key(VALUES, WireType::LengthDelimited, row);
+    encoding::encode_varint(value_len as u64, row);
+    row.push(STRING_VALUE);
+    encoding::encode_varint(len as u64, row);
+    row.extend_from_slice(&text.as_bytes()[..head]);
+    row.resize(row.len() + stars, b'*');
+    row.extend_from_slice(&text.as_bytes()[text.len() - tail..]);
+}
+
 /// Writes shaped rows in their final encoding.
 #[derive(Debug, Default)]
 pub struct RowWriter {
@@ -263,9 +314,19 @@ impl RowWriter {
     /// Add a cell to the current row: the same bytes when it is unmasked and plain, otherwise
     /// decoded, masked and re-encoded. `false`: not a valid `Value`.
     pub fn cell(&mut self, cell: &[u8], mask: Mask, key: &MaskKey) -> bool {
-        if mask.is_none() && is_plain(cell) {
-            put_field(&mut self.row, VALUES, cell);
-            return true;
+        match mask {
+            Mask::None if is_plain(cell) => {
+                put_field(&mut self.row, VALUES, cell);
+                return true;
+            }
+            // The common masked cell: text shown in part, written without decoding.
+            Mask::Keep { first, last } => {
+                if let Some(text) = plain_text(cell) {
+                    put_kept(&mut self.row, text, first.into(), last.into());
+                    return true;
+                }
+            }
+            _ => {}
         }
         let Some(mut v) = decode_cell(cell) else {
             return false;
@@ -395,6 +456,50 @@ mod tests {
             let got = pb::QueryResponse::decode(&bytes[..]).unwrap();
             assert_eq!(got.rows, vec![want], "{mask:?}");
         }
+    }
+
+    #[test]
+    fn partly_shown_text_is_what_masking_the_decoded_value_gives() {
+        let key = MaskKey::none();
+        let texts = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcdefg",
+            "330102199001011234",
+            "张",
+            "张三",
+            "张三丰",
+            "张三丰李四",
+            "a张b三c",
+            "13800138000",
+            "ünïcödé-ß",
+            "🙂🙂🙂🙂🙂",
+        ];
+        for text in texts {
+            for (first, last) in [(0, 0), (1, 0), (0, 1), (1, 1), (3, 4), (6, 4), (2, 9)] {
+                let mask = Mask::Keep { first, last };
+                let mut want = Value::string(text);
+                crate::policy::mask::apply(mask, &mut want, &key);
+                let mut want_row = Vec::new();
+                encoding::message::encode(VALUES, &want, &mut want_row);
+                let mut w = RowWriter::default();
+                let cell = Value::string(text).encode_to_vec();
+                assert!(plain_text(&cell).is_some());
+                assert!(w.cell(&cell, mask, &key));
+                assert_eq!(w.row, want_row, "{text:?} keep {first}/{last}");
+            }
+        }
+        // Not a lone, valid string: the general path decides.
+        assert!(plain_text(&[STRING_VALUE, 2, 0xff, 0xfe]).is_none());
+        assert!(plain_text(&[STRING_VALUE, 1, b'a', 9 << 3, 1]).is_none());
+        assert!(plain_text(&Value::int64(5).encode_to_vec()).is_none());
+        assert!(!RowWriter::default().cell(
+            &[STRING_VALUE, 2, 0xff, 0xfe],
+            Mask::Keep { first: 1, last: 1 },
+            &key
+        ));
     }
 
     #[test]
