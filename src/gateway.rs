@@ -768,8 +768,7 @@ impl Gateway {
         };
         let shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
         self.count_rows(&permit, shaped.response.rows.len() as u64);
-        record_rows(call.pending.rec(), &shaped);
-        Ok(shaped.response)
+        Ok(record_rows(call.pending.rec(), shaped))
     }
 
     async fn query_stream_inner(
@@ -1296,11 +1295,13 @@ fn shape(
     })
 }
 
-fn record_rows(rec: &mut AuditRecord, s: &Shaped) {
+/// Note what a shaped response returns in the call's record; the response goes on.
+fn record_rows(rec: &mut AuditRecord, s: Shaped) -> wire::QueryResponse {
     rec.rows_withheld = s.withheld;
-    rec.fields_returned = s.returned.clone();
-    rec.fields_masked = s.masked.clone();
+    rec.fields_returned = s.returned;
+    rec.fields_masked = s.masked;
     rec.rows = s.response.rows.len() as u64;
+    s.response
 }
 
 /// Keyed hashes of the data subjects a request names: the `eq`/`in` values of its filter on

@@ -84,12 +84,12 @@ enum Basis<'p> {
 /// Receives the chain of checks a decision passed, for `xgate policy explain`. The notes are
 /// closures, so the no-op tracer used on the request path formats nothing.
 pub trait Trace {
-    fn step(&mut self, rule: &str, note: impl FnOnce() -> String);
+    fn step(&mut self, rule: impl std::fmt::Display, note: impl FnOnce() -> String);
 }
 
 impl Trace for () {
     #[inline]
-    fn step(&mut self, _: &str, _: impl FnOnce() -> String) {}
+    fn step(&mut self, _: impl std::fmt::Display, _: impl FnOnce() -> String) {}
 }
 
 /// Collects the steps as (rule, note).
@@ -97,8 +97,8 @@ impl Trace for () {
 pub struct Steps(pub Vec<(String, String)>);
 
 impl Trace for Steps {
-    fn step(&mut self, rule: &str, note: impl FnOnce() -> String) {
-        self.0.push((rule.to_owned(), note()));
+    fn step(&mut self, rule: impl std::fmt::Display, note: impl FnOnce() -> String) {
+        self.0.push((rule.to_string(), note()));
     }
 }
 
@@ -198,7 +198,7 @@ pub fn evaluate_traced(
         });
     }
     t.step(
-        &format!("share-type:{:?}", ds.share_type).to_lowercase(),
+        format_args!("share-type:{}", ds.share_type.as_str()),
         || match ds.share_type {
             ShareType::Unconditional => {
                 "open to every registered department; sensitive fields need a grant".into()
@@ -247,20 +247,20 @@ pub fn evaluate_traced(
     let mut out_of_window = None;
     for (g, window) in policy.grants_for(req.dataset, caller.dept) {
         if let Some(sys) = g.system.as_deref().filter(|s| *s != caller.system) {
-            t.step(&format!("grant:{}", g.id), || {
+            t.step(format_args!("grant:{}", g.id), || {
                 format!("skipped: only for system `{sys}`")
             });
             continue;
         }
         if !g.purposes.iter().any(|p| p == req.purpose) {
-            t.step(&format!("grant:{}", g.id), || {
+            t.step(format_args!("grant:{}", g.id), || {
                 format!("skipped: purposes are {}", g.purposes.join(", "))
             });
             continue;
         }
         match req.now.map_or(Ok(()), |now| window.check(now)) {
             Ok(()) => {
-                t.step(&format!("grant:{}", g.id), || {
+                t.step(format_args!("grant:{}", g.id), || {
                     let approval = g
                         .approval_ref
                         .as_deref()
@@ -275,7 +275,9 @@ pub fn evaluate_traced(
                 break;
             }
             Err(reason) => {
-                t.step(&format!("grant:{}", g.id), || format!("skipped: {reason}"));
+                t.step(format_args!("grant:{}", g.id), || {
+                    format!("skipped: {reason}")
+                });
                 out_of_window.get_or_insert((g, reason));
             }
         }

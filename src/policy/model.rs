@@ -98,6 +98,17 @@ pub enum ShareType {
     None,
 }
 
+impl ShareType {
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareType::Unconditional => "unconditional",
+            ShareType::Conditional => "conditional",
+            ShareType::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FieldType {
