@@ -287,6 +287,11 @@ pub struct Audit {
     /// to this much latency; saves CPU where calls would otherwise fsync one by one.
     #[serde(default)]
     pub group_commit_us: u64,
+    /// Where the writer runs: `auto` (default: `inline` in `sync` mode on a single-threaded
+    /// runtime, else `thread`), `thread`, or `inline` (writes and fsyncs on the serving
+    /// runtime: no thread hand-offs, but a stalled disk stalls everything; docs/audit.md).
+    #[serde(default)]
+    pub writer: crate::audit::Placement,
 }
 
 fn default_segment_bytes() -> u64 {
@@ -322,6 +327,7 @@ impl Audit {
             },
             async_flush: Duration::from_millis(self.async_flush_ms),
             group_commit: Duration::from_micros(self.group_commit_us),
+            placement: self.writer,
         }
     }
 }
@@ -725,6 +731,7 @@ impl Config {
                 async_flush_ms: default_async_flush(),
                 preallocate_bytes: 0,
                 group_commit_us: 0,
+                writer: Default::default(),
             },
             upstream: Upstream {
                 ca: certs.join("ca.pem"),

@@ -434,9 +434,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         sweeper.abort();
         let _ = sweeper.await;
         prober.abort();
-        let written = tokio::task::spawn_blocking(move || writer.join())
+        let written = writer
+            .join()
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| format!("audit writer: {e}"))?;
         tracing::info!(records = written, "audit trail flushed and synced");
         result.map(|()| written)

@@ -308,11 +308,8 @@ struct Proc {
     port: u16,
 }
 
-fn start_serve(work: &Path, audit: &Path, providers: &Harness, fsize: Option<u64>) -> Proc {
-    start_serve_with(work, audit, providers, fsize, "")
-}
-
-/// [`start_serve`] with more keys for the `audit` section (e.g. `preallocate_bytes: 65536, `).
+/// Run the real binary on `audit`, with more keys for the `audit` section in `audit_extra`
+/// (e.g. `preallocate_bytes: 65536, `) and, with `fsize`, a cap on every file it writes.
 fn start_serve_with(
     work: &Path,
     audit: &Path,
@@ -389,12 +386,21 @@ async fn client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
+    write_fault_then_recovery("writer: inline, ").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_write_fault_with_the_writer_on_its_own_thread() {
+    write_fault_then_recovery("writer: thread, ").await;
+}
+
+async fn write_fault_then_recovery(audit_extra: &str) {
     // The sample providers of a harness serve the real binary below.
     let mut providers = Harness::start(Opts::default()).await;
     let work = tempfile::tempdir().unwrap();
     let audit = work.path().join("audit");
     // Every file the gateway writes is capped at 24 kB by the kernel (RLIMIT_FSIZE).
-    let mut p = start_serve(work.path(), &audit, &providers, Some(24_000));
+    let mut p = start_serve_with(work.path(), &audit, &providers, Some(24_000), audit_extra);
     wait_listening(p.port).await;
     let mut c = client(p.port, "civil-affairs").await;
     let t = token("civil-affairs");
@@ -462,9 +468,16 @@ async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// The writer inline on the serving runtime (what `auto` picks on two cores) ...
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_record() {
-    kill_9_under_load("").await;
+    kill_9_under_load("writer: inline, ").await;
+}
+
+/// ... and on its own thread (what `auto` picks with more runtime workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_the_writer_on_its_own_thread_loses_no_acknowledged_record() {
+    kill_9_under_load("writer: thread, ").await;
 }
 
 /// The same with the live segment preallocated: the crash leaves zeros after the last
@@ -475,7 +488,7 @@ async fn kill_9_with_a_preallocated_segment_loses_no_acknowledged_record() {
 }
 
 async fn kill_9_under_load(audit_extra: &str) {
-    let prealloc = !audit_extra.is_empty();
+    let prealloc = audit_extra.contains("preallocate_bytes");
     let mut providers = Harness::start(Opts::default()).await;
     let work = tempfile::tempdir().unwrap();
     let audit = work.path().join("audit");

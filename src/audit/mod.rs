@@ -86,6 +86,44 @@ pub enum Durability {
     Async,
 }
 
+/// Where the writer's loop runs (`audit.writer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// `inline` for `sync` mode on a single-threaded runtime (the 2-core default), else
+    /// `thread`.
+    #[default]
+    Auto,
+    /// A thread of its own: the runtime never waits on the disk; each batch costs a wake-up
+    /// of the writer and one back.
+    Thread,
+    /// A task on the serving runtime that writes and fsyncs in place, when the calls of the
+    /// moment have handed in their records: no thread hand-offs (~15 % less CPU per call at
+    /// 2,000 calls/s, ~20 % in closed loop here), but while an fsync runs nothing else on
+    /// that runtime does — a stalled disk stalls every connection and the admin endpoint,
+    /// not only the calls waiting for their records (in `sync` mode none can finish anyway).
+    Inline,
+}
+
+impl Placement {
+    /// Whether the writer runs inline, given the mode and the runtime it would run on
+    /// (`None`: no runtime).
+    pub fn inline(
+        self,
+        durability: Durability,
+        runtime: Option<tokio::runtime::RuntimeFlavor>,
+    ) -> bool {
+        match self {
+            Placement::Thread => false,
+            Placement::Inline => runtime.is_some(),
+            Placement::Auto => {
+                durability == Durability::Sync
+                    && runtime == Some(tokio::runtime::RuntimeFlavor::CurrentThread)
+            }
+        }
+    }
+}
+
 /// How the trail is kept.
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
@@ -100,6 +138,8 @@ pub struct AuditSettings {
     /// write and fsync (0: none, the default). A latency-for-CPU trade at moderate rates,
     /// where batches are otherwise one call each (PostgreSQL's `commit_delay`).
     pub group_commit: Duration,
+    /// Where the writer runs.
+    pub placement: Placement,
 }
 
 impl AuditSettings {
@@ -119,6 +159,7 @@ impl AuditSettings {
             },
             async_flush: Duration::from_millis(200),
             group_commit: Duration::ZERO,
+            placement: Placement::Auto,
         }
     }
 }
@@ -181,17 +222,27 @@ pub struct AuditLog {
 /// The writer thread; [`AuditWriter::join`] waits for it to drain and sync.
 #[derive(Debug)]
 pub struct AuditWriter {
-    handle: JoinHandle<std::io::Result<u64>>,
+    handle: Writer,
     pub dir: PathBuf,
+}
+
+#[derive(Debug)]
+enum Writer {
+    Thread(JoinHandle<std::io::Result<u64>>),
+    Task(tokio::task::JoinHandle<std::io::Result<u64>>),
 }
 
 impl AuditWriter {
     /// Wait until every record submitted before the last [`AuditLog`] was dropped is written
     /// and synced. Returns how many records this writer wrote.
-    pub fn join(self) -> std::io::Result<u64> {
-        self.handle
-            .join()
-            .map_err(|_| std::io::Error::other("audit writer thread panicked"))?
+    pub async fn join(self) -> std::io::Result<u64> {
+        match self.handle {
+            Writer::Thread(h) => tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(|_| std::io::Error::other("audit writer thread panicked"))?,
+            Writer::Task(h) => h.await.map_err(std::io::Error::other)?,
+        }
     }
 }
 
@@ -211,9 +262,25 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     let healthy = Arc::new(AtomicBool::new(true));
     let h = healthy.clone();
     let s = settings.clone();
-    let handle = std::thread::Builder::new()
-        .name("xgate-audit".into())
-        .spawn(move || writer::run(store, rx, h, s))?;
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let flavor = runtime.as_ref().map(|r| r.runtime_flavor());
+    if settings.placement == Placement::Inline && runtime.is_none() {
+        return Err(std::io::Error::other(
+            "audit.writer: inline needs a Tokio runtime to run on",
+        ));
+    }
+    let handle = if let Some(rt) =
+        runtime.filter(|_| settings.placement.inline(settings.durability, flavor))
+    {
+        tracing::info!("audit writer: inline on the serving runtime");
+        Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s)))
+    } else {
+        Writer::Thread(
+            std::thread::Builder::new()
+                .name("xgate-audit".into())
+                .spawn(move || writer::run(store, rx, h, s))?,
+        )
+    };
     metrics::gauge!("xgate_audit_healthy").set(1.0);
     Ok((
         AuditLog {
@@ -433,14 +500,25 @@ mod writer {
     const BACKLOG_MAX: usize = 100_000;
 
     pub(super) fn run(
-        mut store: store::Store,
-        mut rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
+        store: store::Store,
+        rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
         healthy: Arc<AtomicBool>,
         settings: AuditSettings,
     ) -> std::io::Result<u64> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
+        rt.block_on(commit_loop(store, rx, healthy, settings))
+    }
+
+    /// The writer's loop. Its store calls block: on the writer thread, or (`inline`) on the
+    /// serving runtime itself.
+    pub(super) async fn commit_loop(
+        mut store: store::Store,
+        mut rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
+        healthy: Arc<AtomicBool>,
+        settings: AuditSettings,
+    ) -> std::io::Result<u64> {
         let sync = settings.durability == Durability::Sync;
         let mut written = 0u64;
         let mut backlog: Vec<AuditRecord> = Vec::new();
@@ -459,7 +537,7 @@ mod writer {
                 settings.async_flush
             };
             if open {
-                match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(Some(m)) => {
                         batch.push(m);
                         take_queued(&mut rx, &mut batch);
@@ -467,9 +545,7 @@ mod writer {
                         if sync && !settings.group_commit.is_zero() {
                             let until = tokio::time::Instant::now() + settings.group_commit;
                             while batch.len() < BATCH_MAX {
-                                let next = rt.block_on(async {
-                                    tokio::time::timeout_at(until, rx.recv()).await
-                                });
+                                let next = tokio::time::timeout_at(until, rx.recv()).await;
                                 match next {
                                     Ok(Some(m)) => {
                                         batch.push(m);
@@ -509,7 +585,7 @@ mod writer {
                             tracing::error!(error = %e, records = backlog.len(), "audit trail still failing at shutdown; records lost");
                             break;
                         }
-                        rt.block_on(async { tokio::time::sleep(Duration::from_millis(250)).await });
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                 }
             }
@@ -591,5 +667,22 @@ mod writer {
         } else {
             backlog.push(rec);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::runtime::RuntimeFlavor::{CurrentThread, MultiThread};
+
+    #[test]
+    fn auto_puts_the_writer_inline_only_for_sync_on_one_thread() {
+        assert!(Placement::Auto.inline(Durability::Sync, Some(CurrentThread)));
+        assert!(!Placement::Auto.inline(Durability::Sync, Some(MultiThread)));
+        assert!(!Placement::Auto.inline(Durability::Async, Some(CurrentThread)));
+        assert!(!Placement::Auto.inline(Durability::Sync, None));
+        assert!(Placement::Inline.inline(Durability::Async, Some(MultiThread)));
+        assert!(!Placement::Inline.inline(Durability::Sync, None));
+        assert!(!Placement::Thread.inline(Durability::Sync, Some(CurrentThread)));
     }
 }
