@@ -8,11 +8,15 @@ provider (the sample public-security backend, `xgate demo --providers-only`), pa
 Targets
   direct  the client calls the provider itself (mTLS, no proxy)
   floor   examples/floor.rs: mTLS + HTTP/2 pass-through on xgate's stack, no features
-  envoy   Envoy 1.40: mTLS, jwt_authn (local JWKS, JWT cache on), RBAC on department
+  envoy   Envoy 1.40 with two workers (its default here: one per core): mTLS, jwt_authn (local JWKS, JWT cache on), RBAC on department
           identities, local_ratelimit, JSON access log, HTTP/2 mTLS upstream
           (benches/envoy/envoy.yaml.tmpl)
+  envoy-1 the same Envoy with one worker (`--concurrency 1`), the runtime shape xgate and the
+          floor use on two cores; each ratio is taken against the better Envoy for that figure
   xgate   the full pipeline: mTLS, JWT, policy with field filtering and masking, rate limits,
           audit in `sync` mode (fsync before each response, group commit)
+  xgate-thread  the same with the audit writer on a thread of its own (`audit.writer: thread`;
+          the default, `auto`, runs it inline on the single-threaded runtime two cores get)
   xgate-async  the same with the audit trail in `async` mode (not in the default set: it shows
           what the fsync before each response costs)
   xgate-prealloc  `sync` mode with `audit.preallocate_bytes: 1 MiB` (the live segment
@@ -26,8 +30,11 @@ from each call's scheduled send time), the proxy's CPU µs per call (utime+stime
 the run) and its peak RSS. Then a bulk QueryStream case: rows/s through xgate vs direct.
 
 Usage (from the repository root):
-    python3 benches/compare.py [--seconds 10] [--rate 2000] [--concurrency 32]
-                               [--targets direct,floor,envoy,xgate] [--json out.json]
+    python3 benches/compare.py [--seconds 10] [--rate 2000] [--concurrency 32] [--repeat 1]
+                               [--targets direct,floor,envoy,envoy-1,xgate] [--json out.json]
+With --repeat N every target runs N times, interleaved (target order within each run), and the
+ratios are printed per run with their median: runs on a shared VM differ by more than some of
+the margins.
 It builds target/dist/xgate and the floor example (cargo build --profile dist: fat LTO, as
 deployed; ~10 min from scratch on 2 cores), installs Envoy
 into .venv-bench (benches/envoy/install.sh) and prints a Markdown table.
@@ -95,8 +102,8 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
 
 
 def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", prealloc: int = 0,
-                 group_commit_us: int = 0) -> Path:
-    cfg = work / f"xgate-{audit_mode}-{prealloc}-{group_commit_us}.yaml"
+                 group_commit_us: int = 0, writer: str = "auto") -> Path:
+    cfg = work / f"xgate-{audit_mode}-{prealloc}-{group_commit_us}-{writer}.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{port}
 watch_policy: false
@@ -105,7 +112,7 @@ tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/
 jwt: {{ jwks: {CERTS}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
 policy: {policy}
 pseudonym_key_file: {CERTS}/pseudonym.key
-audit: {{ dir: {work}/audit-{audit_mode}-{prealloc}-{group_commit_us}, mode: {audit_mode}, preallocate_bytes: {prealloc}, group_commit_us: {group_commit_us}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
+audit: {{ dir: {work}/audit-{audit_mode}-{prealloc}-{group_commit_us}-{writer}, mode: {audit_mode}, preallocate_bytes: {prealloc}, group_commit_us: {group_commit_us}, writer: {writer}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
 upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
 log: {{ format: text, level: warn }}
 runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
@@ -113,12 +120,104 @@ runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
     return cfg
 
 
+def start_target(t: str, work: Path, pol: Path, ps: int):
+    """Start one target; returns (process or None, url, pid, TLS server name)."""
+    proc, url, name = None, None, "localhost"
+    port = envoy.free_ports(1)[0]
+    if t == "direct":
+        url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
+    elif t == "floor":
+        # The same runtime shape as xgate's default (one worker per core less one), so
+        # the ratio between them is the price of the features alone.
+        # (one worker: tokio's current-thread scheduler, as xgate then uses).
+        workers = int(os.environ.get("XGATE_WORKERS", "0")) or max(1, (os.cpu_count() or 2) - 1)
+        shape = ["--flavor", "current-thread"] if workers == 1 else ["--workers", str(workers)]
+        proc = subprocess.Popen([str(FLOOR), "--listen", f"127.0.0.1:{port}", "--upstream",
+                                 f"https://127.0.0.1:{ps}", "--certs", str(CERTS)] + shape,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, proc)
+        url = f"https://127.0.0.1:{port}"
+    elif t in ENVOYS:
+        # `envoy`: two workers (one per core, Envoy's default); `envoy-1`: one worker, the
+        # runtime shape xgate and the floor use here. Ratios take the better of the two for
+        # each figure (best against best).
+        admin = envoy.free_ports(1)[0]
+        cfg = envoy.render(work / f"{t}.yaml", listen_port=port, admin_port=admin,
+                           upstream_port=ps, access_log=work / f"{t}-access.log")
+        proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / f"{t}.log",
+                                 concurrency=1 if t == "envoy-1" else 2)
+        url = f"https://127.0.0.1:{port}"
+    elif t in XGATES:
+        cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync",
+                           1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
+                           1000 if t == "xgate-tuned" else 0,
+                           "thread" if t == "xgate-thread" else "auto")
+        proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "ab"))
+        wait_port(port, proc)
+        url = f"https://127.0.0.1:{port}"
+    else:
+        raise SystemExit(f"unknown target {t}")
+    return proc, url, (proc.pid if proc else None), name
+
+
+ENVOYS = ("envoy", "envoy-1")
+XGATES = ("xgate", "xgate-thread", "xgate-async", "xgate-prealloc", "xgate-tuned")
+TARGETS = {
+    "CPU per call at the fixed rate (≤ 0.5 × Envoy)": ("open", "cpu", min, 0.5, "le"),
+    "CPU per call, closed loop (≤ 0.85 × Envoy)": ("closed", "cpu", min, 0.85, "le"),
+    "closed-loop throughput (≥ 1.2 × Envoy)": ("closed", "rate", max, 1.2, "ge"),
+    "p99 at the fixed rate (≤ Envoy)": ("open", "p99", min, 1.0, "le"),
+    "peak RSS (≤ 0.25 × Envoy)": ("closed", "rss", min, 0.25, "le"),
+}
+
+
+def figure(x: dict, key: str) -> float:
+    if key == "cpu":
+        return x["processes"][0]["cpu_us_per_request"]
+    if key == "rss":
+        return x["processes"][0]["peak_rss_kib"]
+    if key == "p99":
+        return x["latency_us"]["p99"]
+    return x["rate"]
+
+
+def ratios(results: dict, x: str) -> dict[str, float]:
+    """xgate variant `x` against the best Envoy of the run for each figure, and the floor."""
+    out = {}
+    for label, (load, key, best, _, _) in TARGETS.items():
+        ev = [figure(results[e][load], key) for e in ENVOYS if e in results]
+        if ev and x in results:
+            out[label] = figure(results[x][load], key) / best(ev)
+    if x in results and "floor" in results:
+        out[FLOOR_TARGET] = (
+            figure(results[x]["closed"], "cpu") / figure(results["floor"]["closed"], "cpu"))
+    if x in results and "stream" in results[x] and "direct" in results:
+        out[STREAM_TARGET] = (
+            results[x]["stream"]["rows_per_second"] / results["direct"]["stream"]["rows_per_second"])
+    return out
+
+
+FLOOR_TARGET = "features over the floor, CPU closed loop (≤ 1.2 ×)"
+STREAM_TARGET = "bulk QueryStream rows/s (≥ 0.8 × direct)"
+LIMITS = {label: (limit, way) for label, (_, _, _, limit, way) in TARGETS.items()}
+LIMITS[FLOOR_TARGET] = (1.2, "le")
+LIMITS[STREAM_TARGET] = (0.8, "ge")
+
+
+def met(label: str, v: float) -> bool:
+    limit, way = LIMITS[label]
+    return v <= limit if way == "le" else v >= limit
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--targets", default="direct,floor,envoy,xgate")
+    ap.add_argument("--targets", default="direct,floor,envoy,envoy-1,xgate")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every target this many times, interleaved; ratios per run and their median")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-build", action="store_true")
     a = ap.parse_args()
@@ -135,62 +234,34 @@ def main() -> int:
     text = text.replace("{ per_second: 50, burst: 100 }", "{ per_second: 1000000, burst: 1000000 }")
     pol.write_text(text)
     providers = envoy.Providers(pol, work / "providers.log")
-    results: dict[str, dict] = {}
+    runs: list[dict[str, dict]] = []
     procs = []
     try:
         pports = providers.start()
         ps = pports["public-security"]
-        for t in targets:
-            proc, url, pid, name = None, None, None, "localhost"
-            port = envoy.free_ports(1)[0]
-            if t == "direct":
-                url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
-            elif t == "floor":
-                # The same runtime shape as xgate's default (one worker per core less one), so
-                # the ratio between them is the price of the features alone.
-                # (one worker: tokio's current-thread scheduler, as xgate then uses).
-                workers = int(os.environ.get("XGATE_WORKERS", "0")) or max(1, (os.cpu_count() or 2) - 1)
-                shape = ["--flavor", "current-thread"] if workers == 1 else ["--workers", str(workers)]
-                proc = subprocess.Popen([str(FLOOR), "--listen", f"127.0.0.1:{port}", "--upstream",
-                                         f"https://127.0.0.1:{ps}", "--certs", str(CERTS)] + shape,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                wait_port(port, proc)
-                url = f"https://127.0.0.1:{port}"
-            elif t == "envoy":
-                admin = envoy.free_ports(1)[0]
-                cfg = envoy.render(work / "envoy.yaml", listen_port=port, admin_port=admin,
-                                   upstream_port=ps, access_log=work / "envoy-access.log")
-                proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / "envoy.log")
-                url = f"https://127.0.0.1:{port}"
-            elif t in ("xgate", "xgate-async", "xgate-prealloc", "xgate-tuned"):
-                cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync",
-                                   1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
-                                   1000 if t == "xgate-tuned" else 0)
-                proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
-                                        stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
-                wait_port(port, proc)
-                url = f"https://127.0.0.1:{port}"
-            else:
-                raise SystemExit(f"unknown target {t}")
-            procs.append(proc)
-            pid = proc.pid if proc else None
-            r = {}
-            print(f"== {t}: open loop {a.rate:.0f}/s", file=sys.stderr, flush=True)
-            r["open"] = bench(url, pid, rate=a.rate, seconds=a.seconds, server_name=name)
-            print(f"== {t}: closed loop {a.concurrency} in flight", file=sys.stderr, flush=True)
-            r["closed"] = bench(url, pid, concurrency=a.concurrency, seconds=a.seconds, server_name=name)
-            if t in ("direct", "xgate"):
-                print(f"== {t}: bulk QueryStream", file=sys.stderr, flush=True)
-                r["stream"] = bench(url, pid, concurrency=4, seconds=a.seconds, method="stream",
-                                    page_size=200, server_name=name)
-            results[t] = r
-            envoy.stop(proc)
+        for rep in range(a.repeat):
+            results: dict[str, dict] = {}
+            for t in targets:
+                proc, url, pid, name = start_target(t, work, pol, ps)
+                procs.append(proc)
+                r = {}
+                print(f"== run {rep + 1}: {t}: open loop {a.rate:.0f}/s", file=sys.stderr, flush=True)
+                r["open"] = bench(url, pid, rate=a.rate, seconds=a.seconds, server_name=name)
+                print(f"== run {rep + 1}: {t}: closed loop {a.concurrency} in flight", file=sys.stderr, flush=True)
+                r["closed"] = bench(url, pid, concurrency=a.concurrency, seconds=a.seconds, server_name=name)
+                if t == "direct" or t in XGATES:
+                    print(f"== run {rep + 1}: {t}: bulk QueryStream", file=sys.stderr, flush=True)
+                    r["stream"] = bench(url, pid, concurrency=4, seconds=a.seconds, method="stream",
+                                        page_size=200, server_name=name)
+                results[t] = r
+                envoy.stop(proc)
+            runs.append(results)
     finally:
         for p in procs:
             envoy.stop(p)
         providers.stop()
 
-    def row(t, load):
+    def row(results, t, load):
         x = results[t][load]
         p = x["processes"][0] if x["processes"] else None
         cpu = f"{p['cpu_us_per_request']:.0f}" if p else "–"
@@ -200,43 +271,34 @@ def main() -> int:
                 f"{x['latency_us']['p99'] / 1000:.2f} | {cpu} | {rss} | {errs} |")
 
     head = "| target | calls/s | p50 ms | p99 ms | proxy CPU µs/call | peak RSS MiB | errors |\n|---|---|---|---|---|---|---|"
-    print(f"\n### Open loop, {a.rate:.0f} calls/s, {a.seconds:.0f} s\n\n{head}")
-    for t in results:
-        print(row(t, "open"))
-    print(f"\n### Closed loop, {a.concurrency} in flight, {a.seconds:.0f} s\n\n{head}")
-    for t in results:
-        print(row(t, "closed"))
+    for i, results in enumerate(runs, 1):
+        print(f"\n### Run {i}: open loop, {a.rate:.0f} calls/s, {a.seconds:.0f} s\n\n{head}")
+        for t in results:
+            print(row(results, t, "open"))
+        print(f"\n### Run {i}: closed loop, {a.concurrency} in flight, {a.seconds:.0f} s\n\n{head}")
+        for t in results:
+            print(row(results, t, "closed"))
+        if "direct" in results:
+            print()
+            for t in results:
+                if "stream" in results[t]:
+                    print(f"- bulk QueryStream, {t}: {results[t]['stream']['rows_per_second']:,.0f} rows/s")
 
-    def ratio(t, load, key):
-        try:
-            ex, ev = results[t][load], results["envoy"][load]
-            if key == "cpu":
-                return ex["processes"][0]["cpu_us_per_request"] / ev["processes"][0]["cpu_us_per_request"]
-            if key == "rss":
-                return ex["processes"][0]["peak_rss_kib"] / ev["processes"][0]["peak_rss_kib"]
-            if key == "p99":
-                return ex["latency_us"]["p99"] / ev["latency_us"]["p99"]
-            return ex["rate"] / ev["rate"]
-        except (KeyError, IndexError, ZeroDivisionError):
-            return float("nan")
-
-    for x in ("xgate", "xgate-prealloc", "xgate-tuned"):
-        if x in results and "envoy" in results:
-            print(f"\n### {x} / Envoy (same run)\n")
-            print(f"- CPU per call at {a.rate:.0f}/s: {ratio(x, 'open', 'cpu'):.2f} (target ≤ 0.5)")
-            print(f"- CPU per call, closed loop: {ratio(x, 'closed', 'cpu'):.2f} (target ≤ 0.85)")
-            print(f"- closed-loop throughput: {ratio(x, 'closed', 'rate'):.2f} (target ≥ 1.2)")
-            print(f"- p99 at {a.rate:.0f}/s: {ratio(x, 'open', 'p99'):.2f} (target ≤ 1)")
-            print(f"- peak RSS: {ratio(x, 'closed', 'rss'):.2f} (target ≤ 0.25)")
-        if x in results and "floor" in results:
-            xc = results[x]["closed"]["processes"][0]["cpu_us_per_request"]
-            fc = results["floor"]["closed"]["processes"][0]["cpu_us_per_request"]
-            print(f"- {x}'s features over the floor, CPU per call closed loop: {xc / fc:.2f}× (target ≤ 1.2)")
-    if "xgate" in results and "direct" in results:
-        xs, ds = results["xgate"]["stream"]["rows_per_second"], results["direct"]["stream"]["rows_per_second"]
-        print(f"- bulk QueryStream: xgate {xs:,.0f} rows/s vs direct {ds:,.0f} rows/s: {xs / ds:.2f} (target ≥ 0.8)")
+    for x in XGATES:
+        if x not in runs[0]:
+            continue
+        per_run = [ratios(r, x) for r in runs]
+        print(f"\n### {x}: ratios (each run against the best Envoy of that run for each figure)\n")
+        print("| target | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1))
+              + " | median | met (median)? |")
+        print("|---|" + "---|" * (len(runs) + 2))
+        for label in per_run[0]:
+            vs = [r.get(label, float("nan")) for r in per_run]
+            med = sorted(vs)[len(vs) // 2] if len(vs) % 2 else sum(sorted(vs)[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+            print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vs)
+                  + f" | {med:.2f} | {'yes' if met(label, med) else 'no'} |")
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+        a.json.write_text(json.dumps(runs, indent=2))
     return 0
 
 
