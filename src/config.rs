@@ -287,9 +287,9 @@ pub struct Audit {
     /// to this much latency; saves CPU where calls would otherwise fsync one by one.
     #[serde(default)]
     pub group_commit_us: u64,
-    /// Where the writer runs: `auto` (default: `inline` in `sync` mode on a single-threaded
-    /// runtime, else `thread`), `thread`, or `inline` (writes and fsyncs on the serving
-    /// runtime: no thread hand-offs, but a stalled disk stalls everything; docs/audit.md).
+    /// Where the writer runs: `thread` (default) or `inline` (writes and fsyncs on the
+    /// serving runtime: less CPU per call, longer tails at moderate rates, and a stalled disk
+    /// stalls everything; docs/audit.md).
     #[serde(default)]
     pub writer: crate::audit::Placement,
 }

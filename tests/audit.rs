@@ -386,12 +386,13 @@ async fn client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
-    write_fault_then_recovery("writer: inline, ").await;
+    write_fault_then_recovery("").await;
 }
 
+/// The same with the writer inline on the serving runtime (`audit.writer: inline`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_write_fault_with_the_writer_on_its_own_thread() {
-    write_fault_then_recovery("writer: thread, ").await;
+async fn a_real_write_fault_with_the_writer_inline() {
+    write_fault_then_recovery("writer: inline, ").await;
 }
 
 async fn write_fault_then_recovery(audit_extra: &str) {
@@ -468,16 +469,15 @@ async fn write_fault_then_recovery(audit_extra: &str) {
     assert_eq!(code, 0, "{out}");
 }
 
-/// The writer inline on the serving runtime (what `auto` picks on two cores) ...
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_record() {
-    kill_9_under_load("writer: inline, ").await;
+    kill_9_under_load("").await;
 }
 
-/// ... and on its own thread (what `auto` picks with more runtime workers).
+/// The same with the writer inline on the serving runtime (`audit.writer: inline`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_with_the_writer_on_its_own_thread_loses_no_acknowledged_record() {
-    kill_9_under_load("writer: thread, ").await;
+async fn kill_9_with_the_writer_inline_loses_no_acknowledged_record() {
+    kill_9_under_load("writer: inline, ").await;
 }
 
 /// The same with the live segment preallocated: the crash leaves zeros after the last

@@ -90,38 +90,16 @@ pub enum Durability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
-    /// `inline` for `sync` mode on a single-threaded runtime (the 2-core default), else
-    /// `thread`.
+    /// A thread of its own (the default): the runtime never waits on the disk, and keeps
+    /// serving while an fsync runs; each batch costs a wake-up of the writer and one back.
     #[default]
-    Auto,
-    /// A thread of its own: the runtime never waits on the disk; each batch costs a wake-up
-    /// of the writer and one back.
     Thread,
     /// A task on the serving runtime that writes and fsyncs in place, when the calls of the
-    /// moment have handed in their records: no thread hand-offs (~15 % less CPU per call at
-    /// 2,000 calls/s, ~20 % in closed loop here), but while an fsync runs nothing else on
-    /// that runtime does — a stalled disk stalls every connection and the admin endpoint,
-    /// not only the calls waiting for their records (in `sync` mode none can finish anyway).
+    /// moment have handed in their records: no thread hand-offs (−15 to −25 % CPU per call on
+    /// 2 vCPUs), but while an fsync runs nothing else on that runtime does. Each fsync's
+    /// time then counts against the runtime's capacity: at 2,000 calls/s p50 and p99 rose
+    /// 2–3× here, and a stalled disk stalls every connection and the admin endpoint.
     Inline,
-}
-
-impl Placement {
-    /// Whether the writer runs inline, given the mode and the runtime it would run on
-    /// (`None`: no runtime).
-    pub fn inline(
-        self,
-        durability: Durability,
-        runtime: Option<tokio::runtime::RuntimeFlavor>,
-    ) -> bool {
-        match self {
-            Placement::Thread => false,
-            Placement::Inline => runtime.is_some(),
-            Placement::Auto => {
-                durability == Durability::Sync
-                    && runtime == Some(tokio::runtime::RuntimeFlavor::CurrentThread)
-            }
-        }
-    }
 }
 
 /// How the trail is kept.
@@ -159,7 +137,7 @@ impl AuditSettings {
             },
             async_flush: Duration::from_millis(200),
             group_commit: Duration::ZERO,
-            placement: Placement::Auto,
+            placement: Placement::Thread,
         }
     }
 }
@@ -262,24 +240,21 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     let healthy = Arc::new(AtomicBool::new(true));
     let h = healthy.clone();
     let s = settings.clone();
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    let flavor = runtime.as_ref().map(|r| r.runtime_flavor());
-    if settings.placement == Placement::Inline && runtime.is_none() {
-        return Err(std::io::Error::other(
-            "audit.writer: inline needs a Tokio runtime to run on",
-        ));
-    }
-    let handle = if let Some(rt) =
-        runtime.filter(|_| settings.placement.inline(settings.durability, flavor))
-    {
-        tracing::info!("audit writer: inline on the serving runtime");
-        Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s)))
-    } else {
-        Writer::Thread(
+    let handle = match (settings.placement, tokio::runtime::Handle::try_current()) {
+        (Placement::Thread, _) => Writer::Thread(
             std::thread::Builder::new()
                 .name("xgate-audit".into())
                 .spawn(move || writer::run(store, rx, h, s))?,
-        )
+        ),
+        (Placement::Inline, Ok(rt)) => {
+            tracing::info!("audit writer: inline on the serving runtime");
+            Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s)))
+        }
+        (Placement::Inline, Err(_)) => {
+            return Err(std::io::Error::other(
+                "audit.writer: inline needs a Tokio runtime to run on",
+            ));
+        }
     };
     metrics::gauge!("xgate_audit_healthy").set(1.0);
     Ok((
@@ -673,16 +648,13 @@ mod writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::runtime::RuntimeFlavor::{CurrentThread, MultiThread};
 
     #[test]
-    fn auto_puts_the_writer_inline_only_for_sync_on_one_thread() {
-        assert!(Placement::Auto.inline(Durability::Sync, Some(CurrentThread)));
-        assert!(!Placement::Auto.inline(Durability::Sync, Some(MultiThread)));
-        assert!(!Placement::Auto.inline(Durability::Async, Some(CurrentThread)));
-        assert!(!Placement::Auto.inline(Durability::Sync, None));
-        assert!(Placement::Inline.inline(Durability::Async, Some(MultiThread)));
-        assert!(!Placement::Inline.inline(Durability::Sync, None));
-        assert!(!Placement::Thread.inline(Durability::Sync, Some(CurrentThread)));
+    fn the_writer_has_its_own_thread_unless_asked_otherwise() {
+        assert_eq!(
+            AuditSettings::new(Path::new("a")).placement,
+            Placement::Thread
+        );
+        assert_eq!(Placement::default(), Placement::Thread);
     }
 }
