@@ -97,8 +97,9 @@ pub enum Placement {
     /// A task on the serving runtime that writes and fsyncs in place, when the calls of the
     /// moment have handed in their records: no thread hand-offs (−15 to −25 % CPU per call on
     /// 2 vCPUs), but while an fsync runs nothing else on that runtime does. Each fsync's
-    /// time then counts against the runtime's capacity: at 2,000 calls/s p50 and p99 rose
-    /// 2–3× here, and a stalled disk stalls every connection and the admin endpoint.
+    /// time then counts against the runtime's capacity (at 2,000 calls/s p99 rose 2–3× in
+    /// one set of runs here, not in another), and a stalled disk stalls every connection
+    /// and the admin endpoint.
     Inline,
 }
 
