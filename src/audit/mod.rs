@@ -1,10 +1,12 @@
 //! The audit trail: one record per call, allowed or denied, that loses nothing and cannot be
 //! quietly changed.
 //!
-//! Calls hand records to a bounded channel; a single writer thread owns the files
-//! ([`store`]: hash-chained segments with signed checkpoints) and batches whatever is queued
-//! into one write — and, in `sync` mode (the default), one fsync — before it answers the
-//! batch's callers (group commit). A call's response leaves only after its record is on disk.
+//! Calls hand records to a bounded channel; a single writer owns the files ([`store`]:
+//! hash-chained segments with signed checkpoints) and batches whatever is queued into one
+//! write — and, in `sync` mode (the default), one fsync — before it answers the batch's
+//! callers (group commit). A call's response leaves only after its record is on disk. The
+//! writer runs on a thread of its own, or (`audit.writer: inline`) as a task of the serving
+//! runtime ([`Placement`]).
 //! In `async` mode records are written without waiting, within a bounded loss window.
 //!
 //! Fail-closed: when a write fails (disk full, I/O error), the trail is marked unhealthy, new
@@ -198,7 +200,7 @@ pub struct AuditLog {
     subject: Option<Arc<ring::hmac::Key>>,
 }
 
-/// The writer thread; [`AuditWriter::join`] waits for it to drain and sync.
+/// The running writer (thread or task); [`AuditWriter::join`] waits for it to drain and sync.
 #[derive(Debug)]
 pub struct AuditWriter {
     handle: Writer,
