@@ -32,8 +32,8 @@ the run) and its peak RSS. Then a bulk QueryStream case: rows/s through xgate vs
 Usage (from the repository root):
     python3 benches/compare.py [--seconds 10] [--rate 2000] [--concurrency 32] [--repeat 1]
                                [--targets direct,floor,envoy,envoy-1,xgate] [--json out.json]
-With --repeat N every target runs N times, interleaved (target order within each run), and the
-ratios are printed per run with their median: runs on a shared VM differ by more than some of
+With --repeat N every target runs N times, interleaved (each run rotates the order by one), and
+the ratios are printed per run with their median: runs on a shared VM differ by more than some of
 the margins.
 It builds target/dist/xgate and the floor example (cargo build --profile dist: fat LTO, as
 deployed; ~10 min from scratch on 2 cores), installs Envoy
@@ -241,7 +241,10 @@ def main() -> int:
         ps = pports["public-security"]
         for rep in range(a.repeat):
             results: dict[str, dict] = {}
-            for t in targets:
+            # Each run starts one target further along, so no target always runs first (or
+            # last) against a provider that has been busy for a while.
+            k = rep % len(targets)
+            for t in targets[k:] + targets[:k]:
                 proc, url, pid, name = start_target(t, work, pol, ps)
                 procs.append(proc)
                 r = {}
@@ -255,7 +258,7 @@ def main() -> int:
                                         page_size=200, server_name=name)
                 results[t] = r
                 envoy.stop(proc)
-            runs.append(results)
+            runs.append({t: results[t] for t in targets})
     finally:
         for p in procs:
             envoy.stop(p)
