@@ -263,27 +263,7 @@ const STRING_VALUE: u8 = 2 << 3 | 2;
 /// Write `text` with `keep { first, last }` applied as a `Value` cell: the same bytes as
 /// [`crate::policy::mask::keep`] then encoding `Value::string`, without either.
 fn put_kept(row: &mut Vec<u8>, text: &str, first: usize, last: usize) {
-    let chars = if text.is_ascii() {
-        text.len()
-    } else {
-        text.chars().count()
-    };
-    // (bytes kept at the start, stars, bytes kept at the end)
-    let (head, stars, tail) = if chars <= first + last {
-        (0, chars, 0)
-    } else if chars == text.len() {
-        (first, chars - first - last, last)
-    } else {
-        let head = text
-            .char_indices()
-            .nth(first)
-            .map_or(text.len(), |(i, _)| i);
-        let tail = text
-            .char_indices()
-            .nth(chars - last)
-            .map_or(0, |(i, _)| text.len() - i);
-        (head, chars - first - last, tail)
-    };
+    let (head, stars, tail) = crate::policy::mask::kept_parts(text, first, last);
     let len = head + stars + tail;
     let value_len = 1 + encoding::encoded_len_varint(len as u64) + len;
     encoding::encode_key(VALUES, WireType::LengthDelimited, row);

@@ -93,19 +93,31 @@ pub fn apply(mask: Mask, v: &mut Value, key: &MaskKey) -> bool {
 /// Keep the first `first` and last `last` characters; every other character becomes `*`.
 /// A value too short to hide anything is starred out entirely.
 pub fn keep(s: &str, first: usize, last: usize) -> String {
-    let n = s.chars().count();
-    if n <= first + last {
-        return "*".repeat(n);
-    }
-    let mut out = String::with_capacity(s.len());
-    for (i, c) in s.chars().enumerate() {
-        if i < first || i >= n - last {
-            out.push(c);
-        } else {
-            out.push('*');
-        }
-    }
+    let (head, stars, tail) = kept_parts(s, first, last);
+    let mut out = String::with_capacity(head + stars + tail);
+    out.push_str(&s[..head]);
+    out.extend(std::iter::repeat_n('*', stars));
+    out.push_str(&s[s.len() - tail..]);
     out
+}
+
+/// The rule of [`keep`] as (bytes shown at the start, stars, bytes shown at the end), for
+/// writers that produce the masked text without building it (`wire::RowWriter`).
+pub fn kept_parts(s: &str, first: usize, last: usize) -> (usize, usize, usize) {
+    let chars = if s.is_ascii() {
+        s.len()
+    } else {
+        s.chars().count()
+    };
+    if chars <= first + last {
+        return (0, chars, 0);
+    }
+    let stars = chars - first - last;
+    if chars == s.len() {
+        return (first, stars, last);
+    }
+    let byte_at = |n: usize| s.char_indices().nth(n).map_or(s.len(), |(i, _)| i);
+    (byte_at(first), stars, s.len() - byte_at(chars - last))
 }
 
 #[cfg(test)]
