@@ -120,6 +120,18 @@ runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
     return cfg
 
 
+def policy_for_bench(work: Path) -> Path:
+    """The dev policy with the providers on free ports and the benchmarked grant's rate limit
+    far above the load (limits are still evaluated on every call, they just never refuse)."""
+    pol = work / "policy.yaml"
+    ports = envoy.free_ports(2)
+    text = (REPO / "deploy/dev/policy.yaml").read_text()
+    text = text.replace("127.0.0.1:8444", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:8445", f"127.0.0.1:{ports[1]}")
+    text = text.replace("{ per_second: 50, burst: 100 }", "{ per_second: 1000000, burst: 1000000 }")
+    pol.write_text(text)
+    return pol
+
+
 def start_target(t: str, work: Path, pol: Path, ps: int):
     """Start one target; returns (process or None, url, pid, TLS server name)."""
     proc, url, name = None, None, "localhost"
@@ -225,14 +237,7 @@ def main() -> int:
         build()
     targets = a.targets.split(",")
     work = Path(tempfile.mkdtemp(prefix="xgate-compare-"))
-    # The policy: providers on free ports; the benchmarked grant's rate limit far above the
-    # load (limits are still evaluated on every call, they just never refuse).
-    pol = work / "policy.yaml"
-    ports = envoy.free_ports(2)
-    text = (REPO / "deploy/dev/policy.yaml").read_text()
-    text = text.replace("127.0.0.1:8444", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:8445", f"127.0.0.1:{ports[1]}")
-    text = text.replace("{ per_second: 50, burst: 100 }", "{ per_second: 1000000, burst: 1000000 }")
-    pol.write_text(text)
+    pol = policy_for_bench(work)
     providers = envoy.Providers(pol, work / "providers.log")
     runs: list[dict[str, dict]] = []
     procs = []
