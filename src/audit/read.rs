@@ -209,12 +209,14 @@ impl Query {
 pub fn search(dir: &Path, q: &Query, mut each: impl FnMut(serde_json::Value)) -> io::Result<u64> {
     let mut n = 0;
     for (_, path) in segments(dir)? {
-        for line in BufReader::new(std::fs::File::open(&path)?).lines() {
+        // Bytes, not `lines()`: the live segment's last line may be half written (and cut
+        // inside a multi-byte character); like any unparsable line it is skipped, not an error.
+        for line in BufReader::new(std::fs::File::open(&path)?).split(b'\n') {
             let line = line?;
-            if line.is_empty() || line.starts_with("{\"checkpoint\"") {
+            if line.is_empty() || line.starts_with(b"{\"checkpoint\"") {
                 continue;
             }
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
                 continue;
             };
             if q.matches(&v) {
@@ -224,4 +226,22 @@ pub fn search(dir: &Path, q: &Query, mut each: impl FnMut(serde_json::Value)) ->
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_half_written_last_line_is_skipped_even_cut_inside_a_character() {
+        let dir = tempfile::tempdir().unwrap();
+        // A whole record, then one cut in the middle of a three-byte character (什 = e4 bb 80).
+        let bytes = b"{\"seq\":1,\"trace_id\":\"a\"}\n{\"seq\":2,\"detail\":\"\xe4\xbb";
+        std::fs::write(dir.path().join("audit-00000001.jsonl"), bytes).unwrap();
+        let mut seen = Vec::new();
+        let n = search(dir.path(), &Query::default(), |v| seen.push(v)).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(seen[0]["trace_id"], "a");
+    }
 }
