@@ -244,14 +244,17 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     let h = healthy.clone();
     let s = settings.clone();
     let handle = match (settings.placement, tokio::runtime::Handle::try_current()) {
-        (Placement::Thread, _) => Writer::Thread(
-            std::thread::Builder::new()
-                .name("xgate-audit".into())
-                .spawn(move || writer::run(store, rx, h, s))?,
-        ),
+        (Placement::Thread, rt) => {
+            let acker = rt.map_or(writer::Acker::Direct, |rt| writer::Acker::on(&rt));
+            Writer::Thread(
+                std::thread::Builder::new()
+                    .name("xgate-audit".into())
+                    .spawn(move || writer::run(store, rx, h, s, acker))?,
+            )
+        }
         (Placement::Inline, Ok(rt)) => {
             tracing::info!("audit writer: inline on the serving runtime");
-            Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s)))
+            Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s, writer::Acker::Direct)))
         }
         (Placement::Inline, Err(_)) => {
             return Err(std::io::Error::other(
@@ -482,11 +485,52 @@ mod writer {
         rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
         healthy: Arc<AtomicBool>,
         settings: AuditSettings,
+        acker: Acker,
     ) -> std::io::Result<u64> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
-        rt.block_on(commit_loop(store, rx, healthy, settings))
+        rt.block_on(commit_loop(store, rx, healthy, settings, acker))
+    }
+
+    /// Who tells a durable batch's callers that their records are on disk.
+    pub(super) enum Acker {
+        /// The writer itself (inline: it runs on the callers' runtime anyway).
+        Direct,
+        /// A task on the serving runtime, handed each batch's acknowledgements at once. From
+        /// the writer thread, each acknowledgement would be a wake-up from outside the runtime,
+        /// and an idle runtime is unparked (a system call and a thread wake-up) for many of
+        /// them; from a task inside it, the woken calls go on the local run queue and their
+        /// responses leave together. One wake-up per batch instead of up to one per call.
+        Runtime(mpsc::UnboundedSender<Vec<Ack>>),
+    }
+
+    impl Acker {
+        pub(super) fn on(rt: &tokio::runtime::Handle) -> Self {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Ack>>();
+            rt.spawn(async move {
+                while let Some(batch) = rx.recv().await {
+                    for a in batch {
+                        let _ = a.send(Ok(()));
+                    }
+                }
+            });
+            Acker::Runtime(tx)
+        }
+
+        fn durable(&self, acks: Vec<Ack>) {
+            let acks = match self {
+                Acker::Runtime(tx) => match tx.send(acks) {
+                    Ok(()) => return,
+                    // The runtime is going away: answer from here.
+                    Err(mpsc::error::SendError(acks)) => acks,
+                },
+                Acker::Direct => acks,
+            };
+            for a in acks {
+                let _ = a.send(Ok(()));
+            }
+        }
     }
 
     /// The writer's loop. Its store calls block: on the writer thread, or (`inline`) on the
@@ -496,6 +540,7 @@ mod writer {
         mut rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
         healthy: Arc<AtomicBool>,
         settings: AuditSettings,
+        acker: Acker,
     ) -> std::io::Result<u64> {
         let sync = settings.durability == Durability::Sync;
         let mut written = 0u64;
@@ -581,11 +626,10 @@ mod writer {
                     };
                 metrics::histogram!("xgate_audit_commit_seconds")
                     .record(t0.elapsed().as_secs_f64());
+                let mut durable = Vec::new();
                 for (rec, ack) in batch.drain(..) {
                     match (ok, ack) {
-                        (true, Some(a)) => {
-                            let _ = a.send(Ok(()));
-                        }
+                        (true, Some(a)) => durable.push(a),
                         (true, None) => {}
                         // The caller answers UNAVAILABLE and records that instead.
                         (false, Some(a)) => {
@@ -595,6 +639,9 @@ mod writer {
                         }
                         (false, None) => push_backlog(&mut backlog, rec),
                     }
+                }
+                if !durable.is_empty() {
+                    acker.durable(durable);
                 }
                 if ok {
                     written += n;
