@@ -501,7 +501,8 @@ mod writer {
         /// the writer thread, each acknowledgement would be a wake-up from outside the runtime,
         /// and an idle runtime is unparked (a system call and a thread wake-up) for many of
         /// them; from a task inside it, the woken calls go on the local run queue and their
-        /// responses leave together. One wake-up per batch instead of up to one per call.
+        /// responses leave together. One wake-up per batch instead of up to one per call; a batch
+        /// of one is answered directly.
         Runtime(mpsc::UnboundedSender<Vec<Ack>>),
     }
 
@@ -520,12 +521,13 @@ mod writer {
 
         fn durable(&self, acks: Vec<Ack>) {
             let acks = match self {
-                Acker::Runtime(tx) => match tx.send(acks) {
+                // One call: one wake-up either way, without the extra hop.
+                Acker::Runtime(tx) if acks.len() > 1 => match tx.send(acks) {
                     Ok(()) => return,
                     // The runtime is going away: answer from here.
                     Err(mpsc::error::SendError(acks)) => acks,
                 },
-                Acker::Direct => acks,
+                _ => acks,
             };
             for a in acks {
                 let _ = a.send(Ok(()));
