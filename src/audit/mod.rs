@@ -305,6 +305,7 @@ impl AuditLog {
                 }
             },
             Durability::Sync => {
+                let trace_id = rec.trace_id.clone();
                 let (ack, done) = oneshot::channel();
                 if let Err(mpsc::error::SendError((rec, _))) = self.tx.send((rec, Some(ack))).await
                 {
@@ -313,8 +314,16 @@ impl AuditLog {
                 }
                 match done.await {
                     Ok(r) => r,
-                    // The writer stopped with our record in hand: it wrote it at shutdown.
-                    Err(_) => Ok(()),
+                    // The writer dropped the record unanswered (it answers every record it
+                    // takes, even at shutdown, so it died holding it): nothing says the record
+                    // is on disk, so the call fails closed like any failed write.
+                    Err(_) => {
+                        tracing::error!(trace_id = %trace_id, "audit writer stopped without confirming the record; the call fails closed");
+                        Err(AuditRecord {
+                            trace_id,
+                            ..AuditRecord::default()
+                        })
+                    }
                 }
             }
         }
@@ -559,7 +568,11 @@ mod writer {
             } else if sync {
                 settings.store.checkpoint_interval
             } else {
-                settings.async_flush
+                // Wake when the next fsync is due, not a whole interval after the last record.
+                settings
+                    .async_flush
+                    .saturating_sub(last_sync.elapsed())
+                    .max(Duration::from_millis(1))
             };
             if open {
                 match tokio::time::timeout(wait, rx.recv()).await {
@@ -700,6 +713,25 @@ mod writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_record_the_writer_drops_unanswered_fails_the_call_closed() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let log = AuditLog {
+            tx,
+            healthy: Arc::new(AtomicBool::new(true)),
+            durability: Durability::Sync,
+            subject: None,
+        };
+        // A writer that takes the record and dies with it (its acknowledgement dropped).
+        tokio::spawn(async move { drop(rx.recv().await) });
+        let rec = AuditRecord {
+            trace_id: "t-1".into(),
+            ..AuditRecord::default()
+        };
+        let back = log.submit(rec).await;
+        assert_eq!(back.map_err(|r| r.trace_id), Err("t-1".to_owned()));
+    }
 
     #[test]
     fn the_writer_has_its_own_thread_unless_asked_otherwise() {
