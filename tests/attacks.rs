@@ -718,14 +718,7 @@ async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
             ))
             .await
             .expect("a well-behaved caller was starved");
-        traces.push(
-            r.metadata()
-                .get(xgate::TRACE_ID_HEADER)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
+        traces.push(trace_id(r.metadata()));
     }
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(20), "30 calls took {took:?}");

@@ -353,6 +353,31 @@ fn start_serve_with(
     Proc { child, port }
 }
 
+/// Stop the gateway cleanly (SIGTERM) and the providers; then every call in `traces` has
+/// exactly one record and the trail verifies.
+async fn stop_then_each_recorded_once(
+    mut p: Proc,
+    providers: &mut Harness,
+    audit: &Path,
+    traces: &[String],
+) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status();
+    let _ = p.child.wait();
+    providers.stop().await;
+    let recs = xgate::audit::read_all(audit).unwrap();
+    for t in traces {
+        assert_eq!(
+            recs.iter().filter(|r| r["trace_id"] == t.as_str()).count(),
+            1,
+            "call {t}: exactly one record"
+        );
+    }
+    let (code, out) = verify(audit);
+    assert_eq!(code, 0, "{out}");
+}
+
 async fn wait_listening(port: u16) {
     let t0 = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -417,14 +442,7 @@ async fn write_fault_then_recovery(audit_extra: &str) {
             .await
         {
             Ok(r) => {
-                ok.push(
-                    r.metadata()
-                        .get(xgate::TRACE_ID_HEADER)
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .to_owned(),
-                );
+                ok.push(trace_id(r.metadata()));
                 if refused > 0 {
                     ok_after_refusal += 1;
                 }
@@ -509,14 +527,7 @@ async fn kill_9_under_load(audit_extra: &str) {
                     ))
                     .await
                 {
-                    Ok(r) => acked.lock().unwrap().push(
-                        r.metadata()
-                            .get(xgate::TRACE_ID_HEADER)
-                            .unwrap()
-                            .to_str()
-                            .unwrap()
-                            .to_owned(),
-                    ),
+                    Ok(r) => acked.lock().unwrap().push(trace_id(r.metadata())),
                     Err(_) => return,
                 }
             }
@@ -540,7 +551,7 @@ async fn kill_9_under_load(audit_extra: &str) {
         assert_eq!(code, 0, "the crashed trail verifies as it is: {out}");
     }
     // Restart on the same trail, make a call, stop cleanly.
-    let mut p = start_serve_with(work.path(), &audit, &providers, None, audit_extra);
+    let p = start_serve_with(work.path(), &audit, &providers, None, audit_extra);
     wait_listening(p.port).await;
     client(p.port, "civil-affairs")
         .await
@@ -550,21 +561,7 @@ async fn kill_9_under_load(audit_extra: &str) {
         ))
         .await
         .unwrap();
-    let _ = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status();
-    let _ = p.child.wait();
-    providers.stop().await;
-    let recs = xgate::audit::read_all(&audit).unwrap();
-    for t in &acked {
-        assert_eq!(
-            recs.iter().filter(|r| r["trace_id"] == t.as_str()).count(),
-            1,
-            "acknowledged call {t} lost its record"
-        );
-    }
-    let (code, out) = verify(&audit);
-    assert_eq!(code, 0, "{out}");
+    stop_then_each_recorded_once(p, &mut providers, &audit, &acked).await;
     for seg in segments(&audit) {
         assert!(!ends_in_zeros(&seg), "{} trimmed", seg.display());
     }
@@ -578,7 +575,7 @@ async fn async_mode_writes_every_record_while_running_and_the_chain_holds() {
     let mut providers = Harness::start(Opts::default()).await;
     let work = tempfile::tempdir().unwrap();
     let audit = work.path().join("audit");
-    let mut p = start_serve_with(
+    let p = start_serve_with(
         work.path(),
         &audit,
         &providers,
@@ -601,14 +598,7 @@ async fn async_mode_writes_every_record_while_running_and_the_chain_holds() {
                     ))
                     .await
                     .unwrap();
-                traces.push(
-                    r.metadata()
-                        .get(xgate::TRACE_ID_HEADER)
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .to_owned(),
-                );
+                traces.push(trace_id(r.metadata()));
             }
             traces
         }));
@@ -640,19 +630,5 @@ async fn async_mode_writes_every_record_while_running_and_the_chain_holds() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status();
-    let _ = p.child.wait();
-    providers.stop().await;
-    let recs = xgate::audit::read_all(&audit).unwrap();
-    for t in &traces {
-        assert_eq!(
-            recs.iter().filter(|r| r["trace_id"] == t.as_str()).count(),
-            1,
-            "call {t}: one record"
-        );
-    }
-    let (code, out) = verify(&audit);
-    assert_eq!(code, 0, "{out}");
+    stop_then_each_recorded_once(p, &mut providers, &audit, &traces).await;
 }

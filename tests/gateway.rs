@@ -30,14 +30,6 @@ fn trace_of(st: &tonic::Status) -> String {
     st.get_error_details().error_info().unwrap().metadata["trace_id"].clone()
 }
 
-fn trace_md(md: &tonic::metadata::MetadataMap) -> String {
-    md.get(xgate::TRACE_ID_HEADER)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[tokio::test]
 async fn allowed_query_masks_and_passes_identity_not_token() {
     let mut h = Harness::start(Opts::default()).await;
@@ -54,7 +46,7 @@ async fn allowed_query_masks_and_passes_identity_not_token() {
         ))
         .await
         .unwrap();
-    let trace = trace_md(resp.metadata());
+    let trace = trace_id(resp.metadata());
     let r = resp.into_inner();
     let cols: Vec<_> = r.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
@@ -623,7 +615,7 @@ async fn query_stream_arrives_whole_filtered_and_masked_like_query() {
         ))
         .await
         .unwrap();
-    let trace = trace_md(resp.metadata());
+    let trace = trace_id(resp.metadata());
     let mut s = resp.into_inner();
     let mut streamed = Vec::new();
     let mut batches = 0;
@@ -751,7 +743,7 @@ async fn shutdown_during_calls_loses_no_audit_record() {
             .await
             .unwrap()
             .expect("in-flight call finished during the drain");
-        traces.push(trace_md(r.metadata()));
+        traces.push(trace_id(r.metadata()));
     }
     let written = stopping.await.unwrap().unwrap();
     assert_eq!(written, 20);

@@ -59,12 +59,7 @@ async fn calls_arriving_during_the_linger_share_one_fsync_and_lose_nothing() {
         calls.push(tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(8 * i as u64)).await;
             let r = c.query(req(q, &t)).await.unwrap();
-            r.metadata()
-                .get(xgate::TRACE_ID_HEADER)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_owned()
+            trace_id(r.metadata())
         }));
     }
     let mut traces = Vec::new();

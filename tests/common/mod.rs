@@ -219,6 +219,15 @@ pub fn token_with(claims: serde_json::Value) -> String {
     devpki::mint_token(&key, devpki::KID, &claims).unwrap()
 }
 
+/// The `x-xgate-trace-id` an answered call carries.
+pub fn trace_id(md: &tonic::metadata::MetadataMap) -> String {
+    md.get(xgate::TRACE_ID_HEADER)
+        .expect("every answer carries its trace id")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub fn req<T>(body: T, token: &str) -> tonic::Request<T> {
     client::with_token(body, token)
 }
