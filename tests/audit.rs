@@ -317,6 +317,23 @@ fn start_serve_with(
     fsize: Option<u64>,
     audit_extra: &str,
 ) -> Proc {
+    let (mut cmd, port) = serve_command(work, audit, providers, fsize, audit_extra);
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child, port }
+}
+
+/// The command [`start_serve_with`] runs (config written to `work`), and its port.
+fn serve_command(
+    work: &Path,
+    audit: &Path,
+    providers: &Harness,
+    fsize: Option<u64>,
+    audit_extra: &str,
+) -> (Command, u16) {
     let c = certs();
     let policy = std::fs::read_to_string(&providers.policy_path).unwrap();
     std::fs::write(work.join("policy.yaml"), policy).unwrap();
@@ -343,14 +360,79 @@ fn start_serve_with(
         }
         None => Command::new(bin),
     };
-    let child = cmd
-        .args(["serve", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    cmd.args(["serve", "--config"]).arg(&cfg_path);
+    (cmd, port)
+}
+
+/// One writer per trail: a second gateway on the same audit directory refuses to start,
+/// naming the first one's pid, and writes nothing; once the first dies (`kill -9`), its lock
+/// goes with it and the next gateway continues the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
+    let mut providers = Harness::start(Opts::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit");
+    let first = start_serve_with(work.path(), &audit, &providers, None, "");
+    wait_listening(first.port).await;
+    let mut c = client(first.port, "civil-affairs").await;
+    let t = token("civil-affairs");
+    let mut acked = Vec::new();
+    for _ in 0..3 {
+        let r = c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+            .unwrap();
+        acked.push(trace_id(r.metadata()));
+    }
+    // The second gateway: its own port and policy copy, the same trail.
+    let work2 = tempfile::tempdir().unwrap();
+    let (mut cmd, port2) = serve_command(work2.path(), &audit, &providers, None, "");
+    let out = cmd.stdout(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second gateway started: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {}", first.child.id())),
+        "names the holder: {stderr}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port2))
+            .await
+            .is_err(),
+        "the second gateway is not listening"
+    );
+    // The first goes on serving; its acknowledged records are all there.
+    for _ in 0..3 {
+        let r = c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+            .unwrap();
+        acked.push(trace_id(r.metadata()));
+    }
+    // A lock left by a killed process is recovered by the next start.
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let third = start_serve_with(work2.path(), &audit, &providers, None, "");
+    wait_listening(third.port).await;
+    let mut c = client(third.port, "civil-affairs").await;
+    let r = c
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
         .unwrap();
-    Proc { child, port }
+    acked.push(trace_id(r.metadata()));
+    stop_then_each_recorded_once(third, &mut providers, &audit, &acked).await;
 }
 
 /// Stop the gateway cleanly (SIGTERM) and the providers; then every call in `traces` has

@@ -143,8 +143,61 @@ pub struct StoreSettings {
     pub preallocate: u64,
 }
 
+/// The name of the lock file in an audit directory (`flock`ed by the one writer).
+pub const LOCK_FILE: &str = "xgate.lock";
+
+/// The exclusive claim on an audit directory: one writer per trail.
+///
+/// An `flock` on `<dir>/xgate.lock`, holding the writer's pid for whoever is refused. The
+/// kernel drops the lock when its process ends, however it ends (`kill -9` included), so a
+/// lock left by a dead process is recovered by the next start without any guessing about
+/// pids; the stale pid in the file is simply overwritten.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Take the lock, or say which process holds it.
+    pub fn take(dir: &Path) -> io::Result<DirLock> {
+        use std::io::Write;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    format!("another xgate (pid {holder})")
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "in use by {who}: one gateway writes one audit trail; give this one its own `audit.dir`"
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        file.set_len(0)?;
+        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
+        file.flush()?;
+        Ok(DirLock { _file: file })
+    }
+}
+
 /// The open trail: current segment and chain state.
 pub struct Store {
+    /// Held for as long as the store is open.
+    _lock: DirLock,
     dir: PathBuf,
     settings: StoreSettings,
     signer: ring::signature::Ed25519KeyPair,
@@ -190,6 +243,9 @@ impl Store {
         signer: ring::signature::Ed25519KeyPair,
     ) -> io::Result<(Store, Recovered)> {
         std::fs::create_dir_all(dir)?;
+        // Before anything is read or cut: a second writer would cut the first one's live
+        // tail as torn and overwrite its records.
+        let lock = DirLock::take(dir)?;
         let segs = segments(dir)?;
         let mut rec = Recovered::default();
         let (seg_no, mut seq, mut last_hash) =
@@ -216,6 +272,7 @@ impl Store {
         rec.segment = seg_no;
         rec.last_seq = seq;
         let store = Store {
+            _lock: lock,
             dir: dir.to_owned(),
             settings,
             signer,
