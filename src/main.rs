@@ -115,17 +115,32 @@ struct ReportArgs {
     /// Write here instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Exit 1 (after the report) if the trail has damaged lines; they are always counted on
+    /// stderr.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check the hash chain and every checkpoint signature; name the first damage; exit 1 if any.
+    /// Check the hash chain, every checkpoint signature and the trail's end against its
+    /// signed head; name the first damage; exit 1 if any (docs/audit.md: what is detected).
     Verify {
         dir: PathBuf,
         /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it).
         #[arg(long, default_value = "certs-dev/audit-signing.pub")]
         public_key: PathBuf,
+        /// A head saved earlier (`xgate audit head DIR > saved.json`): the trail must still
+        /// reach its checkpoint, even if the trail's own head.json was replaced.
+        #[arg(long)]
+        expect_head: Option<PathBuf>,
+        /// Do not require head.json (trails written before xgate kept one).
+        #[arg(long)]
+        no_head: bool,
     },
+    /// Print the trail's signed head (its last checkpoint), to save for a later
+    /// `verify --expect-head`.
+    Head { dir: PathBuf },
     /// Find records by consumer, dataset, time, status, decision or data subject.
     Search {
         dir: PathBuf,
@@ -154,6 +169,10 @@ enum AuditCmd {
         /// table, jsonl or csv.
         #[arg(long, default_value = "table")]
         format: String,
+        /// Exit 1 (after the matches) if the trail has damaged lines; they are always counted
+        /// on stderr.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -584,24 +603,55 @@ fn report(a: ReportArgs) -> Result<(), String> {
     if !a.dir.is_dir() {
         return Err(format!("{}: not an audit trail directory", a.dir.display()));
     }
-    let records =
-        xgate::audit::read_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let mut records = Vec::new();
+    let read = xgate::audit::read::search(&a.dir, &Default::default(), |v| records.push(v))
+        .map_err(|e| format!("{}: {e}", a.dir.display()))?;
     let text = render(&report::build(&records, &policy, period, range));
     match a.out {
-        Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display())),
+        Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?,
         None => {
             use std::io::Write;
             std::io::stdout()
                 .write_all(text.as_bytes())
-                .map_err(|e| format!("stdout: {e}"))
+                .map_err(|e| format!("stdout: {e}"))?
         }
     }
+    damaged_lines(&read, a.strict)
+}
+
+/// Tell the reader of `search`/`report` about damaged lines (they were skipped); with
+/// `strict`, fail.
+fn damaged_lines(read: &xgate::audit::read::Searched, strict: bool) -> Result<(), String> {
+    let Some(first) = &read.first_damage else {
+        return Ok(());
+    };
+    let msg = format!(
+        "{} damaged line(s) skipped, the first at {first}; run `xgate audit verify`",
+        read.damaged
+    );
+    if strict {
+        return Err(msg);
+    }
+    eprintln!("warning: {msg}");
+    Ok(())
 }
 
 fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
     use base64::Engine;
     match cmd {
-        AuditCmd::Verify { dir, public_key } => {
+        AuditCmd::Head { dir } => {
+            let path = dir.join(xgate::audit::head::HEAD_FILE);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            print!("{text}");
+            Ok(())
+        }
+        AuditCmd::Verify {
+            dir,
+            public_key,
+            expect_head,
+            no_head,
+        } => {
             let text = std::fs::read_to_string(&public_key)
                 .map_err(|e| format!("{}: {e}", public_key.display()))?;
             let key = base64::engine::general_purpose::STANDARD
@@ -612,7 +662,22 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                         public_key.display()
                     )
                 })?;
-            match xgate::audit::read::verify(&dir, &key)
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            let saved = match &expect_head {
+                None => None,
+                Some(p) => Some(
+                    xgate::audit::head::read(p)
+                        .map_err(|e| format!("{}: {e}", p.display()))?
+                        .ok_or_else(|| format!("{}: no such file", p.display()))?,
+                ),
+            };
+            let expect = xgate::audit::read::Expect {
+                head: !no_head,
+                saved,
+            };
+            match xgate::audit::read::verify(&dir, &key, &expect)
                 .map_err(|e| format!("{}: {e}", dir.display()))?
             {
                 Ok(r) => {
@@ -626,6 +691,27 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                         r.checkpoints,
                         r.unsigned_tail
                     );
+                    match &r.head {
+                        Some(h) => println!(
+                            "head: the trail reaches its signed head (checkpoint of record {}, segment {})",
+                            h.checkpoint_seq, h.segment
+                        ),
+                        None => println!(
+                            "head: not checked (--no-head): a cut at the end would not show"
+                        ),
+                    }
+                    if let Some(h) = &r.expected {
+                        println!(
+                            "saved head: the trail still reaches it (checkpoint of record {})",
+                            h.checkpoint_seq
+                        );
+                    }
+                    if r.torn_tail_bytes > 0 {
+                        println!(
+                            "torn last write: {} byte(s) after the last complete line of the newest segment (a crash; the gateway cuts them at its next start)",
+                            r.torn_tail_bytes
+                        );
+                    }
                     Ok(())
                 }
                 Err(d) => Err(format!("audit trail damaged: {d}")),
@@ -642,6 +728,7 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             subject,
             subject_key,
             format,
+            strict,
         } => {
             let subject = match subject {
                 None => None,
@@ -687,7 +774,10 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             } else if format != "jsonl" {
                 return Err(format!("--format `{format}`: use table, jsonl or csv"));
             }
-            let n = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            let read = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
                 "jsonl" => println!("{v}"),
                 "csv" => println!(
                     "{}",
@@ -717,9 +807,9 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             })
             .map_err(|e| format!("{}: {e}", dir.display()))?;
             if format == "table" {
-                println!("({n} records)");
+                println!("({} records)", read.matched);
             }
-            Ok(())
+            damaged_lines(&read, strict)
         }
     }
 }

@@ -18,6 +18,7 @@
 //! it finishes (client cancelled, drain timeout), the record is still written, with status
 //! `CANCELLED`. Shutdown closes the channel; the writer drains it, checkpoints and fsyncs.
 
+pub mod head;
 pub mod read;
 pub mod store;
 
@@ -474,6 +475,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// Read every record (not checkpoint) of an audit directory, oldest first (tests and tools).
+/// Damaged lines are skipped: a reader that must know uses [`read::search`].
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     read::search(dir, &read::Query::default(), |v| out.push(v))?;

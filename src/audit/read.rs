@@ -10,7 +10,10 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::store::{CheckpointLine, GENESIS, checkpoint_message, segments, split_hash};
+use super::{
+    head::{Head, HeadFile},
+    store::{CheckpointLine, GENESIS, checkpoint_message, segments, split_hash},
+};
 
 /// A healthy trail, summarised.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -22,6 +25,13 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// Records after the last checkpoint (written since; not yet signed).
     pub unsigned_tail: u64,
+    /// Bytes after the last complete line of the newest segment (a write a crash cut short,
+    /// or preallocated space): tolerated, and cut by the gateway's next start.
+    pub torn_tail_bytes: u64,
+    /// The head the trail was held to (`head.json`), if checked.
+    pub head: Option<Head>,
+    /// The auditor's saved head (`--expect-head`), if given: found in the trail.
+    pub expected: Option<Head>,
 }
 
 /// The first damage found.
@@ -33,9 +43,23 @@ pub struct Damage {
     pub what: String,
 }
 
+impl Damage {
+    fn at(segment: &str, line: u64, seq: Option<u64>, what: impl Into<String>) -> Damage {
+        Damage {
+            segment: segment.to_owned(),
+            line,
+            seq,
+            what: what.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.segment, self.line)?;
+        write!(f, "{}", self.segment)?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
         if let Some(s) = self.seq {
             write!(f, " (record {s})")?;
         }
@@ -43,128 +67,402 @@ impl std::fmt::Display for Damage {
     }
 }
 
-/// Check every segment in order: each record's hash, the chain (`prev`, consecutive `seq`),
-/// and every checkpoint's signature and position. Stops at the first damage.
-pub fn verify(dir: &Path, public_key: &[u8]) -> io::Result<Result<VerifyReport, Damage>> {
-    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key);
-    let mut rep = VerifyReport::default();
-    let mut prev: Option<(u64, String)> = None;
-    for (_, path) in segments(dir)? {
-        rep.segments += 1;
+/// What [`walk`] hands its reader.
+enum Event<'a> {
+    /// A complete line (without its newline) that is not blank and holds no NUL byte.
+    Line {
+        segment: &'a str,
+        line: u64,
+        text: &'a [u8],
+    },
+    /// Damage in the files' layout itself (not in a line's content).
+    Damage(Damage),
+}
+
+/// What [`walk`] found besides lines.
+#[derive(Debug, Default)]
+struct Layout {
+    segments: u64,
+    /// The newest segment's number (0: none).
+    newest: u64,
+    /// Bytes after the newest segment's last complete line.
+    torn_tail: u64,
+    /// Segments holding no line at all, by number.
+    empty: Vec<u64>,
+}
+
+/// Read every segment in order and hand each complete line to `each`, with the layout's
+/// damage in between: a gap in the segment numbers, a segment that ends inside a line (only
+/// the newest may: a torn last write, never handed over), an empty segment that is not the
+/// newest, a blank line, NUL bytes. `each` returns `Break` to stop.
+fn walk(
+    dir: &Path,
+    mut each: impl FnMut(Event<'_>) -> std::ops::ControlFlow<()>,
+) -> io::Result<Layout> {
+    use std::ops::ControlFlow::Break;
+    let segs = segments(dir)?;
+    let mut layout = Layout {
+        newest: segs.last().map_or(0, |s| s.0),
+        ..Layout::default()
+    };
+    let mut expect_no: Option<u64> = None;
+    for (no, path) in &segs {
+        layout.segments += 1;
+        let newest = *no == layout.newest;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let r = BufReader::new(std::fs::File::open(&path)?);
-        for (i, line) in r.split(b'\n').enumerate() {
-            let line = line?;
-            // The live segment's preallocated space (`audit.preallocate_bytes`): no records.
-            if !line.is_empty() && line.iter().all(|b| *b == 0) {
+        if let Some(want) = expect_no
+            && *no != want
+        {
+            let what = format!(
+                "segment(s) {want}..{} are missing: deleted from the middle of the trail",
+                no - 1
+            );
+            if each(Event::Damage(Damage::at(&name, 0, None, what))) == Break(()) {
+                return Ok(layout);
+            }
+        }
+        expect_no = Some(no + 1);
+        let mut r = BufReader::new(std::fs::File::open(path)?);
+        let mut buf = Vec::new();
+        let mut lineno = 0u64;
+        loop {
+            buf.clear();
+            let n = r.read_until(b'\n', &mut buf)?;
+            if n == 0 {
                 break;
             }
-            let lineno = i as u64 + 1;
-            let damage = |seq: Option<u64>, what: String| Damage {
-                segment: name.clone(),
-                line: lineno,
-                seq,
-                what,
-            };
-            let Ok(text) = std::str::from_utf8(&line) else {
-                return Ok(Err(damage(None, "not UTF-8 text".into())));
-            };
-            if text.is_empty() {
-                continue;
-            }
-            if text.starts_with("{\"checkpoint\"") {
-                let Ok(c) = serde_json::from_str::<CheckpointLine>(text) else {
-                    return Ok(Err(damage(None, "unreadable checkpoint".into())));
-                };
-                let sig = B64.decode(&c.sig).unwrap_or_default();
-                if key
-                    .verify(&checkpoint_message(&c.checkpoint)?, &sig)
-                    .is_err()
-                {
-                    return Ok(Err(damage(
-                        Some(c.checkpoint.seq),
-                        "checkpoint signature does not verify (forged or edited)".into(),
-                    )));
+            lineno += 1;
+            if buf.last() != Some(&b'\n') {
+                if newest {
+                    layout.torn_tail = n as u64;
+                    break;
                 }
-                match &prev {
-                    Some((s, h)) if *s == c.checkpoint.seq && *h == c.checkpoint.hash => {}
-                    Some((s, _)) => {
-                        return Ok(Err(damage(
-                            Some(c.checkpoint.seq),
-                            format!(
-                                "checkpoint signs record {} but the chain is at record {s}: records were removed or inserted",
-                                c.checkpoint.seq
-                            ),
-                        )));
-                    }
-                    None if c.checkpoint.seq == 0 => {}
-                    // A trail whose older segments were removed by retention starts at a checkpoint.
-                    None => prev = Some((c.checkpoint.seq, c.checkpoint.hash.clone())),
+                let what = "the segment ends inside a line: only the newest segment may end with a torn write";
+                if each(Event::Damage(Damage::at(&name, lineno, None, what))) == Break(()) {
+                    return Ok(layout);
                 }
-                rep.checkpoints += 1;
-                rep.unsigned_tail = 0;
-                continue;
+                break;
             }
-            let Some((body, stated)) = split_hash(text) else {
-                return Ok(Err(damage(
-                    None,
-                    "not an audit record line (truncated or edited)".into(),
-                )));
+            let text = &buf[..n - 1];
+            let damage = if text.is_empty() {
+                Some("a blank line: the writer never writes one (lines added or removed)")
+            } else if text.contains(&0) {
+                Some("NUL bytes inside the trail (zeroed or overwritten): not a record")
+            } else {
+                None
             };
-            #[derive(serde::Deserialize)]
-            struct Head {
-                seq: u64,
-                prev: String,
-            }
-            let Ok(head) = serde_json::from_str::<Head>(text) else {
-                return Ok(Err(damage(None, "record without seq/prev".into())));
+            let ev = match damage {
+                Some(what) => Event::Damage(Damage::at(&name, lineno, None, what)),
+                None => Event::Line {
+                    segment: &name,
+                    line: lineno,
+                    text,
+                },
             };
-            let actual = hex::encode(Sha256::digest(body.as_bytes()));
-            if actual != stated {
-                return Ok(Err(damage(
-                    Some(head.seq),
-                    "content does not match its hash (edited)".into(),
-                )));
+            if each(ev) == Break(()) {
+                return Ok(layout);
             }
-            match &prev {
-                None => {
-                    if head.seq == 1 && head.prev != GENESIS {
-                        return Ok(Err(damage(
-                            Some(1),
-                            "first record does not start the chain".into(),
-                        )));
-                    }
-                    rep.first_seq = head.seq;
-                }
-                Some((s, h)) => {
-                    if head.seq != s + 1 {
-                        return Ok(Err(damage(
-                            Some(head.seq),
-                            format!(
-                                "expected record {} here: {} record(s) missing or reordered",
-                                s + 1,
-                                head.seq.abs_diff(s + 1)
-                            ),
-                        )));
-                    }
-                    if head.prev != *h {
-                        return Ok(Err(damage(
-                            Some(head.seq),
-                            "does not chain to the previous record".into(),
-                        )));
-                    }
+        }
+        if lineno == 0 || (lineno == 1 && layout.torn_tail > 0 && newest) {
+            layout.empty.push(*no);
+            if !newest {
+                let what =
+                    "an empty segment that is not the newest (added, or its records removed)";
+                if each(Event::Damage(Damage::at(&name, 0, None, what))) == Break(()) {
+                    return Ok(layout);
                 }
             }
-            prev = Some((head.seq, stated.to_owned()));
-            rep.records += 1;
-            rep.unsigned_tail += 1;
-            rep.last_seq = head.seq;
         }
     }
+    Ok(layout)
+}
+
+/// What `verify` holds the trail's end to.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// Require `head.json` (the default; `--no-head` turns it off, for trails written before
+    /// heads existed).
+    pub head: bool,
+    /// A head an auditor saved earlier: the trail must still contain its checkpoint.
+    pub saved: Option<HeadFile>,
+}
+
+/// Check every segment in order: each record's hash, the chain (`prev`, consecutive `seq`),
+/// every checkpoint's signature, position and its link to the one before, and the trail's
+/// end against its signed head (and an auditor's saved head). Stops at the first damage.
+pub fn verify(
+    dir: &Path,
+    public_key: &[u8],
+    expect: &Expect,
+) -> io::Result<Result<VerifyReport, Damage>> {
+    use std::ops::ControlFlow::{Break, Continue};
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key);
+    let mut rep = VerifyReport::default();
+    let mut prev: Option<(u64, String)> = None;
+    // Every checkpoint seen: seq -> hash.
+    let mut checkpoints: std::collections::BTreeMap<u64, String> = Default::default();
+    let mut first: Option<Damage> = None;
+    let layout = walk(dir, |ev| {
+        let r = match ev {
+            Event::Damage(d) => Err(d),
+            Event::Line {
+                segment,
+                line,
+                text,
+            } => verify_line(
+                segment,
+                line,
+                text,
+                &key,
+                &mut prev,
+                &mut checkpoints,
+                &mut rep,
+            ),
+        };
+        match r {
+            Ok(()) => Continue(()),
+            Err(d) => {
+                first = Some(d);
+                Break(())
+            }
+        }
+    })?;
+    if let Some(d) = first {
+        return Ok(Err(d));
+    }
+    rep.segments = layout.segments;
+    rep.torn_tail_bytes = layout.torn_tail;
+    let trail = dir.display().to_string();
+    let whole = |what: String| Ok(Err(Damage::at(&trail, 0, None, what)));
+    // The end, held to the head.
+    let own = super::head::read(&dir.join(super::head::HEAD_FILE))
+        .map_err(|e| io::Error::new(e.kind(), format!("head.json: {e}")))?;
+    match own {
+        None if expect.head => {
+            return whole(
+                "no head.json: a cut at the end of the trail cannot be ruled out (the gateway writes it at start and at every checkpoint; --no-head for trails older than it)".into(),
+            );
+        }
+        None => {}
+        Some(f) => {
+            let head = match super::head::check(&f, public_key) {
+                Ok(h) => h,
+                Err(e) => return whole(format!("head.json: {e}")),
+            };
+            if let Some(d) = end_damage(&head, &checkpoints, &layout, "the head (head.json)") {
+                return whole(d);
+            }
+            rep.head = Some(head);
+        }
+    }
+    if let Some(saved) = &expect.saved {
+        let head = match super::head::check(saved, public_key) {
+            Ok(h) => h,
+            Err(e) => return whole(format!("the saved head: {e}")),
+        };
+        if let Some(d) = end_damage(&head, &checkpoints, &layout, "the saved head") {
+            return whole(d);
+        }
+        rep.expected = Some(head);
+    }
     Ok(Ok(rep))
+}
+
+/// Whether the trail still reaches `head`: its checkpoint present with its hash, no segment
+/// it names deleted, and no empty segment added after it.
+fn end_damage(
+    head: &Head,
+    checkpoints: &std::collections::BTreeMap<u64, String>,
+    layout: &Layout,
+    whose: &str,
+) -> Option<String> {
+    if layout.newest < head.segment {
+        return Some(format!(
+            "{whose} names segment {} but the newest segment is {}: segments were deleted from the end",
+            head.segment, layout.newest
+        ));
+    }
+    if let Some(extra) = layout.empty.iter().find(|n| **n > head.segment) {
+        return Some(format!(
+            "segment {extra} is empty and newer than the segment {whose} names ({}): added (or a crash right after a rotation: a restart rewrites the head)",
+            head.segment
+        ));
+    }
+    if head.checkpoint_seq == 0 {
+        return None;
+    }
+    match checkpoints.get(&head.checkpoint_seq) {
+        Some(h) if *h == head.checkpoint_hash => None,
+        Some(_) => Some(format!(
+            "the checkpoint at record {} does not sign what {whose} says: the trail was rewritten",
+            head.checkpoint_seq
+        )),
+        None => {
+            let last = checkpoints.keys().next_back().copied().unwrap_or(0);
+            let older = checkpoints
+                .keys()
+                .next()
+                .is_some_and(|s| *s > head.checkpoint_seq);
+            Some(if older {
+                format!(
+                    "{whose} names the checkpoint at record {}, which is older than the trail's first: not this trail, or its start was removed",
+                    head.checkpoint_seq
+                )
+            } else {
+                format!(
+                    "the trail ends before {whose}: its last checkpoint signs record {last}, the head's signs record {}; signed records were cut from the end",
+                    head.checkpoint_seq
+                )
+            })
+        }
+    }
+}
+
+/// One line of the chain: a checkpoint or a record.
+fn verify_line(
+    segment: &str,
+    line: u64,
+    bytes: &[u8],
+    key: &ring::signature::UnparsedPublicKey<&[u8]>,
+    prev: &mut Option<(u64, String)>,
+    checkpoints: &mut std::collections::BTreeMap<u64, String>,
+    rep: &mut VerifyReport,
+) -> Result<(), Damage> {
+    let damage = |seq: Option<u64>, what: String| Damage::at(segment, line, seq, what);
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Err(damage(None, "not UTF-8 text".into()));
+    };
+    if text.starts_with("{\"checkpoint\"") {
+        let Ok(c) = serde_json::from_str::<CheckpointLine>(text) else {
+            return Err(damage(None, "unreadable checkpoint".into()));
+        };
+        let sig = B64.decode(&c.sig).unwrap_or_default();
+        let msg = checkpoint_message(&c.checkpoint).map_err(|e| damage(None, e.to_string()))?;
+        if key.verify(&msg, &sig).is_err() {
+            return Err(damage(
+                Some(c.checkpoint.seq),
+                "checkpoint signature does not verify (forged or edited)".into(),
+            ));
+        }
+        let cp = &c.checkpoint;
+        if let Some((&last, _)) = checkpoints.iter().next_back()
+            && cp.seq <= last
+        {
+            return Err(damage(
+                Some(cp.seq),
+                format!(
+                    "checkpoint of record {} repeated or out of order (the last one signed record {last})",
+                    cp.seq
+                ),
+            ));
+        }
+        match prev {
+            Some((s, h)) if *s == cp.seq && *h == cp.hash => {}
+            Some((s, _)) if *s == cp.seq => {
+                return Err(damage(
+                    Some(cp.seq),
+                    format!(
+                        "the checkpoint signs another version of record {s}: the record was replaced after it was signed"
+                    ),
+                ));
+            }
+            Some((s, _)) => {
+                return Err(damage(
+                    Some(cp.seq),
+                    format!(
+                        "checkpoint signs record {} but the chain is at record {s}: records were removed or inserted",
+                        cp.seq
+                    ),
+                ));
+            }
+            None if cp.seq == 0 => {}
+            // A trail whose older segments were removed by retention starts at a checkpoint.
+            None => *prev = Some((cp.seq, cp.hash.clone())),
+        }
+        // Each checkpoint names the one before it: one removed from the middle shows.
+        if let Some(p) = cp.prev {
+            let before = checkpoints.keys().next_back().copied();
+            let ok = match before {
+                Some(b) => p == b,
+                // The first checkpoint read: the first of a trail that starts at record 1.
+                None => p == 0 || rep.first_seq != 1,
+            };
+            if !ok {
+                return Err(damage(
+                    Some(cp.seq),
+                    format!(
+                        "this checkpoint follows the one of record {p}, which is not the checkpoint before it ({}): a checkpoint was removed",
+                        before.map_or("none".to_owned(), |b| format!("record {b}"))
+                    ),
+                ));
+            }
+        }
+        checkpoints.insert(cp.seq, cp.hash.clone());
+        rep.checkpoints += 1;
+        rep.unsigned_tail = 0;
+        return Ok(());
+    }
+    let Some((body, stated)) = split_hash(text) else {
+        return Err(damage(
+            None,
+            "not an audit record line (truncated or edited)".into(),
+        ));
+    };
+    #[derive(serde::Deserialize)]
+    struct HeadFields {
+        seq: u64,
+        prev: String,
+    }
+    let Ok(head) = serde_json::from_str::<HeadFields>(text) else {
+        return Err(damage(None, "record without seq/prev".into()));
+    };
+    let actual = hex::encode(Sha256::digest(body.as_bytes()));
+    if actual != stated {
+        return Err(damage(
+            Some(head.seq),
+            "content does not match its hash (edited)".into(),
+        ));
+    }
+    match prev {
+        None => {
+            if head.seq == 1 && head.prev != GENESIS {
+                return Err(damage(
+                    Some(1),
+                    "first record does not start the chain".into(),
+                ));
+            }
+            rep.first_seq = head.seq;
+        }
+        Some((s, h)) => {
+            if head.seq != *s + 1 {
+                return Err(damage(
+                    Some(head.seq),
+                    format!(
+                        "expected record {} here: {} record(s) missing or reordered",
+                        *s + 1,
+                        head.seq.abs_diff(*s + 1)
+                    ),
+                ));
+            }
+            if head.prev != *h {
+                return Err(damage(
+                    Some(head.seq),
+                    "does not chain to the previous record".into(),
+                ));
+            }
+            if rep.first_seq == 0 {
+                rep.first_seq = head.seq;
+            }
+        }
+    }
+    *prev = Some((head.seq, stated.to_owned()));
+    rep.records += 1;
+    rep.unsigned_tail += 1;
+    rep.last_seq = head.seq;
+    Ok(())
 }
 
 /// What to look for.
@@ -205,27 +503,66 @@ impl Query {
     }
 }
 
-/// Every record (not checkpoint) in the trail that matches, oldest first.
-pub fn search(dir: &Path, q: &Query, mut each: impl FnMut(serde_json::Value)) -> io::Result<u64> {
-    let mut n = 0;
-    for (_, path) in segments(dir)? {
-        // Bytes, not `lines()`: the live segment's last line may be half written (and cut
-        // inside a multi-byte character); like any unparsable line it is skipped, not an error.
-        for line in BufReader::new(std::fs::File::open(&path)?).split(b'\n') {
-            let line = line?;
-            if line.is_empty() || line.starts_with(b"{\"checkpoint\"") {
-                continue;
-            }
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if q.matches(&v) {
-                n += 1;
-                each(v);
+/// What a search read besides the matches.
+#[derive(Debug, Default)]
+pub struct Searched {
+    pub matched: u64,
+    /// Damaged lines and layout damage (see `verify` for what counts), skipped.
+    pub damaged: u64,
+    pub first_damage: Option<Damage>,
+    /// Bytes of a torn last write at the end of the newest segment, skipped silently.
+    pub torn_tail_bytes: u64,
+}
+
+/// Every record (not checkpoint) in the trail that matches, oldest first. Only a torn last
+/// write of the newest segment is skipped silently; every other line that is not a record is
+/// counted as damage (the first one named), so a reader never takes a damaged trail for a
+/// whole one. It does not check hashes: that is `verify`.
+pub fn search(
+    dir: &Path,
+    q: &Query,
+    mut each: impl FnMut(serde_json::Value),
+) -> io::Result<Searched> {
+    let mut out = Searched::default();
+    let damaged = |out: &mut Searched, d: Damage| {
+        out.damaged += 1;
+        out.first_damage.get_or_insert(d);
+    };
+    let layout = walk(dir, |ev| {
+        match ev {
+            Event::Damage(d) => damaged(&mut out, d),
+            Event::Line {
+                segment,
+                line,
+                text,
+            } => {
+                if text.starts_with(b"{\"checkpoint\"") {
+                    if serde_json::from_slice::<CheckpointLine>(text).is_err() {
+                        damaged(
+                            &mut out,
+                            Damage::at(segment, line, None, "unreadable checkpoint"),
+                        );
+                    }
+                } else {
+                    match serde_json::from_slice::<serde_json::Value>(text) {
+                        Ok(v) if v.get("seq").is_some() => {
+                            if q.matches(&v) {
+                                out.matched += 1;
+                                each(v);
+                            }
+                        }
+                        _ => damaged(
+                            &mut out,
+                            Damage::at(segment, line, None, "not an audit record line"),
+                        ),
+                    }
+                }
             }
         }
-    }
-    Ok(n)
+        std::ops::ControlFlow::Continue(())
+    })?;
+    out.torn_tail_bytes = layout.torn_tail;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -241,7 +578,7 @@ mod tests {
         std::fs::write(dir.path().join("audit-00000001.jsonl"), bytes).unwrap();
         let mut seen = Vec::new();
         let n = search(dir.path(), &Query::default(), |v| seen.push(v)).unwrap();
-        assert_eq!(n, 1);
+        assert_eq!((n.matched, n.damaged, n.torn_tail_bytes), (1, 0, 21));
         assert_eq!(seen[0]["trace_id"], "a");
     }
 }

@@ -112,6 +112,11 @@ pub struct Checkpoint {
     pub hash: String,
     pub time: String,
     pub segment: u64,
+    /// The `seq` of the checkpoint before this one (0 for the first), so that a checkpoint
+    /// removed from the middle of the trail shows. Absent in trails written before it was
+    /// added (their signatures cover the checkpoint without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -210,6 +215,8 @@ pub struct Store {
     opened: Instant,
     seq: u64,
     last_hash: String,
+    /// The last checkpoint written: (seq, hash), (0, GENESIS) before the first.
+    checkpoint: (u64, String),
     since_checkpoint: u64,
     last_checkpoint: Instant,
     /// The encoding buffer, reused from batch to batch.
@@ -248,30 +255,37 @@ impl Store {
         let lock = DirLock::take(dir)?;
         let segs = segments(dir)?;
         let mut rec = Recovered::default();
-        let (seg_no, mut seq, mut last_hash) =
-            (segs.last().map_or(1, |s| s.0), 0u64, GENESIS.to_owned());
-        // The chain state is the newest record (or checkpoint) found, newest segment first.
+        let seg_no = segs.last().map_or(1, |s| s.0);
+        let (mut state, mut checkpoint) = (None, None);
+        // The chain state is the newest record (or checkpoint) found, newest segment first;
+        // the last checkpoint may sit a segment further back (an empty live segment).
         for (n, path) in segs.iter().rev() {
-            let (state, torn, zeros) = scan_tail(path)?;
-            if *n == seg_no && torn + zeros > 0 {
+            let tail = scan_tail(path)?;
+            if *n == seg_no && tail.tail_bytes > 0 {
+                // Only bytes after the last complete line: a write the crash cut short, or
+                // preallocated space never written. Anything before it stays, damaged or not,
+                // for `audit verify` to report.
                 let f = OpenOptions::new().write(true).open(path)?;
                 let len = f.metadata()?.len();
-                f.set_len(len - torn - zeros)?;
+                f.set_len(len - tail.tail_bytes)?;
                 f.sync_all()?;
-                rec.torn_bytes = torn;
+                rec.torn_bytes = tail.torn_bytes;
             }
-            if let Some((s, h)) = state {
-                seq = s;
-                last_hash = h;
+            state = state.or(tail.state);
+            checkpoint = checkpoint.or(tail.checkpoint);
+            if state.is_some() && checkpoint.is_some() {
                 break;
             }
         }
+        let (seq, last_hash) = state.unwrap_or((0, GENESIS.to_owned()));
+        let checkpoint = checkpoint.unwrap_or((0, GENESIS.to_owned()));
+        check_head(dir, &signer, seg_no, &checkpoint)?;
         let path = segment_path(dir, seg_no);
         let mut file = open_segment(&path)?;
         let seg_len = file.seek(SeekFrom::End(0))?;
         rec.segment = seg_no;
         rec.last_seq = seq;
-        let store = Store {
+        let mut store = Store {
             _lock: lock,
             dir: dir.to_owned(),
             settings,
@@ -283,11 +297,33 @@ impl Store {
             opened: Instant::now(),
             seq,
             last_hash,
+            checkpoint,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             buf: Vec::new(),
         };
+        store.write_head()?;
         Ok((store, rec))
+    }
+
+    /// Sign and store the head: the last checkpoint and the live segment.
+    fn write_head(&mut self) -> io::Result<()> {
+        let head = super::head::Head {
+            checkpoint_seq: self.checkpoint.0,
+            checkpoint_hash: self.checkpoint.1.clone(),
+            segment: self.seg_no,
+            time: super::now_rfc3339(),
+        };
+        super::head::write(&self.dir, head, &self.signer)
+    }
+
+    /// After a checkpoint or rotation: a head that cannot be written leaves the previous one,
+    /// which still holds the trail to everything before it; the next checkpoint tries again.
+    fn update_head(&mut self) {
+        if let Err(e) = self.write_head() {
+            metrics::counter!("xgate_audit_write_errors_total").increment(1);
+            tracing::warn!(error = %e, "audit head not updated; will retry at the next checkpoint");
+        }
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -384,6 +420,7 @@ impl Store {
             hash: self.last_hash.clone(),
             time: super::now_rfc3339(),
             segment: self.seg_no,
+            prev: Some(self.checkpoint.0),
         };
         let sig = self.signer.sign(&checkpoint_message(&c)?);
         let mut line = serde_json::to_vec(&CheckpointLine {
@@ -395,6 +432,11 @@ impl Store {
         self.write_all(&line, sync)?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        self.checkpoint = (self.seq, self.last_hash.clone());
+        // The head names only a durable checkpoint.
+        if sync {
+            self.update_head();
+        }
         Ok(())
     }
 
@@ -424,6 +466,7 @@ impl Store {
         self.seg_len = 0;
         self.file_len = 0;
         self.opened = Instant::now();
+        self.update_head();
         self.apply_retention();
         Ok(())
     }
@@ -462,6 +505,7 @@ impl Store {
         self.seg_len = 0;
         self.file_len = 0;
         self.opened = Instant::now();
+        self.update_head();
         Ok(())
     }
 
@@ -478,6 +522,54 @@ impl Store {
     }
 }
 
+/// Refuse to continue a trail that ends before its head: writing on would replace the head
+/// with the cut trail's state and hide the cut.
+fn check_head(
+    dir: &Path,
+    signer: &ring::signature::Ed25519KeyPair,
+    newest_segment: u64,
+    checkpoint: &(u64, String),
+) -> io::Result<()> {
+    use ring::signature::KeyPair;
+    let refuse = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{why}; run `xgate audit verify` on it, keep it as evidence and start the gateway on a new `audit.dir`"
+            ),
+        )
+    };
+    let Some(file) = super::head::read(&dir.join(super::head::HEAD_FILE))
+        .map_err(|e| refuse(format!("head.json is unreadable ({e})")))?
+    else {
+        // A trail from before heads existed, or a new one.
+        return Ok(());
+    };
+    let head = super::head::check(&file, signer.public_key().as_ref()).map_err(refuse)?;
+    if newest_segment < head.segment {
+        return Err(refuse(format!(
+            "the trail's newest segment is {newest_segment} but its head names segment {}: segments were deleted",
+            head.segment
+        )));
+    }
+    if checkpoint.0 < head.checkpoint_seq
+        || (checkpoint.0 == head.checkpoint_seq && checkpoint.1 != head.checkpoint_hash)
+    {
+        return Err(refuse(format!(
+            "the trail's last checkpoint is at record {} but its head names record {}: signed records were cut",
+            checkpoint.0, head.checkpoint_seq
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The last checkpoint written: (seq, hash).
+    pub fn last_checkpoint(&self) -> (u64, &str) {
+        (self.checkpoint.0, &self.checkpoint.1)
+    }
+}
+
 /// Open (or create) a segment for writing. Records are written at the store's own offset
 /// (`pwrite`), not in append mode, so that preallocated zeros can be written over.
 fn open_segment(path: &Path) -> io::Result<File> {
@@ -488,19 +580,27 @@ fn open_segment(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The last (seq, hash) in a segment, from its last good record or checkpoint line, and how
-/// many bytes at its end are a torn last line (incomplete or unparsable), and how many are
-/// zero-filled space after it (preallocated, never written). Only the very last line is ever
-/// treated as torn: damage in the middle is left for `audit verify` to report.
-type Tail = (Option<(u64, String)>, u64, u64);
+/// What the end of a segment holds.
+struct Tail {
+    /// The last (seq, hash) stated by a complete record or checkpoint line.
+    state: Option<(u64, String)>,
+    /// The last checkpoint's (seq, hash).
+    checkpoint: Option<(u64, String)>,
+    /// Bytes after the last complete line: a write a crash cut short, or preallocated space
+    /// never written (NUL bytes). Only these are ever cut, and only in the newest segment.
+    tail_bytes: u64,
+    /// How many of those are not NUL (a torn record rather than unused space).
+    torn_bytes: u64,
+}
+
 fn scan_tail(path: &Path) -> io::Result<Tail> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len();
-    let mut r = BufReader::new(f);
-    let mut state = None;
-    let mut pos = 0u64;
-    let mut last_start = 0u64;
-    let mut last_ok = true;
+    let mut r = BufReader::new(File::open(path)?);
+    let mut t = Tail {
+        state: None,
+        checkpoint: None,
+        tail_bytes: 0,
+        torn_bytes: 0,
+    };
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -508,30 +608,22 @@ fn scan_tail(path: &Path) -> io::Result<Tail> {
         if n == 0 {
             break;
         }
-        // Preallocated space never written (a crash with `preallocate` on): not a torn
-        // record, but cut all the same.
-        if line.iter().all(|b| *b == 0) {
-            let torn = if last_ok { 0 } else { pos - last_start };
-            return Ok((state, torn, len - pos));
+        if line.last() != Some(&b'\n') {
+            t.tail_bytes = n;
+            t.torn_bytes = if line.iter().all(|b| *b == 0) { 0 } else { n };
+            break;
         }
-        last_start = pos;
-        pos += n;
-        let complete = line.last() == Some(&b'\n');
-        let parsed = std::str::from_utf8(&line)
-            .ok()
-            .map(str::trim_end)
-            .and_then(parse_state);
-        last_ok = complete && parsed.is_some();
-        if let (true, Some(s)) = (complete, parsed) {
-            state = Some(s);
+        let Some(text) = std::str::from_utf8(&line).ok().map(str::trim_end) else {
+            continue;
+        };
+        if let Some(s) = parse_state(text) {
+            if text.starts_with("{\"checkpoint\"") {
+                t.checkpoint = Some(s.clone());
+            }
+            t.state = Some(s);
         }
     }
-    let torn = if last_ok || pos == 0 {
-        0
-    } else {
-        len - last_start
-    };
-    Ok((state, torn, 0))
+    Ok(t)
 }
 
 /// (seq, hash) stated by a record or checkpoint line.
