@@ -292,6 +292,15 @@ pub struct Audit {
     /// stalls everything; docs/audit.md).
     #[serde(default)]
     pub writer: crate::audit::Placement,
+    /// Records held in memory while the trail cannot be written (the refusals made
+    /// meanwhile), written as soon as it can; past this many, refusals are counted per
+    /// consumer and reason and written as one summary record each (docs/audit.md).
+    #[serde(default = "default_held_records")]
+    pub held_records_max: usize,
+}
+
+fn default_held_records() -> usize {
+    100_000
 }
 
 fn default_segment_bytes() -> u64 {
@@ -328,6 +337,7 @@ impl Audit {
             async_flush: Duration::from_millis(self.async_flush_ms),
             group_commit: Duration::from_micros(self.group_commit_us),
             placement: self.writer,
+            held_records_max: self.held_records_max,
         }
     }
 }
@@ -732,6 +742,7 @@ impl Config {
                 preallocate_bytes: 0,
                 group_commit_us: 0,
                 writer: Default::default(),
+                held_records_max: default_held_records(),
             },
             upstream: Upstream {
                 ca: certs.join("ca.pem"),

@@ -308,16 +308,8 @@ impl Gateway {
             .into_iter()
             .filter_map(|k| req.metadata().get(k).map(|v| (k, v.clone())))
             .collect();
-        if !self.inner.audit.is_open() {
-            tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");
-            return Err(Reject::new(
-                Reason::AuditUnavailable,
-                "the audit trail cannot record calls right now; try again shortly",
-            )
-            .to_status(&trace_id));
-        }
         let peer = req.extensions().get::<Peer>();
-        let rec = AuditRecord {
+        let mut rec = AuditRecord {
             time: audit::now_rfc3339(),
             trace_id: trace_id.clone(),
             method: method.to_owned(),
@@ -332,6 +324,21 @@ impl Gateway {
             policy_version: self.inner.snapshot.load().policy.version.clone(),
             ..AuditRecord::default()
         };
+        if !self.inner.audit.is_open() {
+            tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");
+            let rej = Reject::new(
+                Reason::AuditUnavailable,
+                "the audit trail cannot record calls right now; try again shortly",
+            )
+            .with_rule("audit:fail-closed");
+            // The refusal is a call too: its record waits (in memory, bounded) until the
+            // trail can be written again.
+            record_reject(&mut rec, &rej);
+            rec.grpc_status = audit::code_name(rej.code());
+            rec.grpc_code = rej.code() as i32;
+            self.inner.audit.keep(rec);
+            return Err(rej.to_status(&trace_id));
+        }
         Ok(Call {
             trace_id,
             pending: Pending::new(self.inner.audit.clone(), rec),

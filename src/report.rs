@@ -238,6 +238,8 @@ struct Call<'a> {
     denied: bool,
     reason: Option<&'a str>,
     latency_us: u64,
+    /// How many calls the record stands for (1, or a summary's `calls`).
+    weight: u64,
 }
 
 impl<'a> Call<'a> {
@@ -254,6 +256,13 @@ impl<'a> Call<'a> {
                 || reason.is_some_and(|r| LIMIT_REFUSALS.contains(&r)),
             reason,
             latency_us: v.get("latency_us").and_then(|x| x.as_u64()).unwrap_or(0),
+            // A summary record (refusals counted while the trail could not be written)
+            // stands for `calls` calls.
+            weight: v
+                .get("calls")
+                .and_then(|x| x.as_u64())
+                .filter(|n| *n > 0)
+                .unwrap_or(1),
         })
     }
 
@@ -272,10 +281,10 @@ struct Acc {
 impl Acc {
     fn add(&mut self, c: &Call) {
         let s = &mut self.side;
-        s.calls += 1;
+        s.calls += c.weight;
         if c.denied {
-            s.denied += 1;
-            *s.denials_by_reason.entry(c.reason_label()).or_default() += 1;
+            s.denied += c.weight;
+            *s.denials_by_reason.entry(c.reason_label()).or_default() += c.weight;
             return;
         }
         s.allowed += 1;
@@ -360,11 +369,11 @@ pub fn build(
             .or_default();
         p.records += 1;
         let Some(consumer) = c.consumer else {
-            p.unattributed.records += 1;
+            p.unattributed.records += c.weight;
             *p.unattributed
                 .by_reason
                 .entry(c.reason_label())
-                .or_default() += 1;
+                .or_default() += c.weight;
             continue;
         };
         p.depts.entry(consumer.to_owned()).or_default().1.add(&c);
@@ -1107,6 +1116,37 @@ mod tests {
     }
 
     const T: &str = "2026-11-27T04:00:00.000Z";
+
+    #[test]
+    fn a_summary_record_counts_as_the_calls_it_stands_for() {
+        let p = crate::policy::Policy::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/dev/policy.yaml"
+        )))
+        .unwrap();
+        let mut summary = rec(
+            T,
+            Some("health"),
+            None,
+            "deny",
+            Some("AUDIT_UNAVAILABLE"),
+            0,
+        );
+        summary["method"] = json!("(refusals)");
+        summary["calls"] = json!(40);
+        let one = rec(
+            T,
+            Some("health"),
+            None,
+            "deny",
+            Some("AUDIT_UNAVAILABLE"),
+            0,
+        );
+        let r = build(&[summary, one], &p, Period::All, Range::default());
+        let h = row(&r.periods[0], "health");
+        assert_eq!((h.consumed.calls, h.consumed.denied), (41, 41));
+        assert_eq!(h.consumed.denials_by_reason["AUDIT_UNAVAILABLE"], 41);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -424,16 +424,44 @@ async fn client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_write_fault_fails_calls_closed_then_recovers_by_itself() {
-    write_fault_then_recovery("").await;
+    let recs = write_fault_then_recovery("").await;
+    assert!(
+        recs.iter().all(|r| r["method"] != "(refusals)"),
+        "room for all"
+    );
+}
+
+/// With room for only 3 held records, the refusals past them are counted per consumer and
+/// reason and written as summary records: still every refusal accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_past_the_held_records_are_written_as_counted_summaries() {
+    let recs = write_fault_then_recovery("held_records_max: 3, ").await;
+    let summaries: Vec<_> = recs
+        .iter()
+        .filter(|r| r["method"] == "(refusals)")
+        .collect();
+    assert!(!summaries.is_empty(), "some refusals were counted");
+    for s in summaries {
+        assert_eq!(s["consumer_dept"], "civil-affairs");
+        assert_eq!(s["reason"], "AUDIT_UNAVAILABLE");
+        assert!(s["calls"].as_u64().unwrap() >= 1);
+        assert!(s["until"].as_str().unwrap() >= s["time"].as_str().unwrap());
+    }
 }
 
 /// The same with the writer inline on the serving runtime (`audit.writer: inline`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_write_fault_with_the_writer_inline() {
-    write_fault_then_recovery("writer: inline, ").await;
+    let recs = write_fault_then_recovery("writer: inline, ").await;
+    assert!(
+        recs.iter().all(|r| r["method"] != "(refusals)"),
+        "room for all"
+    );
 }
 
-async fn write_fault_then_recovery(audit_extra: &str) {
+/// Calls under a real write fault until service resumes; every OK call has its record and
+/// every refused call is accounted for, one by one or in a summary. Returns the records.
+async fn write_fault_then_recovery(audit_extra: &str) -> Vec<serde_json::Value> {
     // The sample providers of a harness serve the real binary below.
     let mut providers = Harness::start(Opts::default()).await;
     let work = tempfile::tempdir().unwrap();
@@ -443,7 +471,7 @@ async fn write_fault_then_recovery(audit_extra: &str) {
     wait_listening(p.port).await;
     let mut c = client(p.port, "civil-affairs").await;
     let t = token("civil-affairs");
-    let (mut ok, mut refused, mut ok_after_refusal) = (Vec::new(), 0, 0);
+    let (mut ok, mut refused, mut ok_after_refusal) = (Vec::new(), Vec::new(), 0);
     // Call until service has resumed for ten calls (the writer retries every 250 ms).
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(20) {
@@ -456,13 +484,13 @@ async fn write_fault_then_recovery(audit_extra: &str) {
         {
             Ok(r) => {
                 ok.push(trace_id(r.metadata()));
-                if refused > 0 {
+                if !refused.is_empty() {
                     ok_after_refusal += 1;
                 }
             }
             Err(st) => {
-                assert_eq!(st.code(), Code::Unavailable, "{st:?}");
-                refused += 1;
+                assert_reject(&st, Code::Unavailable, "AUDIT_UNAVAILABLE");
+                refused.push(trace_id(st.metadata()));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -470,10 +498,15 @@ async fn write_fault_then_recovery(audit_extra: &str) {
             break;
         }
     }
-    assert!(refused > 0, "the file-size limit never made a write fail");
+    assert!(
+        refused.len() >= 5,
+        "the file-size limit made too few calls fail: {}",
+        refused.len()
+    );
     assert!(
         ok_after_refusal >= 10,
-        "service did not resume after the fault: {refused} refused"
+        "service did not resume after the fault: {} refused",
+        refused.len()
     );
     let _ = Command::new("kill")
         .args(["-TERM", &p.child.id().to_string()])
@@ -491,13 +524,38 @@ async fn write_fault_then_recovery(audit_extra: &str) {
             "{t}"
         );
     }
-    assert!(
-        recs.iter().any(|r| r["reason"] == "AUDIT_UNAVAILABLE"),
-        "the refusals were recorded once writing worked"
+    // Every refusal is accounted for once writing worked: its own record, or counted in a
+    // summary of its consumer's refusals.
+    let own = refused
+        .iter()
+        .filter(|t| {
+            let mine: Vec<_> = recs
+                .iter()
+                .filter(|r| r["trace_id"] == t.as_str())
+                .collect();
+            assert!(mine.len() <= 1, "{t}: at most one record");
+            mine.first().is_some_and(|r| {
+                assert_eq!(r["reason"], "AUDIT_UNAVAILABLE", "{t}");
+                assert_eq!(r["grpc_status"], "UNAVAILABLE", "{t}");
+                true
+            })
+        })
+        .count() as u64;
+    let counted: u64 = recs
+        .iter()
+        .filter(|r| r["method"] == "(refusals)")
+        .map(|r| r["calls"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        own + counted,
+        refused.len() as u64,
+        "{own} refusals recorded and {counted} counted, of {}",
+        refused.len()
     );
     assert!(segments(&audit).len() >= 2);
     let (code, out) = verify(&audit);
     assert_eq!(code, 0, "{out}");
+    recs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

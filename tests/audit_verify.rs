@@ -318,8 +318,7 @@ async fn cuts_at_the_end_are_held_to_the_signed_head() {
     );
     let err = xgate::server::start(&cfg)
         .await
-        .err()
-        .expect("refused to start");
+        .expect_err("refused to start");
     let msg = err.to_string();
     assert!(msg.contains("keep it as evidence"), "{msg}");
 }

@@ -73,6 +73,13 @@ pub struct AuditRecord {
     /// Rows the provider sent outside the caller's row scope, withheld by the gateway.
     #[serde(skip_serializing_if = "is_zero")]
     pub rows_withheld: u64,
+    /// A summary record: it stands for this many calls of one consumer refused with one
+    /// reason between `time` and `until`, counted instead of recorded one by one (the trail
+    /// could not be written and the memory for held records was full).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub calls: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
     /// gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).
     pub grpc_status: &'static str,
     pub grpc_code: i32,
@@ -122,6 +129,8 @@ pub struct AuditSettings {
     pub group_commit: Duration,
     /// Where the writer runs.
     pub placement: Placement,
+    /// Records held while the trail cannot be written; past this, refusals are tallied.
+    pub held_records_max: usize,
 }
 
 impl AuditSettings {
@@ -142,6 +151,7 @@ impl AuditSettings {
             async_flush: Duration::from_millis(200),
             group_commit: Duration::ZERO,
             placement: Placement::Thread,
+            held_records_max: 100_000,
         }
     }
 }
@@ -196,6 +206,8 @@ type Ack = oneshot::Sender<Result<(), AuditRecord>>;
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<(AuditRecord, Option<Ack>)>,
+    /// Refusals counted rather than queued (the queue or the held records were full).
+    tally: Arc<Tally>,
     healthy: Arc<AtomicBool>,
     durability: Durability,
     subject: Option<Arc<ring::hmac::Key>>,
@@ -242,20 +254,29 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     }
     let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
     let healthy = Arc::new(AtomicBool::new(true));
+    let tally = Arc::new(Tally::default());
     let h = healthy.clone();
     let s = settings.clone();
+    let ta = tally.clone();
     let handle = match (settings.placement, tokio::runtime::Handle::try_current()) {
         (Placement::Thread, rt) => {
             let acker = rt.map_or(writer::Acker::Direct, |rt| writer::Acker::on(&rt));
             Writer::Thread(
                 std::thread::Builder::new()
                     .name("xgate-audit".into())
-                    .spawn(move || writer::run(store, rx, h, s, acker))?,
+                    .spawn(move || writer::run(store, rx, h, s, acker, ta))?,
             )
         }
         (Placement::Inline, Ok(rt)) => {
             tracing::info!("audit writer: inline on the serving runtime");
-            Writer::Task(rt.spawn(writer::commit_loop(store, rx, h, s, writer::Acker::Direct)))
+            Writer::Task(rt.spawn(writer::commit_loop(
+                store,
+                rx,
+                h,
+                s,
+                writer::Acker::Direct,
+                ta,
+            )))
         }
         (Placement::Inline, Err(_)) => {
             return Err(std::io::Error::other(
@@ -267,6 +288,7 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     Ok((
         AuditLog {
             tx,
+            tally,
             healthy,
             durability: settings.durability,
             subject: keys.subject.map(Arc::new),
@@ -336,6 +358,20 @@ impl AuditLog {
         self.tx.try_send((rec, None)).is_ok()
     }
 
+    /// Keep a refusal's record without waiting: queued if there is room, else counted (per
+    /// consumer and reason) into a summary record the writer writes as soon as it can. Memory
+    /// stays bounded whatever the rate of refusals; only a trail that is shut down loses it.
+    pub fn keep(&self, rec: AuditRecord) {
+        match self.tx.try_send((rec, None)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full((rec, _))) => self.tally.add(&rec),
+            Err(mpsc::error::TrySendError::Closed((rec, _))) => {
+                metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+                tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
+            }
+        }
+    }
+
     /// Submit without waiting (from a `Drop`, or a record the caller need not wait for):
     /// queue if there is room, else hand the wait to a task.
     pub fn submit_detached(&self, rec: AuditRecord) {
@@ -360,6 +396,99 @@ impl AuditLog {
                 tracing::error!(trace_id = %rec.trace_id, "audit writer is gone; record lost");
             }
         }
+    }
+}
+
+/// Refusals counted instead of recorded one by one, per (consumer, reason): what the
+/// summary records say. Bounded: past [`Tally::MAX_KEYS`] distinct pairs, refusals are lost
+/// and counted in `xgate_audit_records_dropped_total`.
+#[derive(Debug, Default)]
+struct Tally {
+    counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), Counted>>,
+    /// Something to write (read without the lock on every turn of the writer).
+    any: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Counted {
+    calls: u64,
+    /// When the first and the last counted call arrived.
+    first: String,
+    last: String,
+    /// What the summary says besides the count (from the first call counted).
+    sample: AuditRecord,
+}
+
+impl Tally {
+    const MAX_KEYS: usize = 10_000;
+
+    fn add(&self, rec: &AuditRecord) {
+        let key = (
+            rec.consumer_dept.clone().unwrap_or_default(),
+            rec.reason.clone().unwrap_or_default(),
+        );
+        let Ok(mut counts) = self.counts.lock() else {
+            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+            return;
+        };
+        let n = counts.len();
+        match counts.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let c = e.get_mut();
+                c.calls += 1;
+                c.last.clone_from(&rec.time);
+            }
+            std::collections::btree_map::Entry::Vacant(_) if n >= Self::MAX_KEYS => {
+                metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+                return;
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(Counted {
+                    calls: 1,
+                    first: rec.time.clone(),
+                    last: rec.time.clone(),
+                    sample: rec.clone(),
+                });
+            }
+        }
+        metrics::counter!("xgate_audit_refusals_summarized_total").increment(1);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Everything counted so far, as one summary record per (consumer, reason).
+    fn drain(&self) -> Vec<AuditRecord> {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let Ok(mut counts) = self.counts.lock() else {
+            return Vec::new();
+        };
+        std::mem::take(&mut *counts)
+            .into_values()
+            .map(|c| {
+                let s = c.sample;
+                let reason = s.reason.clone().unwrap_or_default();
+                AuditRecord {
+                    time: c.first.clone(),
+                    until: Some(c.last.clone()),
+                    trace_id: new_trace_id(),
+                    method: "(refusals)".into(),
+                    consumer_dept: s.consumer_dept,
+                    decision: "deny",
+                    rule: s.rule,
+                    reason: s.reason,
+                    detail: Some(format!(
+                        "{} call(s) refused {reason} from {} to {}, counted instead of recorded one by one (the audit trail could not be written and its held records were full)",
+                        c.calls, c.first, c.last
+                    )),
+                    calls: c.calls,
+                    grpc_status: s.grpc_status,
+                    grpc_code: s.grpc_code,
+                    policy_version: s.policy_version,
+                    ..AuditRecord::default()
+                }
+            })
+            .collect()
     }
 }
 
@@ -487,21 +616,18 @@ mod writer {
 
     use super::*;
 
-    /// Records held while the trail cannot be written (refusals made meanwhile); beyond this
-    /// they are dropped with an error log and a metric.
-    const BACKLOG_MAX: usize = 100_000;
-
     pub(super) fn run(
         store: store::Store,
         rx: mpsc::Receiver<(AuditRecord, Option<Ack>)>,
         healthy: Arc<AtomicBool>,
         settings: AuditSettings,
         acker: Acker,
+        tally: Arc<Tally>,
     ) -> std::io::Result<u64> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
-        rt.block_on(commit_loop(store, rx, healthy, settings, acker))
+        rt.block_on(commit_loop(store, rx, healthy, settings, acker, tally))
     }
 
     /// Who tells a durable batch's callers that their records are on disk.
@@ -554,8 +680,13 @@ mod writer {
         healthy: Arc<AtomicBool>,
         settings: AuditSettings,
         acker: Acker,
+        tally: Arc<Tally>,
     ) -> std::io::Result<u64> {
         let sync = settings.durability == Durability::Sync;
+        let held = Held {
+            max: settings.held_records_max,
+            tally: &tally,
+        };
         let mut written = 0u64;
         let mut backlog: Vec<AuditRecord> = Vec::new();
         let mut batch: Vec<(AuditRecord, Option<Ack>)> = Vec::with_capacity(1024);
@@ -563,10 +694,15 @@ mod writer {
         let mut open = true;
         // One new segment per failure episode, not one per retry.
         let mut rotated_for_failure = false;
+        // While failing, the next attempt to write the held records: every 250 ms, however
+        // many refusals arrive meanwhile.
+        let mut retry_at = Instant::now();
         while open || !backlog.is_empty() {
             let failed = !healthy.load(Ordering::Relaxed);
             let wait = if failed {
-                Duration::from_millis(250)
+                retry_at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
             } else if sync {
                 settings.store.checkpoint_interval
             } else {
@@ -599,8 +735,15 @@ mod writer {
                     Err(_) => {}
                 }
             }
+            // Refusals counted while the queue or the held records were full: their summaries
+            // go out with the held records (or, healthy, on their own).
+            backlog.extend(tally.drain());
+            if !open && failed {
+                // Draining at shutdown: one more attempt when it is due.
+                tokio::time::sleep(retry_at.saturating_duration_since(Instant::now())).await;
+            }
             // Retry what could not be written (new segment first: the old may be full).
-            if !backlog.is_empty() {
+            if !backlog.is_empty() && (!failed || Instant::now() >= retry_at) {
                 if failed && !rotated_for_failure {
                     rotated_for_failure = store.rotate_after_failure().is_ok();
                 }
@@ -617,10 +760,17 @@ mod writer {
                     }
                     Err(e) => {
                         if !open {
+                            metrics::counter!("xgate_audit_records_dropped_total")
+                                .increment(backlog.len() as u64);
                             tracing::error!(error = %e, records = backlog.len(), "audit trail still failing at shutdown; records lost");
                             break;
                         }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        if !failed {
+                            metrics::counter!("xgate_audit_write_errors_total").increment(1);
+                            metrics::gauge!("xgate_audit_healthy").set(0.0);
+                            healthy.store(false, Ordering::Relaxed);
+                        }
+                        retry_at = Instant::now() + RETRY_EVERY;
                     }
                 }
             }
@@ -637,6 +787,7 @@ mod writer {
                                 metrics::counter!("xgate_audit_write_errors_total").increment(1);
                                 metrics::gauge!("xgate_audit_healthy").set(0.0);
                                 healthy.store(false, Ordering::Relaxed);
+                                retry_at = Instant::now() + RETRY_EVERY;
                                 false
                             }
                         }
@@ -651,10 +802,10 @@ mod writer {
                         // The caller answers UNAVAILABLE and records that instead.
                         (false, Some(a)) => {
                             if let Err(Err(rec)) = a.send(Err(rec)) {
-                                push_backlog(&mut backlog, rec);
+                                held.push(&mut backlog, rec);
                             }
                         }
-                        (false, None) => push_backlog(&mut backlog, rec),
+                        (false, None) => held.push(&mut backlog, rec),
                     }
                 }
                 if !durable.is_empty() {
@@ -681,6 +832,9 @@ mod writer {
         Ok(written)
     }
 
+    /// How often a failing trail is tried again.
+    const RETRY_EVERY: Duration = Duration::from_millis(250);
+
     /// Largest batch written with one fsync.
     const BATCH_MAX: usize = 4096;
 
@@ -702,12 +856,20 @@ mod writer {
         }
     }
 
-    fn push_backlog(backlog: &mut Vec<AuditRecord>, rec: AuditRecord) {
-        if backlog.len() >= BACKLOG_MAX {
-            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
-            tracing::error!(trace_id = %rec.trace_id, "audit backlog full while the trail is failing; record dropped");
-        } else {
-            backlog.push(rec);
+    /// Where records that cannot be written now wait: held one by one up to `max`, then
+    /// counted into summaries.
+    struct Held<'a> {
+        max: usize,
+        tally: &'a Tally,
+    }
+
+    impl Held<'_> {
+        fn push(&self, backlog: &mut Vec<AuditRecord>, rec: AuditRecord) {
+            if backlog.len() >= self.max {
+                self.tally.add(&rec);
+            } else {
+                backlog.push(rec);
+            }
         }
     }
 }
@@ -721,6 +883,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let log = AuditLog {
             tx,
+            tally: Arc::default(),
             healthy: Arc::new(AtomicBool::new(true)),
             durability: Durability::Sync,
             subject: None,
