@@ -971,10 +971,12 @@ impl Gateway {
         call: &mut Call,
         req: &Request<pb::ListDatasetsRequest>,
     ) -> Result<pb::ListDatasetsResponse, Reject> {
-        self.authenticate(call, req).await?;
+        let who = self.authenticate(call, req).await?;
         let snap = self.snapshot();
+        call.pending.rec().policy_version = snap.policy.version.clone();
+        // The catalogue is public to every registered department, and to no one else.
+        policy::eval::registered(&snap.policy, &who.system.dept)?;
         let rec = call.pending.rec();
-        rec.policy_version = snap.policy.version.clone();
         rec.decision = "allow";
         rec.rule = Some("catalogue:public".into());
         let datasets: Vec<_> = snap
@@ -999,6 +1001,8 @@ impl Gateway {
         let who = self.authenticate(call, req).await?;
         let snap = self.snapshot();
         let p = &snap.policy;
+        call.pending.rec().policy_version = p.version.clone();
+        policy::eval::registered(p, &who.system.dept)?;
         let body = req.get_ref();
         if body.dataset.len() > MAX_NAME_BYTES || body.purpose.len() > MAX_NAME_BYTES {
             return Err(Reject::new(

@@ -399,6 +399,70 @@ async fn tls_handshake(
     Ok(peer)
 }
 
+/// Closed by default: a system whose certificate chains to the government CA but whose
+/// department the model does not register is refused every method, the catalogue included,
+/// and each refusal is audited. Registered departments keep the whole catalogue.
+#[tokio::test]
+async fn an_unregistered_department_is_refused_every_method_catalogue_included() {
+    let mut h = Harness::start(Opts::default()).await;
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    let (c, k) = dev
+        .issue(&devpki::consumer_leaf("shadow-dept", "x"))
+        .unwrap();
+    let ch = channel_with(&h, &c, &k).await.unwrap();
+    let tok = token("shadow-dept");
+    let mut traces = Vec::new();
+    let st = pb::catalog_client::CatalogClient::new(ch.clone())
+        .list_datasets(req(pb::ListDatasetsRequest::default(), &tok))
+        .await
+        .expect_err("ListDatasets");
+    assert_reject(&st, Code::PermissionDenied, "CONSUMER_UNKNOWN");
+    assert!(st.message().contains("shadow-dept"), "{}", st.message());
+    traces.push((trace_of(&st), "CONSUMER_UNKNOWN"));
+    let st = pb::catalog_client::CatalogClient::new(ch.clone())
+        .describe_dataset(req(
+            pb::DescribeDatasetRequest {
+                dataset: "hukou.person_basic".into(),
+                purpose: String::new(),
+            },
+            &tok,
+        ))
+        .await
+        .expect_err("DescribeDataset");
+    assert_reject(&st, Code::PermissionDenied, "CONSUMER_UNKNOWN");
+    traces.push((trace_of(&st), "CONSUMER_UNKNOWN"));
+    let st = pb::data_exchange_client::DataExchangeClient::new(ch)
+        .query(req(
+            query(
+                "market.company_registry",
+                "medical-institution-licensing",
+                &[],
+                1,
+            ),
+            &tok,
+        ))
+        .await
+        .expect_err("Query of an unconditional dataset");
+    assert_reject(&st, Code::PermissionDenied, "CONSUMER_UNKNOWN");
+    traces.push((trace_of(&st), "CONSUMER_UNKNOWN"));
+    // A registered department sees every dataset.
+    let all = h
+        .catalog("health")
+        .await
+        .list_datasets(req(pb::ListDatasetsRequest::default(), &token("health")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.datasets.len() >= 3, "{all:?}");
+    let recs = h.stop().await;
+    assert_audited(&recs, &traces);
+    for (t, _) in &traces {
+        let r = recs.iter().find(|r| r["trace_id"] == t.as_str()).unwrap();
+        assert_eq!(r["rule"], "department-registry");
+        assert_eq!(r["consumer_dept"], "shadow-dept");
+    }
+}
+
 #[tokio::test]
 async fn hostile_identities_are_refused_per_call() {
     let mut h = Harness::start(Opts {

@@ -17,7 +17,7 @@
 
 use super::{
     Policy,
-    model::{Grant, Mask, RateLimit, RowScope, Sensitivity, ShareType},
+    model::{Department, Grant, Mask, RateLimit, RowScope, Sensitivity, ShareType},
     scope::Scope,
 };
 use crate::{
@@ -107,6 +107,21 @@ pub fn evaluate(policy: &Policy, caller: Caller<'_>, req: Request<'_>) -> Result
     evaluate_traced(policy, caller, req, &mut ())
 }
 
+/// The calling department, if the data-sharing model registers it. Closed by default: a
+/// department that is not (never registered, or removed) is refused every method, the
+/// catalogue included.
+pub fn registered<'p>(policy: &'p Policy, dept: &str) -> Result<&'p Department, Reject> {
+    policy.department(dept).ok_or_else(|| {
+        Reject::new(
+            Reason::ConsumerUnknown,
+            format!(
+                "department `{dept}` is not registered in the data-sharing model; ask the data bureau to register it"
+            ),
+        )
+        .with_rule("department-registry")
+    })
+}
+
 /// Decide one call, reporting each check passed to `t`.
 pub fn evaluate_traced(
     policy: &Policy,
@@ -114,24 +129,14 @@ pub fn evaluate_traced(
     req: Request<'_>,
     t: &mut impl Trace,
 ) -> Result<Permit, Reject> {
-    if let Some(d) = policy.department(caller.dept) {
-        t.step("department-registry", || {
-            format!(
-                "department `{}` is registered ({:?}, region {})",
-                d.id, d.level, d.region
-            )
-            .to_lowercase()
-        });
-    } else {
-        return Err(Reject::new(
-            Reason::ConsumerUnknown,
-            format!(
-                "department `{}` is not registered in the data-sharing model; ask the data bureau to register it",
-                caller.dept
-            ),
+    let d = registered(policy, caller.dept)?;
+    t.step("department-registry", || {
+        format!(
+            "department `{}` is registered ({:?}, region {})",
+            d.id, d.level, d.region
         )
-        .with_rule("department-registry"));
-    }
+        .to_lowercase()
+    });
     if req.dataset.is_empty() {
         return Err(Reject::new(
             Reason::RequestInvalid,
