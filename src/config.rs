@@ -383,12 +383,30 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most conditions in one filter, and values in one IN list.
     pub max_filter_terms: usize,
+    /// Largest request metadata (header list, as HTTP/2 counts it: name + value + 32 per
+    /// entry) a call may carry; over it, `RESOURCE_EXHAUSTED METADATA_TOO_LARGE`, audited, and
+    /// the connection stays usable.
+    #[serde(default = "default_max_metadata")]
+    pub max_metadata_bytes: usize,
+    /// The HTTP/2 layer's own limit: beyond it a header block is refused before any gRPC
+    /// status is possible (HTTP 431, or GOAWAY for a block over ~1.25× this on the wire);
+    /// such refusals are counted and recorded once per connection. Bounds the memory one
+    /// request's headers can take.
+    #[serde(default = "default_max_metadata_hard")]
+    pub max_metadata_hard_bytes: usize,
     /// Time zone whose midnight resets daily quotas: `Asia/Shanghai` or `+HH:MM`.
     #[serde(default = "default_quota_zone")]
     pub quota_timezone: String,
     /// Share rates and quotas between replicas in Redis; absent: each process decides alone.
     #[serde(default)]
     pub shared: Option<crate::ratelimit::shared::SharedConfig>,
+}
+
+fn default_max_metadata() -> usize {
+    32 * 1024
+}
+fn default_max_metadata_hard() -> usize {
+    2 * 1024 * 1024
 }
 
 fn default_quota_zone() -> String {
@@ -402,6 +420,8 @@ impl Default for Limits {
             max_page_size: 1_000,
             max_message_bytes: 4 * 1024 * 1024,
             max_filter_terms: 1_000,
+            max_metadata_bytes: default_max_metadata(),
+            max_metadata_hard_bytes: default_max_metadata_hard(),
             quota_timezone: default_quota_zone(),
             shared: None,
         }
@@ -666,6 +686,21 @@ impl Config {
         }
         if l.max_message_bytes < 1024 {
             errs.push("limits.max_message_bytes: at least 1024".into());
+        }
+        if l.max_metadata_bytes < 8 * 1024 || l.max_metadata_bytes < self.jwt.max_token_bytes + 1024
+        {
+            errs.push(format!(
+                "limits.max_metadata_bytes: at least 8192, and 1024 more than jwt.max_token_bytes ({})",
+                self.jwt.max_token_bytes
+            ));
+        }
+        if l.max_metadata_hard_bytes < l.max_metadata_bytes
+            || l.max_metadata_hard_bytes > 16 * 1024 * 1024
+        {
+            errs.push(
+                "limits.max_metadata_hard_bytes: at least limits.max_metadata_bytes, at most 16 MiB"
+                    .into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errs.push(format!("log.level: {e}"));

@@ -9,6 +9,11 @@
 //! The pipeline marks each request it takes (`Gateway::begin` sets [`Handled`]); a response to
 //! an unmarked request carrying a gRPC error in its headers (a trailers-only response) is one
 //! of these.
+//!
+//! It also holds the first limit a call meets: metadata over `limits.max_metadata_bytes` is
+//! answered here, before anything reads it, with `RESOURCE_EXHAUSTED METADATA_TOO_LARGE`
+//! and a (rate-limited: nothing is authenticated yet) audit record; the connection stays
+//! open. The HTTP/2 layer's own limit is a hard cap far above it (see `conn`).
 
 use std::{
     future::Future,
@@ -24,7 +29,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use crate::{
-    audit::{self, AuditLog, AuditRecord, Pending},
+    audit::{self, AuditLog, AuditRecord, Pending, Refusals},
     error::{Reason, Reject},
     gateway::WeakGateway,
     identity::Peer,
@@ -44,12 +49,48 @@ impl Handled {
 pub struct EdgeLayer {
     audit: AuditLog,
     gateway: WeakGateway,
+    refusals: Arc<Refusals>,
+    max_metadata: usize,
 }
 
 impl EdgeLayer {
-    pub fn new(audit: AuditLog, gateway: WeakGateway) -> Self {
-        Self { audit, gateway }
+    pub fn new(
+        audit: AuditLog,
+        gateway: WeakGateway,
+        refusals: Arc<Refusals>,
+        max_metadata: usize,
+    ) -> Self {
+        Self {
+            audit,
+            gateway,
+            refusals,
+            max_metadata,
+        }
     }
+}
+
+/// A request's metadata size as HTTP/2 counts a header list (RFC 9113 §6.5.2): name + value
+/// + 32 per field, the pseudo-headers included.
+pub fn metadata_size<B>(req: &http::Request<B>) -> usize {
+    let uri = req.uri();
+    let pseudo = [
+        (":method", req.method().as_str().len()),
+        (":scheme", uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path",
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    pseudo.iter().map(|(n, v)| n.len() + v + 32).sum::<usize>()
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
 }
 
 impl<S> Layer<S> for EdgeLayer {
@@ -73,7 +114,7 @@ impl<S, B, R> Service<http::Request<B>> for Edge<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>> + Send,
     S::Future: Send + 'static,
-    R: Send + 'static,
+    R: Default + Send + 'static,
 {
     type Response = http::Response<R>;
     type Error = S::Error;
@@ -84,6 +125,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let size = metadata_size(&req);
+        if size > self.layer.max_metadata {
+            let resp = self.metadata_too_large(&req, size);
+            return Box::pin(async move { Ok(resp) });
+        }
         // Health checks and reflection carry no data: answered by their services, not audited.
         let path = req.uri().path();
         if path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") {
@@ -155,6 +201,53 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+impl<S> Edge<S> {
+    /// Refuse a call whose metadata is over the limit, without reading it (no token is
+    /// checked, no header is parsed): the gRPC status, a metric, a rate-limited record.
+    fn metadata_too_large<B, R: Default>(
+        &self,
+        req: &http::Request<B>,
+        size: usize,
+    ) -> http::Response<R> {
+        let max = self.layer.max_metadata;
+        let rej = Reject::new(
+            Reason::MetadataTooLarge,
+            format!(
+                "the call's metadata is {size} bytes; the gateway accepts at most {max}: send less in headers"
+            ),
+        )
+        .with_rule("limits:max_metadata_bytes");
+        let trace_id = audit::new_trace_id();
+        metrics::counter!("xgate_metadata_refused_total", "layer" => "edge").increment(1);
+        let peer = req.extensions().get::<Peer>();
+        let system = peer.and_then(|p| p.identity.as_ref().ok());
+        tracing::info!(%trace_id, size, max, "call refused: metadata too large");
+        self.layer.refusals.record(AuditRecord {
+            time: audit::now_rfc3339(),
+            trace_id: trace_id.clone(),
+            method: req.uri().path().chars().take(200).collect(),
+            consumer_dept: system.map(|s| s.dept.clone()),
+            consumer_system: system.map(|s| s.system.clone()),
+            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
+            remote_addr: peer.map(|p| p.remote.to_string()),
+            decision: "deny",
+            rule: rej.rule.clone(),
+            reason: Some(rej.reason.as_str().to_owned()),
+            detail: Some(format!("{size} bytes of metadata, over {max}")),
+            grpc_status: audit::code_name(rej.code()),
+            grpc_code: rej.code() as i32,
+            policy_version: self
+                .layer
+                .gateway
+                .upgrade()
+                .map(|g| g.snapshot().policy.version.clone())
+                .unwrap_or_default(),
+            ..AuditRecord::default()
+        });
+        rej.to_status(&trace_id).into_http()
     }
 }
 

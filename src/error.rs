@@ -122,6 +122,8 @@ reasons! {
     RequestMalformed => InvalidArgument, "REQUEST_MALFORMED";
     /// The request message is over the size limit.
     MessageTooLarge => ResourceExhausted, "MESSAGE_TOO_LARGE";
+    /// The request's metadata (headers) is over `limits.max_metadata_bytes`.
+    MetadataTooLarge => ResourceExhausted, "METADATA_TOO_LARGE";
     /// The request is malformed (no dataset, bad filter, ...).
     RequestInvalid => InvalidArgument, "REQUEST_INVALID";
     // --- limits ---------------------------------------------------------------------------

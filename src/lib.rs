@@ -27,6 +27,7 @@ pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod devpki;
 pub mod edge;
 pub mod error;

@@ -6,7 +6,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::transport::Server;
 
 use crate::{
     admin, audit,
@@ -300,7 +299,15 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| StartError(vec![format!("reflection: {e}")]))?;
-    let edge = crate::edge::EdgeLayer::new(handshake_audit.clone(), gateway.downgrade());
+    // Refusals anyone on the network can cause (handshakes, oversized metadata): one
+    // rate-limited recorder.
+    let refusals = Arc::new(audit::Refusals::new(handshake_audit.clone()));
+    let edge = crate::edge::EdgeLayer::new(
+        handshake_audit,
+        gateway.downgrade(),
+        refusals.clone(),
+        cfg.limits.max_metadata_bytes,
+    );
     let cutter = gateway.clone();
     // Live policy changes: file watch, SIGHUP, admin endpoint.
     let reloader = Arc::new(Reloader::new(
@@ -373,32 +380,33 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         Arc::from(cfg.trust_domain.as_str()),
         Arc::new(cfg.tls.identity_map()),
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
-        handshake_audit,
+        refusals.clone(),
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let drain = cfg.drain_timeout();
-    let serve = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit: a
-        // client that opens and cancels streams faster than this is sent GOAWAY.
-        .max_concurrent_streams(256)
-        .http2_max_pending_accept_reset_streams(Some(64))
-        .http2_max_header_list_size(32 * 1024)
-        // Outermost: refusals tonic makes before the pipeline runs get xgate's reasons and
-        // an audit record.
-        .layer(edge)
-        .add_service(data)
+    let routes = tonic::service::Routes::new(data)
         .add_service(catalog)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop_rx.await;
-            let _ = drain_tx.send(());
-            tracing::info!("shutting down: no new connections; draining in-flight calls");
-        });
+        .prepare();
+    // Outermost: the metadata limit, and refusals tonic makes before the pipeline runs get
+    // xgate's reasons and an audit record.
+    let svc = tower::ServiceBuilder::new().layer(edge).service(routes);
+    let settings = crate::conn::Settings {
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+        // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit.
+        max_concurrent_streams: 256,
+        max_pending_accept_reset_streams: 64,
+        max_metadata_hard_bytes: cfg.limits.max_metadata_hard_bytes,
+    };
+    let serve = crate::conn::serve(incoming, svc, settings, refusals, async move {
+        let _ = stop_rx.await;
+        let _ = drain_tx.send(());
+        tracing::info!("shutting down: no new connections; draining in-flight calls");
+    });
     let task = tokio::spawn(async move {
         // Boxed so that dropping it below really drops the services (and their audit senders).
         let mut serve = Box::pin(serve);
@@ -407,10 +415,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             r = &mut serve => Some(r),
             _ = drain_rx => None,
         };
-        let result = match served {
-            Some(r) => r.map_err(|e| e.to_string()),
+        let result: Result<(), String> = match served {
+            Some(()) => Ok(()),
             None => match tokio::time::timeout(drain, &mut serve).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
+                Ok(()) => Ok(()),
                 Err(_) => {
                     tracing::warn!(?drain, "drain timeout: ending the calls still in flight");
                     cutter.cut_in_flight();
@@ -429,7 +437,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         if let Some(h) = sighup {
             h.abort();
         }
-        // Dropping the server drops its services, and with them the audit senders.
+        // Dropping the server drops its connections and services, and with them the audit
+        // senders.
         drop(serve);
         sweeper.abort();
         let _ = sweeper.await;

@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
-    audit::{self, AuditLog, AuditRecord},
+    audit::{self, AuditRecord},
     error::Reason,
     identity::{IdentityMap, Peer, peer_info},
 };
@@ -195,6 +195,13 @@ pub struct TlsConn {
     peer: Peer,
 }
 
+impl TlsConn {
+    /// Who is on the other end.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
 impl Connected for TlsConn {
     type ConnectInfo = Peer;
 
@@ -257,13 +264,12 @@ pub fn incoming(
     trust_domain: Arc<str>,
     identity_map: Arc<IdentityMap>,
     handshake_timeout: Duration,
-    audit: AuditLog,
+    refusals: Arc<audit::Refusals>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     // At most this many handshakes at once: a flood of silent or garbage connections costs
     // a bounded number of tasks and sockets, and past it new connections are shed at once.
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
-    let refusals = Arc::new(RefusalAudit::new(audit));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -302,7 +308,8 @@ pub fn incoming(
                         if let Some(tls_err) =
                             e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
                         {
-                            refusals.record(
+                            handshake_refused(
+                                &refusals,
                                 remote,
                                 Reason::TlsHandshakeFailed,
                                 handshake_cause(tls_err),
@@ -314,7 +321,13 @@ pub fn incoming(
                     Err(_) => {
                         tracing::info!(%remote, "TLS handshake timed out");
                         let why = format!("no completed handshake within {handshake_timeout:?}");
-                        refusals.record(remote, Reason::TlsHandshakeTimeout, "timeout", why);
+                        handshake_refused(
+                            &refusals,
+                            remote,
+                            Reason::TlsHandshakeTimeout,
+                            "timeout",
+                            why,
+                        );
                         return;
                     }
                 };
@@ -343,65 +356,30 @@ pub fn incoming(
 /// Handshakes in progress at once, at most.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 1024;
 
-/// Audit records for refused handshakes. Anyone on the network can cause these, so they are
-/// rate-limited (the rest are counted into the next record that is written) and never wait
-/// for room in the queue that calls use.
-struct RefusalAudit {
-    audit: AuditLog,
-    limiter: governor::DefaultDirectRateLimiter,
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl RefusalAudit {
-    fn new(audit: AuditLog) -> Self {
-        let quota = governor::Quota::per_second(
-            std::num::NonZeroU32::new(20).unwrap_or(std::num::NonZeroU32::MIN),
-        )
-        .allow_burst(std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN));
-        Self {
-            audit,
-            limiter: governor::RateLimiter::direct(quota),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn record(
-        &self,
-        remote: std::net::SocketAddr,
-        reason: Reason,
-        cause: &'static str,
-        mut detail: String,
-    ) {
-        use std::sync::atomic::Ordering;
-        metrics::counter!("xgate_tls_handshake_failures_total", "reason" => reason.as_str(), "cause" => cause)
-            .increment(1);
-        if self.limiter.check().is_err() {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let n = self.suppressed.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            detail.push_str(&format!(
-                " (+{n} similar refusals since the last record, not recorded one by one)"
-            ));
-        }
-        let rec = AuditRecord {
-            time: audit::now_rfc3339(),
-            trace_id: audit::new_trace_id(),
-            method: "(tls-handshake)".into(),
-            remote_addr: Some(remote.to_string()),
-            decision: "deny",
-            rule: Some("tls:client-certificate".into()),
-            reason: Some(reason.as_str().into()),
-            detail: Some(detail),
-            grpc_status: audit::code_name(reason.code()),
-            grpc_code: reason.code() as i32,
-            ..AuditRecord::default()
-        };
-        if !self.audit.try_submit(rec) {
-            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
-        }
-    }
+/// Count a refused handshake and record it (rate-limited: anyone on the network can cause
+/// these).
+fn handshake_refused(
+    refusals: &audit::Refusals,
+    remote: std::net::SocketAddr,
+    reason: Reason,
+    cause: &'static str,
+    detail: String,
+) {
+    metrics::counter!("xgate_tls_handshake_failures_total", "reason" => reason.as_str(), "cause" => cause)
+        .increment(1);
+    refusals.record(AuditRecord {
+        time: audit::now_rfc3339(),
+        trace_id: audit::new_trace_id(),
+        method: "(tls-handshake)".into(),
+        remote_addr: Some(remote.to_string()),
+        decision: "deny",
+        rule: Some("tls:client-certificate".into()),
+        reason: Some(reason.as_str().into()),
+        detail: Some(detail),
+        grpc_status: audit::code_name(reason.code()),
+        grpc_code: reason.code() as i32,
+        ..AuditRecord::default()
+    });
 }
 
 /// A refused handshake's cause, as a bounded metric label.

@@ -399,6 +399,50 @@ impl AuditLog {
     }
 }
 
+/// Records of refusals that anyone on the network can cause (refused TLS handshakes,
+/// oversized metadata before any authentication): rate-limited (20/s, bursts of 100), the
+/// rest counted into the next record written, and never waiting for room in the queue that
+/// calls use.
+#[derive(Debug)]
+pub struct Refusals {
+    audit: AuditLog,
+    limiter: governor::DefaultDirectRateLimiter,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Refusals {
+    pub fn new(audit: AuditLog) -> Self {
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(20).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+        .allow_burst(std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN));
+        Self {
+            audit,
+            limiter: governor::RateLimiter::direct(quota),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Record `rec`, unless over the rate: then it is counted, and the count is added to the
+    /// `detail` of the next record that is written.
+    pub fn record(&self, mut rec: AuditRecord) {
+        if self.limiter.check().is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let n = self.suppressed.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            let d = rec.detail.get_or_insert_with(String::new);
+            d.push_str(&format!(
+                " (+{n} similar refusals since the last record, not recorded one by one)"
+            ));
+        }
+        if !self.audit.try_submit(rec) {
+            metrics::counter!("xgate_audit_records_dropped_total").increment(1);
+        }
+    }
+}
+
 /// Refusals counted instead of recorded one by one, per (consumer, reason): what the
 /// summary records say. Bounded: past [`Tally::MAX_KEYS`] distinct pairs, refusals are lost
 /// and counted in `xgate_audit_records_dropped_total`.

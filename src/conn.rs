@@ -1,0 +1,424 @@
+//! The HTTP/2 server on the gRPC port: one task per accepted TLS connection, hyper's HTTP/2
+//! server with xgate's limits, the connection's peer on every request, a graceful drain.
+//!
+//! xgate serves its connections itself rather than through `tonic::transport::Server`, because
+//! that server decides two things out of reach of any layer:
+//! - it enforces `grpc-timeout` by dropping the call's future and answering
+//!   `CANCELLED "Timeout expired"`, without a trace id — even while the call's record is being
+//!   made durable, so the record could say `OK` while the caller got nothing. Here the
+//!   pipeline owns the caller's deadline (`gateway`), and what it answers is what it records;
+//! - HTTP/2 refuses a header block over its limit before any layer runs (HTTP 431, or GOAWAY
+//!   when the block spans too many frames). Here the limit a call meets first is xgate's own
+//!   (`limits.max_metadata_bytes`, answered by the edge with a gRPC status); the HTTP/2
+//!   layer's limit is a hard cap far above it (`limits.max_metadata_hard_bytes`), and a
+//!   [`FrameWatch`] on the connection's bytes sees the blocks over that cap, so that even those
+//!   refusals are counted and recorded, once per connection.
+//!
+//! Not here: TLS and the peer's identity (`tls`), what a request means (`edge`, `gateway`).
+
+use std::{
+    convert::Infallible,
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_stream::{Stream, StreamExt};
+
+use crate::{
+    audit::{self, AuditRecord, Refusals},
+    error::Reason,
+    identity::Peer,
+    tls::TlsConn,
+};
+
+/// The HTTP/2 limits of the gRPC port.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Streams in flight per connection.
+    pub max_concurrent_streams: u32,
+    /// h2's rapid-reset defence: a client that opens and cancels streams faster than this is
+    /// sent GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
+    /// The HTTP/2 layer's header list limit (the hard cap; xgate's own limit is below it).
+    pub max_metadata_hard_bytes: usize,
+}
+
+/// What the connection's frame watch saw, read when it closes.
+#[derive(Debug, Default)]
+struct HeaderStats {
+    /// Header blocks over the hard cap on the wire.
+    over_cap: AtomicU64,
+}
+
+/// Serve HTTP/2 on every connection `incoming` yields, each request through a clone of
+/// `svc` with the connection's [`Peer`] in its extensions, until `shutdown` completes; then
+/// stop accepting, let every connection finish its calls (GOAWAY, then wait) and return.
+/// Dropping the returned future aborts every connection still open.
+pub async fn serve<I, S, B>(
+    mut incoming: I,
+    svc: S,
+    settings: Settings,
+    refusals: Arc<Refusals>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    I: Stream<Item = Result<TlsConn, io::Error>> + Unpin,
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+        .max_header_list_size(u32::try_from(settings.max_metadata_hard_bytes).unwrap_or(u32::MAX));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            next = incoming.next() => match next {
+                None => break,
+                Some(Err(e)) => tracing::debug!(error = %e, "connection not accepted"),
+                Some(Ok(conn)) => {
+                    conns.spawn(connection(
+                        conn,
+                        svc.clone(),
+                        builder.clone(),
+                        settings.max_metadata_hard_bytes,
+                        refusals.clone(),
+                        drain_rx.clone(),
+                    ));
+                }
+            },
+            // Reap finished connections as they end.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    // Stop accepting (the accept loop ends with the stream), then drain.
+    drop(incoming);
+    let _ = drain_tx.send(true);
+    while conns.join_next().await.is_some() {}
+}
+
+/// One connection, from its first byte to its close.
+async fn connection<S, B>(
+    conn: TlsConn,
+    svc: S,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    hard_cap: usize,
+    refusals: Arc<Refusals>,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let peer = conn.peer().clone();
+    let stats = Arc::new(HeaderStats::default());
+    let io = TokioIo::new(Watched {
+        inner: conn,
+        watch: FrameWatch::new(stats.clone(), hard_cap),
+    });
+    let p = peer.clone();
+    let svc = tower::ServiceBuilder::new()
+        .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(p.clone());
+            req
+        })
+        .service(svc);
+    let served = builder.serve_connection(io, TowerToHyperService::new(svc));
+    tokio::pin!(served);
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut served => break r,
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = &result {
+        tracing::debug!(remote = %peer.remote, error = %e, "connection ended with an error");
+    }
+    let over = stats.over_cap.load(Ordering::Relaxed);
+    if over > 0 {
+        over_cap_refused(&refusals, &peer, over, hard_cap, result.is_err());
+    }
+}
+
+/// Header blocks the HTTP/2 layer refused for their size, before any gRPC status was
+/// possible: counted, and one (rate-limited) record for the connection.
+fn over_cap_refused(refusals: &Refusals, peer: &Peer, blocks: u64, hard_cap: usize, closed: bool) {
+    metrics::counter!("xgate_metadata_refused_total", "layer" => "http2").increment(blocks);
+    let how = if closed {
+        "the connection was closed (GOAWAY)"
+    } else {
+        "each was answered HTTP 431"
+    };
+    let reason = Reason::MetadataTooLarge;
+    let system = peer.identity.as_ref().ok();
+    refusals.record(AuditRecord {
+        time: audit::now_rfc3339(),
+        trace_id: audit::new_trace_id(),
+        method: "(http2)".into(),
+        consumer_dept: system.map(|s| s.dept.clone()),
+        consumer_system: system.map(|s| s.system.clone()),
+        cert_fingerprint: Some(peer.fingerprint.clone()),
+        remote_addr: Some(peer.remote.to_string()),
+        decision: "deny",
+        rule: Some("limits:max_metadata_hard_bytes".into()),
+        reason: Some(reason.as_str().into()),
+        detail: Some(format!(
+            "{blocks} request header block(s) over the hard cap of {hard_cap} bytes were refused by the HTTP/2 layer; {how}"
+        )),
+        calls: blocks,
+        grpc_status: audit::code_name(reason.code()),
+        grpc_code: reason.code() as i32,
+        ..AuditRecord::default()
+    });
+}
+
+/// The connection's bytes, read through a [`FrameWatch`].
+struct Watched {
+    inner: TlsConn,
+    watch: FrameWatch,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let this = &mut *self;
+            this.watch.feed(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Reads the client's HTTP/2 frame headers as they pass (nine bytes per frame, payloads
+/// skipped) and counts header blocks (HEADERS + CONTINUATION up to END_HEADERS) larger on the
+/// wire than the hard cap. A well-behaved encoder never makes a block longer than what it
+/// decodes to, so such a block is over the HTTP/2 layer's decoded limit too: it is refused
+/// there (431 or GOAWAY) and never reaches the edge. (A block under the cap on the wire that
+/// decodes to more than it — heavy HPACK compression — is refused by the HTTP/2 layer without
+/// being seen here: docs/observability.md.)
+struct FrameWatch {
+    stats: Arc<HeaderStats>,
+    cap: usize,
+    /// Bytes of the client's connection preface still to skip.
+    preface: usize,
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to skip.
+    payload: usize,
+    /// The current frame carries header block bytes, and ends its block.
+    in_headers: bool,
+    ends_block: bool,
+    block: usize,
+    counted: bool,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`
+const PREFACE_LEN: usize = 24;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+impl FrameWatch {
+    fn new(stats: Arc<HeaderStats>, cap: usize) -> Self {
+        Self {
+            stats,
+            cap,
+            preface: PREFACE_LEN,
+            head: [0; 9],
+            head_len: 0,
+            payload: 0,
+            in_headers: false,
+            ends_block: false,
+            block: 0,
+            counted: false,
+        }
+    }
+
+    fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.preface > 0 {
+                let n = self.preface.min(b.len());
+                self.preface -= n;
+                b = &b[n..];
+                continue;
+            }
+            if self.payload > 0 {
+                let n = self.payload.min(b.len());
+                self.payload -= n;
+                b = &b[n..];
+                if self.in_headers {
+                    self.grow(n);
+                }
+                if self.payload == 0 {
+                    self.frame_done();
+                }
+                continue;
+            }
+            let n = (9 - self.head_len).min(b.len());
+            self.head[self.head_len..self.head_len + n].copy_from_slice(&b[..n]);
+            self.head_len += n;
+            b = &b[n..];
+            if self.head_len < 9 {
+                break;
+            }
+            self.head_len = 0;
+            let len = usize::from(self.head[0]) << 16
+                | usize::from(self.head[1]) << 8
+                | usize::from(self.head[2]);
+            let kind = self.head[3];
+            self.in_headers = kind == HEADERS || kind == CONTINUATION;
+            self.ends_block = self.head[4] & END_HEADERS != 0;
+            if kind == HEADERS {
+                self.block = 0;
+                self.counted = false;
+            }
+            self.payload = len;
+            if len == 0 {
+                self.frame_done();
+            }
+        }
+    }
+
+    fn grow(&mut self, n: usize) {
+        self.block += n;
+        if !self.counted && self.block > self.cap {
+            self.counted = true;
+            self.stats.over_cap.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn frame_done(&mut self) {
+        if self.in_headers && self.ends_block {
+            self.block = 0;
+            self.counted = false;
+        }
+        self.in_headers = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload_len: usize) -> Vec<u8> {
+        let mut f = vec![
+            (payload_len >> 16) as u8,
+            (payload_len >> 8) as u8,
+            payload_len as u8,
+            kind,
+            flags,
+        ];
+        f.extend(stream.to_be_bytes());
+        f.extend(std::iter::repeat_n(0u8, payload_len));
+        f
+    }
+
+    fn watched(bytes: &[u8], cap: usize, chunk: usize) -> u64 {
+        let stats = Arc::new(HeaderStats::default());
+        let mut w = FrameWatch::new(stats.clone(), cap);
+        for c in bytes.chunks(chunk) {
+            w.feed(c);
+        }
+        stats.over_cap.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn counts_each_header_block_over_the_cap_once_whatever_the_read_sizes() {
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend(frame(0x4, 0, 0, 6)); // SETTINGS
+        // A small block in one frame.
+        wire.extend(frame(HEADERS, END_HEADERS, 1, 100));
+        wire.extend(frame(0x0, 0x1, 1, 5000)); // DATA: not headers, whatever its size
+        // A block over the cap across three frames.
+        wire.extend(frame(HEADERS, 0, 3, 400));
+        wire.extend(frame(CONTINUATION, 0, 3, 400));
+        wire.extend(frame(CONTINUATION, END_HEADERS, 3, 400));
+        // Exactly at the cap: not over it.
+        wire.extend(frame(HEADERS, END_HEADERS, 5, 1000));
+        // Another over it.
+        wire.extend(frame(HEADERS, END_HEADERS, 7, 1001));
+        for chunk in [1, 7, 9, 100, 4096, wire.len()] {
+            assert_eq!(watched(&wire, 1000, chunk), 2, "reads of {chunk} bytes");
+        }
+    }
+}
