@@ -145,6 +145,13 @@ reasons! {
     ProviderError => Unknown, "PROVIDER_ERROR";
     /// The provider's answer does not follow the standard interface.
     ProviderResponseInvalid => Internal, "PROVIDER_RESPONSE_INVALID";
+    // --- the caller's side -----------------------------------------------------------------
+    /// The caller's deadline (`grpc-timeout`) passed before the call finished: the record
+    /// says how far it got; no rows were sent.
+    DeadlineExceeded => DeadlineExceeded, "DEADLINE_EXCEEDED";
+    /// The caller went away (cancelled, or its connection closed) before the call finished.
+    /// Only ever in the audit trail: there is no one left to answer.
+    Cancelled => Cancelled, "CANCELLED";
     // --- the gateway itself ---------------------------------------------------------------
     /// The audit trail cannot take the record, so the call is not made.
     AuditUnavailable => Unavailable, "AUDIT_UNAVAILABLE";

@@ -157,6 +157,59 @@ struct Call {
     span: tracing::Span,
     /// The caller's `traceparent`/`tracestate`, passed on unchanged when tracing is off.
     trace_headers: Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>,
+    /// When the caller's `grpc-timeout` runs out, counted from the call's arrival.
+    deadline: Option<tokio::time::Instant>,
+    /// The last moment a result may still be committed and sent: the deadline less the
+    /// headroom the answer needs to be made durable and reach the caller (a fifth of the
+    /// timeout, at most 100 ms — the caller's clock started before the request left it).
+    answer_by: Option<tokio::time::Instant>,
+}
+
+impl Call {
+    /// Note the stage the call enters (what its record says if it is cut short there).
+    fn at(&mut self, stage: &'static str) {
+        self.pending.rec().stage = stage;
+    }
+
+    /// Too late to send a result the caller would still take.
+    fn too_late(&self) -> bool {
+        self.answer_by
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+
+    /// The caller's deadline passed: what the caller is answered, and what its record says
+    /// (the stage reached; no rows sent).
+    fn deadline_passed(&mut self) -> Reject {
+        let rec = self.pending.rec();
+        let stage = if rec.stage.is_empty() {
+            "begin"
+        } else {
+            rec.stage
+        };
+        rec.reached = Some(stage);
+        rec.rows = 0;
+        rec.fields_returned.clear();
+        rec.fields_masked.clear();
+        Reject::new(
+            Reason::DeadlineExceeded,
+            format!(
+                "your deadline (grpc-timeout) passed while the gateway was at `{stage}`; no rows were sent: allow more time"
+            ),
+        )
+        .with_rule("caller:grpc-timeout")
+    }
+}
+
+/// Run `fut` until `deadline` (if any): `None` when the deadline came first (`fut` is dropped;
+/// it has committed nothing, since records are committed after it, by `finish`).
+async fn within<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        None => Some(fut.await),
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+    }
 }
 
 impl Gateway {
@@ -281,6 +334,7 @@ impl Gateway {
 
     /// Stage `begin`: open the audit record. Refuses when the audit trail cannot take records.
     fn begin<T>(&self, method: &'static str, req: &Request<T>) -> Result<Call, Status> {
+        let arrived = tokio::time::Instant::now();
         if let Some(h) = req.extensions().get::<crate::edge::Handled>() {
             h.mark();
         }
@@ -339,11 +393,22 @@ impl Gateway {
             self.inner.audit.keep(rec);
             return Err(rej.to_status(&trace_id));
         }
+        rec.stage = "begin";
+        // The pipeline owns the caller's deadline: it answers DEADLINE_EXCEEDED and records
+        // how far the call got (nothing else cuts a call short: see `conn`).
+        let timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(upstream::parse_grpc_timeout);
+        rec.timeout_us = timeout.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         Ok(Call {
             trace_id,
             pending: Pending::new(self.inner.audit.clone(), rec),
             span,
             trace_headers,
+            deadline: timeout.map(|d| arrived + d),
+            answer_by: timeout.map(|d| arrived + d - headroom(d)),
         })
     }
 
@@ -353,6 +418,7 @@ impl Gateway {
         call: &mut Call,
         req: &Request<T>,
     ) -> Result<Authenticated, Reject> {
+        call.at("authenticate");
         let peer = req.extensions().get::<Peer>().ok_or_else(|| {
             // Only reachable if the server is wired without the TLS acceptor: a bug.
             tracing::error!(trace_id = %call.trace_id, "request without peer info");
@@ -427,6 +493,12 @@ impl Gateway {
     ) -> Result<Response<T>, Status> {
         let log = call.pending.log().clone();
         let audit_span = tracing::info_span!(parent: &call.span, "xgate.audit");
+        // A result ready after the caller's deadline is not sent: the caller has given up.
+        let result = match result {
+            Ok(_) if call.too_late() => Err(call.deadline_passed()),
+            r => r,
+        };
+        call.at("commit");
         match result {
             Ok(body) => {
                 self.settle(&mut call, Code::Ok, None);
@@ -705,9 +777,11 @@ impl Gateway {
     ) -> Result<Prepared, Reject> {
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
+        call.at("decide");
         let permit = tracing::info_span!("xgate.policy")
             .in_scope(|| self.admit(call, who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
+        call.at("limit");
         let (rate_done, lease) = self
             .limit(
                 who,
@@ -755,6 +829,7 @@ impl Gateway {
             places: _places,
             ..
         } = self.prepare(call, &who, req.into_inner()).await?;
+        call.at("forward");
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, Some(deadline), &span);
         let sent = tokio::time::Instant::now();
@@ -773,6 +848,7 @@ impl Gateway {
             Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
             Ok(Ok(r)) => r.into_inner(),
         };
+        call.at("shape");
         let shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
         self.count_rows(&permit, shaped.response.rows.len() as u64);
         Ok(record_rows(call.pending.rec(), shaped))
@@ -801,6 +877,7 @@ impl Gateway {
             mut client,
             places,
         } = self.prepare(call, &who, req.into_inner()).await?;
+        call.at("forward");
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, caller_deadline, &span);
         let first_wait = caller_deadline
@@ -875,6 +952,7 @@ impl Gateway {
         tokio::pin!(token_expiry);
         let mut rows = 0u64;
         let provider = open.provider.clone();
+        call.at("relay");
         let outcome: Result<(), Reject> = loop {
             let wait = match end {
                 Some(e) => e
@@ -900,6 +978,18 @@ impl Gateway {
             };
             let batch = match next {
                 Err(r) => break Err(r),
+                // The caller's deadline, not the provider's slowness, ended the wait.
+                Ok(Err(_)) if end.is_some_and(|e| tokio::time::Instant::now() >= e) => {
+                    let rec = call.pending.rec();
+                    rec.reached = Some("relay");
+                    break Err(Reject::new(
+                        Reason::DeadlineExceeded,
+                        format!(
+                            "your deadline (grpc-timeout) passed during the stream, after {rows} row(s) were sent: allow more time, or page with Query"
+                        ),
+                    )
+                    .with_rule("caller:grpc-timeout"));
+                }
                 Ok(Err(_)) => break Err(upstream::provider_timeout(&provider)),
                 Ok(Ok(Err(status))) => break Err(upstream::provider_failure(&status, &provider)),
                 Ok(Ok(Ok(None))) => break Ok(()),
@@ -1121,7 +1211,13 @@ fn caller_deadline<T>(req: &Request<T>) -> Option<Duration> {
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(upstream::parse_grpc_timeout)?;
-    Some(d.saturating_sub((d / 5).min(Duration::from_millis(100))))
+    Some(d - headroom(d))
+}
+
+/// What an answer needs of a caller's timeout `d` to be recorded and travel back: a fifth,
+/// at most 100 ms.
+fn headroom(d: Duration) -> Duration {
+    (d / 5).min(Duration::from_millis(100))
 }
 
 fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reject> {
@@ -1454,7 +1550,12 @@ impl wire::data_exchange_server::DataExchange for Gateway {
     ) -> Result<Response<wire::QueryResponse>, Status> {
         let mut call = self.begin(METHOD_QUERY, &req)?;
         let span = call.span.clone();
-        let result = self.query_inner(&mut call, req).instrument(span).await;
+        let result = within(
+            call.deadline,
+            self.query_inner(&mut call, req).instrument(span),
+        )
+        .await
+        .unwrap_or_else(|| Err(call.deadline_passed()));
         self.finish(call, result).await
     }
 
@@ -1466,11 +1567,14 @@ impl wire::data_exchange_server::DataExchange for Gateway {
     ) -> Result<Response<Self::QueryStreamStream>, Status> {
         let mut call = self.begin(METHOD_QUERY_STREAM, &req)?;
         let span = call.span.clone();
-        match self
-            .query_stream_inner(&mut call, req)
-            .instrument(span.clone())
-            .await
-        {
+        let opened = within(
+            call.deadline,
+            self.query_stream_inner(&mut call, req)
+                .instrument(span.clone()),
+        )
+        .await
+        .unwrap_or_else(|| Err(call.deadline_passed()));
+        match opened {
             Ok(open) => {
                 // One batch in the pipe: a policy change applies from the next batch on.
                 let (tx, rx) = mpsc::channel(1);
@@ -1504,7 +1608,12 @@ impl pb::catalog_server::Catalog for Gateway {
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let mut call = self.begin(METHOD_LIST, &req)?;
         let span = call.span.clone();
-        let result = self.list_inner(&mut call, &req).instrument(span).await;
+        let result = within(
+            call.deadline,
+            self.list_inner(&mut call, &req).instrument(span),
+        )
+        .await
+        .unwrap_or_else(|| Err(call.deadline_passed()));
         self.finish(call, result).await
     }
 
@@ -1514,7 +1623,12 @@ impl pb::catalog_server::Catalog for Gateway {
     ) -> Result<Response<pb::DescribeDatasetResponse>, Status> {
         let mut call = self.begin(METHOD_DESCRIBE, &req)?;
         let span = call.span.clone();
-        let result = self.describe_inner(&mut call, &req).instrument(span).await;
+        let result = within(
+            call.deadline,
+            self.describe_inner(&mut call, &req).instrument(span),
+        )
+        .await
+        .unwrap_or_else(|| Err(call.deadline_passed()));
         self.finish(call, result).await
     }
 }

@@ -80,10 +80,21 @@ pub struct AuditRecord {
     pub calls: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
+    /// For a call the caller cancelled or whose deadline passed: the last pipeline stage it
+    /// reached (`authenticate`, `decide`, `limit`, `forward`, `shape`, `commit`, `relay`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached: Option<&'static str>,
+    /// The stage the call is in (kept current by the pipeline, recorded as `reached`).
+    #[serde(skip)]
+    pub stage: &'static str,
     /// gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).
     pub grpc_status: &'static str,
     pub grpc_code: i32,
     pub latency_us: u64,
+    /// The caller's `grpc-timeout`, when it sent one: a `latency_us` close to it means the
+    /// answer reached the caller at the very end of its time, or after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_us: Option<u64>,
     pub policy_version: String,
 }
 
@@ -589,6 +600,9 @@ impl Drop for Pending {
             finish(&mut rec, tonic::Code::Cancelled, self.started);
             if rec.reason.is_none() {
                 rec.reason = Some("CANCELLED".into());
+            }
+            if !rec.stage.is_empty() {
+                rec.reached = Some(rec.stage);
             }
             self.log.submit_detached(rec);
         }

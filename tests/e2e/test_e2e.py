@@ -96,6 +96,9 @@ class CallLog:
 
     def __init__(self):
         self.calls: list[dict] = []
+        # Calls cut short by their deadline or by the client: trace id -> what the client saw
+        # (its status code name, and whether that status came from the gateway).
+        self.cut_short: dict[str, dict] = {}
 
     def add(self, *, label, method, decision, reason, grpc_status, trace_id, rows=None,
             dataset=None, fields_masked=None, consumer_dept="civil-affairs"):
@@ -538,6 +541,70 @@ class Scenario:
             require(info.metadata.get("rule"), f"{label}: ErrorInfo has no metadata 'rule': {dict(info.metadata)}")
         return info
 
+    def metadata_too_large(self, size: int):
+        """Metadata over the gateway's limit: RESOURCE_EXHAUSTED METADATA_TOO_LARGE, audited,
+        and the same connection still serves the next call."""
+        md = auth(self.tokens["civil-affairs"]) + [("x-e2e-padding", "a" * size)]
+        info = self._expect_denied(f"{size // 1024} KiB of metadata", self.ca_exchange.Query,
+                                   self._query_request(), md, self.grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   "METADATA_TOO_LARGE", M_QUERY, consumer_dept="civil-affairs")
+        require(info.metadata.get("rule") == "limits:max_metadata_bytes", f"rule {dict(info.metadata)}")
+        self.list_datasets()
+        return info
+
+    def metadata_over_the_hard_cap(self):
+        """Far beyond the HTTP/2 layer's cap, on a connection of its own: refused (no gRPC status
+        from the gateway is possible there); the refusal is recorded once for the connection."""
+        ch = channel(self.grpc, self.addr, "civil-affairs")
+        try:
+            stub = self.pb["exchange_pb2_grpc"].DataExchangeStub(ch)
+            md = auth(self.tokens["civil-affairs"]) + [("x-e2e-padding", "a" * (6 << 20))]
+            try:
+                stub.Query(self._query_request(), metadata=md, timeout=RPC_TIMEOUT)
+                raise CheckFailed("6 MiB of metadata went through")
+            except self.grpc.RpcError as e:
+                require(e.code() != self.grpc.StatusCode.OK, f"{e.code()}")
+                return e.code()
+        finally:
+            ch.close()
+
+    def tiny_deadlines(self):
+        """grpc-timeout of 1n and 50u: whatever the client sees, the record says the same, and
+        never OK for a call the client did not get. Each call carries a traceparent, so its
+        record is found even when the client's own timer answered it."""
+        import secrets
+        time.sleep(2.5)  # the grant's burst (100 calls) refills after the paging above
+        seen = {}
+        for timeout in [1e-9] * 20 + [50e-6] * 20 + [2e-3] * 20:
+            tid = secrets.token_hex(16)
+            md = auth(self.tokens["civil-affairs"]) + [("traceparent", f"00-{tid}-{secrets.token_hex(8)}-01")]
+            try:
+                _, call = self.ca_exchange.Query.with_call(self._query_request(page_size=1), metadata=md,
+                                                           timeout=timeout)
+                got = {"code": "OK", "from_gateway": True}
+                require(one_trace_id(call.initial_metadata(), call.trailing_metadata()) == tid, "trace id")
+            except self.grpc.RpcError as e:
+                ids = trace_ids(e.initial_metadata(), e.trailing_metadata())
+                require(not ids or ids == [tid], f"{e.code()}: trace ids {ids}, sent {tid}")
+                require(e.code() in (self.grpc.StatusCode.DEADLINE_EXCEEDED,), f"{e.code()} {e.details()}")
+                got = {"code": e.code().name, "from_gateway": bool(ids)}
+            got["timeout_us"] = timeout * 1e6
+            self.log.cut_short[tid] = got
+            seen[got["code"]] = seen.get(got["code"], 0) + 1
+        print(f"      tiny deadlines: {seen}", flush=True)
+
+    def cancelled_stream(self):
+        """A stream the client cancels after its first batch: recorded CANCELLED, with the rows
+        that reached it and the stage it was in."""
+        import secrets
+        tid = secrets.token_hex(16)
+        md = auth(self.tokens["civil-affairs"]) + [("traceparent", f"00-{tid}-{secrets.token_hex(8)}-01")]
+        it = self.ca_exchange.QueryStream(self._query_request(page_size=5), metadata=md, timeout=RPC_TIMEOUT)
+        first = next(it)
+        require(len(first.rows) == 5, f"first batch {len(first.rows)} rows")
+        it.cancel()
+        self.log.cut_short[tid] = {"code": "CANCELLED", "from_gateway": False, "stream": True}
+
     def deny_no_grant(self):
         info = self._expect_denied("health on hukou.person_basic", self.health_exchange.Query,
                                    self._query_request(purpose="medical-insurance", region=None),
@@ -584,7 +651,38 @@ def check_audit(audit_dir: Path, log: CallLog):
                 raise CheckFailed(f"{seg.name}:{i + 1} is not JSON ({e}): {l[:200]}")
             if "checkpoint" not in v:
                 records.append(v)
+    # Refusals by the HTTP/2 layer (over the hard metadata cap): one record per connection.
+    http2 = [r for r in records if r.get("method") == "(http2)"]
+    records = [r for r in records if r.get("method") != "(http2)"]
+    require(len(http2) == 1, f"{len(http2)} records of HTTP/2-level refusals, expected 1: {http2}")
+    require(http2[0].get("reason") == "METADATA_TOO_LARGE" and http2[0].get("consumer_dept") == "civil-affairs",
+            f"HTTP/2-level refusal recorded as {http2[0]}")
     problems = []
+    # Calls cut short by a deadline or the client: the record says what the client got.
+    for tid, got in log.cut_short.items():
+        found = [r for r in records if r.get("trace_id") == tid]
+        if not found and not got["from_gateway"]:
+            continue  # the client's own timer fired before it sent the call: nothing reached us
+        if len(found) != 1:
+            problems.append(f"cut-short call {tid}: {len(found)} records")
+            continue
+        r = found[0]
+        if got["code"] != "OK" and r.get("grpc_status") == "OK":
+            # The one race left: the gateway committed and sent the answer in time, and the
+            # client's own timer fired before it arrived. The record shows it: answered within
+            # a millisecond of the caller's timeout (which grpc-timeout carries rounded up).
+            close = r.get("timeout_us") is not None and r["latency_us"] + 1000 >= got["timeout_us"]
+            if got["from_gateway"] or not close:
+                problems.append(f"cut-short call {tid}: the client got {got['code']} but the record says OK: {r}")
+        if got["from_gateway"] and r.get("grpc_status") != got["code"]:
+            problems.append(f"cut-short call {tid}: the client got {got['code']} from the gateway, record {r.get('grpc_status')}")
+        if r.get("grpc_status") in ("DEADLINE_EXCEEDED", "CANCELLED") and r.get("reason") != "PROVIDER_TIMEOUT":
+            if not r.get("reached"):
+                problems.append(f"cut-short call {tid}: no `reached` stage in {r}")
+        if got.get("stream"):
+            if r.get("grpc_status") != "CANCELLED" or r.get("reached") != "relay" or not r.get("rows"):
+                problems.append(f"cancelled stream {tid}: recorded {r}")
+    records = [r for r in records if r.get("trace_id") not in log.cut_short]
     if len(records) != len(log.calls):
         problems.append(f"audit has {len(records)} lines for {len(log.calls)} calls made")
     by_trace: dict[str, list[dict]] = {}
@@ -652,6 +750,14 @@ def run(results: Results, tmp: Path, state: dict):
     results.run("deny: share type none -> SHARE_TYPE_NONE", scenario.deny_share_type_none)
     results.run("deny: missing token -> TOKEN_MISSING", scenario.deny_missing_token)
     results.run("deny: health token on civil-affairs cert -> TOKEN_DEPT_MISMATCH", scenario.deny_dept_mismatch)
+    for size in (40 << 10, 200 << 10, 1 << 20):
+        results.run(f"metadata of {size >> 10} KiB -> RESOURCE_EXHAUSTED METADATA_TOO_LARGE, connection usable",
+                    scenario.metadata_too_large, size)
+    over_cap = results.run("metadata of 6 MiB (over the HTTP/2 cap) -> refused", scenario.metadata_over_the_hard_cap)
+    if over_cap is not None:
+        print(f"      6 MiB of metadata: the client saw {over_cap}", flush=True)
+    results.run("grpc-timeout 1n / 50u / 2m: client and record agree", scenario.tiny_deadlines)
+    results.run("QueryStream cancelled by the client after one batch", scenario.cancelled_stream)
     results.run("grpc.health.v1: SERVING", scenario.health_service)
     results.run("server reflection: the interface without proto files", scenario.reflection)
     scenario.close()
