@@ -253,6 +253,39 @@ impl std::error::Error for Reject {}
 
 #[cfg(test)]
 mod tests {
+    /// The README's error table is the callers' copy of this one: every reason is in it, with
+    /// its code.
+    #[test]
+    fn the_readme_error_table_lists_every_reason_with_its_code() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("| reason | code | when |").unwrap_or(0);
+        let end = readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |e| start + e);
+        let table = &readme[start..end];
+        for r in Reason::ALL {
+            let row = table
+                .lines()
+                .find(|l| l.contains(&format!("`{}`", r.as_str())));
+            let Some(row) = row else {
+                panic!("README error table has no row for `{}`", r.as_str());
+            };
+            let code = crate::audit::code_name(r.code());
+            // Reasons no caller receives as a status say so instead.
+            let instead = [
+                "(TLS alert)",
+                "(connection closed)",
+                "(audit only)",
+                "the provider's code",
+            ];
+            assert!(
+                row.contains(code) || instead.iter().any(|s| row.contains(s)),
+                "README row for `{}` does not name {code}: {row}",
+                r.as_str()
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

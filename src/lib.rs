@@ -5,8 +5,12 @@
 //!
 //!  tls        handshake; client cert must chain to the CA (CRLs, live rotation);
 //!             identity from the SAN URI; refused handshakes audited (rate-limited)
-//!  edge       refusals tonic makes before the pipeline get xgate reasons + audit records
-//!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish
+//!  conn       HTTP/2 per connection (hyper), peer on every request, graceful drain;
+//!             header blocks over the hard cap counted and recorded per connection
+//!  edge       metadata limit; refusals tonic makes before the pipeline get xgate
+//!             reasons + audit records
+//!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish,
+//!             all within the caller's deadline
 //!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate;
 //!               signatures checked with ring (jwt_ring)
 //!    policy     pure evaluation of the data-sharing model (grants, scopes, masks)
