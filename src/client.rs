@@ -205,9 +205,9 @@ pub fn print_table(resp: &QueryResponse) {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("{}", line(&headers));
+    crate::outln!("{}", line(&headers));
     for row in &cells {
-        println!("{}", line(row));
+        crate::outln!("{}", line(row));
     }
 }
 

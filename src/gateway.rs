@@ -407,8 +407,9 @@ impl Gateway {
             pending: Pending::new(self.inner.audit.clone(), rec),
             span,
             trace_headers,
-            deadline: timeout.map(|d| arrived + d),
-            answer_by: timeout.map(|d| arrived + d - headroom(d)),
+            // (A timeout too far off to represent is no deadline at all.)
+            deadline: timeout.and_then(|d| arrived.checked_add(d)),
+            answer_by: timeout.and_then(|d| arrived.checked_add(d - headroom(d))),
         })
     }
 
@@ -445,10 +446,17 @@ impl Gateway {
         let system = peer.identity.clone().map_err(|why| {
             Reject::new(Reason::CertIdentityMissing, why).with_rule("identity:certificate")
         })?;
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
+        // One token per call: with two `authorization` headers, which one counts would be
+        // up to whoever reads them.
+        let mut all = req.metadata().get_all("authorization").iter();
+        let header = all.next().and_then(|v| v.to_str().ok());
+        if all.next().is_some() {
+            return Err(Reject::new(
+                Reason::TokenMalformed,
+                "the call carries more than one `authorization` header; send exactly one",
+            )
+            .with_rule("identity:token"));
+        }
         let claims = self
             .inner
             .tokens
@@ -944,7 +952,7 @@ impl Gateway {
         let idle = self.inner.max_timeout;
         let end = open
             .caller_deadline
-            .map(|d| tokio::time::Instant::now() + d);
+            .and_then(|d| tokio::time::Instant::now().checked_add(d));
         let mut changes = self.inner.policy_changes.subscribe();
         let mut cut = self.inner.cut.subscribe();
         let lifetime = open.who.claims.exp.saturating_sub(crate::token::now_secs());

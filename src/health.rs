@@ -19,6 +19,8 @@ use crate::gateway::{Gateway, WeakGateway};
 #[derive(Debug, Clone, Serialize)]
 pub struct Readiness {
     pub ready: bool,
+    /// The gateway's version (`xgate --version`).
+    pub version: &'static str,
     pub policy_version: String,
     pub audit_writable: bool,
     /// provider id -> reachable at the last probe (absent before the first probe).
@@ -49,6 +51,7 @@ pub fn readiness(gw: &Gateway) -> Readiness {
         None
     };
     Readiness {
+        version: env!("CARGO_PKG_VERSION"),
         ready: why_not.is_none(),
         policy_version: snap.policy.version.clone(),
         audit_writable: audit,

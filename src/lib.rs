@@ -54,5 +54,42 @@ pub mod token;
 pub mod upstream;
 pub mod wire;
 
+/// Write to stdout for the CLI; when stdout is closed (`xgate audit search … | head`), end the
+/// process quietly (exit 0) instead of panicking as `println!` does.
+pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for the CLI's output: see [`write_stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::write_stdout(format_args!(""), true) };
+    ($($t:tt)*) => { $crate::write_stdout(format_args!($($t)*), true) };
+}
+
+/// `print!` for the CLI's output: see [`write_stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::write_stdout(format_args!($($t)*), false) };
+}
+
 /// Response (and upstream request) metadata carrying the call's trace id.
 pub const TRACE_ID_HEADER: &str = "x-xgate-trace-id";

@@ -36,7 +36,7 @@ struct DemoArgs {
     #[arg(long)]
     json_logs: bool,
     /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
-    #[arg(long)]
+    #[arg(long, visible_alias = "admin-listen")]
     admin: Option<SocketAddr>,
     /// Audit durability: sync (record fsync'd before each response) or async.
     #[arg(long, default_value = "sync")]
@@ -106,9 +106,8 @@ struct ReportArgs {
     /// Until this time (a date or RFC 3339, exclusive).
     #[arg(long)]
     to: Option<String>,
-    /// Offset that days, weeks, months and date-only bounds are in, e.g. +08:00.
-    #[arg(long, default_value = "Z", allow_hyphen_values = true)]
-    utc_offset: String,
+    #[command(flatten)]
+    zone: ZoneArgs,
     /// table, csv, json or html.
     #[arg(long, default_value = "table")]
     format: String,
@@ -121,7 +120,35 @@ struct ReportArgs {
     strict: bool,
 }
 
+/// The zone days are counted in: the province's, the one its quotas reset in.
+#[derive(clap::Args)]
+struct ZoneArgs {
+    /// Zone that days, weeks, months and date-only bounds are in: Asia/Shanghai, UTC, +08:00.
+    /// Default: `limits.quota_timezone` of --config, else Asia/Shanghai (the default of
+    /// `limits.quota_timezone`, so a department's day is the same day everywhere).
+    #[arg(long, visible_alias = "utc-offset", allow_hyphen_values = true)]
+    zone: Option<String>,
+    /// A gateway config to take the zone from (`limits.quota_timezone`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ZoneArgs {
+    fn resolve(&self) -> Result<String, String> {
+        if let Some(z) = &self.zone {
+            return Ok(z.clone());
+        }
+        match &self.config {
+            Some(p) => Config::load(p)
+                .map(|c| c.limits.quota_timezone)
+                .map_err(|errs| format!("{}: {}", p.display(), errs.join("; "))),
+            None => Ok("Asia/Shanghai".into()),
+        }
+    }
+}
+
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum AuditCmd {
     /// Check the hash chain, every checkpoint signature and the trail's end against its
     /// signed head; name the first damage; exit 1 if any (docs/audit.md: what is detected).
@@ -148,12 +175,14 @@ enum AuditCmd {
         consumer: Option<String>,
         #[arg(long)]
         dataset: Option<String>,
-        /// From this time (RFC 3339, inclusive).
+        /// From this time (inclusive): RFC 3339 with an offset, or a date (midnight in --zone).
         #[arg(long)]
         since: Option<String>,
-        /// Until this time (RFC 3339, exclusive).
+        /// Until this time (exclusive): RFC 3339 with an offset, or a date (midnight in --zone).
         #[arg(long)]
         until: Option<String>,
+        #[command(flatten)]
+        zone: ZoneArgs,
         /// gRPC status name, e.g. OK, PERMISSION_DENIED.
         #[arg(long)]
         status: Option<String>,
@@ -413,7 +442,7 @@ fn main() -> ExitCode {
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {
-                    println!("wrote {}", f.display());
+                    xgate::outln!("wrote {}", f.display());
                 }
             })
             .map_err(|e| e.to_string()),
@@ -426,15 +455,37 @@ fn main() -> ExitCode {
         })
         .and_then(|rt| rt.block_on(bench(b))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
-        Cmd::Audit { cmd } => audit_cmd(cmd),
-        Cmd::Report(r) => report(r),
+        Cmd::Audit { cmd } => return exit(audit_cmd(cmd)),
+        Cmd::Report(r) => return exit(report(r)),
     };
+    exit(result.map_err(CliError::Failed))
+}
+
+fn exit(result: Result<(), CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(CliError::Failed(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+        // Like clap's own usage errors.
+        Err(CliError::Usage(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a command failed: it ran and failed (exit 1), or it was asked for something it cannot
+/// understand (exit 2, as for clap's own usage errors).
+enum CliError {
+    Failed(String),
+    Usage(String),
+}
+
+impl From<String> for CliError {
+    fn from(e: String) -> Self {
+        CliError::Failed(e)
     }
 }
 
@@ -449,7 +500,7 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
     match cmd {
         PolicyCmd::Check { file } => {
             let p = load_policy(&file)?;
-            println!(
+            xgate::outln!(
                 "{}: OK ({} departments, {} datasets, {} grants, {} negative-list entries; version {})",
                 file.display(),
                 p.file.departments.len(),
@@ -469,12 +520,12 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                     "new": {"file": new.display().to_string(), "version": b.version},
                     "changes": changes,
                 });
-                println!(
+                xgate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
                 );
             } else {
-                println!(
+                xgate::outln!(
                     "{} ({}) -> {} ({})",
                     old.display(),
                     a.version,
@@ -486,9 +537,9 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                     .filter(|c| c.direction == xgate::policy::diff::Direction::Loosens)
                     .count();
                 for c in &changes {
-                    println!("{c}");
+                    xgate::outln!("{c}");
                 }
-                println!(
+                xgate::outln!(
                     "{} change(s): {loosen} loosen, {} tighten",
                     changes.len(),
                     changes.len() - loosen
@@ -524,8 +575,8 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                 },
                 &mut steps,
             );
-            println!("policy {} ({})", policy.display(), p.version);
-            println!(
+            xgate::outln!("policy {} ({})", policy.display(), p.version);
+            xgate::outln!(
                 "consumer {consumer} system {} dataset {dataset} purpose {}",
                 if system.is_empty() {
                     "(none given: system-specific grants do not apply)"
@@ -544,21 +595,21 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                 } else {
                     "✓"
                 };
-                println!("  {}. {mark} {rule}: {note}", i + 1);
+                xgate::outln!("  {}. {mark} {rule}: {note}", i + 1);
             }
             match decision {
                 Ok(permit) => {
                     if let Some(sc) = &permit.scope {
-                        println!(
+                        xgate::outln!(
                             "  {}. ✓ row-scope: {} (field `{}`)",
                             steps.0.len() + 1,
                             sc.label,
                             sc.field
                         );
                     }
-                    println!("ALLOW under {}", permit.rule);
+                    xgate::outln!("ALLOW under {}", permit.rule);
                     for f in &permit.fields {
-                        println!(
+                        xgate::outln!(
                             "  {:<24} {}",
                             f.name,
                             if f.mask.is_none() {
@@ -568,19 +619,20 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                             }
                         );
                     }
-                    println!(
+                    xgate::outln!(
                         "  rate {}/s burst {}",
-                        permit.rate_limit.per_second, permit.rate_limit.burst
+                        permit.rate_limit.per_second,
+                        permit.rate_limit.burst
                     );
                 }
                 Err(r) => {
-                    println!(
+                    xgate::outln!(
                         "  {}. ✗ {}: {}",
                         steps.0.len() + 1,
                         r.rule.as_deref().unwrap_or("request"),
                         r.message
                     );
-                    println!("DENY {} ({:?})", r.reason, r.code());
+                    xgate::outln!("DENY {} ({:?})", r.reason, r.code());
                 }
             }
             Ok(())
@@ -588,10 +640,17 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
     }
 }
 
-fn report(a: ReportArgs) -> Result<(), String> {
+fn report(a: ReportArgs) -> Result<(), CliError> {
+    // Bounds the command cannot understand are a usage error (exit 2), before any work.
+    xgate::report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)
+        .map_err(CliError::Usage)?;
+    report_run(a).map_err(CliError::Failed)
+}
+
+fn report_run(a: ReportArgs) -> Result<(), String> {
     use xgate::report;
     let period: report::Period = a.period.parse()?;
-    let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.utc_offset)?;
+    let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)?;
     let render = match a.format.as_str() {
         "table" => report::render_table,
         "csv" => report::render_csv,
@@ -636,14 +695,39 @@ fn damaged_lines(read: &xgate::audit::read::Searched, strict: bool) -> Result<()
     Ok(())
 }
 
-fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
+fn audit_cmd(cmd: AuditCmd) -> Result<(), CliError> {
+    if let AuditCmd::Search {
+        since, until, zone, ..
+    } = &cmd
+    {
+        search_range(since, until, zone)?;
+    }
+    audit_run(cmd).map_err(CliError::Failed)
+}
+
+/// `audit search`'s time bounds: a bound that is not a time is a usage error (exit 2).
+fn search_range(
+    since: &Option<String>,
+    until: &Option<String>,
+    zone: &ZoneArgs,
+) -> Result<xgate::report::Range, CliError> {
+    xgate::report::Range::parse_flags(
+        since.as_deref(),
+        until.as_deref(),
+        &zone.resolve()?,
+        ["--since", "--until"],
+    )
+    .map_err(CliError::Usage)
+}
+
+fn audit_run(cmd: AuditCmd) -> Result<(), String> {
     use base64::Engine;
     match cmd {
         AuditCmd::Head { dir } => {
             let path = dir.join(xgate::audit::head::HEAD_FILE);
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            print!("{text}");
+            xgate::out!("{text}");
             Ok(())
         }
         AuditCmd::Verify {
@@ -681,7 +765,7 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", dir.display()))?
             {
                 Ok(r) => {
-                    println!(
+                    xgate::outln!(
                         "{}: OK — {} records (seq {}..{}) in {} segment(s), {} signed checkpoint(s); {} record(s) after the last checkpoint",
                         dir.display(),
                         r.records,
@@ -692,22 +776,23 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                         r.unsigned_tail
                     );
                     match &r.head {
-                        Some(h) => println!(
+                        Some(h) => xgate::outln!(
                             "head: the trail reaches its signed head (checkpoint of record {}, segment {})",
-                            h.checkpoint_seq, h.segment
+                            h.checkpoint_seq,
+                            h.segment
                         ),
-                        None => println!(
+                        None => xgate::outln!(
                             "head: not checked (--no-head): a cut at the end would not show"
                         ),
                     }
                     if let Some(h) = &r.expected {
-                        println!(
+                        xgate::outln!(
                             "saved head: the trail still reaches it (checkpoint of record {})",
                             h.checkpoint_seq
                         );
                     }
                     if r.torn_tail_bytes > 0 {
-                        println!(
+                        xgate::outln!(
                             "torn last write: {} byte(s) after the last complete line of the newest segment (a crash; the gateway cuts them at its next start)",
                             r.torn_tail_bytes
                         );
@@ -729,7 +814,15 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             subject_key,
             format,
             strict,
+            zone,
         } => {
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            let range = match search_range(&since, &until, &zone) {
+                Ok(r) => r,
+                Err(CliError::Usage(e) | CliError::Failed(e)) => return Err(e),
+            };
             let subject = match subject {
                 None => None,
                 Some(id) => Some(xgate::audit::subject_hash(
@@ -740,8 +833,8 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             let q = xgate::audit::read::Query {
                 consumer,
                 dataset,
-                since,
-                until,
+                since: range.from,
+                until: range.to,
                 status,
                 decision,
                 subject,
@@ -765,21 +858,24 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                 other => other.to_string(),
             };
             if format == "table" {
-                println!(
+                xgate::outln!(
                     "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} rule",
-                    "time", "consumer", "system", "method", "dataset", "dec.", "status"
+                    "time",
+                    "consumer",
+                    "system",
+                    "method",
+                    "dataset",
+                    "dec.",
+                    "status"
                 );
             } else if format == "csv" {
-                println!("{}", COLS.join(","));
+                xgate::outln!("{}", COLS.join(","));
             } else if format != "jsonl" {
                 return Err(format!("--format `{format}`: use table, jsonl or csv"));
             }
-            if !dir.is_dir() {
-                return Err(format!("{}: not an audit trail directory", dir.display()));
-            }
             let read = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
-                "jsonl" => println!("{v}"),
-                "csv" => println!(
+                "jsonl" => xgate::outln!("{v}"),
+                "csv" => xgate::outln!(
                     "{}",
                     COLS.iter()
                         .map(|k| {
@@ -793,7 +889,7 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
-                _ => println!(
+                _ => xgate::outln!(
                     "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} {}",
                     cell(&v, "time"),
                     cell(&v, "consumer_dept"),
@@ -807,7 +903,7 @@ fn audit_cmd(cmd: AuditCmd) -> Result<(), String> {
             })
             .map_err(|e| format!("{}: {e}", dir.display()))?;
             if format == "table" {
-                println!("({} records)", read.matched);
+                xgate::outln!("({} records)", read.matched);
             }
             damaged_lines(&read, strict)
         }
@@ -966,11 +1062,11 @@ fn demo(d: DemoArgs) -> Result<(), String> {
             })
             .await
             .map_err(|e| format!("sample provider `{id}` on {addr}: {e}"))?;
-            println!("sample provider {id:<20} https://{bound}");
+            xgate::outln!("sample provider {id:<20} https://{bound}");
             providers.push(h);
         }
         if providers_only {
-            println!("Ctrl-C stops the sample providers.");
+            xgate::outln!("Ctrl-C stops the sample providers.");
             use std::io::Write;
             let _ = std::io::stdout().flush();
             shutdown_signal().await;
@@ -983,28 +1079,28 @@ fn demo(d: DemoArgs) -> Result<(), String> {
         }
         let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
         let addr = running.addr;
-        println!("xgate demo listening on {addr}");
-        println!("policy {} ({})", policy_path.display(), running.policy_version);
-        println!("audit trail {}", running.audit_path.display());
+        xgate::outln!("xgate demo listening on {addr}");
+        xgate::outln!("policy {} ({})", policy_path.display(), running.policy_version);
+        xgate::outln!("audit trail {}", running.audit_path.display());
         match running.admin_addr {
-            Some(a) => println!("admin endpoint http://{a}/admin/policy (reload: POST /admin/policy/reload)"),
-            None => println!("policy reloads when {} changes (admin endpoint: --admin 127.0.0.1:9443)", policy_path.display()),
+            Some(a) => xgate::outln!("admin endpoint http://{a}/admin/policy (reload: POST /admin/policy/reload)"),
+            None => xgate::outln!("policy reloads when {} changes (admin endpoint: --admin 127.0.0.1:9443)", policy_path.display()),
         }
-        println!();
-        println!("Try it (another terminal, from the repository root):");
+        xgate::outln!();
+        xgate::outln!("Try it (another terminal, from the repository root):");
         let gw = if addr.port() == 8443 { String::new() } else { format!(" --gateway https://{addr}") };
-        println!("  cargo run --release -- call{gw} --as civil-affairs list");
-        println!("  cargo run --release -- call{gw} --as civil-affairs describe hukou.person_basic");
-        println!(
+        xgate::outln!("  cargo run --release -- call{gw} --as civil-affairs list");
+        xgate::outln!("  cargo run --release -- call{gw} --as civil-affairs describe hukou.person_basic");
+        xgate::outln!(
             "  cargo run --release -- call{gw} --as civil-affairs query hukou.person_basic --purpose subsidy-eligibility --where region_code=330106 --page-size 5"
         );
-        println!(
+        xgate::outln!(
             "  cargo run --release -- call{gw} --as health query hukou.person_basic --purpose medical-insurance   # denied: no grant"
         );
-        println!(
+        xgate::outln!(
             "  cargo run --release -- call{gw} --as civil-affairs query hukou.criminal_record --purpose subsidy-eligibility   # denied: share type none"
         );
-        println!("Ctrl-C stops the demo.");
+        xgate::outln!("Ctrl-C stops the demo.");
         use std::io::Write;
         let _ = std::io::stdout().flush();
         shutdown_signal().await;
@@ -1013,7 +1109,7 @@ fn demo(d: DemoArgs) -> Result<(), String> {
         for h in providers {
             let _ = h.await;
         }
-        println!("stopped; {written} audit records written");
+        xgate::outln!("stopped; {written} audit records written");
         tel.shutdown().await;
         Ok(())
     })
@@ -1039,7 +1135,7 @@ fn token(t: TokenArgs) -> Result<(), String> {
     claims["iss"] = t.issuer.into();
     claims["aud"] = t.audience.into();
     let tok = devpki::mint_token(&key, &t.kid, &claims).map_err(|e| e.to_string())?;
-    println!("{tok}");
+    xgate::outln!("{tok}");
     Ok(())
 }
 
@@ -1059,18 +1155,21 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 .map_err(fail)?
                 .into_inner();
             if c.json {
-                println!("{}", json_datasets(&r.datasets));
+                xgate::outln!("{}", json_datasets(&r.datasets));
             } else {
                 for d in &r.datasets {
                     let share = pb::ShareType::try_from(d.share_type)
                         .map(|s| s.as_str_name())
                         .unwrap_or("?");
-                    println!(
+                    xgate::outln!(
                         "{:<28} {:<20} {:<26} {}",
-                        d.id, d.owner_department, share, d.title
+                        d.id,
+                        d.owner_department,
+                        share,
+                        d.title
                     );
                 }
-                println!(
+                xgate::outln!(
                     "({} datasets; policy {})",
                     r.datasets.len(),
                     r.policy_version
@@ -1089,7 +1188,7 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 .into_inner();
             let a = r.access.unwrap_or_default();
             if c.json {
-                println!(
+                xgate::outln!(
                     "{}",
                     serde_json::json!({
                         "dataset": r.dataset.as_ref().map(|d| d.id.clone()),
@@ -1103,9 +1202,12 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 );
             } else {
                 if let Some(d) = &r.dataset {
-                    println!(
+                    xgate::outln!(
                         "{} — {} (owner {}, subject key {})",
-                        d.id, d.title, d.owner_department, d.subject_key
+                        d.id,
+                        d.title,
+                        d.owner_department,
+                        d.subject_key
                     );
                     for f in &d.fields {
                         let t = pb::FieldType::try_from(f.r#type)
@@ -1114,19 +1216,20 @@ async fn call(c: CallArgs) -> Result<(), String> {
                         let s = pb::Sensitivity::try_from(f.sensitivity)
                             .map(|t| t.as_str_name())
                             .unwrap_or("?");
-                        println!("  {:<22} {:<22} {}", f.name, t, s);
+                        xgate::outln!("  {:<22} {:<22} {}", f.name, t, s);
                     }
                 }
                 if a.allowed {
-                    println!(
+                    xgate::outln!(
                         "your access for purpose `{}`: ALLOWED under {}",
-                        a.evaluated_purpose, a.deciding_rule
+                        a.evaluated_purpose,
+                        a.deciding_rule
                     );
-                    println!("  readable: {}", a.readable_fields.join(", "));
+                    xgate::outln!("  readable: {}", a.readable_fields.join(", "));
                     for m in &a.masked_fields {
-                        println!("  masked:   {} ({})", m.field, m.mask);
+                        xgate::outln!("  masked:   {} ({})", m.field, m.mask);
                     }
-                    println!(
+                    xgate::outln!(
                         "  purposes: {}",
                         if a.allowed_purposes.is_empty() {
                             "any (no grant needed)".into()
@@ -1134,14 +1237,17 @@ async fn call(c: CallArgs) -> Result<(), String> {
                             a.allowed_purposes.join(", ")
                         }
                     );
-                    println!("  rows:     {}", a.row_scope);
+                    xgate::outln!("  rows:     {}", a.row_scope);
                     if let Some(rl) = a.rate_limit {
-                        println!("  rate:     {}/s, burst {}", rl.per_second, rl.burst);
+                        xgate::outln!("  rate:     {}/s, burst {}", rl.per_second, rl.burst);
                     }
                 } else {
-                    println!(
+                    xgate::outln!(
                         "your access for purpose `{}`: DENIED {} — {} [rule {}]",
-                        a.evaluated_purpose, a.denial_reason, a.denial_message, a.deciding_rule
+                        a.evaluated_purpose,
+                        a.denial_reason,
+                        a.denial_message,
+                        a.deciding_rule
                     );
                 }
             }
@@ -1170,10 +1276,10 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 .to_owned();
             let r = r.into_inner();
             if c.json {
-                println!("{}", json_response(&r));
+                xgate::outln!("{}", json_response(&r));
             } else {
                 client::print_table(&r);
-                println!(
+                xgate::outln!(
                     "({} rows; masked: {}; next page: {}; trace {trace})",
                     r.rows.len(),
                     if r.masked_columns.is_empty() {
@@ -1211,10 +1317,10 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 batches += 1;
                 rows += b.rows.len() as u64;
                 if c.json {
-                    println!("{}", json_response(&b));
+                    xgate::outln!("{}", json_response(&b));
                 }
             }
-            println!("({batches} batches, {rows} rows)");
+            xgate::outln!("({batches} batches, {rows} rows)");
         }
     }
     Ok(())
@@ -1354,12 +1460,12 @@ async fn bench(b: BenchArgs) -> Result<(), String> {
     };
     let report = xgate::loadgen::run(channels, plan).await?;
     if b.json {
-        println!(
+        xgate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", report.render());
+        xgate::out!("{}", report.render());
     }
     Ok(())
 }

@@ -110,9 +110,19 @@ impl Default for Range {
 
 impl Range {
     /// From the command line: bounds as RFC 3339 (`2026-11-27T08:00:00+08:00`) or a date
-    /// (`2026-11-27`, midnight at `offset`); `offset` as `+08:00`, `-05:00` or `Z`.
-    pub fn parse(from: Option<&str>, to: Option<&str>, offset: &str) -> Result<Range, String> {
-        let offset = parse_offset(offset)?;
+    /// (`2026-11-27`, midnight in `zone`); `zone` as `Asia/Shanghai`, `UTC`, `+08:00`, `Z`.
+    pub fn parse(from: Option<&str>, to: Option<&str>, zone: &str) -> Result<Range, String> {
+        Self::parse_flags(from, to, zone, ["--from", "--to"])
+    }
+
+    /// [`Range::parse`], naming the command's own flags in its errors.
+    pub fn parse_flags(
+        from: Option<&str>,
+        to: Option<&str>,
+        zone: &str,
+        flags: [&str; 2],
+    ) -> Result<Range, String> {
+        let offset = parse_zone(zone)?;
         let bound = |flag: &str, s: &str| -> Result<OffsetDateTime, String> {
             if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
                 return Ok(t);
@@ -125,14 +135,14 @@ impl Range {
                 })
         };
         let r = Range {
-            from: from.map(|s| bound("--from", s)).transpose()?,
-            to: to.map(|s| bound("--to", s)).transpose()?,
+            from: from.map(|s| bound(flags[0], s)).transpose()?,
+            to: to.map(|s| bound(flags[1], s)).transpose()?,
             offset,
         };
         if let (Some(f), Some(t)) = (r.from, r.to)
             && f >= t
         {
-            return Err("--from must be before --to".into());
+            return Err(format!("{} must be before {}", flags[0], flags[1]));
         }
         Ok(r)
     }
@@ -142,20 +152,19 @@ impl Range {
     }
 }
 
-fn parse_offset(s: &str) -> Result<UtcOffset, String> {
-    let bad = || format!("--utc-offset `{s}`: use +08:00, -05:00 or Z");
-    if s == "Z" || s == "z" {
-        return Ok(UtcOffset::UTC);
-    }
-    let (sign, rest) = match s.as_bytes().first() {
-        Some(b'+') => (1, &s[1..]),
-        Some(b'-') => (-1, &s[1..]),
-        _ => return Err(bad()),
+/// The province's zone (`Asia/Shanghai`, `UTC`, `+08:00`, `Z`), the same names
+/// `limits.quota_timezone` takes: days here are the days quotas reset on.
+pub fn parse_zone(s: &str) -> Result<UtcOffset, String> {
+    let z = if s.eq_ignore_ascii_case("z") {
+        "UTC"
+    } else {
+        s
     };
-    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
-    let h: i8 = h.parse().map_err(|_| bad())?;
-    let m: i8 = m.parse().map_err(|_| bad())?;
-    UtcOffset::from_hms(sign * h, sign * m, 0).map_err(|_| bad())
+    crate::ratelimit::zone_offset(z)
+        .ok()
+        .and_then(|secs| i32::try_from(secs).ok())
+        .and_then(|secs| UtcOffset::from_whole_seconds(secs).ok())
+        .ok_or_else(|| format!("--zone `{s}`: use Asia/Shanghai, UTC, or an offset like +08:00"))
 }
 
 /// The whole report.

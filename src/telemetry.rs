@@ -42,7 +42,12 @@ pub fn init(log: &Log, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
         .or_else(|_| EnvFilter::try_new(&log.level))
         .map_err(|e| format!("log.level: {e}"))?;
     let fmt = match log.format {
+        // Colour only for a person at a terminal: not in files, pipes or journald.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
             .with_writer(std::io::stderr)
             .boxed(),
         // JSON lines carry the call span's fields (its `trace_id` among them).

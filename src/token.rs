@@ -39,6 +39,9 @@ pub struct Claims {
     pub sub: String,
     #[serde(default)]
     pub dept: String,
+    /// Required: a token without it is refused `TOKEN_CLAIM_MISSING` (the validation's
+    /// required claims), not taken to never expire.
+    #[serde(default)]
     pub exp: u64,
     #[serde(default)]
     pub nbf: Option<u64>,
@@ -386,10 +389,11 @@ impl TokenVerifier {
                 ),
             ));
         }
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = h
-            .strip_prefix("Bearer ")
-            .or_else(|| h.strip_prefix("bearer "))
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 Reject::new(
@@ -650,6 +654,12 @@ struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    /// RFC 7515 §4.1.11: extensions the recipient must understand. xgate implements none.
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+    /// RFC 7797 unencoded payloads: not supported (and only valid when listed in `crit`).
+    #[serde(default)]
+    b64: Option<serde_json::Value>,
 }
 
 struct Header {
@@ -675,6 +685,12 @@ fn parse_header(token: &str) -> Result<Header, Reject> {
     let raw: RawHeader = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
     if raw.kid.as_ref().is_some_and(|k| k.len() > 256) {
         return Err(malformed());
+    }
+    if raw.crit.is_some() || raw.b64.is_some() {
+        return Err(Reject::new(
+            Reason::TokenMalformed,
+            "the token's header uses extensions the gateway does not implement (`crit`, `b64`): issue a plain JWS",
+        ));
     }
     let alg = raw.alg.parse::<Algorithm>().map_err(|_| {
         Reject::new(
@@ -792,5 +808,83 @@ mod tests {
         .unwrap();
         assert_eq!(v.verify(&good).await.unwrap().dept, "health");
         assert_eq!(v.cache.lock().unwrap().len(), 1);
+    }
+
+    fn dev_key() -> String {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev/jwt-signing.key"),
+        )
+        .unwrap()
+    }
+
+    async fn dev_verifier() -> TokenVerifier {
+        TokenVerifier::from_jwks(
+            &dev_jwks(),
+            TokenSettings::new(crate::devpki::ISSUER, crate::devpki::AUDIENCE),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn crit_and_b64_headers_are_refused_before_any_signature_work() {
+        let v = dev_verifier().await;
+        let good = crate::devpki::mint_token(
+            &dev_key(),
+            crate::devpki::KID,
+            &crate::devpki::dev_claims("health", "x", None, 600),
+        )
+        .unwrap();
+        let (_, payload_sig) = good.split_once('.').unwrap();
+        let with_header = |h: serde_json::Value| {
+            format!("{}.{payload_sig}", URL_SAFE_NO_PAD.encode(h.to_string()))
+        };
+        let kid = crate::devpki::KID;
+        for h in [
+            serde_json::json!({"alg": "ES256", "kid": kid, "crit": ["exp"]}),
+            serde_json::json!({"alg": "ES256", "kid": kid, "crit": ["x-unknown"], "x-unknown": 1}),
+            serde_json::json!({"alg": "ES256", "kid": kid, "b64": false, "crit": ["b64"]}),
+            serde_json::json!({"alg": "ES256", "kid": kid, "b64": false}),
+        ] {
+            let r = v.verify(&with_header(h.clone())).await.unwrap_err();
+            assert_eq!(r.reason, Reason::TokenMalformed, "{h}");
+            assert!(r.message.contains("crit"), "{h}: {}", r.message);
+        }
+        // Without them the header passes, and the signature (over other header bytes) is what
+        // refuses the token.
+        let plain = with_header(serde_json::json!({"alg": "ES256", "kid": kid, "x-other": 1}));
+        assert_eq!(
+            v.verify(&plain).await.unwrap_err().reason,
+            Reason::TokenSignatureInvalid
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_without_exp_lacks_a_claim_and_the_scheme_is_case_insensitive() {
+        let v = dev_verifier().await;
+        let mut c = crate::devpki::dev_claims("health", "x", None, 600);
+        c.as_object_mut().unwrap().remove("exp");
+        let t = crate::devpki::mint_token(&dev_key(), crate::devpki::KID, &c).unwrap();
+        let r = v.verify(&t).await.unwrap_err();
+        assert_eq!(r.reason, Reason::TokenClaimMissing, "{}", r.message);
+        assert!(r.message.contains("exp"), "{}", r.message);
+        let good = crate::devpki::mint_token(
+            &dev_key(),
+            crate::devpki::KID,
+            &crate::devpki::dev_claims("health", "x", None, 600),
+        )
+        .unwrap();
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let claims = v.verify_header(Some(&format!("{scheme} {good}"))).await;
+            assert_eq!(claims.unwrap().dept, "health", "{scheme}");
+        }
+        for bad in [
+            format!("Basic {good}"),
+            format!("Bearer{good}"),
+            "Bearer ".into(),
+        ] {
+            let r = v.verify_header(Some(&bad)).await.unwrap_err();
+            assert_eq!(r.reason, Reason::TokenMalformed, "{bad}");
+        }
     }
 }

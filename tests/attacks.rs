@@ -244,6 +244,28 @@ async fn hostile_tokens() {
             Code::PermissionDenied,
             "TOKEN_DEPT_MISMATCH",
         ),
+        (
+            "no exp claim",
+            Some(es(without(ca.clone(), "exp"))),
+            Code::Unauthenticated,
+            "TOKEN_CLAIM_MISSING",
+        ),
+        (
+            "a crit extension the gateway does not implement",
+            Some(jwt(
+                serde_json::json!({"alg": "ES256", "kid": devpki::KID, "crit": ["x-policy"], "x-policy": 1}),
+                ca.clone(),
+                b"sig",
+            )),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
+        (
+            "two authorization headers",
+            Some(token("civil-affairs")),
+            Code::Unauthenticated,
+            "TOKEN_MALFORMED",
+        ),
     ];
     let mut traces = Vec::new();
     for (name, header, code, reason) in &cases {
@@ -254,6 +276,12 @@ async fn hostile_tokens() {
             if name == &"not a bearer token" {
                 r.metadata_mut()
                     .insert("authorization", hv.parse().unwrap());
+            }
+            if name == &"two authorization headers" {
+                r.metadata_mut().append(
+                    "authorization",
+                    format!("Bearer {}", token("health")).parse().unwrap(),
+                );
             }
         }
         let st = c.query(r).await.expect_err(name);

@@ -373,3 +373,56 @@ async fn search_and_report_name_damaged_lines_and_fail_when_strict() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("torn last write: 20 byte(s)"), "{out}");
 }
+
+/// `audit search --since/--until` compare times, not text: the same instant written with
+/// offsets on either side of midnight finds the same records; garbage is a usage error.
+#[tokio::test]
+async fn search_time_bounds_are_times_whatever_their_offset() {
+    use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
+    let (d, _) = trail_with(1 << 20).await;
+    let dir = audit_dir(&d);
+    let dir = dir.to_str().unwrap();
+    let recs = xgate::audit::read_all(Path::new(dir)).unwrap();
+    let t = |r: &serde_json::Value| {
+        OffsetDateTime::parse(r["time"].as_str().unwrap(), &Rfc3339).unwrap()
+    };
+    let first = t(&recs[0]);
+    let last = t(recs.last().unwrap());
+    let count = |args: &[&str]| {
+        let mut a = vec!["audit", "search", dir, "--format", "jsonl"];
+        a.extend_from_slice(args);
+        let (code, out) = xgate(&a);
+        assert_eq!(code, 0, "{args:?}: {out}");
+        out.lines().filter(|l| l.starts_with('{')).count()
+    };
+    // Offsets 14 hours ahead of and 12 behind UTC: one of them is on another date.
+    for off in [(14, 0), (-12, 0), (8, 0), (0, 0), (5, 30)] {
+        let o = UtcOffset::from_hms(off.0, off.1, 0).unwrap();
+        let at = |t: OffsetDateTime| t.to_offset(o).format(&Rfc3339).unwrap();
+        assert_eq!(count(&["--since", &at(first)]), recs.len(), "{off:?}");
+        assert_eq!(count(&["--until", &at(first)]), 0, "{off:?}");
+        assert_eq!(
+            count(&["--since", &at(first), "--until", &at(last)]),
+            recs.len() - recs.iter().filter(|r| t(r) == last).count(),
+            "{off:?}"
+        );
+    }
+    // A date is midnight in the zone: today in Asia/Shanghai covers what now is.
+    let today = OffsetDateTime::now_utc()
+        .to_offset(UtcOffset::from_hms(8, 0, 0).unwrap())
+        .date()
+        .to_string();
+    let since_today = count(&["--since", &today, "--zone", "Asia/Shanghai"]);
+    assert_eq!(since_today, recs.len());
+    for bad in [
+        ["--since", "zzz"],
+        ["--until", "2026-13-45"],
+        ["--zone", "Mars/Base"],
+    ] {
+        let mut a = vec!["audit", "search", dir];
+        a.extend_from_slice(&bad);
+        let (code, out) = xgate(&a);
+        assert_eq!(code, 2, "{bad:?}: {out}");
+        assert!(out.contains(bad[0]), "{bad:?} names the flag: {out}");
+    }
+}

@@ -470,9 +470,10 @@ fn verify_line(
 pub struct Query {
     pub consumer: Option<String>,
     pub dataset: Option<String>,
-    /// RFC 3339 bounds (inclusive since, exclusive until); compared as text (same format).
-    pub since: Option<String>,
-    pub until: Option<String>,
+    /// Time bounds (inclusive since, exclusive until), compared as times: a record's `time`
+    /// is UTC, a bound may carry any offset.
+    pub since: Option<time::OffsetDateTime>,
+    pub until: Option<time::OffsetDateTime>,
     /// gRPC status name (`OK`, `PERMISSION_DENIED`, ...).
     pub status: Option<String>,
     pub decision: Option<String>,
@@ -481,6 +482,19 @@ pub struct Query {
 }
 
 impl Query {
+    fn in_time(&self, time: &str) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        // A record whose time does not parse matches no time-bounded search.
+        let Ok(t) =
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+        else {
+            return false;
+        };
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
+    }
+
     pub fn matches(&self, r: &serde_json::Value) -> bool {
         let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("");
         let time = s("time");
@@ -488,8 +502,7 @@ impl Query {
             .as_deref()
             .is_none_or(|c| s("consumer_dept") == c)
             && self.dataset.as_deref().is_none_or(|d| s("dataset") == d)
-            && self.since.as_deref().is_none_or(|t| time >= t)
-            && self.until.as_deref().is_none_or(|t| time < t)
+            && self.in_time(time)
             && self
                 .status
                 .as_deref()
