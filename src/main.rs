@@ -776,6 +776,10 @@ fn audit_run(cmd: AuditCmd) -> Result<(), String> {
                         r.unsigned_tail
                     );
                     match &r.head {
+                        Some(h) if h.checkpoint_seq == 0 => xgate::outln!(
+                            "head: no checkpoint signed yet (segment {}); the records so far are not covered by a signature",
+                            h.segment
+                        ),
                         Some(h) => xgate::outln!(
                             "head: the trail reaches its signed head (checkpoint of record {}, segment {})",
                             h.checkpoint_seq,

@@ -49,6 +49,57 @@ fn after_value(stack: &mut [Frame]) {
     }
 }
 
+/// Refuse a document too large or too deeply nested to parse, from the parser's event stream
+/// (linear in the input; stops at the first level too deep).
+pub fn check_shape(bytes: &[u8], max_bytes: usize, max_depth: usize) -> Result<(), PolicyError> {
+    if bytes.len() > max_bytes {
+        return Err(PolicyError::new(
+            "yaml",
+            format!(
+                "the policy is {} bytes; at most {max_bytes} are accepted",
+                bytes.len()
+            ),
+        ));
+    }
+    // Not text: the full parse reports it.
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(());
+    };
+    let mut depth = 0usize;
+    let mut parser = Parser::new_from_str(text);
+    let too_deep = |line: usize, col: usize| {
+        let mut e = PolicyError::new(
+            "yaml",
+            format!("nested more than {max_depth} levels deep; the data-sharing model needs 6"),
+        );
+        e.line = Some(line);
+        e.column = Some(col);
+        e
+    };
+    while let Some(next) = parser.next_event() {
+        let (ev, span) = match next {
+            Ok(x) => x,
+            // The scanner's own bound on flow nesting (255 levels).
+            Err(e) if e.info().contains("recursion limit") => {
+                return Err(too_deep(e.marker().line(), e.marker().col() + 1));
+            }
+            // Anything else the full parse reports, with its own words.
+            Err(_) => return Ok(()),
+        };
+        match ev {
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(too_deep(span.start.line(), span.start.col() + 1));
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Every path in the document -> (line, column), both 1-based. Keys point at the key.
 pub fn locations(text: &str) -> HashMap<String, (usize, usize)> {
     let mut out = HashMap::new();

@@ -139,6 +139,11 @@ struct DatasetIndex {
     negative_fields: Vec<Option<usize>>,
 }
 
+/// Largest policy file accepted (a 10,000-grant policy is about 3 MB).
+pub const MAX_POLICY_BYTES: usize = 32 << 20;
+/// Deepest nesting of mappings and sequences accepted (the model itself needs 6).
+pub const MAX_POLICY_DEPTH: usize = 32;
+
 impl Policy {
     /// Read and validate a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
@@ -153,6 +158,10 @@ impl Policy {
 
     /// Parse and validate policy YAML.
     pub fn from_yaml(bytes: &[u8]) -> Result<Policy, PolicyErrors> {
+        // Bounded before any full parse: the YAML loader's cost grows with the square of the
+        // nesting depth (a 200 KB file of nested brackets took 27 s).
+        locate::check_shape(bytes, MAX_POLICY_BYTES, MAX_POLICY_DEPTH)
+            .map_err(|e| PolicyErrors(vec![e]))?;
         let file: PolicyFile = serde_yaml_ng::from_slice(bytes).map_err(|e| {
             let mut pe = PolicyError::new("yaml", e.to_string());
             if let Some(l) = e.location() {
@@ -181,13 +190,15 @@ impl Policy {
             })
         };
 
-        if let Some(r) = file.defaults.per_consumer
-            && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
-        {
-            err(
-                "defaults.per_consumer".into(),
-                "per_second and burst must be positive".into(),
-            );
+        for (path, r) in [
+            ("defaults.rate_limit", Some(file.defaults.rate_limit)),
+            ("defaults.per_consumer", file.defaults.per_consumer),
+        ] {
+            if let Some(r) = r
+                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+            {
+                err(path.into(), "per_second and burst must be positive".into());
+            }
         }
         let mut departments = HashMap::new();
         for (i, d) in file.departments.iter().enumerate() {
@@ -222,12 +233,33 @@ impl Policy {
                     format!("duplicate provider id `{}`", p.id),
                 );
             }
-            match p.endpoint.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
-                _ => err(
-                    format!("providers[{i}].endpoint"),
-                    format!("`{}` is not an https://host:port URL", p.endpoint),
-                ),
+            let host = match p.endpoint.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
+                    uri.host().map(|h| h.trim_matches(['[', ']']).to_owned())
+                }
+                _ => {
+                    err(
+                        format!("providers[{i}].endpoint"),
+                        format!("`{}` is not an https://host:port URL", p.endpoint),
+                    );
+                    None
+                }
+            };
+            // The name the provider's certificate is checked against: what `serve` would
+            // refuse at start, `policy check` refuses here.
+            let (name_path, name) = match &p.tls_name {
+                Some(n) => (format!("providers[{i}].tls_name"), Some(n.clone())),
+                None => (format!("providers[{i}].endpoint"), host),
+            };
+            if let Some(n) = name
+                && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()
+            {
+                err(
+                    name_path,
+                    format!(
+                        "`{n}` is not a DNS name or IP address a certificate can be checked against"
+                    ),
+                );
             }
             if let Some(r) = p.max_rate
                 && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)

@@ -1223,3 +1223,73 @@ mod diff_property {
         );
     }
 }
+
+/// Deep nesting is refused before the YAML loader (whose cost grows with its square) sees it:
+/// flow brackets (100,000 levels, 200 KB) and block indentation alike, with the place.
+#[test]
+fn deeply_nested_policies_are_refused_before_parsing() {
+    let flow = format!(
+        "departments: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let t0 = std::time::Instant::now();
+    let e = Policy::from_yaml(flow.as_bytes()).unwrap_err();
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(e.0[0].message.contains("nested more than"), "{e}");
+    assert_eq!(e.0[0].line, Some(1));
+    let block: String = (0..200)
+        .map(|i| format!("{}a:\n", "  ".repeat(i)))
+        .collect();
+    let e = Policy::from_yaml(block.as_bytes()).unwrap_err();
+    assert!(e.0[0].message.contains("nested more than 32"), "{e}");
+    assert_eq!(e.0[0].line, Some(33));
+    let huge = vec![b' '; super::MAX_POLICY_BYTES + 1];
+    let e = Policy::from_yaml(&huge).unwrap_err();
+    assert!(e.0[0].message.contains("at most"), "{e}");
+}
+
+/// What `serve` would refuse, `policy check` refuses: a default rate limit that is not
+/// positive, and a provider name no certificate can be checked against.
+#[test]
+fn default_rate_limits_and_tls_names_are_validated() {
+    let base = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/dev/policy.yaml"
+    ))
+    .unwrap();
+    assert!(Policy::from_yaml(base.as_bytes()).is_ok());
+    let with_default = |r: &str| {
+        base.replace(
+            "rate_limit: { per_second: 20, burst: 40 }",
+            &format!("rate_limit: {r}"),
+        )
+    };
+    for bad in ["0", "-1", ".nan", ".inf"] {
+        let text = with_default(&format!("{{ per_second: {bad}, burst: 10 }}"));
+        let e = Policy::from_yaml(text.as_bytes()).unwrap_err();
+        assert!(
+            e.0.iter()
+                .any(|e| e.path == "defaults.rate_limit" && e.line.is_some()),
+            "per_second {bad}: {e}"
+        );
+    }
+    let text = with_default("{ per_second: 5, burst: 0 }");
+    assert!(Policy::from_yaml(text.as_bytes()).is_err());
+    let text = base.replacen(
+        "tls_name: public-security.provider.xgate.internal",
+        "tls_name: \"🙂\"",
+        1,
+    );
+    assert_ne!(text, base, "the fixture names the endpoint");
+    let e = Policy::from_yaml(text.as_bytes()).unwrap_err();
+    assert!(
+        e.0.iter()
+            .any(|e| e.path.ends_with(".tls_name") && e.message.contains("not a DNS name")),
+        "{e}"
+    );
+}
