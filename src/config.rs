@@ -394,6 +394,11 @@ pub struct Limits {
     /// request's headers can take.
     #[serde(default = "default_max_metadata_hard")]
     pub max_metadata_hard_bytes: usize,
+    /// A connection that starts no call for this long is sent GOAWAY (calls in flight finish;
+    /// clients reconnect when they need to). The HTTP/2 preface must arrive within
+    /// `tls.handshake_timeout_ms` of the handshake.
+    #[serde(default = "default_connection_idle")]
+    pub connection_idle_secs: u64,
     /// Time zone whose midnight resets daily quotas: `Asia/Shanghai` or `+HH:MM`.
     #[serde(default = "default_quota_zone")]
     pub quota_timezone: String,
@@ -402,6 +407,9 @@ pub struct Limits {
     pub shared: Option<crate::ratelimit::shared::SharedConfig>,
 }
 
+fn default_connection_idle() -> u64 {
+    600
+}
 fn default_max_metadata() -> usize {
     32 * 1024
 }
@@ -422,6 +430,7 @@ impl Default for Limits {
             max_filter_terms: 1_000,
             max_metadata_bytes: default_max_metadata(),
             max_metadata_hard_bytes: default_max_metadata_hard(),
+            connection_idle_secs: default_connection_idle(),
             quota_timezone: default_quota_zone(),
             shared: None,
         }
@@ -693,6 +702,9 @@ impl Config {
                 "limits.max_metadata_bytes: at least 8192, and 1024 more than jwt.max_token_bytes ({})",
                 self.jwt.max_token_bytes
             ));
+        }
+        if l.connection_idle_secs == 0 {
+            errs.push("limits.connection_idle_secs: at least 1".into());
         }
         if l.max_metadata_hard_bytes < l.max_metadata_bytes
             || l.max_metadata_hard_bytes > 16 * 1024 * 1024

@@ -58,13 +58,36 @@ pub struct Settings {
     pub max_pending_accept_reset_streams: usize,
     /// The HTTP/2 layer's header list limit (the hard cap; xgate's own limit is below it).
     pub max_metadata_hard_bytes: usize,
+    /// A connection that has not sent the HTTP/2 preface this long after its TLS handshake
+    /// is closed.
+    pub preface_timeout: Duration,
+    /// A connection that has started no call this long is sent GOAWAY (calls in flight
+    /// finish first); clients reconnect when they next need to.
+    pub idle_timeout: Duration,
 }
 
 /// What the connection's frame watch saw, read when it closes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HeaderStats {
     /// Header blocks over the hard cap on the wire.
     over_cap: AtomicU64,
+    /// The client's preface has arrived.
+    preface_seen: std::sync::atomic::AtomicBool,
+    /// Header blocks begun (a call starts with one): the idle timer restarts when it moves.
+    blocks: AtomicU64,
+    /// Tells the connection's task that the preface or a new call arrived.
+    activity: tokio::sync::Notify,
+}
+
+impl Default for HeaderStats {
+    fn default() -> Self {
+        Self {
+            over_cap: AtomicU64::new(0),
+            preface_seen: std::sync::atomic::AtomicBool::new(false),
+            blocks: AtomicU64::new(0),
+            activity: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 /// Serve HTTP/2 on every connection `incoming` yields, each request through a clone of
@@ -113,7 +136,7 @@ pub async fn serve<I, S, B>(
                         conn,
                         svc.clone(),
                         builder.clone(),
-                        settings.max_metadata_hard_bytes,
+                        settings.clone(),
                         refusals.clone(),
                         drain_rx.clone(),
                     ));
@@ -134,7 +157,7 @@ async fn connection<S, B>(
     conn: TlsConn,
     svc: S,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
-    hard_cap: usize,
+    settings: Settings,
     refusals: Arc<Refusals>,
     mut drain: watch::Receiver<bool>,
 ) where
@@ -150,6 +173,7 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let hard_cap = settings.max_metadata_hard_bytes;
     let peer = conn.peer().clone();
     let stats = Arc::new(HeaderStats::default());
     let io = TokioIo::new(Watched {
@@ -166,10 +190,37 @@ async fn connection<S, B>(
     let served = builder.serve_connection(io, TowerToHyperService::new(svc));
     tokio::pin!(served);
     let mut draining = false;
+    // Until the preface: the preface timeout; then the idle timeout, restarted by every call.
+    let timer = tokio::time::sleep(settings.preface_timeout);
+    tokio::pin!(timer);
+    let mut seen_blocks = 0;
     let result = loop {
         tokio::select! {
             r = &mut served => break r,
             _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
+            _ = stats.activity.notified() => {
+                seen_blocks = stats.blocks.load(Ordering::Relaxed);
+                timer.as_mut().reset(tokio::time::Instant::now() + settings.idle_timeout);
+            }
+            _ = &mut timer, if !draining => {
+                if !stats.preface_seen.load(Ordering::Relaxed) {
+                    // Nothing of HTTP/2 was ever said: there is nothing to drain.
+                    metrics::counter!("xgate_connections_closed_total", "why" => "preface-timeout").increment(1);
+                    tracing::info!(remote = %peer.remote, timeout = ?settings.preface_timeout, "no HTTP/2 preface after the TLS handshake; connection closed");
+                    return;
+                }
+                let blocks = stats.blocks.load(Ordering::Relaxed);
+                if blocks != seen_blocks {
+                    // A call began just as the timer ran out.
+                    seen_blocks = blocks;
+                    timer.as_mut().reset(tokio::time::Instant::now() + settings.idle_timeout);
+                    continue;
+                }
+                metrics::counter!("xgate_connections_closed_total", "why" => "idle").increment(1);
+                tracing::debug!(remote = %peer.remote, "connection idle; GOAWAY");
                 draining = true;
                 served.as_mut().graceful_shutdown();
             }
@@ -319,6 +370,10 @@ impl FrameWatch {
                 let n = self.preface.min(b.len());
                 self.preface -= n;
                 b = &b[n..];
+                if self.preface == 0 {
+                    self.stats.preface_seen.store(true, Ordering::Relaxed);
+                    self.stats.activity.notify_one();
+                }
                 continue;
             }
             if self.payload > 0 {
@@ -350,6 +405,8 @@ impl FrameWatch {
             if kind == HEADERS {
                 self.block = 0;
                 self.counted = false;
+                self.stats.blocks.fetch_add(1, Ordering::Relaxed);
+                self.stats.activity.notify_one();
             }
             self.payload = len;
             if len == 0 {

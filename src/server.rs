@@ -401,6 +401,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         max_concurrent_streams: 256,
         max_pending_accept_reset_streams: 64,
         max_metadata_hard_bytes: cfg.limits.max_metadata_hard_bytes,
+        preface_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        idle_timeout: Duration::from_secs(cfg.limits.connection_idle_secs),
     };
     let serve = crate::conn::serve(incoming, svc, settings, refusals, async move {
         let _ = stop_rx.await;

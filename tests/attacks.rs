@@ -387,27 +387,7 @@ async fn tls_handshake(
     key: &str,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Vec<u8>, String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs().join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .map(|c| c.unwrap())
-        .collect();
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            chain,
-            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    cfg.alpn_protocols = alpn;
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let mut tls = tls_connect(h, cert, key, alpn).await?;
     // TLS 1.3: the server's verdict on the client certificate arrives after the client's
     // handshake completes; a read surfaces it.
     let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
@@ -425,6 +405,122 @@ async fn tls_handshake(
         .map(|c| c.to_vec())
         .unwrap_or_default();
     Ok(peer)
+}
+
+/// A TLS connection to the gateway with `cert`, offering `alpn`; nothing sent on it yet.
+async fn tls_connect(
+    h: &Harness,
+    cert: &str,
+    key: &str,
+    alpn: Vec<Vec<u8>>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chain,
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = alpn;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Read until the peer closes (or `within` passes): the bytes read, and whether it closed.
+async fn read_to_close(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(end, tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// A connection that completes mTLS but never speaks HTTP/2 is closed after the handshake
+/// timeout; one that speaks it but starts no call is sent GOAWAY after the idle timeout.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let h = Harness::start(Opts {
+        config: Some(Arc::new(|c| {
+            c.tls.handshake_timeout_ms = 300;
+            c.limits.connection_idle_secs = 1;
+        })),
+        admin: true,
+        ..Opts::default()
+    })
+    .await;
+    let (c, k) = (
+        std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),
+        std::fs::read_to_string(certs().join("civil-affairs.key")).unwrap(),
+    );
+    let h2 = || vec![b"h2".to_vec()];
+    // Silent after the handshake.
+    let mut silent = tls_connect(&h, &c, &k, h2()).await.unwrap();
+    let t0 = Instant::now();
+    let (_, closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed, "a silent connection stayed open");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // The preface and SETTINGS, then nothing: GOAWAY (frame type 7) once idle.
+    let mut idle = tls_connect(&h, &c, &k, h2()).await.unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // (The connection then closes once the client acknowledges the GOAWAY's PING; this one
+    // never does.)
+    let (got, _) = read_to_close(&mut idle, Duration::from_millis(2500)).await;
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = (usize::from(got[at]) << 16)
+            | (usize::from(got[at + 1]) << 8)
+            | usize::from(got[at + 2]);
+        frames.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        frames.contains(&7),
+        "GOAWAY among the frames sent: {frames:?}"
+    );
+    // A working client is unaffected: its channel reconnects after a GOAWAY.
+    let mut client = h.data("civil-affairs").await;
+    let t = token("civil-affairs");
+    for _ in 0..2 {
+        client
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let (_, metrics) = http(h.admin.unwrap(), "GET", "/metrics").await;
+    assert!(
+        metrics.contains("xgate_connections_closed_total{why=\"preface-timeout\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("xgate_connections_closed_total{why=\"idle\"}"),
+        "{metrics}"
+    );
 }
 
 /// Closed by default: a system whose certificate chains to the government CA but whose
