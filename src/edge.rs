@@ -130,6 +130,9 @@ where
             let resp = self.metadata_too_large(&req, size);
             return Box::pin(async move { Ok(resp) });
         }
+        if let Some(resp) = self.not_grpc(&req) {
+            return Box::pin(async move { Ok(resp) });
+        }
         // Health checks and reflection carry no data: answered by their services, not audited.
         let path = req.uri().path();
         if path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") {
@@ -205,6 +208,59 @@ where
 }
 
 impl<S> Edge<S> {
+    /// Refuse what is not a gRPC call: a method other than POST (HTTP 405), a content-type
+    /// other than `application/grpc[+proto]` (HTTP 415), with a gRPC status too.
+    fn not_grpc<B, R: Default>(&self, req: &http::Request<B>) -> Option<http::Response<R>> {
+        let ct = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let grpc_ct = ct == "application/grpc"
+            || ct.starts_with("application/grpc+")
+            || ct.starts_with("application/grpc;");
+        let (http_status, why) = if req.method() != http::Method::POST {
+            (
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                format!("gRPC calls are POST requests, not {}", req.method()),
+            )
+        } else if !grpc_ct {
+            (
+                http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "gRPC calls have content-type application/grpc".to_owned(),
+            )
+        } else {
+            return None;
+        };
+        let rej = Reject::new(Reason::NotGrpc, why).with_rule("interface:xgate.v1");
+        let trace_id = audit::new_trace_id();
+        let peer = req.extensions().get::<Peer>();
+        let system = peer.and_then(|p| p.identity.as_ref().ok());
+        self.layer.refusals.record(AuditRecord {
+            time: audit::now_rfc3339(),
+            trace_id: trace_id.clone(),
+            method: req.uri().path().chars().take(200).collect(),
+            consumer_dept: system.map(|s| s.dept.clone()),
+            consumer_system: system.map(|s| s.system.clone()),
+            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
+            remote_addr: peer.map(|p| p.remote.to_string()),
+            decision: "deny",
+            rule: rej.rule.clone(),
+            reason: Some(rej.reason.as_str().to_owned()),
+            detail: Some(format!(
+                "{} with content-type `{}`",
+                req.method(),
+                ct.chars().take(100).collect::<String>()
+            )),
+            grpc_status: audit::code_name(rej.code()),
+            grpc_code: rej.code() as i32,
+            ..AuditRecord::default()
+        });
+        let mut resp: http::Response<R> = rej.to_status(&trace_id).into_http();
+        *resp.status_mut() = http_status;
+        Some(resp)
+    }
+
     /// Refuse a call whose metadata is over the limit, without reading it (no token is
     /// checked, no header is parsed): the gRPC status, a metric, a rate-limited record.
     fn metadata_too_large<B, R: Default>(
@@ -255,6 +311,11 @@ impl<S> Edge<S> {
 fn classify(status: &Status, path: &str) -> Reject {
     let shown: String = path.chars().take(100).collect();
     match status.code() {
+        Code::Unimplemented if status.message().contains("compressed") => Reject::new(
+            Reason::EncodingUnsupported,
+            "the request's grpc-encoding is not one the gateway takes; send identity or gzip",
+        )
+        .with_rule("interface:xgate.v1"),
         Code::Unimplemented => Reject::new(
             Reason::MethodUnknown,
             format!("`{shown}` is not a method of the xgate.v1 interface"),

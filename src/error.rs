@@ -120,6 +120,11 @@ reasons! {
     MethodUnknown => Unimplemented, "METHOD_UNKNOWN";
     /// The request body is not a protobuf message of the interface.
     RequestMalformed => InvalidArgument, "REQUEST_MALFORMED";
+    /// The request is compressed with an encoding the gateway does not take (it takes gzip).
+    EncodingUnsupported => Unimplemented, "ENCODING_UNSUPPORTED";
+    /// Not a gRPC request: a method other than POST, or a content-type other than
+    /// `application/grpc` (answered with HTTP 405 / 415 as the gRPC spec asks).
+    NotGrpc => InvalidArgument, "NOT_GRPC";
     /// The request message is over the size limit.
     MessageTooLarge => ResourceExhausted, "MESSAGE_TOO_LARGE";
     /// The request's metadata (headers) is over `limits.max_metadata_bytes`.

@@ -253,10 +253,16 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     };
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
+    // Requests may come gzip-compressed (the standard encoding every gRPC client has);
+    // responses go out uncompressed: compressing every answer would cost more CPU than the
+    // loopback and LAN links between departments save.
+    let gzip = tonic::codec::CompressionEncoding::Gzip;
     let data = crate::wire::data_exchange_server::DataExchangeServer::new(gateway.clone())
+        .accept_compressed(gzip)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let catalog = pb::catalog_server::CatalogServer::new(gateway.clone())
+        .accept_compressed(gzip)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     // Idle keys of the default limiter are forgotten every minute to bound memory.

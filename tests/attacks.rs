@@ -1098,3 +1098,73 @@ async fn certificates_rotate_without_restart() {
     let recs = h.stop().await;
     assert_eq!(recs.iter().filter(|r| r["grpc_status"] == "OK").count(), 3);
 }
+
+/// gzip-compressed requests are taken; another encoding is refused with its own reason, not
+/// "not a method"; what is not gRPC at all (GET, a foreign content-type) gets HTTP 405 / 415.
+#[tokio::test]
+async fn encodings_methods_and_content_types() {
+    use tower::ServiceExt;
+    let mut h = Harness::start(Opts::default()).await;
+    let t = token("civil-affairs");
+    let ch = h.channel("civil-affairs").await;
+    let mut gz = pb::data_exchange_client::DataExchangeClient::new(ch.clone())
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let r = gz
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 2),
+            &t,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().rows.len(), 2);
+    let raw = |method: http::Method, ct: &str, encoding: Option<&str>| {
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("{}/xgate.v1.DataExchange/Query", h.url()))
+            .header("content-type", ct)
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {t}"));
+        if let Some(e) = encoding {
+            b = b.header("grpc-encoding", e);
+        }
+        // One empty message, flagged compressed when an encoding is named.
+        let flag = u8::from(encoding.is_some());
+        b.body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(vec![flag, 0, 0, 0, 0]),
+        )))
+        .unwrap()
+    };
+    let mut traces = Vec::new();
+    for (method, ct, enc, http_status, reason) in [
+        (
+            http::Method::POST,
+            "application/grpc",
+            Some("br"),
+            200,
+            "ENCODING_UNSUPPORTED",
+        ),
+        (http::Method::GET, "application/grpc", None, 405, "NOT_GRPC"),
+        (http::Method::POST, "text/plain", None, 415, "NOT_GRPC"),
+        (
+            http::Method::POST,
+            "application/json",
+            None,
+            415,
+            "NOT_GRPC",
+        ),
+    ] {
+        let resp = ch
+            .clone()
+            .oneshot(raw(method.clone(), ct, enc))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), http_status, "{method} {ct} {enc:?}");
+        let st = tonic::Status::from_header_map(resp.headers()).expect("a grpc-status");
+        let info = st.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.reason, reason, "{method} {ct} {enc:?}: {st:?}");
+        assert!(resp.headers().contains_key(xgate::TRACE_ID_HEADER));
+        traces.push((trace_of(&st), reason));
+    }
+    let recs = h.stop().await;
+    assert_audited(&recs, &traces);
+}
