@@ -154,6 +154,12 @@ pub struct Jwt {
     /// Largest `authorization` header accepted, bytes.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// Failed authentications a client certificate may have per second (and in a burst)
+    /// before its calls are refused `AUTH_FAILURES_LIMITED` without any signature check.
+    #[serde(default = "default_auth_failures_per_second")]
+    pub auth_failures_per_second: u32,
+    #[serde(default = "default_auth_failures_burst")]
+    pub auth_failures_burst: u32,
     /// How long the last good keys stay usable when the JWKS cannot be fetched, seconds.
     #[serde(default = "default_keys_max_age")]
     pub keys_max_age_secs: u64,
@@ -170,6 +176,12 @@ fn default_algorithms() -> Vec<String> {
 }
 fn default_max_lifetime() -> u64 {
     24 * 3600
+}
+fn default_auth_failures_per_second() -> u32 {
+    10
+}
+fn default_auth_failures_burst() -> u32 {
+    50
 }
 fn default_max_token_bytes() -> usize {
     8 * 1024
@@ -703,6 +715,11 @@ impl Config {
                 self.jwt.max_token_bytes
             ));
         }
+        if self.jwt.auth_failures_per_second == 0 || self.jwt.auth_failures_burst == 0 {
+            errs.push(
+                "jwt.auth_failures_per_second and jwt.auth_failures_burst: at least 1".into(),
+            );
+        }
         if l.connection_idle_secs == 0 {
             errs.push("limits.connection_idle_secs: at least 1".into());
         }
@@ -768,6 +785,8 @@ impl Config {
                 hmac_secret_file: None,
                 max_lifetime_secs: default_max_lifetime(),
                 max_token_bytes: default_max_token_bytes(),
+                auth_failures_per_second: default_auth_failures_per_second(),
+                auth_failures_burst: default_auth_failures_burst(),
                 keys_max_age_secs: default_keys_max_age(),
                 refresh_interval_secs: default_refresh(),
                 unknown_kid_refresh_secs: default_unknown_kid(),

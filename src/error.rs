@@ -87,6 +87,9 @@ reasons! {
     TokenAudienceInvalid => Unauthenticated, "TOKEN_AUDIENCE_INVALID";
     /// A required claim (`sub`, `dept`, `exp`) is missing.
     TokenClaimMissing => Unauthenticated, "TOKEN_CLAIM_MISSING";
+    /// Too many failed authentications from this client certificate: its calls are refused
+    /// for a moment without any token check (`RetryInfo` says how long).
+    AuthFailuresLimited => ResourceExhausted, "AUTH_FAILURES_LIMITED";
     /// The token's `dept` is not the department in the client certificate.
     TokenDeptMismatch => PermissionDenied, "TOKEN_DEPT_MISMATCH";
     // --- the data-sharing model -----------------------------------------------------------

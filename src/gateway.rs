@@ -97,6 +97,8 @@ struct Inner {
     shared: Option<Arc<SharedLimits>>,
     /// Provider id -> reachable at the last health probe.
     providers_up: ArcSwap<std::collections::HashMap<String, bool>>,
+    /// Failed authentications per client certificate.
+    auth_failures: crate::ratelimit::failures::AuthFailures,
 }
 
 impl Authenticated {
@@ -235,6 +237,7 @@ impl Gateway {
                 quotas: crate::ratelimit::Quotas::new(8 * 3600),
                 shared: None,
                 providers_up: ArcSwap::default(),
+                auth_failures: crate::ratelimit::failures::AuthFailures::new(10, 50),
             }),
         }
     }
@@ -284,6 +287,21 @@ impl Gateway {
             inner.quotas = q;
         }
         self
+    }
+
+    /// Limit failed authentications per client certificate to `per_second` (bursts of
+    /// `burst`).
+    pub fn with_auth_failures(mut self, per_second: u32, burst: u32) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.auth_failures = crate::ratelimit::failures::AuthFailures::new(per_second, burst);
+        }
+        self
+    }
+
+    /// Forget idle per-certificate failure buckets.
+    pub fn retain_recent(&self) {
+        self.snapshot().limits.retain_recent();
+        self.inner.auth_failures.retain_recent();
     }
 
     /// Decide rates and quotas in Redis, shared with the other replicas.
@@ -457,12 +475,15 @@ impl Gateway {
             )
             .with_rule("identity:token"));
         }
-        let claims = self
-            .inner
-            .tokens
-            .verify_header(header)
-            .await
-            .map_err(|r| r.with_rule("identity:token"))?;
+        // A certificate that keeps failing is refused before any signature work.
+        self.inner.auth_failures.check(&peer.fingerprint)?;
+        let claims = self.inner.tokens.verify_header(header).await.map_err(|r| {
+            // The identity provider being unreachable is not the caller's failure.
+            if r.reason != Reason::TokenKeysUnavailable {
+                self.inner.auth_failures.failed(&peer.fingerprint);
+            }
+            r.with_rule("identity:token")
+        })?;
         call.pending.rec().token_subject = Some(claims.sub.clone());
         if claims.dept != system.dept {
             return Err(Reject::new(

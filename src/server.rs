@@ -235,6 +235,10 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         mask_key.clone(),
     )
     .with_revocations(revocations.clone())
+    .with_auth_failures(
+        cfg.jwt.auth_failures_per_second,
+        cfg.jwt.auth_failures_burst,
+    )
     .with_quotas(crate::ratelimit::Quotas::new(
         crate::ratelimit::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
     ));
@@ -272,7 +276,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             let mut t = tokio::time::interval(Duration::from_secs(60));
             loop {
                 t.tick().await;
-                g.snapshot().limits.retain_recent();
+                g.retain_recent();
             }
         })
     };

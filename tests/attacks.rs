@@ -1168,3 +1168,79 @@ async fn encodings_methods_and_content_types() {
     let recs = h.stop().await;
     assert_audited(&recs, &traces);
 }
+
+/// A flood of distinct forged tokens from one certificate: past its failure budget, that
+/// certificate's calls are refused before any signature check; another caller is unaffected.
+#[tokio::test]
+async fn a_flood_of_distinct_bad_tokens_is_cut_off_per_certificate() {
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(|c| {
+            c.jwt.auth_failures_per_second = 1;
+            c.jwt.auth_failures_burst = 5;
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let (other_key, _) = devpki::jwt_keypair(devpki::KID).unwrap();
+    let mut c = h.data("civil-affairs").await;
+    let mut reasons = Vec::new();
+    let mut traces = Vec::new();
+    for i in 0..12 {
+        let forged = devpki::mint_token(
+            &other_key,
+            devpki::KID,
+            &devpki::dev_claims("civil-affairs", &format!("forger-{i}"), None, 600),
+        )
+        .unwrap();
+        let st = c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &forged,
+            ))
+            .await
+            .expect_err("forged");
+        let reason = st.get_error_details().error_info().unwrap().reason.clone();
+        if reason == "AUTH_FAILURES_LIMITED" {
+            assert_eq!(st.code(), Code::ResourceExhausted);
+            assert!(st.get_error_details().retry_info().is_some(), "says when");
+        }
+        traces.push((
+            trace_of(&st),
+            if reason == "AUTH_FAILURES_LIMITED" {
+                "AUTH_FAILURES_LIMITED"
+            } else {
+                "TOKEN_SIGNATURE_INVALID"
+            },
+        ));
+        reasons.push(reason);
+    }
+    let checked = reasons
+        .iter()
+        .filter(|r| *r == "TOKEN_SIGNATURE_INVALID")
+        .count();
+    assert!(
+        (5..=7).contains(&checked),
+        "signature checks before the cut: {reasons:?}"
+    );
+    assert_eq!(
+        reasons.last().unwrap(),
+        "AUTH_FAILURES_LIMITED",
+        "{reasons:?}"
+    );
+    // Another certificate's good call goes through meanwhile.
+    h.data("health")
+        .await
+        .query(req(
+            query(
+                "market.company_registry",
+                "medical-institution-licensing",
+                &[],
+                1,
+            ),
+            &token("health"),
+        ))
+        .await
+        .unwrap();
+    let recs = h.stop().await;
+    assert_audited(&recs, &traces);
+}

@@ -11,6 +11,7 @@
 //! the same limits in one Redis round trip, and falls back to these local limiters (or
 //! refuses) when Redis is unreachable.
 
+pub mod failures;
 pub mod shared;
 
 use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
