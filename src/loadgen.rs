@@ -61,8 +61,9 @@ pub struct Plan {
     pub duration: Duration,
     /// Calls before measuring (not counted).
     pub warmup: Duration,
-    /// Bearer token sent with every call (none: no `authorization` header).
-    pub token: Option<String>,
+    /// Bearer tokens, sent in turn, one per call (none: no `authorization` header; one: the
+    /// same token every call; many: a different one each call, e.g. a flood of forged ones).
+    pub tokens: Vec<String>,
     /// Processes whose CPU time and peak RSS are reported.
     pub watch: Vec<u32>,
 }
@@ -185,6 +186,25 @@ async fn one(ch: &Channel, call: &Call, token: Option<&str>) -> Result<u64, Stat
     }
 }
 
+/// The tokens of a run, handed out in turn.
+struct Tokens {
+    all: Vec<String>,
+    next: AtomicU64,
+}
+
+impl Tokens {
+    fn next(&self) -> Option<&str> {
+        match self.all.len() {
+            0 => None,
+            1 => Some(&self.all[0]),
+            n => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
+                Some(&self.all[i])
+            }
+        }
+    }
+}
+
 /// Run the plan on these channels (one HTTP/2 connection each; calls are spread over them).
 pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
     if channels.is_empty() {
@@ -192,14 +212,17 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
     }
     let channels = Arc::new(channels);
     let call = Arc::new(plan.call);
-    let token: Arc<Option<String>> = Arc::new(plan.token);
+    let token = Arc::new(Tokens {
+        all: plan.tokens,
+        next: AtomicU64::new(0),
+    });
     // Warm-up: connections, TLS sessions, the gateway's token cache.
     let until = Instant::now() + plan.warmup;
     for ch in channels.iter() {
-        let _ = one(ch, &call, token.as_deref()).await;
+        let _ = one(ch, &call, token.next()).await;
     }
     while Instant::now() < until {
-        let _ = one(&channels[0], &call, token.as_deref()).await;
+        let _ = one(&channels[0], &call, token.next()).await;
     }
 
     let tally = Arc::new(Tally::default());
@@ -223,7 +246,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
                     while Instant::now() < end {
                         let t = Instant::now();
                         sent.fetch_add(1, Ordering::Relaxed);
-                        let r = one(ch, &call, token.as_deref()).await;
+                        let r = one(ch, &call, token.next()).await;
                         tally.record(r, t.elapsed());
                     }
                 }));
@@ -260,7 +283,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
                 let ch = channels[i as usize % channels.len()].clone();
                 let (call, token, tally) = (call.clone(), token.clone(), tally.clone());
                 tasks.spawn(async move {
-                    let r = one(&ch, &call, token.as_deref()).await;
+                    let r = one(&ch, &call, token.next()).await;
                     // From the scheduled time: queueing on either side is not hidden.
                     tally.record(r, scheduled.elapsed());
                     drop(permit);

@@ -346,6 +346,10 @@ struct BenchArgs {
     /// Send no `authorization` header (e.g. to measure the refusal path).
     #[arg(long)]
     no_token: bool,
+    /// Send a different forged token on every call, from a pool of this many (signed by a
+    /// key the identity provider never published): measures a flood of distinct bad tokens.
+    #[arg(long, default_value_t = 0)]
+    forged_tokens: usize,
     /// query | stream | list | describe | raw
     #[arg(long, default_value = "query")]
     method: String,
@@ -1437,12 +1441,31 @@ async fn bench(b: BenchArgs) -> Result<(), String> {
             ));
         }
     };
-    let token = if b.no_token {
-        None
+    let tokens = if b.no_token {
+        Vec::new()
+    } else if b.forged_tokens > 0 {
+        // A different forged token per call (a key the identity provider never published,
+        // under its kid): what a flood of distinct bad tokens costs the gateway.
+        let dept = b
+            .conn
+            .as_dept
+            .clone()
+            .unwrap_or_else(|| "civil-affairs".into());
+        let (key, _) = devpki::jwt_keypair(devpki::KID).map_err(|e| e.to_string())?;
+        (0..b.forged_tokens)
+            .map(|i| {
+                devpki::mint_token(
+                    &key,
+                    devpki::KID,
+                    &devpki::dev_claims(&dept, &format!("forger-{i}"), None, 3600),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?
     } else {
-        Some(id.3.clone().ok_or(
+        vec![id.3.clone().ok_or(
             "a token is required: --token, XGATE_TOKEN, --as DEPT for a dev token, or --no-token",
-        )?)
+        )?]
     };
     if !(b.duration > 0.0 && b.duration.is_finite() && b.warmup >= 0.0 && b.warmup.is_finite()) {
         return Err("--duration must be positive and --warmup not negative".into());
@@ -1459,7 +1482,7 @@ async fn bench(b: BenchArgs) -> Result<(), String> {
         },
         duration: std::time::Duration::from_secs_f64(b.duration),
         warmup: std::time::Duration::from_secs_f64(b.warmup),
-        token,
+        tokens,
         watch: b.pids.clone(),
     };
     let report = xgate::loadgen::run(channels, plan).await?;
