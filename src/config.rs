@@ -33,6 +33,10 @@ pub struct Config {
     /// Secret file with the bureau's pseudonym key (for `hash` masks; at least 32 bytes).
     #[serde(default)]
     pub pseudonym_key_file: Option<PathBuf>,
+    /// Key (32+ bytes) that seals page tokens; replicas behind one load balancer share it.
+    /// Absent: each process draws its own at start (tokens work only where they were issued).
+    #[serde(default)]
+    pub page_token_key_file: Option<PathBuf>,
     pub audit: Audit,
     pub upstream: Upstream,
     #[serde(default)]
@@ -569,6 +573,9 @@ impl Config {
         {
             fix(p);
         }
+        if let Some(p) = &mut self.page_token_key_file {
+            fix(p);
+        }
         if let Some(p) = &mut self.pseudonym_key_file {
             fix(p);
         }
@@ -793,6 +800,7 @@ impl Config {
             },
             policy,
             pseudonym_key_file: Some(certs.join("pseudonym.key")),
+            page_token_key_file: None,
             audit: Audit {
                 dir: audit_dir,
                 queue_capacity: default_audit_queue(),

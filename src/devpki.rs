@@ -261,6 +261,14 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
             rand::random::<u128>()
         ),
     )?;
+    put(
+        "page-token.key",
+        &format!(
+            "{:032x}{:032x}\n",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        ),
+    )?;
     let (signing_pem, jwks) = jwt_keypair(KID)?;
     put("jwt-signing.key", &signing_pem)?;
     put("jwks.json", &jwks)?;
@@ -279,6 +287,7 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
          | `jwt-signing.key` | ES256 key that signs dev tokens (`xgate token`) |\n\
          | `jwks.json` | the matching JWKS the gateway verifies against |\n\
          | `pseudonym.key` | the bureau's key for `hash` masks (keyed pseudonyms) |\n\
+         | `page-token.key` | the gateway's key that seals page tokens (`page_token_key_file`; shared by replicas) |\n\
          | `audit-signing.key`, `audit-signing.pub` | Ed25519 key that signs audit checkpoints, and its public half for `xgate audit verify` |\n\
          | `audit-subject.key` | key of the data-subject hashes in audit records (`xgate audit search --subject`) |\n",
     )?;

@@ -132,6 +132,9 @@ reasons! {
     MessageTooLarge => ResourceExhausted, "MESSAGE_TOO_LARGE";
     /// The request's metadata (headers) is over `limits.max_metadata_bytes`.
     MetadataTooLarge => ResourceExhausted, "METADATA_TOO_LARGE";
+    /// The page token was not issued by the gateway for this caller, this query and this
+    /// policy version (altered, replayed, or the policy changed): start from the first page.
+    PageTokenInvalid => InvalidArgument, "PAGE_TOKEN_INVALID";
     /// The request is malformed (no dataset, bad filter, ...).
     RequestInvalid => InvalidArgument, "REQUEST_INVALID";
     // --- limits ---------------------------------------------------------------------------

@@ -99,6 +99,8 @@ struct Inner {
     providers_up: ArcSwap<std::collections::HashMap<String, bool>>,
     /// Failed authentications per client certificate.
     auth_failures: crate::ratelimit::failures::AuthFailures,
+    /// Seals the page tokens callers see.
+    pages: crate::paging::PageSeal,
 }
 
 impl Authenticated {
@@ -238,6 +240,7 @@ impl Gateway {
                 shared: None,
                 providers_up: ArcSwap::default(),
                 auth_failures: crate::ratelimit::failures::AuthFailures::new(10, 50),
+                pages: crate::paging::PageSeal::random(),
             }),
         }
     }
@@ -294,6 +297,14 @@ impl Gateway {
     pub fn with_auth_failures(mut self, per_second: u32, burst: u32) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.auth_failures = crate::ratelimit::failures::AuthFailures::new(per_second, burst);
+        }
+        self
+    }
+
+    /// Seal page tokens with this key (shared by the replicas of one gateway).
+    pub fn with_page_seal(mut self, seal: crate::paging::PageSeal) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.pages = seal;
         }
         self
     }
@@ -478,8 +489,18 @@ impl Gateway {
         // A certificate that keeps failing is refused before any signature work.
         self.inner.auth_failures.check(&peer.fingerprint)?;
         let claims = self.inner.tokens.verify_header(header).await.map_err(|r| {
-            // The identity provider being unreachable is not the caller's failure.
-            if r.reason != Reason::TokenKeysUnavailable {
+            // Failures that cost a signature check count; refusals cheaper than the count
+            // itself (no token, not a JWT, a refused algorithm, an unknown key) and the
+            // identity provider being unreachable (not the caller's doing) do not.
+            if !matches!(
+                r.reason,
+                Reason::TokenMissing
+                    | Reason::TokenMalformed
+                    | Reason::TokenTooLarge
+                    | Reason::TokenAlgorithmNotAllowed
+                    | Reason::TokenKeyUnknown
+                    | Reason::TokenKeysUnavailable
+            ) {
                 self.inner.auth_failures.failed(&peer.fingerprint);
             }
             r.with_rule("identity:token")
@@ -850,14 +871,25 @@ impl Gateway {
             .instrument(tracing::info_span!("xgate.authenticate"))
             .await?;
         let deadline = self.deadline(&req);
+        let mut asked = req.into_inner();
+        // The caller's page token is the gateway's seal around the provider's.
+        let binding = crate::paging::Binding::of(&who.system, &asked);
+        let page_token = std::mem::take(&mut asked.page_token);
         let Prepared {
-            body,
+            version,
+            mut body,
             permit,
             provider,
             mut client,
             places: _places,
-            ..
-        } = self.prepare(call, &who, req.into_inner()).await?;
+        } = self.prepare(call, &who, asked).await?;
+        if !page_token.is_empty() {
+            body.page_token = self
+                .inner
+                .pages
+                .open(&binding, &version, &page_token)
+                .inspect_err(|_| call.pending.rec().decision = "deny")?;
+        }
         call.at("forward");
         let span = upstream_span(&provider);
         let up = self.upstream_request(call, &who, body, Some(deadline), &span);
@@ -878,7 +910,11 @@ impl Gateway {
             Ok(Ok(r)) => r.into_inner(),
         };
         call.at("shape");
-        let shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
+        let mut shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
+        let next = &mut shaped.response.next_page_token;
+        if !next.is_empty() {
+            *next = self.inner.pages.seal(&binding, &version, next);
+        }
         self.count_rows(&permit, shaped.response.rows.len() as u64);
         Ok(record_rows(call.pending.rec(), shaped))
     }

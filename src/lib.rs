@@ -41,6 +41,7 @@ pub mod identity;
 pub mod jwks_fetch;
 pub mod jwt_ring;
 pub mod loadgen;
+pub mod paging;
 pub mod pb;
 pub mod policy;
 pub mod provider;

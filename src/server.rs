@@ -192,6 +192,16 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             MaskKey::none()
         }),
     };
+    let page_seal = match &cfg.page_token_key_file {
+        None => crate::paging::PageSeal::random(),
+        Some(p) => std::fs::read(p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::paging::PageSeal::from_key(&b))
+            .unwrap_or_else(|e| {
+                errs.push(format!("page_token_key_file {}: {e}", p.display()));
+                crate::paging::PageSeal::random()
+            }),
+    };
     if policy.as_ref().is_some_and(|p| p.uses_hash_mask()) && !mask_key.is_set() {
         errs.push(
             "the policy uses `hash` masks: set `pseudonym_key_file` to the bureau's key".into(),
@@ -239,6 +249,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         cfg.jwt.auth_failures_per_second,
         cfg.jwt.auth_failures_burst,
     )
+    .with_page_seal(page_seal)
     .with_quotas(crate::ratelimit::Quotas::new(
         crate::ratelimit::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
     ));

@@ -802,3 +802,91 @@ async fn drain_timeout_ends_stuck_calls_with_a_reason_and_still_records_them() {
         assert_eq!(one_record(&recs, &t)["reason"], "GATEWAY_SHUTTING_DOWN");
     }
 }
+
+/// Page tokens are sealed: the next page opens only for the caller and the query that got
+/// the token, under the same policy; an altered, replayed or raw provider token, another
+/// filter, or a policy change since are `INVALID_ARGUMENT PAGE_TOKEN_INVALID`.
+#[tokio::test]
+async fn page_tokens_are_sealed_to_their_caller_and_query() {
+    let mut h = Harness::start(Opts::default()).await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    let q = || {
+        query(
+            "hukou.person_basic",
+            "subsidy-eligibility",
+            &["region_code=330106"],
+            3,
+        )
+    };
+    let first = c.query(req(q(), &t)).await.unwrap().into_inner();
+    let sealed = first.next_page_token.clone();
+    assert!(sealed.starts_with("p1."), "{sealed}");
+    let mut second = q();
+    second.page_token = sealed.clone();
+    let page2 = c.query(req(second.clone(), &t)).await.unwrap().into_inner();
+    assert_eq!(page2.rows.len(), 3);
+    assert_ne!(page2.rows, first.rows, "the next page, not the first again");
+    // A bigger page from the same position is the same query.
+    let mut bigger = second.clone();
+    bigger.page_size = 5;
+    c.query(req(bigger, &t)).await.unwrap();
+    let mut traces = Vec::new();
+    let mut refused =
+        async |c: &mut pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+               r: pb::QueryRequest,
+               tok: &str,
+               what: &str| {
+            let st = c.query(req(r, tok)).await.expect_err(what);
+            assert_reject(&st, Code::InvalidArgument, "PAGE_TOKEN_INVALID");
+            traces.push(trace_id(st.metadata()));
+        };
+    // Another filter with the same token.
+    let mut other = query(
+        "hukou.person_basic",
+        "subsidy-eligibility",
+        &["region_code=330108"],
+        3,
+    );
+    other.page_token = sealed.clone();
+    refused(&mut c, other, &t, "another filter").await;
+    // The provider's own token, unsealed; an altered one.
+    let mut raw = q();
+    raw.page_token = "3".into();
+    refused(&mut c, raw, &t, "raw").await;
+    let mut altered = q();
+    altered.page_token = sealed.replacen("p1.", "p1.M", 1);
+    refused(&mut c, altered, &t, "altered").await;
+    // Another department with the same token (its own grant, the same query otherwise).
+    let mut x = h.data("xihu-civil-affairs").await;
+    let mut theirs = query(
+        "hukou.person_basic",
+        "temporary-relief",
+        &["region_code=330106"],
+        3,
+    );
+    let theirs_first = x
+        .query(req(theirs.clone(), &token("xihu-civil-affairs")))
+        .await
+        .unwrap();
+    assert!(!theirs_first.into_inner().next_page_token.is_empty());
+    theirs.page_token = sealed.clone();
+    refused(
+        &mut x,
+        theirs,
+        &token("xihu-civil-affairs"),
+        "another caller",
+    )
+    .await;
+    // A policy change ends the paging.
+    let text = std::fs::read_to_string(&h.policy_path).unwrap();
+    replace_file(&h.policy_path, &format!("{text}\n# touched\n"));
+    h.reloader.reload("test").unwrap();
+    refused(&mut c, second, &t, "after a policy change").await;
+    let recs = h.stop().await;
+    for tr in &traces {
+        let r = recs.iter().find(|r| r["trace_id"] == tr.as_str()).unwrap();
+        assert_eq!(r["reason"], "PAGE_TOKEN_INVALID");
+        assert_eq!(r["rule"], "paging:sealed-token");
+    }
+}

@@ -7,7 +7,9 @@
 //! (`jwt.auth_failures_per_second`, bursts of `jwt.auth_failures_burst`); once the bucket is
 //! empty, that certificate's calls are refused `RESOURCE_EXHAUSTED AUTH_FAILURES_LIMITED`
 //! until it refills, without looking at the token. Successes take nothing, and a good caller
-//! on another certificate is unaffected.
+//! on another certificate is unaffected. Only failures that cost a signature check count
+//! (a bad signature, or claims refused after a good one): no token, a malformed one, a
+//! refused algorithm or an unknown key are cheaper to refuse than to count.
 //!
 //! Not here: the per-grant and per-consumer rates (the parent module), which apply after
 //! authentication.
