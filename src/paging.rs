@@ -198,4 +198,18 @@ mod tests {
             "another key"
         );
     }
+
+    #[test]
+    fn replicas_sharing_the_key_open_each_others_tokens() {
+        let key = b"0123456789abcdef0123456789abcdef\n";
+        let (a, b) = (
+            PageSeal::from_key(key).unwrap(),
+            PageSeal::from_key(key).unwrap(),
+        );
+        let q = QueryRequest::default();
+        let bind = Binding::of(&who("a"), &q);
+        let t = a.seal(&bind, "v1", "cursor-9");
+        assert_eq!(b.open(&bind, "v1", &t).unwrap(), "cursor-9");
+        assert!(PageSeal::from_key(b"short").is_err());
+    }
 }
