@@ -267,9 +267,11 @@ impl Gateway {
     /// Install a new policy snapshot. Atomic: every call is decided wholly under the old or
     /// the new one; calls in flight keep the snapshot they started with, except open streams,
     /// which re-check each batch against the newest.
-    pub fn swap(&self, snapshot: Snapshot) {
-        self.inner.snapshot.store(Arc::new(snapshot));
+    /// Returns the snapshot it replaced, for the caller to drop off the serving threads.
+    pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        let old = self.inner.snapshot.swap(Arc::new(snapshot));
         self.inner.policy_changes.send_modify(|v| *v += 1);
+        old
     }
 
     pub fn downgrade(&self) -> WeakGateway {

@@ -115,7 +115,8 @@ impl Reloader {
                     .clone();
                 let snap =
                     server::snapshot(Arc::new(policy), &up, Some(&old)).map_err(|e| vec![e])?;
-                gateway.swap(snap);
+                drop(old);
+                retire(gateway.swap(snap));
                 tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
                 metrics::counter!("xgate_policy_reloads_total", "result" => "ok").increment(1);
                 metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
@@ -169,7 +170,8 @@ impl Reloader {
             limits: crate::ratelimit::RateLimits::for_policy(&old.policy, Some(&old.limits)),
             ..fresh
         };
-        gateway.swap(snap);
+        drop(old);
+        retire(gateway.swap(snap));
         *cur = up;
         tracing::info!("upstream client certificate and CA reloaded");
         Ok(())
@@ -178,6 +180,18 @@ impl Reloader {
 
 /// Watch the policy file's directory (editors replace files rather than write them) and
 /// reload shortly after the file changes. Returns the watcher; dropping it stops watching.
+/// Drop a replaced snapshot here (a reload's thread), not on a serving thread: the last
+/// call to finish under it would otherwise free a whole policy's indexes (milliseconds for
+/// 10,000 grants) in the middle of serving. Waits for those calls (at most 5 s; past that
+/// it lets the last of them drop it).
+fn retire(old: Arc<crate::gateway::Snapshot>) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&old) > 1 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(old);
+}
+
 pub fn watch_file(reloader: Arc<Reloader>) -> Result<notify::RecommendedWatcher, String> {
     let path = reloader.path.clone();
     watch_paths(vec![path], "policy", move || {
