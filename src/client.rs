@@ -149,6 +149,23 @@ pub fn explain(status: &Status) -> String {
     s
 }
 
+/// A failed call as JSON: `{"error": {code, reason, message, rule, trace_id, retry_after_ms}}`.
+pub fn status_json(status: &Status) -> serde_json::Value {
+    let details = status.get_error_details();
+    let info = details.error_info();
+    let meta = |k: &str| info.and_then(|i| i.metadata.get(k).cloned());
+    serde_json::json!({
+        "error": {
+            "code": crate::audit::code_name(status.code()),
+            "reason": info.map(|i| i.reason.clone()),
+            "message": status.message(),
+            "rule": meta("rule"),
+            "trace_id": meta("trace_id"),
+            "retry_after_ms": details.retry_info().and_then(|r| r.retry_delay).map(|d| d.as_millis() as u64),
+        }
+    })
+}
+
 /// Render a value for the terminal.
 pub fn render(v: &Value) -> String {
     use pb::value::Kind;

@@ -94,9 +94,10 @@ enum Cmd {
 struct ReportArgs {
     /// The audit trail directory.
     dir: PathBuf,
-    /// The policy that says which department owns each dataset.
-    #[arg(long, default_value = "deploy/dev/policy.yaml")]
-    policy: PathBuf,
+    /// The policy that says which department owns each dataset (default, with a warning:
+    /// the demo's deploy/dev/policy.yaml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// day, week (ISO), month or all.
     #[arg(long, default_value = "day")]
     period: String,
@@ -154,9 +155,10 @@ enum AuditCmd {
     /// signed head; name the first damage; exit 1 if any (docs/audit.md: what is detected).
     Verify {
         dir: PathBuf,
-        /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it).
-        #[arg(long, default_value = "certs-dev/audit-signing.pub")]
-        public_key: PathBuf,
+        /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it;
+        /// default, with a warning: the demo's certs-dev/audit-signing.pub).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
         /// A head saved earlier (`xgate audit head DIR > saved.json`): the trail must still
         /// reach its checkpoint, even if the trail's own head.json was replaced.
         #[arg(long)]
@@ -192,9 +194,10 @@ enum AuditCmd {
         /// A data subject's id (e.g. an id number): which calls asked about this person.
         #[arg(long)]
         subject: Option<String>,
-        /// The subject-hash key the gateway uses (`audit.subject_key_file`).
-        #[arg(long, default_value = "certs-dev/audit-subject.key")]
-        subject_key: PathBuf,
+        /// The subject-hash key the gateway uses (`audit.subject_key_file`; default, with a
+        /// warning: the demo's certs-dev/audit-subject.key).
+        #[arg(long)]
+        subject_key: Option<PathBuf>,
         /// table, jsonl or csv.
         #[arg(long, default_value = "table")]
         format: String,
@@ -219,8 +222,9 @@ enum PolicyCmd {
     },
     /// The decision for one consumer and dataset, and the chain of rules behind it.
     Explain {
-        #[arg(long, default_value = "deploy/dev/policy.yaml")]
-        policy: PathBuf,
+        /// The policy (default, with a warning: the demo's deploy/dev/policy.yaml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
         #[arg(long)]
         consumer: String,
         #[arg(long, default_value = "")]
@@ -480,6 +484,23 @@ fn exit(result: Result<(), CliError>) -> ExitCode {
     }
 }
 
+/// A protobuf enum value as the policy writes it: `SHARE_TYPE_CONDITIONAL` -> `conditional`.
+fn shown(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+/// A flag left out that defaults to the demo's file: say so, since on a real trail or policy
+/// the demo's answers would be quietly wrong (a subject key that matches nothing, another
+/// policy's owners).
+fn dev_default(given: Option<PathBuf>, flag: &str, dev: &str) -> PathBuf {
+    given.unwrap_or_else(|| {
+        eprintln!("note: no {flag} given: using the demo's {dev}; outside the demo, pass the gateway's own");
+        PathBuf::from(dev)
+    })
+}
+
 /// Why a command failed: it ran and failed (exit 1), or it was asked for something it cannot
 /// understand (exit 2, as for clap's own usage errors).
 enum CliError {
@@ -559,6 +580,7 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
             purpose,
             fields,
         } => {
+            let policy = dev_default(policy, "--policy", "deploy/dev/policy.yaml");
             let p = load_policy(&policy)?;
             let mut steps = xgate::policy::eval::Steps::default();
             let now = i64::try_from(xgate::token::now_secs()).unwrap_or(i64::MAX);
@@ -662,7 +684,11 @@ fn report_run(a: ReportArgs) -> Result<(), String> {
         "html" => report::render_html,
         f => return Err(format!("--format `{f}`: use table, csv, json or html")),
     };
-    let policy = load_policy(&a.policy)?;
+    let policy = load_policy(&dev_default(
+        a.policy.clone(),
+        "--policy",
+        "deploy/dev/policy.yaml",
+    ))?;
     if !a.dir.is_dir() {
         return Err(format!("{}: not an audit trail directory", a.dir.display()));
     }
@@ -740,6 +766,7 @@ fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             expect_head,
             no_head,
         } => {
+            let public_key = dev_default(public_key, "--public-key", "certs-dev/audit-signing.pub");
             let text = std::fs::read_to_string(&public_key)
                 .map_err(|e| format!("{}: {e}", public_key.display()))?;
             let key = base64::engine::general_purpose::STANDARD
@@ -834,7 +861,11 @@ fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             let subject = match subject {
                 None => None,
                 Some(id) => Some(xgate::audit::subject_hash(
-                    &xgate::audit::load_subject_key(&subject_key)?,
+                    &xgate::audit::load_subject_key(&dev_default(
+                        subject_key,
+                        "--subject-key",
+                        "certs-dev/audit-subject.key",
+                    ))?,
                     &id,
                 )),
             };
@@ -1153,7 +1184,15 @@ async fn call(c: CallArgs) -> Result<(), String> {
         id.3.clone()
             .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
     let channel = c.conn.connect(&id).await?;
-    let fail = |s: tonic::Status| client::explain(&s);
+    let json = c.json;
+    // With --json, a refusal is JSON on stdout too (code, reason, rule, trace id), so a
+    // script reads failures the way it reads answers.
+    let fail = |s: tonic::Status| {
+        if json {
+            xgate::outln!("{}", client::status_json(&s));
+        }
+        client::explain(&s)
+    };
     match c.what {
         CallCmd::List => {
             let mut cat = pb::catalog_client::CatalogClient::new(channel);
@@ -1167,8 +1206,8 @@ async fn call(c: CallArgs) -> Result<(), String> {
             } else {
                 for d in &r.datasets {
                     let share = pb::ShareType::try_from(d.share_type)
-                        .map(|s| s.as_str_name())
-                        .unwrap_or("?");
+                        .map(|s| shown(s.as_str_name(), "SHARE_TYPE_"))
+                        .unwrap_or("?".into());
                     xgate::outln!(
                         "{:<28} {:<20} {:<26} {}",
                         d.id,
@@ -1219,11 +1258,11 @@ async fn call(c: CallArgs) -> Result<(), String> {
                     );
                     for f in &d.fields {
                         let t = pb::FieldType::try_from(f.r#type)
-                            .map(|t| t.as_str_name())
-                            .unwrap_or("?");
+                            .map(|t| shown(t.as_str_name(), "FIELD_TYPE_"))
+                            .unwrap_or("?".into());
                         let s = pb::Sensitivity::try_from(f.sensitivity)
-                            .map(|t| t.as_str_name())
-                            .unwrap_or("?");
+                            .map(|t| shown(t.as_str_name(), "SENSITIVITY_"))
+                            .unwrap_or("?".into());
                         xgate::outln!("  {:<22} {:<22} {}", f.name, t, s);
                     }
                 }

@@ -491,11 +491,30 @@ pub async fn spawn_dev(
     certs: &std::path::Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
+    // Every file error names the file and what it is for.
+    let read = |name: String, what: &str| {
+        let p = certs.join(&name);
+        std::fs::read(&p)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{} ({what}): {e}", p.display())))
+    };
+    let cert = read(
+        format!("provider-{id}.pem"),
+        "the sample provider's certificate",
+    )?;
+    let key = read(format!("provider-{id}.key"), "the sample provider's key")?;
+    let ca = read(
+        "ca.pem".into(),
+        "the CA the gateway's client certificate chains to",
+    )?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            ": another demo may be running (stop it), or run this one on a copy of the policy whose provider endpoints name free ports (--policy)"
+        } else {
+            ""
+        };
+        std::io::Error::new(e.kind(), format!("listen {addr}: {e}{hint}"))
+    })?;
     let local = listener.local_addr()?;
-    let cert = std::fs::read(certs.join(format!("provider-{id}.pem")))?;
-    let key = std::fs::read(certs.join(format!("provider-{id}.key")))?;
-    let ca = std::fs::read(certs.join("ca.pem"))?;
     let id = id.to_owned();
     let h = tokio::spawn(async move {
         if let Err(e) = provider.serve(listener, cert, key, ca, shutdown).await {

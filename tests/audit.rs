@@ -54,6 +54,8 @@ async fn tampering_of_every_kind_is_detected() {
         dir.to_str().unwrap(),
         "--subject",
         "330106195108070003",
+        "--subject-key",
+        "certs-dev/audit-subject.key",
         "--format",
         "jsonl",
     ]);
