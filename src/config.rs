@@ -499,6 +499,48 @@ pub struct Otlp {
 fn default_service() -> String {
     "xgate".into()
 }
+
+impl Otlp {
+    /// The standard OpenTelemetry environment variables, over the config file's `otlp`:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) switches
+    /// exporting on (`OTEL_TRACES_EXPORTER=none` off), `OTEL_SERVICE_NAME` names the
+    /// service, `OTEL_TRACES_SAMPLER_ARG` is the ratio. An unparsable ratio is an error.
+    pub fn from_env(
+        configured: Option<&Otlp>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Otlp>, String> {
+        if env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none") {
+            return Ok(None);
+        }
+        let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .filter(|e| !e.trim().is_empty());
+        let mut o = match (configured, endpoint) {
+            (_, Some(e)) => Otlp {
+                endpoint: e.trim().to_owned(),
+                ..configured.cloned().unwrap_or(Otlp {
+                    endpoint: String::new(),
+                    service_name: default_service(),
+                    sample_ratio: default_ratio(),
+                })
+            },
+            (Some(c), None) => c.clone(),
+            (None, None) => return Ok(None),
+        };
+        if let Some(n) = env("OTEL_SERVICE_NAME").filter(|n| !n.trim().is_empty()) {
+            o.service_name = n.trim().to_owned();
+        }
+        if let Some(r) = env("OTEL_TRACES_SAMPLER_ARG") {
+            o.sample_ratio = r
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG `{r}`: a ratio from 0 to 1"))?;
+        }
+        Ok(Some(o))
+    }
+}
 fn default_ratio() -> f64 {
     1.0
 }
@@ -934,5 +976,52 @@ otlp: { endpoint: "not a url", sample_ratio: 2 }
             }
         }
         assert!(found, "no xgate-config ConfigMap");
+    }
+
+    #[test]
+    fn the_standard_otel_variables_switch_tracing_on_and_override_the_file() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert!(Otlp::from_env(None, env(&[])).unwrap().is_none());
+        let o = Otlp::from_env(
+            None,
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_SERVICE_NAME", "xgate-zj"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (o.endpoint.as_str(), o.service_name.as_str(), o.sample_ratio),
+            ("http://collector:4317", "xgate-zj", 0.25)
+        );
+        let file = Otlp {
+            endpoint: "http://file:4317".into(),
+            service_name: "from-file".into(),
+            sample_ratio: 1.0,
+        };
+        let o = Otlp::from_env(
+            Some(&file),
+            env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (o.endpoint.as_str(), o.service_name.as_str()),
+            ("http://traces:4317", "from-file")
+        );
+        assert!(
+            Otlp::from_env(Some(&file), env(&[("OTEL_TRACES_EXPORTER", "none")]))
+                .unwrap()
+                .is_none()
+        );
+        assert!(Otlp::from_env(Some(&file), env(&[("OTEL_TRACES_SAMPLER_ARG", "2")])).is_err());
     }
 }

@@ -1031,6 +1031,7 @@ fn serve(
     if let Some(d) = audit_dir {
         cfg.audit.dir = d;
     }
+    cfg.otlp = xgate::config::Otlp::from_env(cfg.otlp.as_ref(), |k| std::env::var(k).ok())?;
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async move {
         let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
@@ -1084,7 +1085,8 @@ fn demo(d: DemoArgs) -> Result<(), String> {
     }
     let rt = runtime(0)?;
     rt.block_on(async move {
-        let tel = telemetry::init(&cfg.log, None)?;
+        let otlp = xgate::config::Otlp::from_env(None, |k| std::env::var(k).ok())?;
+        let tel = telemetry::init(&cfg.log, otlp.as_ref())?;
         let policy = Policy::load(&policy_path).map_err(|e| format!("{}: {e}", policy_path.display()))?;
         // Start the sample providers where the policy says they are.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
