@@ -76,6 +76,12 @@ enum Cmd {
     /// Load-test a gateway (or any server of the interface): closed or open loop, latency
     /// percentiles, errors by code, CPU and peak RSS of given processes.
     Bench(BenchArgs),
+    /// Check a gateway config and everything it points to (certificates, keys, the JWKS,
+    /// the policy) without serving; every error at once; exit 1 if any.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Tools for the data bureau's policy file.
     Policy {
         #[command(subcommand)]
@@ -205,6 +211,15 @@ enum AuditCmd {
         /// on stderr.
         #[arg(long)]
         strict: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the config and load what it names, binding nothing and writing nothing.
+    Check {
+        #[arg(long, short, default_value = "deploy/dev/xgate.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -463,6 +478,9 @@ fn main() -> ExitCode {
         })
         .and_then(|rt| rt.block_on(bench(b))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { config },
+        } => config_check(&config),
         Cmd::Audit { cmd } => return exit(audit_cmd(cmd)),
         Cmd::Report(r) => return exit(report(r)),
     };
@@ -482,6 +500,35 @@ fn exit(result: Result<(), CliError>) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `xgate config check`: what `serve` would build, short of binding and the audit trail.
+fn config_check(path: &Path) -> Result<(), String> {
+    let cfg = Config::load(path).map_err(|errs| {
+        format!(
+            "invalid config {}:\n  - {}",
+            path.display(),
+            errs.join("\n  - ")
+        )
+    })?;
+    let rt = runtime(1)?;
+    let checked = rt
+        .block_on(server::check(&cfg))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let p = &checked.snap.policy;
+    xgate::outln!(
+        "{}: OK — listen {}, policy {} ({}; {} departments, {} datasets, {} grants), audit trail {} ({:?})",
+        path.display(),
+        cfg.listen,
+        cfg.policy.display(),
+        p.version,
+        p.file.departments.len(),
+        p.file.datasets.len(),
+        p.file.grants.len(),
+        cfg.audit.dir.display(),
+        cfg.audit.mode
+    );
+    Ok(())
 }
 
 /// A protobuf enum value as the policy writes it: `SHARE_TYPE_CONDITIONAL` -> `conditional`.

@@ -142,12 +142,31 @@ fn files_digest(paths: &[&std::path::Path]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Build everything from `cfg`, bind, and start serving in the background.
-pub async fn start(cfg: &Config) -> Result<Running, StartError> {
-    // Idempotent: tests and the binary may both call this.
+/// What a config builds before anything is bound or written: every file it names read and
+/// checked, every error reported at once. `xgate config check` stops here.
+pub struct Checked {
+    tls_files: tls::ServerTlsFiles,
+    server_tls: Arc<rustls::ServerConfig>,
+    tokens: Arc<TokenVerifier>,
+    pub snap: Snapshot,
+    up: UpstreamTls,
+    mask_key: MaskKey,
+    page_seal: crate::paging::PageSeal,
+    keys: audit::AuditKeys,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked")
+            .field("policy_version", &self.snap.policy.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validate `cfg` and load everything it points to (certificates, keys, the JWKS, the policy),
+/// without binding a port or touching the audit trail.
+pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // The metrics recorder must exist before anything counts.
-    let _ = admin::metrics_handle();
     let mut errs = Vec::new();
     if let Err(e) = cfg.validate() {
         errs.extend(e);
@@ -214,7 +233,40 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     if !errs.is_empty() {
         return Err(StartError(errs));
     }
+    let keys = audit::AuditKeys::load(
+        &cfg.audit.signing_key_file,
+        cfg.audit.subject_key_file.as_deref(),
+    )
+    .map_err(|e| StartError(vec![format!("audit: {e}")]))?;
     let snap = snapshot(Arc::new(policy), &up, None).map_err(|e| StartError(vec![e]))?;
+    Ok(Checked {
+        tls_files,
+        server_tls,
+        tokens,
+        snap,
+        up,
+        mask_key,
+        page_seal,
+        keys,
+    })
+}
+
+/// Build everything from `cfg`, bind, and start serving in the background.
+pub async fn start(cfg: &Config) -> Result<Running, StartError> {
+    // Idempotent: tests and the binary may both call this.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The metrics recorder must exist before anything counts.
+    let _ = admin::metrics_handle();
+    let Checked {
+        tls_files,
+        server_tls,
+        tokens,
+        snap,
+        up,
+        mask_key,
+        page_seal,
+        keys,
+    } = check(cfg).await?;
     let policy_version = snap.policy.version.clone();
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -222,11 +274,6 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError(vec![format!("listen: {e}")]))?;
-    let keys = audit::AuditKeys::load(
-        &cfg.audit.signing_key_file,
-        cfg.audit.subject_key_file.as_deref(),
-    )
-    .map_err(|e| StartError(vec![format!("audit: {e}")]))?;
     let (audit_log, writer) = audit::start(cfg.audit.settings(), keys)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
     let audit_path = writer.dir.clone();

@@ -105,3 +105,43 @@ otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sam
     assert!(status.success(), "exit status {status}");
     wait_for(&mut logs, "audit trail flushed and synced");
 }
+
+/// `xgate config check`: what serve would build, without binding or writing; every error
+/// names its file.
+#[test]
+fn config_check_validates_everything_the_config_names() {
+    let run = |cfg: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_xgate"))
+            .args(["config", "check", "--config"])
+            .arg(cfg)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = run(&root.join("deploy/dev/xgate.yaml"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("OK — listen 127.0.0.1:8443"));
+    // A missing certificate and a missing key, in a copy beside the original (relative paths).
+    let text = std::fs::read_to_string(root.join("deploy/dev/xgate.yaml")).unwrap();
+    let bad = text
+        .replace(
+            "cert: ../../certs-dev/gateway.pem",
+            "cert: ../../certs-dev/no-such.pem",
+        )
+        .replace(
+            "pseudonym_key_file: ../../certs-dev/pseudonym.key",
+            "pseudonym_key_file: ../../certs-dev/no-such.key",
+        );
+    let path = root.join(format!("deploy/dev/check-{}.yaml", std::process::id()));
+    std::fs::write(&path, bad).unwrap();
+    let out = run(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such.pem"), "{err}");
+}
