@@ -77,6 +77,8 @@ pub struct Report {
     pub ok: u64,
     /// gRPC code name -> count (client-side failures to send count as `CLIENT_*`).
     pub errors: BTreeMap<String, u64>,
+    /// `CODE REASON` -> count, for refusals that carry an xgate `ErrorInfo` reason.
+    pub reasons: BTreeMap<String, u64>,
     pub rate: f64,
     pub rows: u64,
     pub rows_per_second: f64,
@@ -110,6 +112,7 @@ struct Tally {
     ok: AtomicU64,
     rows: AtomicU64,
     errors: std::sync::Mutex<BTreeMap<String, u64>>,
+    reasons: std::sync::Mutex<BTreeMap<String, u64>>,
     latencies: std::sync::Mutex<Vec<u32>>,
 }
 
@@ -121,9 +124,17 @@ impl Tally {
                 self.rows.fetch_add(rows, Ordering::Relaxed);
             }
             Err(st) => {
+                // By code and, for the gateway's refusals, by reason: a bench that measures a
+                // rate limit says so (`RESOURCE_EXHAUSTED RATE_LIMITED`).
+                use tonic_types::StatusExt;
+                let code = crate::audit::code_name(st.code());
                 if let Ok(mut e) = self.errors.lock() {
-                    *e.entry(crate::audit::code_name(st.code()).to_owned())
-                        .or_default() += 1;
+                    *e.entry(code.to_owned()).or_default() += 1;
+                }
+                if let Some(i) = st.get_error_details().error_info()
+                    && let Ok(mut r) = self.reasons.lock()
+                {
+                    *r.entry(format!("{code} {}", i.reason)).or_default() += 1;
                 }
             }
         }
@@ -333,6 +344,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
         requests,
         ok,
         errors: tally.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        reasons: tally.reasons.lock().map(|e| e.clone()).unwrap_or_default(),
         rate: requests as f64 / seconds,
         rows,
         rows_per_second: rows as f64 / seconds,
@@ -364,6 +376,10 @@ impl Report {
         );
         for (code, n) in &self.errors {
             let _ = writeln!(s, "  {code:<20} {n}");
+            let prefix = format!("{code} ");
+            for (reason, m) in self.reasons.iter().filter(|(r, _)| r.starts_with(&prefix)) {
+                let _ = writeln!(s, "    {:<30} {m}", &reason[prefix.len()..]);
+            }
         }
         if self.rows > 0 {
             let _ = writeln!(

@@ -1403,20 +1403,39 @@ async fn call(c: CallArgs) -> Result<(), String> {
                 &types,
             )?;
             let mut dx = pb::data_exchange_client::DataExchangeClient::new(channel);
-            let mut s = dx
+            let resp = dx
                 .query_stream(client::with_token(req, &token))
                 .await
-                .map_err(fail)?
-                .into_inner();
+                .map_err(fail)?;
+            let trace = resp
+                .metadata()
+                .get(xgate::TRACE_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let mut s = resp.into_inner();
             let (mut batches, mut rows) = (0u64, 0u64);
             while let Some(b) = s.message().await.map_err(fail)? {
                 batches += 1;
                 rows += b.rows.len() as u64;
                 if c.json {
                     xgate::outln!("{}", json_response(&b));
+                } else {
+                    client::print_table(&b);
                 }
             }
-            xgate::outln!("({batches} batches, {rows} rows)");
+            if c.json {
+                xgate::outln!("{}", serde_json::json!({"batches": batches, "rows": rows}));
+            } else {
+                xgate::outln!(
+                    "({batches} batches, {rows} rows{})",
+                    if trace.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; trace {trace}")
+                    }
+                );
+            }
         }
     }
     Ok(())

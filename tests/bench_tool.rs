@@ -87,6 +87,11 @@ async fn bench_measures_a_real_gateway() {
     assert!(ok, "{err}");
     assert_eq!(r["ok"], 0);
     assert_eq!(r["errors"]["UNAUTHENTICATED"], r["requests"], "{r}");
+    assert_eq!(
+        r["reasons"]["UNAUTHENTICATED TOKEN_MISSING"],
+        r["requests"],
+        "refusals by reason: {r}"
+    );
     let (_, r, _) = bench(&h, &["--as", "health", "--concurrency", "2"]);
     assert_eq!(r["errors"]["PERMISSION_DENIED"], r["requests"], "{r}");
 
