@@ -39,12 +39,7 @@ use tokio::{
 };
 use tokio_stream::{Stream, StreamExt};
 
-use crate::{
-    audit::{self, AuditRecord, Refusals},
-    error::Reason,
-    identity::Peer,
-    tls::TlsConn,
-};
+use crate::{audit::Refusals, error::Reason, identity::Peer, tls::TlsConn};
 
 /// The HTTP/2 limits of the gRPC port.
 #[derive(Debug, Clone)]
@@ -244,27 +239,21 @@ fn over_cap_refused(refusals: &Refusals, peer: &Peer, blocks: u64, hard_cap: usi
     } else {
         "each was answered HTTP 431"
     };
-    let reason = Reason::MetadataTooLarge;
-    let system = peer.identity.as_ref().ok();
-    refusals.record(AuditRecord {
-        time: audit::now_rfc3339(),
-        trace_id: audit::new_trace_id(),
-        method: "(http2)".into(),
-        consumer_dept: system.map(|s| s.dept.clone()),
-        consumer_system: system.map(|s| s.system.clone()),
-        cert_fingerprint: Some(peer.fingerprint.clone()),
-        remote_addr: Some(peer.remote.to_string()),
-        decision: "deny",
-        rule: Some("limits:max_metadata_hard_bytes".into()),
-        reason: Some(reason.as_str().into()),
-        detail: Some(format!(
+    let rej = crate::error::Reject::new(
+        Reason::MetadataTooLarge,
+        "a request header block was over the HTTP/2 layer's hard cap",
+    )
+    .with_rule("limits:max_metadata_hard_bytes");
+    let mut rec = crate::edge::refusal_record(
+        Some(peer),
+        "(http2)".into(),
+        &rej,
+        format!(
             "{blocks} request header block(s) over the hard cap of {hard_cap} bytes were refused by the HTTP/2 layer; {how}"
-        )),
-        calls: blocks,
-        grpc_status: audit::code_name(reason.code()),
-        grpc_code: reason.code() as i32,
-        ..AuditRecord::default()
-    });
+        ),
+    );
+    rec.calls = blocks;
+    refusals.record(rec);
 }
 
 /// The connection's bytes, read through a [`FrameWatch`].

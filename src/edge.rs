@@ -233,32 +233,39 @@ impl<S> Edge<S> {
             return None;
         };
         let rej = Reject::new(Reason::NotGrpc, why).with_rule("interface:xgate.v1");
-        let trace_id = audit::new_trace_id();
-        let peer = req.extensions().get::<Peer>();
-        let system = peer.and_then(|p| p.identity.as_ref().ok());
-        self.layer.refusals.record(AuditRecord {
-            time: audit::now_rfc3339(),
-            trace_id: trace_id.clone(),
-            method: req.uri().path().chars().take(200).collect(),
-            consumer_dept: system.map(|s| s.dept.clone()),
-            consumer_system: system.map(|s| s.system.clone()),
-            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-            remote_addr: peer.map(|p| p.remote.to_string()),
-            decision: "deny",
-            rule: rej.rule.clone(),
-            reason: Some(rej.reason.as_str().to_owned()),
-            detail: Some(format!(
-                "{} with content-type `{}`",
-                req.method(),
-                ct.chars().take(100).collect::<String>()
-            )),
-            grpc_status: audit::code_name(rej.code()),
-            grpc_code: rej.code() as i32,
-            ..AuditRecord::default()
-        });
-        let mut resp: http::Response<R> = rej.to_status(&trace_id).into_http();
+        let detail = format!(
+            "{} with content-type `{}`",
+            req.method(),
+            ct.chars().take(100).collect::<String>()
+        );
+        let mut resp: http::Response<R> = self.refuse_unread(req, &rej, detail);
         *resp.status_mut() = http_status;
         Some(resp)
+    }
+
+    /// A refusal made before anything of the call is read (nothing authenticated yet): a
+    /// rate-limited record, and the trailers-only answer with the trace id.
+    fn refuse_unread<B, R: Default>(
+        &self,
+        req: &http::Request<B>,
+        rej: &Reject,
+        detail: String,
+    ) -> http::Response<R> {
+        let mut rec = refusal_record(
+            req.extensions().get::<Peer>(),
+            req.uri().path().chars().take(200).collect(),
+            rej,
+            detail,
+        );
+        rec.policy_version = self
+            .layer
+            .gateway
+            .upgrade()
+            .map(|g| g.snapshot().policy.version.clone())
+            .unwrap_or_default();
+        let trace_id = rec.trace_id.clone();
+        self.layer.refusals.record(rec);
+        rej.to_status(&trace_id).into_http()
     }
 
     /// Refuse a call whose metadata is over the limit, without reading it (no token is
@@ -276,34 +283,36 @@ impl<S> Edge<S> {
             ),
         )
         .with_rule("limits:max_metadata_bytes");
-        let trace_id = audit::new_trace_id();
         metrics::counter!("xgate_metadata_refused_total", "layer" => "edge").increment(1);
-        let peer = req.extensions().get::<Peer>();
-        let system = peer.and_then(|p| p.identity.as_ref().ok());
-        tracing::info!(%trace_id, size, max, "call refused: metadata too large");
-        self.layer.refusals.record(AuditRecord {
-            time: audit::now_rfc3339(),
-            trace_id: trace_id.clone(),
-            method: req.uri().path().chars().take(200).collect(),
-            consumer_dept: system.map(|s| s.dept.clone()),
-            consumer_system: system.map(|s| s.system.clone()),
-            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-            remote_addr: peer.map(|p| p.remote.to_string()),
-            decision: "deny",
-            rule: rej.rule.clone(),
-            reason: Some(rej.reason.as_str().to_owned()),
-            detail: Some(format!("{size} bytes of metadata, over {max}")),
-            grpc_status: audit::code_name(rej.code()),
-            grpc_code: rej.code() as i32,
-            policy_version: self
-                .layer
-                .gateway
-                .upgrade()
-                .map(|g| g.snapshot().policy.version.clone())
-                .unwrap_or_default(),
-            ..AuditRecord::default()
-        });
-        rej.to_status(&trace_id).into_http()
+        tracing::info!(size, max, "call refused: metadata too large");
+        self.refuse_unread(req, &rej, format!("{size} bytes of metadata, over {max}"))
+    }
+}
+
+/// The record of a refusal that has only the connection's peer to go on: who (from the
+/// certificate), what (the path), why (`rej`), with `detail`.
+pub fn refusal_record(
+    peer: Option<&Peer>,
+    method: String,
+    rej: &Reject,
+    detail: String,
+) -> AuditRecord {
+    let system = peer.and_then(|p| p.identity.as_ref().ok());
+    AuditRecord {
+        time: audit::now_rfc3339(),
+        trace_id: audit::new_trace_id(),
+        method,
+        consumer_dept: system.map(|s| s.dept.clone()),
+        consumer_system: system.map(|s| s.system.clone()),
+        cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
+        remote_addr: peer.map(|p| p.remote.to_string()),
+        decision: "deny",
+        rule: rej.rule.clone(),
+        reason: Some(rej.reason.as_str().to_owned()),
+        detail: Some(detail),
+        grpc_status: audit::code_name(rej.code()),
+        grpc_code: rej.code() as i32,
+        ..AuditRecord::default()
     }
 }
 

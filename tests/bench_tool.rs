@@ -88,8 +88,7 @@ async fn bench_measures_a_real_gateway() {
     assert_eq!(r["ok"], 0);
     assert_eq!(r["errors"]["UNAUTHENTICATED"], r["requests"], "{r}");
     assert_eq!(
-        r["reasons"]["UNAUTHENTICATED TOKEN_MISSING"],
-        r["requests"],
+        r["reasons"]["UNAUTHENTICATED TOKEN_MISSING"], r["requests"],
         "refusals by reason: {r}"
     );
     let (_, r, _) = bench(&h, &["--as", "health", "--concurrency", "2"]);
