@@ -35,6 +35,7 @@ pub mod conn;
 pub mod devpki;
 pub mod edge;
 pub mod error;
+pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 pub mod identity;
