@@ -179,8 +179,10 @@ enum AuditCmd {
     /// Find records by consumer, dataset, time, status, decision or data subject.
     Search {
         dir: PathBuf,
+        /// Calls made by this department (`consumer_dept`).
         #[arg(long)]
         consumer: Option<String>,
+        /// Calls to this dataset.
         #[arg(long)]
         dataset: Option<String>,
         /// From this time (inclusive): RFC 3339 with an offset, or a date (midnight in --zone).
@@ -240,14 +242,19 @@ enum PolicyCmd {
         /// The policy (default, with a warning: the demo's deploy/dev/policy.yaml).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// The consumer department.
         #[arg(long)]
         consumer: String,
+        /// The calling system (grants may name one).
         #[arg(long, default_value = "")]
         system: String,
+        /// The dataset.
         #[arg(long)]
         dataset: String,
+        /// The declared purpose (a data call must declare one).
         #[arg(long, default_value = "")]
         purpose: String,
+        /// Fields asked for, comma-separated (omit: all).
         #[arg(long, value_delimiter = ',')]
         fields: Vec<String>,
     },
@@ -255,8 +262,10 @@ enum PolicyCmd {
 
 #[derive(Args)]
 struct TokenArgs {
+    /// The `dept` claim: the department the token speaks for (must match the certificate).
     #[arg(long)]
     dept: String,
+    /// The `sub` claim: the person or service account acting.
     #[arg(long)]
     sub: String,
     /// Comma-separated purposes the token allows (omit: any purpose the grant allows).
@@ -294,12 +303,16 @@ struct ConnArgs {
     /// Act as this dev department: its certificate from the dev PKI and a fresh dev token.
     #[arg(long = "as")]
     as_dept: Option<String>,
+    /// The dev PKI that --as takes certificates from.
     #[arg(long, default_value = "certs-dev")]
     certs: PathBuf,
+    /// Client certificate (PEM) of the calling system (instead of --as).
     #[arg(long)]
     cert: Option<PathBuf>,
+    /// Its private key (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// CA bundle (PEM) the gateway's certificate chains to (default: the dev CA).
     #[arg(long)]
     ca: Option<PathBuf>,
     /// Bearer token (default with --as: a fresh dev token).
