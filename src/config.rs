@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// gRPC listen address (mTLS).
@@ -60,7 +60,7 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8443))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTls {
     pub cert: PathBuf,
@@ -84,7 +84,7 @@ pub struct ServerTls {
 }
 
 /// A legacy certificate's identity, by fingerprint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappedIdentity {
     /// `sha256:` + 64 hex digits of the certificate (DER).
@@ -128,7 +128,7 @@ fn default_handshake_ms() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jwt {
     /// JWKS file with the identity provider's public keys (or `jwks_url`).
@@ -262,7 +262,7 @@ fn default_token_cache() -> usize {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// Directory of the audit trail (segments `audit-<n>.jsonl`).
@@ -362,7 +362,7 @@ fn default_audit_queue() -> usize {
     65_536
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// CA bundle provider certificates must chain to.
@@ -390,7 +390,7 @@ fn default_max_timeout_ms() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub default_page_size: u32,
@@ -453,7 +453,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -461,7 +461,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
@@ -484,7 +484,7 @@ fn default_level() -> String {
     "info".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Otlp {
     /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`.
@@ -545,7 +545,7 @@ fn default_ratio() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shutdown {
     /// How long in-flight calls may run after SIGTERM before they are cut.
@@ -560,7 +560,7 @@ impl Default for Shutdown {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// tokio worker threads; 0 = one per core less one (at least 1), leaving a core for the

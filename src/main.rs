@@ -222,6 +222,10 @@ enum ConfigCmd {
     Check {
         #[arg(long, short, default_value = "deploy/dev/xgate.yaml")]
         config: PathBuf,
+        /// Also print the effective config (defaults filled in, paths resolved, OTEL_*
+        /// environment applied) as YAML.
+        #[arg(long)]
+        print: bool,
     },
 }
 
@@ -492,8 +496,8 @@ fn main() -> ExitCode {
         .and_then(|rt| rt.block_on(bench(b))),
         Cmd::Policy { cmd } => policy_cmd(cmd),
         Cmd::Config {
-            cmd: ConfigCmd::Check { config },
-        } => config_check(&config),
+            cmd: ConfigCmd::Check { config, print },
+        } => config_check(&config, print),
         Cmd::Audit { cmd } => return exit(audit_cmd(cmd)),
         Cmd::Report(r) => return exit(report(r)),
     };
@@ -516,14 +520,15 @@ fn exit(result: Result<(), CliError>) -> ExitCode {
 }
 
 /// `xgate config check`: what `serve` would build, short of binding and the audit trail.
-fn config_check(path: &Path) -> Result<(), String> {
-    let cfg = Config::load(path).map_err(|errs| {
+fn config_check(path: &Path, print: bool) -> Result<(), String> {
+    let mut cfg = Config::load(path).map_err(|errs| {
         format!(
             "invalid config {}:\n  - {}",
             path.display(),
             errs.join("\n  - ")
         )
     })?;
+    cfg.otlp = xgate::config::Otlp::from_env(cfg.otlp.as_ref(), |k| std::env::var(k).ok())?;
     let rt = runtime(1)?;
     let checked = rt
         .block_on(server::check(&cfg))
@@ -541,6 +546,12 @@ fn config_check(path: &Path) -> Result<(), String> {
         cfg.audit.dir.display(),
         cfg.audit.mode
     );
+    if print {
+        xgate::out!(
+            "{}",
+            serde_yaml_ng::to_string(&cfg).map_err(|e| format!("printing the config: {e}"))?
+        );
+    }
     Ok(())
 }
 

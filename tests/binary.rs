@@ -126,6 +126,23 @@ fn config_check_validates_everything_the_config_names() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("OK — listen 127.0.0.1:8443"));
+    // --print: the effective config, defaults filled in.
+    let printed = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args([
+            "config",
+            "check",
+            "--print",
+            "--config",
+            "deploy/dev/xgate.yaml",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        text.contains("max_metadata_bytes: 32768") && text.contains("connection_idle_secs: 600"),
+        "{text}"
+    );
     // A missing certificate and a missing key, in a copy beside the original (relative paths).
     let text = std::fs::read_to_string(root.join("deploy/dev/xgate.yaml")).unwrap();
     let bad = text

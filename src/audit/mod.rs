@@ -99,7 +99,7 @@ pub struct AuditRecord {
 }
 
 /// `sync`: a call's record is fsync'd before its response; `async`: written without waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     #[default]
@@ -108,7 +108,7 @@ pub enum Durability {
 }
 
 /// Where the writer's loop runs (`audit.writer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
     /// A thread of its own (the default): the runtime never waits on the disk, and keeps

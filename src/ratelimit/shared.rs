@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// What to do with a call when Redis cannot decide it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnUnavailable {
     /// Decide with this replica's local limiters (each replica then admits up to the full
@@ -49,7 +49,7 @@ pub enum OnUnavailable {
 }
 
 /// `limits.shared` in the gateway config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedConfig {
     /// `redis://[:password@]host:port[/db]`.
