@@ -81,6 +81,10 @@ pub struct ServerTls {
     /// Identities for certificates without a SAN URI, by certificate fingerprint.
     #[serde(default)]
     pub identity_map: Vec<MappedIdentity>,
+    /// Load balancers (exact addresses) whose connections begin with a PROXY protocol v2
+    /// header carrying the caller's address; from anyone else, none is read.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<std::net::IpAddr>,
 }
 
 /// A legacy certificate's identity, by fingerprint.
@@ -821,6 +825,7 @@ impl Config {
                 handshake_timeout_ms: default_handshake_ms(),
                 watch: true,
                 identity_map: Vec::new(),
+                proxy_protocol_from: Vec::new(),
             },
             jwt: Jwt {
                 jwks: Some(certs.join("jwks.json")),

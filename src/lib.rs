@@ -46,6 +46,7 @@ pub mod paging;
 pub mod pb;
 pub mod policy;
 pub mod provider;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod report;

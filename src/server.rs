@@ -449,6 +449,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         Arc::new(cfg.tls.identity_map()),
         Duration::from_millis(cfg.tls.handshake_timeout_ms),
         refusals.clone(),
+        Arc::new(cfg.tls.proxy_protocol_from.clone()),
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();

@@ -265,6 +265,7 @@ pub fn incoming(
     identity_map: Arc<IdentityMap>,
     handshake_timeout: Duration,
     refusals: Arc<audit::Refusals>,
+    proxy_from: Arc<Vec<std::net::IpAddr>>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     // At most this many handshakes at once: a flood of silent or garbage connections costs
@@ -297,8 +298,34 @@ pub fn incoming(
             let tx = tx.clone();
             let td = trust_domain.clone();
             let refusals = refusals.clone();
+            let behind_balancer = proxy_from.contains(&remote.ip());
             tokio::spawn(async move {
                 let _permit = permit;
+                let mut tcp = tcp;
+                // Behind a load balancer: the caller's address is in its PROXY header, read
+                // within the same time the handshake has.
+                let remote = if behind_balancer {
+                    match tokio::time::timeout(
+                        handshake_timeout,
+                        crate::proxy_protocol::read_v2(&mut tcp),
+                    )
+                    .await
+                    {
+                        Ok(Ok(src)) => src.unwrap_or(remote),
+                        Ok(Err(e)) => {
+                            metrics::counter!("xgate_proxy_protocol_errors_total").increment(1);
+                            tracing::warn!(%remote, error = %e, "connection from a load balancer without a valid PROXY v2 header; closed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!("xgate_proxy_protocol_errors_total").increment(1);
+                            tracing::warn!(%remote, "no PROXY v2 header in time; closed");
+                            return;
+                        }
+                    }
+                } else {
+                    remote
+                };
                 let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
                     .await
                 {

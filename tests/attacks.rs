@@ -387,7 +387,7 @@ async fn tls_handshake(
     key: &str,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Vec<u8>, String> {
-    let mut tls = tls_connect(h, cert, key, alpn).await?;
+    let mut tls = tls_connect(h, cert, key, alpn, b"").await?;
     // TLS 1.3: the server's verdict on the client certificate arrives after the client's
     // handshake completes; a read surfaces it.
     let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
@@ -407,12 +407,14 @@ async fn tls_handshake(
     Ok(peer)
 }
 
-/// A TLS connection to the gateway with `cert`, offering `alpn`; nothing sent on it yet.
+/// A TLS connection to the gateway with `cert`, offering `alpn`, after `prefix` (raw bytes
+/// before the handshake: a PROXY header); nothing sent on it yet.
 async fn tls_connect(
     h: &Harness,
     cert: &str,
     key: &str,
     alpn: Vec<Vec<u8>>,
+    prefix: &[u8],
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
@@ -430,7 +432,8 @@ async fn tls_connect(
         )
         .unwrap();
     cfg.alpn_protocols = alpn;
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tcp.write_all(prefix).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -473,13 +476,13 @@ async fn silent_and_idle_connections_are_closed() {
     );
     let h2 = || vec![b"h2".to_vec()];
     // Silent after the handshake.
-    let mut silent = tls_connect(&h, &c, &k, h2()).await.unwrap();
+    let mut silent = tls_connect(&h, &c, &k, h2(), b"").await.unwrap();
     let t0 = Instant::now();
     let (_, closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
     assert!(closed, "a silent connection stayed open");
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // The preface and SETTINGS, then nothing: GOAWAY (frame type 7) once idle.
-    let mut idle = tls_connect(&h, &c, &k, h2()).await.unwrap();
+    let mut idle = tls_connect(&h, &c, &k, h2(), b"").await.unwrap();
     idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
@@ -1243,4 +1246,84 @@ async fn a_flood_of_distinct_bad_tokens_is_cut_off_per_certificate() {
         .unwrap();
     let recs = h.stop().await;
     assert_audited(&recs, &traces);
+}
+
+/// Behind a load balancer that speaks the PROXY protocol (v2): the caller's own address is
+/// what the audit trail records, for refused handshakes and calls alike; a connection from
+/// the balancer without the header is closed.
+#[tokio::test]
+async fn the_callers_address_comes_from_the_load_balancers_proxy_header() {
+    use http_body_util::BodyExt;
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(|c| {
+            c.tls.proxy_protocol_from = vec!["127.0.0.1".parse().unwrap()];
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let gw = h.addr;
+    let header = |port: u16| {
+        xgate::proxy_protocol::header_v2(format!("203.0.113.7:{port}").parse().unwrap(), gw)
+    };
+    let (c, k) = (
+        std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),
+        std::fs::read_to_string(certs().join("civil-affairs.key")).unwrap(),
+    );
+    // A call through the balancer: hyper's HTTP/2 client on the TLS stream.
+    let tls = tls_connect(&h, &c, &k, vec![b"h2".to_vec()], &header(4243))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/xgate.v1.Catalog/ListDatasets", h.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(
+            "authorization",
+            format!("Bearer {}", token("civil-affairs")),
+        )
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let trace = resp.headers()[xgate::TRACE_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = resp.into_body().collect().await.unwrap();
+    assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+    // A refused handshake through it.
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    let (rc, rk) = rogue
+        .issue(&devpki::consumer_leaf("civil-affairs", "subsidy"))
+        .unwrap();
+    let mut refused = tls_connect(&h, &rc, &rk, vec![b"h2".to_vec()], &header(4244))
+        .await
+        .unwrap();
+    let _ = refused.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let _ = read_to_close(&mut refused, Duration::from_secs(2)).await;
+    // From the balancer without the header: closed, no call.
+    assert!(
+        !call_goes_through(&h, Some((&c, &k))).await,
+        "went through without a PROXY header"
+    );
+    let recs = h.stop().await;
+    let call = recs
+        .iter()
+        .find(|r| r["trace_id"] == trace.as_str())
+        .unwrap();
+    assert_eq!(call["remote_addr"], "203.0.113.7:4243", "{call}");
+    assert!(
+        recs.iter()
+            .any(|r| r["method"] == "(tls-handshake)" && r["remote_addr"] == "203.0.113.7:4244"),
+        "{recs:#?}"
+    );
 }
