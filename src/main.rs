@@ -44,6 +44,10 @@ struct DemoArgs {
     /// Run only the sample department backends (for gateways started with `serve`).
     #[arg(long)]
     providers_only: bool,
+    /// Put the sample providers on PORT, PORT+1, ... (0: any free ports) instead of where the
+    /// policy says; the demo then serves a copy of the policy with those endpoints.
+    #[arg(long, value_name = "PORT")]
+    providers_port_base: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -1141,6 +1145,7 @@ fn demo(d: DemoArgs) -> Result<(), String> {
         admin,
         audit_mode,
         providers_only,
+        providers_port_base,
     } = d;
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
@@ -1162,10 +1167,17 @@ fn demo(d: DemoArgs) -> Result<(), String> {
         // Start the sample providers where the policy says they are.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut providers = Vec::new();
-        for (id, tables) in provider::demo_providers() {
+        let mut moved = Vec::new();
+        for (i, (id, tables)) in provider::demo_providers().into_iter().enumerate() {
             let Some(p) = policy.provider(id) else { continue };
             let uri: http::Uri = p.endpoint.parse().map_err(|e| format!("provider {id}: {e}"))?;
-            let port = uri.port_u16().unwrap_or(443);
+            let port = match providers_port_base {
+                Some(0) => 0,
+                Some(base) => base
+                    .checked_add(i as u16)
+                    .ok_or("--providers-port-base: too high for every provider")?,
+                None => uri.port_u16().unwrap_or(443),
+            };
             let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
             let sp = provider::SampleProvider::new(id, tables, provider::Behaviour::default());
             let mut rx = stop_rx.clone();
@@ -1175,7 +1187,24 @@ fn demo(d: DemoArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("sample provider `{id}` on {addr}: {e}"))?;
             xgate::outln!("sample provider {id:<20} https://{bound}");
+            moved.push((p.endpoint.clone(), format!("https://127.0.0.1:{}", bound.port())));
             providers.push(h);
+        }
+        if providers_port_base.is_some() {
+            // The gateway must find them where they are: a copy of the policy that says so.
+            let mut text = std::fs::read_to_string(&policy_path)
+                .map_err(|e| format!("{}: {e}", policy_path.display()))?;
+            for (from, to) in &moved {
+                text = text.replace(from.as_str(), to);
+            }
+            let copy = std::env::temp_dir().join(format!("xgate-demo-policy-{}.yaml", std::process::id()));
+            std::fs::write(&copy, text).map_err(|e| format!("{}: {e}", copy.display()))?;
+            xgate::outln!(
+                "policy copy {} ({} with the providers' new endpoints; edit the copy to reload)",
+                copy.display(),
+                policy_path.display()
+            );
+            cfg.policy = copy;
         }
         if providers_only {
             xgate::outln!("Ctrl-C stops the sample providers.");

@@ -508,7 +508,7 @@ pub async fn spawn_dev(
     )?;
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            ": another demo may be running (stop it), or run this one on a copy of the policy whose provider endpoints name free ports (--policy)"
+            ": another demo may be running (stop it), or move this one's sample providers with `xgate demo --providers-port-base 0` (any free ports)"
         } else {
             ""
         };

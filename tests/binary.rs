@@ -162,3 +162,73 @@ fn config_check_validates_everything_the_config_names() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such.pem"), "{err}");
 }
+
+/// Two demos side by side: `--providers-port-base 0` moves the second one's sample providers
+/// to free ports (and serves a policy copy that says so), so calls through it work.
+#[test]
+fn a_second_demo_moves_its_providers() {
+    use std::io::BufRead;
+    let audit = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--providers-port-base",
+            "0",
+            "--audit-dir",
+        ])
+        .arg(audit.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading: a demo whose stdout is closed ends (quietly, as `| head` asks).
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    let mut moved = false;
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        moved |= line.starts_with("policy copy ");
+        if let Some(a) = line.strip_prefix("xgate demo listening on ") {
+            addr = Some(a.trim().to_owned());
+            break;
+        }
+    }
+    let addr = addr.expect("the demo started");
+    assert!(moved, "the demo says it serves a policy copy");
+    let call = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args([
+            "call",
+            "--gateway",
+            &format!("https://{addr}"),
+            "--as",
+            "civil-affairs",
+        ])
+        .args([
+            "query",
+            "hukou.person_basic",
+            "--purpose",
+            "subsidy-eligibility",
+            "--page-size",
+            "2",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        call.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&call.stdout),
+        String::from_utf8_lossy(&call.stderr)
+    );
+    assert!(String::from_utf8_lossy(&call.stdout).contains("(2 rows"));
+}
