@@ -232,3 +232,70 @@ fn a_second_demo_moves_its_providers() {
     );
     assert!(String::from_utf8_lossy(&call.stdout).contains("(2 rows"));
 }
+
+/// A newcomer's first hour: output piped into `head` ends quietly; logs written to a pipe
+/// carry no colour codes; a missing file is named; `call --json` prints refusals as JSON
+/// with the trace id.
+#[test]
+fn the_cli_behaves_in_pipes_and_names_what_is_missing() {
+    use std::io::{BufRead, Read};
+    let root = env!("CARGO_MANIFEST_DIR");
+    // `| head -1`: read one line, close the pipe; the command must end quietly (exit 0), not
+    // panic. A trail of 50,000 lines is more than any pipe buffers.
+    let trail = tempfile::tempdir().unwrap();
+    let lines: String = (1..=50_000)
+        .map(|i| {
+            format!(
+                "{{\"seq\":{i},\"time\":\"2026-12-01T00:00:00.000Z\",\"consumer_dept\":\"x\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(trail.path().join("audit-00000001.jsonl"), lines).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args(["audit", "search", "--format", "jsonl"])
+        .arg(trail.path())
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains("\"seq\":1"), "{first}");
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+    // A demo with a certificate directory that does not exist: the file is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--providers-port-base",
+            "0",
+            "--certs",
+            "/no/such/dir",
+        ])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("/no/such/dir/provider-") && err.contains("certificate"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes in a pipe: {err:?}"
+    );
+}
