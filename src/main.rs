@@ -254,13 +254,13 @@ enum PolicyCmd {
         #[arg(long)]
         consumer: String,
         /// The calling system (grants may name one).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         system: String,
         /// The dataset.
         #[arg(long)]
         dataset: String,
         /// The declared purpose (a data call must declare one).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         purpose: String,
         /// Fields asked for, comma-separated (omit: all).
         #[arg(long, value_delimiter = ',')]
@@ -370,7 +370,8 @@ enum CallCmd {
     /// Describe a dataset and your access to it.
     Describe {
         dataset: String,
-        #[arg(long, default_value = "")]
+        /// The purpose to describe access for (omit: the first the grants allow).
+        #[arg(long, default_value = "", hide_default_value = true)]
         purpose: String,
     },
     /// Query one page.
@@ -409,7 +410,7 @@ struct BenchArgs {
     #[arg(long)]
     raw_path: Option<String>,
     /// With `--method raw`: the request message, hex-encoded protobuf.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     raw_body_hex: String,
     /// Closed loop: this many calls in flight (the default, 32).
     #[arg(long, conflicts_with = "rate")]
@@ -440,7 +441,8 @@ struct BenchArgs {
 #[derive(Args)]
 struct QueryArgs {
     dataset: String,
-    #[arg(long, default_value = "")]
+    /// The declared purpose of the call (required by the gateway).
+    #[arg(long, default_value = "", hide_default_value = true)]
     purpose: String,
     /// Comma-separated fields (default: all you may read).
     #[arg(long, value_delimiter = ',')]
@@ -448,9 +450,11 @@ struct QueryArgs {
     /// Condition: field=value, field^=prefix or field:in=a,b,c (repeatable, AND-ed).
     #[arg(long = "where")]
     conditions: Vec<String>,
+    /// Rows per page (0: the gateway's default).
     #[arg(long, default_value_t = 0)]
     page_size: u32,
-    #[arg(long, default_value = "")]
+    /// The page to continue from (the token a previous page returned).
+    #[arg(long, default_value = "", hide_default_value = true)]
     page_token: String,
 }
 
