@@ -527,8 +527,9 @@ fn exit(result: Result<(), CliError>) -> ExitCode {
     }
 }
 
-/// `xgate config check`: what `serve` would build, short of binding and the audit trail.
-fn config_check(path: &Path, print: bool) -> Result<(), String> {
+/// A gateway config as `serve` runs it: the file (every error at once), then the standard
+/// `OTEL_*` environment over its `otlp`.
+fn gateway_config(path: &Path) -> Result<Config, String> {
     let mut cfg = Config::load(path).map_err(|errs| {
         format!(
             "invalid config {}:\n  - {}",
@@ -537,6 +538,12 @@ fn config_check(path: &Path, print: bool) -> Result<(), String> {
         )
     })?;
     cfg.otlp = xgate::config::Otlp::from_env(cfg.otlp.as_ref(), |k| std::env::var(k).ok())?;
+    Ok(cfg)
+}
+
+/// `xgate config check`: what `serve` would build, short of binding and the audit trail.
+fn config_check(path: &Path, print: bool) -> Result<(), String> {
+    let cfg = gateway_config(path)?;
     let rt = runtime(1)?;
     let checked = rt
         .block_on(server::check(&cfg))
@@ -1094,13 +1101,7 @@ fn serve(
     admin_listen: Option<SocketAddr>,
     audit_dir: Option<PathBuf>,
 ) -> Result<(), String> {
-    let mut cfg = Config::load(path).map_err(|errs| {
-        format!(
-            "invalid config {}:\n  - {}",
-            path.display(),
-            errs.join("\n  - ")
-        )
-    })?;
+    let mut cfg = gateway_config(path)?;
     if let Some(l) = listen {
         cfg.listen = l;
     }
@@ -1110,7 +1111,6 @@ fn serve(
     if let Some(d) = audit_dir {
         cfg.audit.dir = d;
     }
-    cfg.otlp = xgate::config::Otlp::from_env(cfg.otlp.as_ref(), |k| std::env::var(k).ok())?;
     let rt = runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async move {
         let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
