@@ -875,7 +875,7 @@ impl Gateway {
         let deadline = self.deadline(&req);
         let mut asked = req.into_inner();
         // The caller's page token is the gateway's seal around the provider's.
-        let binding = crate::paging::Binding::of(&who.system, &asked);
+        let binding = crate::paging::Binding::of(&who.system, &mut asked);
         let page_token = std::mem::take(&mut asked.page_token);
         let Prepared {
             version,

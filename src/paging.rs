@@ -48,20 +48,20 @@ impl std::fmt::Debug for PageSeal {
 pub struct Binding(Vec<u8>);
 
 impl Binding {
-    /// The query as the caller sent it, before the gateway narrowed it.
-    pub fn of(who: &SystemId, asked: &QueryRequest) -> Binding {
-        let q = QueryRequest {
-            page_token: String::new(),
-            page_size: 0,
-            ..asked.clone()
-        };
-        let mut b = Vec::with_capacity(64 + q.encoded_len());
+    /// The query as the caller sent it, before the gateway narrowed it (its page token and
+    /// page size are set aside while it is encoded, and put back: no copy of the request).
+    pub fn of(who: &SystemId, asked: &mut QueryRequest) -> Binding {
+        let token = std::mem::take(&mut asked.page_token);
+        let size = std::mem::replace(&mut asked.page_size, 0);
+        let mut b = Vec::with_capacity(64 + asked.encoded_len());
         for part in [who.dept.as_bytes(), who.system.as_bytes()] {
             b.extend_from_slice(&(part.len() as u32).to_be_bytes());
             b.extend_from_slice(part);
         }
         // Into a Vec, encoding cannot fail (it grows).
-        let _ = q.encode(&mut b);
+        let _ = asked.encode(&mut b);
+        asked.page_token = token;
+        asked.page_size = size;
         Binding(b)
     }
 }
@@ -161,7 +161,7 @@ mod tests {
             page_size: 5,
             ..QueryRequest::default()
         };
-        let b = Binding::of(&who("a"), &q);
+        let b = Binding::of(&who("a"), &mut q.clone());
         let t = seal.seal(&b, "v1", "offset=5");
         assert_eq!(seal.open(&b, "v1", &t).unwrap(), "offset=5");
         // The page size may change between pages; nothing else may.
@@ -171,7 +171,7 @@ mod tests {
             ..q.clone()
         };
         assert!(
-            seal.open(&Binding::of(&who("a"), &bigger), "v1", &t)
+            seal.open(&Binding::of(&who("a"), &mut bigger.clone()), "v1", &t)
                 .is_ok()
         );
         let other_query = QueryRequest {
@@ -179,9 +179,9 @@ mod tests {
             ..q.clone()
         };
         for (b, v) in [
-            (Binding::of(&who("b"), &q), "v1"),
-            (Binding::of(&who("a"), &other_query), "v1"),
-            (Binding::of(&who("a"), &q), "v2"),
+            (Binding::of(&who("b"), &mut q.clone()), "v1"),
+            (Binding::of(&who("a"), &mut other_query.clone()), "v1"),
+            (Binding::of(&who("a"), &mut q.clone()), "v2"),
         ] {
             assert_eq!(
                 seal.open(&b, v, &t).unwrap_err().reason,
@@ -206,8 +206,8 @@ mod tests {
             PageSeal::from_key(key).unwrap(),
             PageSeal::from_key(key).unwrap(),
         );
-        let q = QueryRequest::default();
-        let bind = Binding::of(&who("a"), &q);
+        let mut q = QueryRequest::default();
+        let bind = Binding::of(&who("a"), &mut q);
         let t = a.seal(&bind, "v1", "cursor-9");
         assert_eq!(b.open(&bind, "v1", &t).unwrap(), "cursor-9");
         assert!(PageSeal::from_key(b"short").is_err());
