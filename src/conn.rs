@@ -61,6 +61,29 @@ pub struct Settings {
     pub idle_timeout: Duration,
 }
 
+/// The service every connection clones: the gateway's layered routes.
+pub trait GrpcService<B>:
+    tower::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<B>,
+        Error = Infallible,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> GrpcService<B> for S where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// What the connection's frame watch saw, read when it closes.
 #[derive(Debug)]
 struct HeaderStats {
@@ -97,13 +120,7 @@ pub async fn serve<I, S, B>(
     shutdown: impl std::future::Future<Output = ()>,
 ) where
     I: Stream<Item = Result<TlsConn, io::Error>> + Unpin,
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
+    S: GrpcService<B>,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -156,13 +173,7 @@ async fn connection<S, B>(
     refusals: Arc<Refusals>,
     mut drain: watch::Receiver<bool>,
 ) where
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
+    S: GrpcService<B>,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,

@@ -297,6 +297,21 @@ fn serve_command(
     (cmd, port)
 }
 
+/// One permitted call that must succeed: its trace id.
+async fn ok_call(
+    c: &mut xgate::pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+    t: &str,
+) -> String {
+    let r = c
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            t,
+        ))
+        .await
+        .unwrap();
+    trace_id(r.metadata())
+}
+
 /// One writer per trail: a second gateway on the same audit directory refuses to start,
 /// naming the first one's pid, and writes nothing; once the first dies (`kill -9`), its lock
 /// goes with it and the next gateway continues the trail.
@@ -311,14 +326,7 @@ async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
     let t = token("civil-affairs");
     let mut acked = Vec::new();
     for _ in 0..3 {
-        let r = c
-            .query(req(
-                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-                &t,
-            ))
-            .await
-            .unwrap();
-        acked.push(trace_id(r.metadata()));
+        acked.push(ok_call(&mut c, &t).await);
     }
     // The second gateway: its own port and policy copy, the same trail.
     let work2 = tempfile::tempdir().unwrap();
@@ -341,14 +349,7 @@ async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
     );
     // The first goes on serving; its acknowledged records are all there.
     for _ in 0..3 {
-        let r = c
-            .query(req(
-                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-                &t,
-            ))
-            .await
-            .unwrap();
-        acked.push(trace_id(r.metadata()));
+        acked.push(ok_call(&mut c, &t).await);
     }
     // A lock left by a killed process is recovered by the next start.
     let mut first = first;
@@ -357,14 +358,7 @@ async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
     let third = start_serve_with(work2.path(), &audit, &providers, None, "");
     wait_listening(third.port).await;
     let mut c = client(third.port, "civil-affairs").await;
-    let r = c
-        .query(req(
-            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-            &t,
-        ))
-        .await
-        .unwrap();
-    acked.push(trace_id(r.metadata()));
+    acked.push(ok_call(&mut c, &t).await);
     stop_then_each_recorded_once(third, &mut providers, &audit, &acked).await;
 }
 
