@@ -47,6 +47,9 @@ pub struct ProviderStats {
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
     pub last_metadata: Mutex<Option<MetadataMap>>,
+    /// The last request as the provider received it (filter, fields, paging): what tests
+    /// read to prove what the gateway forwarded, not what it returned.
+    pub last_request: Mutex<Option<QueryRequest>>,
 }
 
 /// Knobs to make a provider misbehave in tests.
@@ -78,10 +81,13 @@ impl SampleProvider {
         }
     }
 
-    fn note<T>(&self, req: &Request<T>) {
+    fn note(&self, req: &Request<QueryRequest>) {
         self.stats.calls.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut m) = self.stats.last_metadata.lock() {
             *m = Some(req.metadata().clone());
+        }
+        if let Ok(mut r) = self.stats.last_request.lock() {
+            *r = Some(req.get_ref().clone());
         }
         let md = req.metadata();
         let get = |k: &str| {
