@@ -699,3 +699,162 @@ async fn async_mode_writes_every_record_while_running_and_the_chain_holds() {
     }
     stop_then_each_recorded_once(p, &mut providers, &audit, &traces).await;
 }
+
+/// `kill -9` keeps the page cache, so the tests above pass without the fsync. This one watches
+/// the real binary's system calls (`strace` attached to it): for each call, the write of its
+/// record, then `fdatasync` of the trail returning 0, then — only then — the first write of its
+/// answer on the caller's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_is_flushed_before_the_answer_leaves() {
+    let mut providers = Harness::start(Opts::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit");
+    let p = start_serve_with(work.path(), &audit, &providers, None, "");
+    wait_listening(p.port).await;
+    let mut c = client(p.port, "civil-affairs").await;
+    let t = token("civil-affairs");
+    let mut acked = vec![ok_call(&mut c, &t).await];
+    let pid = p.child.id();
+    let client_fds = established_fds(pid, p.port);
+    assert_eq!(client_fds.len(), 1, "one caller connection: {client_fds:?}");
+    let log = work.path().join("strace.log");
+    let mut st = Strace::attach(
+        pid,
+        &log,
+        &[
+            "-e",
+            "trace=fdatasync,fsync,write,writev,pwrite64,pwritev,sendto,sendmsg",
+        ],
+    );
+    // Attached once a call's record shows in the log.
+    let t0 = Instant::now();
+    loop {
+        let id = ok_call(&mut c, &t).await;
+        acked.push(id.clone());
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&id)
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "strace never attached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut watched = Vec::new();
+    for _ in 0..10 {
+        watched.push(ok_call(&mut c, &t).await);
+    }
+    st.detach();
+    let calls = syscalls(&std::fs::read_to_string(&log).unwrap());
+    for id in &watched {
+        // The record's write (one per record: the calls are one at a time).
+        let writes: Vec<_> = calls
+            .iter()
+            .filter(|s| s.name.starts_with("pwrite") || s.name.starts_with("write"))
+            .filter(|s| s.line.contains(id.as_str()))
+            .collect();
+        assert_eq!(writes.len(), 1, "{id}: one write of its record");
+        let w = writes[0];
+        let flush = calls
+            .iter()
+            .find(|s| s.at > w.at && s.name == "fdatasync" && s.fd == w.fd)
+            .unwrap_or_else(|| panic!("{id}: no fdatasync of the trail after its record"));
+        assert_eq!(flush.ret.as_deref(), Some("0"), "{id}: {}", flush.short());
+        let answer = calls
+            .iter()
+            .find(|s| s.at > w.at && client_fds.contains(&s.fd))
+            .unwrap_or_else(|| panic!("{id}: no answer written after its record"));
+        assert!(
+            answer.at > flush.done,
+            "{id}: the answer ({}) left before the flush returned ({})",
+            answer.short(),
+            flush.short()
+        );
+    }
+    acked.extend(watched);
+    stop_then_each_recorded_once(p, &mut providers, &audit, &acked).await;
+}
+
+/// A flush that fails fails the calls of its batch: `strace` makes every `fdatasync` of the
+/// real binary return `EIO` while it is attached. The calls then are refused
+/// (`UNAVAILABLE AUDIT_UNAVAILABLE`), none has an `OK` record although its record's write
+/// succeeded, and once the fault is gone service resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_fails_the_calls_of_its_batch() {
+    let mut providers = Harness::start(Opts::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit");
+    let p = start_serve_with(work.path(), &audit, &providers, None, "");
+    wait_listening(p.port).await;
+    let mut c = client(p.port, "civil-affairs").await;
+    let t = token("civil-affairs");
+    let mut ok = vec![ok_call(&mut c, &t).await];
+    let log = work.path().join("strace.log");
+    let mut st = Strace::attach(
+        p.child.id(),
+        &log,
+        &["-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO"],
+    );
+    let mut refused = Vec::new();
+    let t0 = Instant::now();
+    while refused.len() < 3 {
+        match c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        {
+            Ok(r) => ok.push(trace_id(r.metadata())),
+            Err(s) => {
+                assert_reject(&s, Code::Unavailable, "AUDIT_UNAVAILABLE");
+                refused.push(trace_id(s.metadata()));
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the fault never bit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    st.detach();
+    let injected = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        injected.contains("EIO (Input/output error) (INJECTED)"),
+        "{injected}"
+    );
+    // Service resumes once the flushes succeed again (the writer retries every 250 ms).
+    let t0 = Instant::now();
+    let resumed = loop {
+        match c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        {
+            Ok(r) => break trace_id(r.metadata()),
+            Err(s) => assert_reject(&s, Code::Unavailable, "AUDIT_UNAVAILABLE"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "service did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ok.push(resumed);
+    stop_then_each_recorded_once(p, &mut providers, &audit, &ok).await;
+    let recs = xgate::audit::read_all(&audit).unwrap();
+    for id in &refused {
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r["trace_id"] == id.as_str())
+            .collect();
+        assert_eq!(mine.len(), 1, "{id}: one record");
+        assert_eq!(mine[0]["grpc_status"], "UNAVAILABLE", "{id}");
+        assert_eq!(mine[0]["reason"], "AUDIT_UNAVAILABLE", "{id}");
+    }
+}

@@ -56,7 +56,11 @@ async fn row_scope_narrows_the_filter_refuses_outside_and_drops_stray_rows() {
         .unwrap();
     // The provider ignored the filter and sent its first 200 rows: exactly the county's
     // among them are delivered.
-    assert_eq!(r.rows.len(), county_rows(0..200), "out-of-scope rows were dropped");
+    assert_eq!(
+        r.rows.len(),
+        county_rows(0..200),
+        "out-of-scope rows were dropped"
+    );
     for row in &r.rows {
         assert_eq!(text(&row.values[region]), "330106");
     }
