@@ -93,6 +93,8 @@ struct HeaderStats {
     preface_seen: std::sync::atomic::AtomicBool,
     /// Header blocks begun (a call starts with one): the idle timer restarts when it moves.
     blocks: AtomicU64,
+    /// RST_STREAM frames from the client (a cancelled call sends one).
+    resets: AtomicU64,
     /// Tells the connection's task that the preface or a new call arrived.
     activity: tokio::sync::Notify,
 }
@@ -101,6 +103,7 @@ impl Default for HeaderStats {
     fn default() -> Self {
         Self {
             over_cap: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
             preface_seen: std::sync::atomic::AtomicBool::new(false),
             blocks: AtomicU64::new(0),
             activity: tokio::sync::Notify::new(),
@@ -232,8 +235,20 @@ async fn connection<S, B>(
             }
         }
     };
+    let resets = stats.resets.load(Ordering::Relaxed);
+    if resets > 0 {
+        metrics::counter!("xgate_http2_resets_total").increment(resets);
+    }
     if let Err(e) = &result {
         tracing::debug!(remote = %peer.remote, error = %e, "connection ended with an error");
+        if closed_for_resets(e) {
+            reset_flood(
+                &refusals,
+                &peer,
+                resets,
+                settings.max_pending_accept_reset_streams,
+            );
+        }
     }
     let over = stats.over_cap.load(Ordering::Relaxed);
     if over > 0 {
@@ -264,6 +279,41 @@ fn over_cap_refused(refusals: &Refusals, peer: &Peer, blocks: u64, hard_cap: usi
         ),
     );
     rec.calls = blocks;
+    refusals.record(rec);
+}
+
+/// Whether h2 closed the connection for resets it could not keep up with (its rapid-reset
+/// defence: GOAWAY `ENHANCE_YOUR_CALM`, sent by this side).
+fn closed_for_resets(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && !h2.is_remote()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A connection closed for a rapid-reset flood: counted, and one (rate-limited) record.
+fn reset_flood(refusals: &Refusals, peer: &Peer, resets: u64, limit: usize) {
+    metrics::counter!("xgate_connections_closed_total", "why" => "reset-flood").increment(1);
+    tracing::warn!(remote = %peer.remote, resets, "connection closed: streams reset faster than they could be accepted (HTTP/2 rapid reset)");
+    let rej = crate::error::Reject::new(
+        Reason::ResetFlood,
+        "streams were reset faster than the gateway could accept them",
+    );
+    let mut rec = crate::edge::refusal_record(
+        Some(peer),
+        "(http2)".into(),
+        &rej,
+        format!(
+            "{resets} stream reset(s) on the connection, over {limit} of them waiting to be accepted at once; the connection was closed (GOAWAY ENHANCE_YOUR_CALM)"
+        ),
+    );
+    rec.calls = resets;
     refusals.record(rec);
 }
 
@@ -346,6 +396,7 @@ struct FrameWatch {
 const PREFACE_LEN: usize = 24;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
+const RST_STREAM: u8 = 0x3;
 const END_HEADERS: u8 = 0x4;
 
 impl FrameWatch {
@@ -402,6 +453,9 @@ impl FrameWatch {
             let kind = self.head[3];
             self.in_headers = kind == HEADERS || kind == CONTINUATION;
             self.ends_block = self.head[4] & END_HEADERS != 0;
+            if kind == RST_STREAM {
+                self.stats.resets.fetch_add(1, Ordering::Relaxed);
+            }
             if kind == HEADERS {
                 self.block = 0;
                 self.counted = false;

@@ -132,6 +132,10 @@ reasons! {
     MessageTooLarge => ResourceExhausted, "MESSAGE_TOO_LARGE";
     /// The request's metadata (headers) is over `limits.max_metadata_bytes`.
     MetadataTooLarge => ResourceExhausted, "METADATA_TOO_LARGE";
+    /// A connection opened and reset streams faster than the gateway could accept them (an
+    /// HTTP/2 rapid-reset flood): closed with GOAWAY `ENHANCE_YOUR_CALM`. No gRPC status can
+    /// reach the caller; the connection's record says how many resets it sent.
+    ResetFlood => ResourceExhausted, "RESET_FLOOD";
     /// The page token was not issued by the gateway for this caller, this query and this
     /// policy version (altered, replayed, or the policy changed): start from the first page.
     PageTokenInvalid => InvalidArgument, "PAGE_TOKEN_INVALID";

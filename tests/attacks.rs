@@ -863,34 +863,61 @@ async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
     for _ in 0..20 {
         stalled.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
     }
-    // A flood of streams opened and cancelled at once on one connection.
-    let attacker = h.data("civil-affairs").await;
+    // A rapid-reset flood written raw on one connection: 2,000 streams, each HEADERS (a real
+    // call, with its own trace id) followed at once by RST_STREAM, all in one burst.
     let t = token("civil-affairs");
-    let flood = tokio::spawn(async move {
-        let mut n = 0;
-        for _ in 0..20 {
-            let mut batch = Vec::new();
-            for _ in 0..100 {
-                let mut c = attacker.clone();
-                let t = t.clone();
-                batch.push(tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_micros(50),
-                        c.query(req(
-                            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
-                            &t,
-                        )),
-                    )
-                    .await;
-                }));
-            }
-            for b in batch {
-                let _ = b.await;
-                n += 1;
+    // First, one such call not reset: the hand-written header block is a call the gateway
+    // takes (answered, with its trace id in a record), so what follows is a flood of calls.
+    let control_id = format!("{:032x}", 0xc0_17e0_u128 << 100);
+    let mut control = raw_h2::connect(h.addr, "civil-affairs").await;
+    let mut one = Vec::new();
+    let block = raw_h2::Calls::default().headers("/xgate.v1.DataExchange/Query", &t, &control_id);
+    raw_h2::frame(&mut one, raw_h2::HEADERS, raw_h2::END_HEADERS, 1, &block);
+    let msg =
+        prost::Message::encode_to_vec(&query("hukou.person_basic", "subsidy-eligibility", &[], 1));
+    let mut body = vec![0];
+    body.extend((msg.len() as u32).to_be_bytes());
+    body.extend(msg);
+    raw_h2::frame(&mut one, raw_h2::DATA, raw_h2::END_STREAM, 1, &body);
+    control.write_all(&one).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some((kind, _, stream, _)) = raw_h2::next_frame(&mut control).await {
+            if kind == raw_h2::HEADERS && stream == 1 {
+                return true;
             }
         }
-        n
-    });
+        false
+    })
+    .await;
+    assert_eq!(answered, Ok(true), "the hand-written call was answered");
+    drop(control);
+    let flood_ids: Vec<String> = (0..2_000u128)
+        .map(|i| format!("{:032x}", 0xf100d << 100 | i))
+        .collect();
+    let (mut burst, mut calls) = (Vec::new(), raw_h2::Calls::default());
+    for (i, id) in flood_ids.iter().enumerate() {
+        let stream = 1 + 2 * i as u32;
+        let block = calls.headers("/xgate.v1.DataExchange/Query", &t, id);
+        raw_h2::frame(
+            &mut burst,
+            raw_h2::HEADERS,
+            raw_h2::END_HEADERS,
+            stream,
+            &block,
+        );
+        raw_h2::frame(
+            &mut burst,
+            raw_h2::RST_STREAM,
+            0,
+            stream,
+            &raw_h2::CANCEL.to_be_bytes(),
+        );
+    }
+    let (mut rd, mut wr) = tokio::io::split(raw_h2::connect(h.addr, "civil-affairs").await);
+    // The server may close before the burst is all written: a write error is expected then.
+    let writer = tokio::spawn(async move { wr.write_all(&burst).await.is_ok() });
+    let flood =
+        tokio::spawn(async move { raw_h2::until_goaway(&mut rd, Duration::from_secs(20)).await });
     // Meanwhile a well-behaved caller on its own connection.
     let mut good = h.data("health").await;
     let tg = token("health");
@@ -913,7 +940,10 @@ async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
     }
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(20), "30 calls took {took:?}");
-    assert_eq!(flood.await.unwrap(), 2000);
+    // h2's rapid-reset defence closed the flood's connection.
+    let (last_stream, code) = flood.await.unwrap().expect("no GOAWAY for the flood");
+    assert_eq!(code, raw_h2::ENHANCE_YOUR_CALM, "GOAWAY error code");
+    let _ = writer.await;
     // The stalled connections were closed by the server after the handshake timeout.
     for mut s in stalled {
         let mut b = [0u8; 1];
@@ -937,6 +967,47 @@ async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
         .filter(|r| r["reason"] == "TLS_HANDSHAKE_TIMEOUT")
         .count();
     assert_eq!(timeouts, 20, "each stalled connection is audited");
+    // The flood's connection has one record, counting the resets it sent: more than the
+    // 64 the gateway lets wait, at most the 2,000 written.
+    let flood: Vec<_> = recs
+        .iter()
+        .filter(|r| r["reason"] == "RESET_FLOOD")
+        .collect();
+    assert_eq!(flood.len(), 1, "one record for the flood's connection");
+    assert_eq!(flood[0]["method"], "(http2)");
+    assert_eq!(flood[0]["consumer_dept"], "civil-affairs");
+    assert_eq!(flood[0]["grpc_status"], "RESOURCE_EXHAUSTED");
+    let resets = flood[0]["calls"].as_u64().unwrap();
+    assert!((65..=2_000).contains(&resets), "{resets} resets");
+    let control: Vec<_> = recs
+        .iter()
+        .filter(|r| r["trace_id"] == control_id.as_str())
+        .collect();
+    assert_eq!(
+        control.len(),
+        1,
+        "the control call's record {control_id}: {:?}",
+        recs.iter()
+            .filter(|r| r["consumer_dept"] == "civil-affairs")
+            .map(|r| (
+                r["trace_id"].clone(),
+                r["grpc_status"].clone(),
+                r["reason"].clone(),
+                r["detail"].clone()
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(control[0]["consumer_dept"], "civil-affairs");
+    assert_eq!(control[0]["grpc_status"], "OK");
+    let seen = recs
+        .iter()
+        .filter(|r| flood_ids.iter().any(|id| r["trace_id"] == id.as_str()))
+        .count();
+    // The whole burst was read before the gateway accepted any of it: the 65th stream waiting
+    // while reset is one too many (`max_pending_accept_reset_streams` 64), so the GOAWAY names
+    // it as the last, and no stream of the flood reached the pipeline.
+    assert_eq!(last_stream, 1 + 2 * 64, "GOAWAY's last stream");
+    assert_eq!(seen, 0, "flood streams that reached the pipeline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
