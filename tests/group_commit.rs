@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 
-/// Group commits so far (`xgate_audit_commit_seconds_count`).
+/// Group commits so far (`xgate_audit_commit_seconds_count`): the metric must be there.
 async fn commits(admin: std::net::SocketAddr) -> u64 {
     let (code, body) = http(admin, "GET", "/metrics").await;
     assert_eq!(code, 200);
@@ -18,7 +18,7 @@ async fn commits(admin: std::net::SocketAddr) -> u64 {
         .find(|l| l.starts_with("xgate_audit_commit_seconds_count"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no xgate_audit_commit_seconds_count in /metrics:\n{body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,25 +50,35 @@ async fn calls_arriving_during_the_linger_share_one_fsync_and_lose_nothing() {
     for w in warm {
         clients.push(w.await.unwrap());
     }
-    // Now eight calls 8 ms apart: without a linger each would find the writer idle and get
+    // Now eight calls 4 ms apart: without a linger each would find the writer idle and get
     // an fsync of its own; the first record opens a 0.1 s window the other seven fall into.
     let before = commits(admin).await;
     let mut calls = Vec::new();
     for (i, mut c) in clients.into_iter().enumerate() {
         let (t, q) = (t.clone(), ask());
         calls.push(tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(8 * i as u64)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(4 * i as u64)).await;
+            let t0 = std::time::Instant::now();
             let r = c.query(req(q, &t)).await.unwrap();
-            trace_id(r.metadata())
+            (trace_id(r.metadata()), t0.elapsed())
         }));
     }
     let mut traces = Vec::new();
-    for c in calls {
-        traces.push(c.await.unwrap());
+    for (i, c) in calls.into_iter().enumerate() {
+        let (trace, took) = c.await.unwrap();
+        // The first call's record opened the window: its answer waited for the whole linger
+        // and the fsync after it (an answer sent before its commit would be back in ~1 ms).
+        if i == 0 {
+            assert!(
+                took >= std::time::Duration::from_millis(100),
+                "the first call was answered after {took:?}, before its group committed"
+            );
+        }
+        traces.push(trace);
     }
     let after = commits(admin).await;
     assert!(
-        after - before <= 3,
+        (1..=3).contains(&(after - before)),
         "8 calls in {} group commits (a 0.1 s linger should gather them in one or two)",
         after - before
     );
