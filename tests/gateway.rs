@@ -530,6 +530,36 @@ async fn provider_down_is_unavailable_quickly() {
     assert_eq!(r["grpc_status"], "UNAVAILABLE");
 }
 
+/// A provider host that never answers (its SYNs dropped): the call waits out
+/// `upstream.connect_timeout_ms`, no less, then is `UNAVAILABLE`.
+#[tokio::test]
+async fn a_provider_that_never_answers_fails_at_the_connect_timeout() {
+    let mut h = Harness::start(Opts {
+        provider_silent: true,
+        config: Some(std::sync::Arc::new(|c| c.upstream.connect_timeout_ms = 700)),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = h.data("civil-affairs").await;
+    let t0 = Instant::now();
+    let st = c
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert_reject(&st, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+    assert!(took >= Duration::from_millis(700), "gave up after {took:?}");
+    // Well before the 30 s call cap (generous for a loaded machine).
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let recs = h.stop().await;
+    let r = one_record(&recs, &trace_of(&st));
+    assert_eq!(r["grpc_status"], "UNAVAILABLE");
+    assert_eq!(r["reason"], "PROVIDER_UNAVAILABLE");
+}
+
 #[tokio::test]
 async fn slow_provider_hits_the_callers_deadline_or_the_cap() {
     let mut h = Harness::start(Opts {

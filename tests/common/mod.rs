@@ -91,6 +91,9 @@ pub struct Opts {
     pub extra_grants: String,
     /// Point the public-security provider at a port nobody listens on.
     pub provider_down: bool,
+    /// public-security's address accepts no connection and refuses none: a listener whose
+    /// backlog is full, so the kernel drops the gateway's SYNs (a host that does not answer).
+    pub provider_silent: bool,
     pub drain_ms: Option<u64>,
     pub max_timeout_ms: Option<u64>,
     /// Turn on the admin endpoint (on 127.0.0.1:0).
@@ -113,6 +116,7 @@ pub struct Harness {
     pub ms: SampleProvider,
     pub gateway: Option<Running>,
     stop_providers: watch::Sender<bool>,
+    _silent: Option<(tokio::net::TcpListener, std::net::TcpStream)>,
 }
 
 impl Harness {
@@ -125,6 +129,16 @@ impl Harness {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             ps_port = l.local_addr().unwrap().port();
             drop(l);
+        }
+        let mut silent = None;
+        if opts.provider_silent {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l = s.listen(0).unwrap();
+            ps_port = l.local_addr().unwrap().port();
+            // The one connection a backlog of 0 admits; every SYN after it is dropped.
+            let filler = std::net::TcpStream::connect(("127.0.0.1", ps_port)).unwrap();
+            silent = Some((l, filler));
         }
         let mut policy = policy_with_ports(ps_port, ports["market-supervision"]);
         if !opts.extra_grants.is_empty() {
@@ -169,6 +183,7 @@ impl Harness {
             ms: provs.remove("market-supervision").unwrap(),
             gateway: Some(running),
             stop_providers: stop_tx,
+            _silent: silent,
         }
     }
 
