@@ -590,6 +590,85 @@ async fn an_unregistered_department_is_refused_every_method_catalogue_included()
     }
 }
 
+/// RFC 8705's `x5t#S256` of a certificate, computed by OpenSSL (not by xgate): the
+/// base64url SHA-256 of the certificate's DER.
+fn openssl_x5t(pem: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let run = |args: &[&str], input: &[u8]| {
+        let mut child = Command::new("openssl")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}");
+        out.stdout
+    };
+    let der = run(&["x509", "-outform", "DER"], pem.as_bytes());
+    let digest = run(&["dgst", "-sha256", "-binary"], &der);
+    assert_eq!(digest.len(), 32);
+    B64.encode(digest)
+}
+
+/// `require_bound_tokens` on a dataset: every caller of it needs a token bound to its
+/// certificate, whatever its department says; other datasets are unaffected.
+#[tokio::test]
+async fn a_dataset_that_requires_bound_tokens_refuses_unbound_ones() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "  - id: hukou.person_basic\n",
+                "  - id: hukou.person_basic\n    require_bound_tokens: true\n",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let q = || query("hukou.person_basic", "subsidy-eligibility", &[], 1);
+    let mut c = h.data("civil-affairs").await;
+    let st = c
+        .query(req(q(), &token("civil-affairs")))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::Unauthenticated, "TOKEN_BINDING_REQUIRED");
+    let pem = std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap();
+    let bound = token_with(with(
+        claims("civil-affairs"),
+        "cnf",
+        serde_json::json!({ "x5t#S256": openssl_x5t(&pem) }),
+    ));
+    let ok = c.query(req(q(), &bound)).await.unwrap();
+    assert_eq!(ok.get_ref().rows.len(), 1);
+    // Another dataset of the same caller takes an unbound token.
+    let mut hc = h.data("health").await;
+    hc.query(req(
+        query(
+            "market.company_registry",
+            "medical-institution-licensing",
+            &[],
+            1,
+        ),
+        &token("health"),
+    ))
+    .await
+    .unwrap();
+    let recs = h.stop().await;
+    let r: Vec<_> = recs
+        .iter()
+        .filter(|r| r["trace_id"] == trace_of(&st).as_str())
+        .collect();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["rule"], "binding-required:dataset:hukou.person_basic");
+    assert_eq!(
+        h.ps.stats.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the bound call reached public-security"
+    );
+}
+
 #[tokio::test]
 async fn hostile_identities_are_refused_per_call() {
     let mut h = Harness::start(Opts {
@@ -675,7 +754,7 @@ async fn hostile_identities_are_refused_per_call() {
     let bound = token_with(with(
         claims("civil-affairs"),
         "cnf",
-        serde_json::json!({ "x5t#S256": xgate::token::x5t_s256(&cert_der(&subsidy_pem)) }),
+        serde_json::json!({ "x5t#S256": openssl_x5t(&subsidy_pem) }),
     ));
     let (c, k) = dev
         .issue(&devpki::consumer_leaf("civil-affairs", "another-system"))
@@ -714,7 +793,7 @@ async fn hostile_identities_are_refused_per_call() {
     let bound_ok = token_with(with(
         claims("bound-only"),
         "cnf",
-        serde_json::json!({ "x5t#S256": xgate::token::x5t_s256(&cert_der(&c)) }),
+        serde_json::json!({ "x5t#S256": openssl_x5t(&c) }),
     ));
     expect(
         ch,
