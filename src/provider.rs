@@ -50,6 +50,9 @@ pub struct ProviderStats {
     /// The last request as the provider received it (filter, fields, paging): what tests
     /// read to prove what the gateway forwarded, not what it returned.
     pub last_request: Mutex<Option<QueryRequest>>,
+    /// The DER of the client certificate the last call came with (the gateway's upstream
+    /// certificate).
+    pub last_peer_cert: Mutex<Option<Vec<u8>>>,
 }
 
 /// Knobs to make a provider misbehave in tests.
@@ -88,6 +91,11 @@ impl SampleProvider {
         }
         if let Ok(mut r) = self.stats.last_request.lock() {
             *r = Some(req.get_ref().clone());
+        }
+        if let Ok(mut c) = self.stats.last_peer_cert.lock() {
+            *c = req
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| c.to_vec()));
         }
         let md = req.metadata();
         let get = |k: &str| {

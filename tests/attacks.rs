@@ -1248,8 +1248,56 @@ async fn certificates_rotate_without_restart() {
         ))
         .await
         .unwrap();
+    // The provider saw the new upstream certificate on the calls after the rotation.
+    let seen = || h.ps.stats.last_peer_cert.lock().unwrap().clone();
+    assert_eq!(
+        seen(),
+        Some(cert_der(&uc)),
+        "the provider sees the rotated certificate"
+    );
+    // A bad file is refused and the certificate before it kept.
+    let errors = async || {
+        let (_, m) = http(h.admin.unwrap(), "GET", "/metrics").await;
+        metric_value(
+            &m,
+            "xgate_tls_reloads_total{side=\"upstream\",result=\"error\"}",
+        )
+    };
+    let before = errors().await;
+    replace_file(
+        &dir.path().join("gateway-client.pem"),
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    );
+    let t0 = Instant::now();
+    while errors().await <= before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the bad upstream certificate was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(),
+        Some(cert_der(&uc)),
+        "the previous certificate stays in use"
+    );
     let recs = h.stop().await;
-    assert_eq!(recs.iter().filter(|r| r["grpc_status"] == "OK").count(), 3);
+    assert_eq!(recs.iter().filter(|r| r["grpc_status"] == "OK").count(), 4);
+}
+
+/// A Prometheus sample's value (0 when the series is absent).
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// gzip-compressed requests are taken; another encoding is refused with its own reason, not
