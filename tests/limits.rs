@@ -17,7 +17,7 @@ use xgate::provider::Behaviour;
 async fn provider_protection_caps_in_flight_calls_and_rate() {
     let mut h = Harness::start(Opts {
         behaviour: Behaviour {
-            delay: Duration::from_millis(400),
+            delay: Duration::from_millis(1_500),
             ..Behaviour::default()
         },
         edit_policy: Some(|p| {
@@ -27,13 +27,14 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
             )
             .replace(
                 "tls_name: market-supervision.provider.xgate.internal }",
-                "tls_name: market-supervision.provider.xgate.internal, max_rate: { per_second: 2, burst: 3 } }",
+                "tls_name: market-supervision.provider.xgate.internal, max_rate: { per_second: 0.01, burst: 3 } }",
             )
         }),
         ..Opts::default()
     })
     .await;
-    // Eight callers at once against a provider that takes two at a time, 400 ms each.
+    // Eight callers at once against a provider that takes two at a time, 1.5 s each: the six
+    // others wait at most `upstream.queue_wait_ms` (100 ms) for a place, then are refused.
     let c = h.data("civil-affairs").await;
     let (ok, saturated) = saturate(
         vec![c; 8],
@@ -47,8 +48,10 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
         2,
         "never more than two at the provider"
     );
-    assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");
-    // A rate cap on the other provider: a burst of 3, then 2/s; eight callers at once.
+    assert_eq!((ok, saturated), (2, 6));
+    assert_eq!(h.ps.stats.calls.load(Ordering::SeqCst), 2);
+    // A rate cap on the other provider: a burst of 3, then one call per 100 s; eight callers
+    // at once.
     let health = h.data("health").await;
     let (_, refused) = saturate(
         vec![health; 8],
@@ -57,7 +60,8 @@ async fn provider_protection_caps_in_flight_calls_and_rate() {
         "medical-institution-licensing",
     )
     .await;
-    assert!(refused >= 3, "the rate cap held: {refused} refused");
+    assert_eq!(refused, 5, "the rate cap held: a burst of 3 of 8");
+    assert_eq!(h.ms.stats.calls.load(Ordering::SeqCst), 3);
     let recs = h.stop().await;
     assert_eq!(
         recs.iter()
