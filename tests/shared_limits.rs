@@ -139,7 +139,7 @@ log: {{ format: json, level: info }}"#
 }
 
 /// Two real gateway processes sharing one Redis admit, together, what one grant allows:
-/// its burst plus its rate over the window, within ±5%.
+/// its burst plus its rate over the window, never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_hold_one_combined_rate_through_redis() {
     let redis = Redis::start();
@@ -226,9 +226,17 @@ async fn two_gateway_processes_hold_one_combined_rate_through_redis() {
         limited.load(Ordering::Relaxed) as f64 > total,
         "the callers pushed well past the limit"
     );
+    // The limiter never admits more than its burst plus its rate over the time it decided
+    // in (+1 for the call in flight at each edge); and callers that pushed past it were
+    // admitted at close to its rate (a loose floor: a loaded machine delays calls, never
+    // admits extra).
     assert!(
-        (total - expected).abs() <= 0.05 * expected,
-        "combined admitted {total} vs expected {expected:.1} (±5%)"
+        total <= expected + 1.0,
+        "combined admitted {total}, more than the limit allows ({expected:.1})"
+    );
+    assert!(
+        total >= 0.8 * expected,
+        "combined admitted {total}, far below the limit ({expected:.1}): the callers were not limited by it"
     );
     let _ = stop_tx.send(true);
 }
@@ -380,7 +388,7 @@ async fn provider_in_flight_cap_holds_across_replicas() {
     let shared = redis.hook(OnUnavailable::FailOpen);
     let opts = Opts {
         behaviour: Behaviour {
-            delay: Duration::from_millis(400),
+            delay: Duration::from_millis(1_500),
             ..Behaviour::default()
         },
         edit_policy: Some(|p| {
@@ -405,8 +413,10 @@ async fn provider_in_flight_cap_holds_across_replicas() {
     }
     let (ok, saturated) = saturate(clients, &t, "hukou.person_basic", "subsidy-eligibility").await;
     let seen = a.ps.stats.max_in_flight.load(Ordering::SeqCst);
-    assert!(seen <= 2, "the provider saw {seen} calls at once");
-    assert!(ok >= 2 && saturated >= 1, "ok {ok}, saturated {saturated}");
+    assert_eq!(seen, 2, "the provider saw {seen} calls at once");
+    // Two with the provider for 1.5 s; the six others wait at most 100 ms, then are refused.
+    assert_eq!((ok, saturated), (2, 6));
+    assert_eq!(a.ps.stats.calls.load(Ordering::SeqCst), 2);
     assert_eq!(
         b.ps.stats.calls.load(Ordering::SeqCst),
         0,
@@ -487,15 +497,19 @@ async fn one_round_trip_decides_every_limit_atomically() {
     );
     assert_eq!(r.rule.as_deref(), Some("defaults:per_consumer"));
 
-    // A provider at 20/s with no burst and a 100 ms queue: the second call in a row waits
-    // about 50 ms; one that would wait past 100 ms is refused UNAVAILABLE.
-    let provider = bucket(BucketKind::Provider("p".into()), "r:p:p", 20.0, 1, 100);
+    // A provider at 2/s with no burst and a 1 s queue: the second call in a row waits what
+    // is left of 500 ms since the first (Redis's clock); the third ~1 s; one that would wait
+    // past 1 s is refused UNAVAILABLE. (Spaced wide so a loaded machine cannot blur them.)
+    let provider = bucket(BucketKind::Provider("p".into()), "r:p:p", 2.0, 1, 1_000);
     let p = std::slice::from_ref(&provider);
+    let t0 = Instant::now();
     assert_eq!(admit(s.decide(p, None).await.unwrap()), Duration::ZERO);
     let w = admit(s.decide(p, None).await.unwrap());
+    let gap = t0.elapsed();
+    assert!(w <= Duration::from_millis(500), "{w:?}");
     assert!(
-        w > Duration::from_millis(30) && w <= Duration::from_millis(50),
-        "{w:?}"
+        w + gap + Duration::from_millis(1) >= Duration::from_millis(500),
+        "waits {w:?} after a gap of {gap:?}: less than what is left of 500 ms"
     );
     admit(s.decide(p, None).await.unwrap());
     let r = refuse(s.decide(p, None).await.unwrap());
