@@ -456,6 +456,7 @@ async fn over_the_rate_is_resource_exhausted_with_retry_info() {
     let t = token("xihu-civil-affairs");
     let mut ok = 0;
     let mut limited = None;
+    let t0 = Instant::now();
     for _ in 0..30 {
         match c
             .query(req(
@@ -482,9 +483,12 @@ async fn over_the_rate_is_resource_exhausted_with_retry_info() {
         retry > Duration::ZERO && retry <= Duration::from_millis(200),
         "{retry:?}"
     );
+    // The burst of 10, plus what 5/s refilled while the calls ran (measured, not assumed:
+    // a loaded machine makes the calls slower, never the bucket larger).
+    let refill = (5.0 * t0.elapsed().as_secs_f64()).floor() as usize;
     assert!(
-        (10..=12).contains(&ok),
-        "burst of 10 (plus refill) admitted, got {ok}"
+        (10..=10 + refill).contains(&ok),
+        "burst of 10 plus {refill} refilled admitted, got {ok}"
     );
     let calls_before = h.provider_calls();
     let recs = h.stop().await;

@@ -381,32 +381,46 @@ async fn revoking_a_grant_ends_an_open_stream_within_a_second() {
         .unwrap()
         .into_inner();
     // Two batches arrive under the grant.
-    s.message().await.unwrap().unwrap();
-    s.message().await.unwrap().unwrap();
+    let mut rows = 0;
+    for _ in 0..2 {
+        rows += s.message().await.unwrap().unwrap().rows.len() as u64;
+    }
     // The bureau revokes the grant (the file loses it; the watcher reloads).
     let text = std::fs::read_to_string(&h.policy_path).unwrap();
     let start = text.find("  - id: ca-hukou-subsidy").unwrap();
     let end = text.find("  - id: xihu-hukou-relief").unwrap();
     let revoked = format!("{}{}", &text[..start], &text[end..]);
     replace_file(&h.policy_path, &revoked);
-    let t0 = Instant::now();
+    // When the new version took over (the watcher's debounce is not the stream's to answer
+    // for): the moment the reloader reports it.
+    let (reloader, want) = (h.reloader.clone(), version_of(&revoked));
+    let swapped = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while reloader.status().version != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the watcher never reloaded"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Instant::now()
+    });
     let err = loop {
         match s.message().await {
-            Ok(Some(_)) => {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(3),
-                    "stream kept flowing after revocation"
-                );
-            }
+            Ok(Some(m)) => rows += m.rows.len() as u64,
             Ok(None) => panic!("stream ended OK after revocation"),
             Err(st) => break st,
         }
     };
-    let took = t0.elapsed();
+    let ended = Instant::now();
     assert_reject(&err, Code::PermissionDenied, "GRANT_MISSING");
+    let swapped = swapped.await.unwrap();
+    // The stream re-decides as soon as the policy swaps, not at its next batch: well within
+    // the second the docs promise (one provider batch takes 100 ms here).
+    let after = ended.saturating_duration_since(swapped);
     assert!(
-        took < Duration::from_secs(1) + Duration::from_millis(500),
-        "took {took:?} (watcher debounce included)"
+        after < Duration::from_secs(1),
+        "ended {after:?} after the new policy took over"
     );
     let recs = h.stop().await;
     assert_eq!(recs.len(), 1);
@@ -417,7 +431,8 @@ async fn revoking_a_grant_ends_an_open_stream_within_a_second() {
         version_of(&revoked),
         "recorded under the version that decided"
     );
-    assert!(recs[0]["rows"].as_u64().unwrap() >= 20);
+    // The record counts exactly the rows the caller received before the cut.
+    assert_eq!(recs[0]["rows"].as_u64().unwrap(), rows);
 }
 
 #[tokio::test]
