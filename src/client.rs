@@ -41,7 +41,8 @@ pub fn with_token<T>(body: T, token: &str) -> Request<T> {
     r
 }
 
-/// Parse `field=value`, `field^=prefix` or `field:in=a,b,c` into a filter condition. `ty` gives
+/// Parse `field=value`, `field^=prefix` or `field:in=a,b,c` into a filter condition (spaces
+/// around names and values are not part of them: `region_code = 330106` works). `ty` gives
 /// a field's catalogue type, so `42` becomes an int64 for an int64 field and stays text for a
 /// string field.
 pub fn parse_condition(
@@ -61,10 +62,10 @@ pub fn parse_condition(
         return Ok(cond(f, Test::In(pb::ValueList { values })));
     }
     if let Some((f, v)) = s.split_once("^=") {
-        return Ok(cond(f, Test::Prefix(v.to_owned())));
+        return Ok(cond(f, Test::Prefix(v.trim().to_owned())));
     }
     if let Some((f, v)) = s.split_once('=') {
-        return Ok(cond(f, Test::Eq(typed_value(v, ty(f.trim()))?)));
+        return Ok(cond(f, Test::Eq(typed_value(v.trim(), ty(f.trim()))?)));
     }
     Err(format!(
         "`{s}`: use field=value, field^=prefix or field:in=a,b,c"
@@ -306,5 +307,30 @@ impl tonic::codec::Decoder for RawDec {
         let mut v = vec![0; src.remaining()];
         src.copy_to_slice(&mut v);
         Ok(Some(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn spaces_around_names_and_values_are_not_part_of_them() {
+        let none = |_: &str| None;
+        for s in [
+            "region_code=330106",
+            "region_code = 330106",
+            " region_code= 330106 ",
+        ] {
+            let c = parse_condition(s, none).unwrap();
+            assert_eq!(c.field, "region_code");
+            assert_eq!(c.test, Some(Test::Eq(Value::string("330106"))), "{s:?}");
+        }
+        let c = parse_condition("name ^= Zh ", none).unwrap();
+        assert_eq!(
+            (c.field.as_str(), c.test),
+            ("name", Some(Test::Prefix("Zh".into())))
+        );
     }
 }

@@ -120,6 +120,7 @@ otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sam
     r.metadata_mut()
         .insert("tracestate", MetadataValue::from_static("zjgov=dept-ca"));
     let resp = data.query(r).await.unwrap();
+    assert_eq!(resp.get_ref().rows.len(), 2, "a page of 2 of Xihu's rows");
     assert_eq!(
         resp.metadata().get("x-xgate-trace-id").unwrap(),
         caller_trace,
@@ -199,7 +200,11 @@ otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sam
     );
     assert_eq!(attr(call, "xgate.decision").as_deref(), Some("allow"));
     assert_eq!(attr(call, "rpc.grpc.status_code").as_deref(), Some("0"));
-    assert!(attr(call, "xgate.rows").is_some());
+    assert_eq!(
+        attr(call, "xgate.rows").as_deref(),
+        Some("2"),
+        "the rows sent"
+    );
     for child in [
         "xgate.authenticate",
         "xgate.policy",

@@ -159,11 +159,27 @@ async fn hash_masks_are_stable_pseudonyms() {
     let a = c.query(req(q.clone(), &t)).await.unwrap().into_inner();
     let b = c.query(req(q, &t)).await.unwrap().into_inner();
     assert_eq!(a.masked_columns, ["legal_rep_id_number"]);
+    assert_eq!((a.rows.len(), b.rows.len()), (20, 20));
     for (ra, rb) in a.rows.iter().zip(&b.rows) {
         let p = text(&ra.values[1]);
         assert!(p.starts_with("p:") && p.len() == 34, "{p}");
         assert_eq!(p, text(&rb.values[1]), "stable across calls");
     }
+    // Distinct people get distinct pseudonyms: as many as there are distinct ids among the
+    // provider's first 20 companies (counted from the table itself), and none is the id.
+    let table = xgate::provider::company_table(500);
+    let col = table
+        .columns
+        .iter()
+        .position(|c| c.name == "legal_rep_id_number")
+        .unwrap();
+    let ids: HashSet<String> = table.rows[..20]
+        .iter()
+        .map(|r| text(&r.values[col]))
+        .collect();
+    let pseudonyms: HashSet<String> = a.rows.iter().map(|r| text(&r.values[1])).collect();
+    assert_eq!(pseudonyms.len(), ids.len());
+    assert!(pseudonyms.is_disjoint(&ids));
     h.stop().await;
 }
 
