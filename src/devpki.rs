@@ -51,6 +51,9 @@ pub struct Leaf {
     pub years: Option<(i32, i32)>,
     /// Serial number (random when absent), for revocation lists.
     pub serial: Option<u64>,
+    /// Valid from a minute ago for this long (instead of `years`): a certificate that expires
+    /// while its connection is open.
+    pub valid_for: Option<std::time::Duration>,
 }
 
 /// A certificate authority that can issue leaves.
@@ -111,9 +114,15 @@ impl DevCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(&leaf.common_name);
-        let (from, to) = leaf.years.unwrap_or((2025, 2045));
-        params.not_before = date_time_ymd(from, 1, 1);
-        params.not_after = date_time_ymd(to, 1, 1);
+        if let Some(d) = leaf.valid_for {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::minutes(1);
+            params.not_after = now + d;
+        } else {
+            let (from, to) = leaf.years.unwrap_or((2025, 2045));
+            params.not_before = date_time_ymd(from, 1, 1);
+            params.not_after = date_time_ymd(to, 1, 1);
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if leaf.server {
             params

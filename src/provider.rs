@@ -64,6 +64,8 @@ pub struct Behaviour {
     pub ignore_filter: bool,
     /// Wait this long before answering (and between stream batches).
     pub delay: Duration,
+    /// Leave this column out of every answer (e.g. the region column a row scope needs).
+    pub omit_column: Option<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +148,10 @@ impl SampleProvider {
                 })
                 .collect::<Result<_, _>>()?
         };
+        let proj: Vec<usize> = proj
+            .into_iter()
+            .filter(|&i| Some(table.columns[i].name.as_str()) != self.behaviour.omit_column)
+            .collect();
         let columns = proj.iter().map(|&i| table.columns[i].clone()).collect();
         let mut matching = table
             .rows

@@ -1525,3 +1525,214 @@ async fn the_callers_address_comes_from_the_load_balancers_proxy_header() {
         "{recs:#?}"
     );
 }
+
+/// Refused handshakes (anyone can cause them) are recorded up to a cap (bursts of 100, then
+/// 20/s); past it they are counted into the next record written: every one accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_are_recorded_to_the_cap_and_the_rest_counted() {
+    let mut h = Harness::start(Opts::default()).await;
+    let no_cert = raw_h2::client_config(None, rustls::ALL_VERSIONS);
+    let knock = async || {
+        // TLS 1.3: the refusal (no client certificate) arrives after the client's handshake.
+        if let Ok(mut tls) = raw_h2::connect_with(h.addr, no_cert.clone()).await {
+            let _ = raw_h2::until_goaway(&mut tls, Duration::from_secs(5)).await;
+        }
+    };
+    let t0 = Instant::now();
+    for _ in 0..150 {
+        knock().await;
+    }
+    let flood = t0.elapsed();
+    // The cap refills (one record per 50 ms): the next refusal is written, with the count.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    knock().await;
+    let took = t0.elapsed();
+    let recs = h.stop().await;
+    let tls: Vec<_> = recs
+        .iter()
+        .filter(|r| r["method"] == "(tls-handshake)")
+        .collect();
+    let counted: u64 = tls
+        .iter()
+        .filter_map(|r| {
+            let d = r["detail"].as_str()?;
+            let (_, rest) = d.split_once("(+")?;
+            rest.split_once(' ')?.0.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(
+        tls.len() as u64 + counted,
+        151,
+        "every refusal recorded or counted"
+    );
+    for r in &tls {
+        assert_eq!(r["reason"], "TLS_HANDSHAKE_FAILED", "{r}");
+    }
+    assert!(counted > 0, "the burst of 100 was passed");
+    let cap = 100.0 + 20.0 * took.as_secs_f64() + 1.0;
+    assert!(
+        tls.len() as f64 <= cap,
+        "{} records in {took:?} (flood {flood:?}), more than the cap allows ({cap:.0})",
+        tls.len()
+    );
+    assert!(
+        tls.last().unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("similar refusals since the last record"),
+        "the last record carries the count"
+    );
+}
+
+/// At most 1,024 handshakes at once: connections past that are closed at accept, counted
+/// (`xgate_tls_handshakes_shed_total`), and the ones holding places are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_concurrent_limit_are_shed_at_once() {
+    let mut h = Harness::start(Opts {
+        admin: true,
+        config: Some(Arc::new(|c| c.tls.handshake_timeout_ms = 20_000)),
+        ..Opts::default()
+    })
+    .await;
+    let limit = xgate::tls::MAX_CONCURRENT_HANDSHAKES;
+    let mut silent = Vec::new();
+    for _ in 0..limit + 76 {
+        silent.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    let shed = async || {
+        let (_, m) = http(h.admin.unwrap(), "GET", "/metrics").await;
+        metric_value(&m, "xgate_tls_handshakes_shed_total")
+    };
+    let t0 = Instant::now();
+    while shed().await < 76.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "not shed: {}",
+            shed().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The shed connections are closed at once; the others are still waiting.
+    let mut closed = 0;
+    for s in &mut silent {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(2), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(shed().await, 76.0, "exactly the connections past the limit");
+    assert_eq!(closed, 76);
+    drop(silent);
+    // Places come back as the silent connections go: a caller is served again.
+    let (cc, ck) = (
+        std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),
+        std::fs::read_to_string(certs().join("civil-affairs.key")).unwrap(),
+    );
+    let t0 = Instant::now();
+    while !call_goes_through(&h, Some((&cc, &ck))).await {
+        assert!(t0.elapsed() < Duration::from_secs(15), "no place freed: shed {}", shed().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+}
+
+/// `tls.min_version`: TLS 1.3 only by default (a 1.2-only client fails the handshake);
+/// `"1.2"` lets it in, and HTTP/2 is served over it.
+#[tokio::test]
+async fn tls_min_version_decides_whether_1_2_clients_get_in() {
+    let tls12 = raw_h2::client_config(Some("civil-affairs"), &[&rustls::version::TLS12]);
+    let mut h = Harness::start(Opts::default()).await;
+    let refused = raw_h2::connect_with(h.addr, tls12.clone()).await;
+    assert!(refused.is_err(), "a TLS 1.2 client got in by default");
+    h.stop().await;
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(|c| c.tls.min_version = "1.2".into())),
+        ..Opts::default()
+    })
+    .await;
+    let mut tls = raw_h2::connect_with(h.addr, tls12).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let (kind, ..) = raw_h2::next_frame(&mut tls).await.expect("a frame");
+    assert_eq!(
+        kind,
+        raw_h2::SETTINGS,
+        "the server speaks HTTP/2 over TLS 1.2"
+    );
+    drop(tls);
+    h.stop().await;
+}
+
+/// `tls.identity_map`: a legacy certificate without the SAN URI, known by its fingerprint,
+/// calls as the department and system it is mapped to.
+#[tokio::test]
+async fn a_legacy_certificate_is_known_by_its_fingerprint() {
+    use sha2::Digest;
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    let (c, k) = dev
+        .issue(&Leaf {
+            common_name: "subsidy-legacy".into(),
+            client: true,
+            ..Leaf::default()
+        })
+        .unwrap();
+    let fp = format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert_der(&c))));
+    let mut h = Harness::start(Opts {
+        config: Some(Arc::new(move |cfg| {
+            cfg.tls.identity_map.push(xgate::config::MappedIdentity {
+                fingerprint: fp.clone(),
+                dept: "civil-affairs".into(),
+                system: "legacy".into(),
+            })
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let ch = channel_with(&h, &c, &k).await.unwrap();
+    let r = pb::data_exchange_client::DataExchangeClient::new(ch)
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap();
+    let id = trace_id(r.metadata());
+    let recs = h.stop().await;
+    let rec = recs.iter().find(|r| r["trace_id"] == id.as_str()).unwrap();
+    assert_eq!(
+        (
+            rec["consumer_dept"].as_str(),
+            rec["consumer_system"].as_str()
+        ),
+        (Some("civil-affairs"), Some("legacy"))
+    );
+}
+
+/// A certificate that expires while its connection is open: the next call on that
+/// connection is refused `CERT_EXPIRED` (the handshake's check is not the last word).
+#[tokio::test]
+async fn a_certificate_expiring_on_an_open_connection_is_refused_per_call() {
+    let dev = DevCa::load_dir(&certs()).unwrap();
+    let (c, k) = dev
+        .issue(&Leaf {
+            valid_for: Some(Duration::from_secs(2)),
+            ..devpki::consumer_leaf("civil-affairs", "subsidy")
+        })
+        .unwrap();
+    let mut h = Harness::start(Opts::default()).await;
+    let mut cl =
+        pb::data_exchange_client::DataExchangeClient::new(channel_with(&h, &c, &k).await.unwrap());
+    let q = || query("hukou.person_basic", "subsidy-eligibility", &[], 1);
+    let t = token("civil-affairs");
+    cl.query(req(q(), &t)).await.unwrap();
+    // Past not_after (whole seconds in the certificate).
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let st = cl.query(req(q(), &t)).await.unwrap_err();
+    assert_reject(&st, Code::Unauthenticated, "CERT_EXPIRED");
+    let recs = h.stop().await;
+    assert_audited(&recs, &[(trace_of(&st), "CERT_EXPIRED")]);
+}

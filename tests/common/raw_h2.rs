@@ -24,29 +24,49 @@ pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// A TLS connection to the gateway as `dept`, with the client preface and an empty SETTINGS
 /// frame already written.
 pub async fn connect(addr: SocketAddr, dept: &str) -> TlsStream<tokio::net::TcpStream> {
+    connect_with(addr, client_config(Some(dept), rustls::ALL_VERSIONS))
+        .await
+        .unwrap()
+}
+
+/// A client TLS config offering `h2`, trusting the dev CA, with `dept`'s dev certificate
+/// (none when `None`), speaking only these TLS versions.
+pub fn client_config(
+    dept: Option<&str>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = certs();
     let mut roots = rustls::RootCertStore::empty();
     for c in xgate::tls::load_certs(&dir.join("ca.pem")).unwrap() {
         roots.add(c).unwrap();
     }
-    let chain = xgate::tls::load_certs(&dir.join(format!("{dept}.pem"))).unwrap();
-    let key = xgate::tls::load_key(&dir.join(format!("{dept}.key"))).unwrap();
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+    let b = rustls::ClientConfig::builder_with_protocol_versions(versions)
+        .with_root_certificates(roots);
+    let mut cfg = match dept {
+        Some(d) => {
+            let chain = xgate::tls::load_certs(&dir.join(format!("{d}.pem"))).unwrap();
+            let key = xgate::tls::load_key(&dir.join(format!("{d}.key"))).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    Arc::new(cfg)
+}
+
+/// Handshake with `cfg`, then write the client preface and an empty SETTINGS frame.
+pub async fn connect_with(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = TlsConnector::from(cfg).connect(name, tcp).await?;
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     frame(&mut hello, SETTINGS, 0, 0, &[]);
-    tls.write_all(&hello).await.unwrap();
-    tls
+    tls.write_all(&hello).await?;
+    Ok(tls)
 }
 
 /// Append one frame.
