@@ -1632,7 +1632,11 @@ async fn handshakes_past_the_concurrent_limit_are_shed_at_once() {
     );
     let t0 = Instant::now();
     while !call_goes_through(&h, Some((&cc, &ck))).await {
-        assert!(t0.elapsed() < Duration::from_secs(15), "no place freed: shed {}", shed().await);
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no place freed: shed {}",
+            shed().await
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     h.stop().await;

@@ -924,3 +924,213 @@ async fn page_tokens_are_sealed_to_their_caller_and_query() {
         assert_eq!(r["rule"], "paging:sealed-token");
     }
 }
+
+/// A provider's own refusal is passed through with its code and (bounded) message as
+/// `PROVIDER_ERROR`: here market-supervision is named the provider of a dataset it does not
+/// serve, and answers NOT_FOUND.
+#[tokio::test]
+async fn a_providers_own_error_is_passed_through_as_provider_error() {
+    let mut h = Harness::start(Opts {
+        edit_policy: Some(|p| {
+            p.replace(
+                "    provider: public-security\n",
+                "    provider: market-supervision\n",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let st = h
+        .data("civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::NotFound, "PROVIDER_ERROR");
+    assert!(
+        st.message().contains("market-supervision") && st.message().contains("is not served here"),
+        "{}",
+        st.message()
+    );
+    let recs = h.stop().await;
+    let r = one_record(&recs, &trace_of(&st));
+    assert_eq!(
+        (r["grpc_status"].as_str(), r["reason"].as_str()),
+        (Some("NOT_FOUND"), Some("PROVIDER_ERROR"))
+    );
+    assert_eq!(
+        h.ms.stats.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+/// A row-scoped grant needs the region column to check each row: a provider that leaves it
+/// out has its answer refused (`INTERNAL PROVIDER_RESPONSE_INVALID`), no row delivered.
+#[tokio::test]
+async fn a_response_without_the_region_column_is_refused_under_a_row_scope() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            omit_column: Some("region_code"),
+            ..Behaviour::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let st = h
+        .data("xihu-civil-affairs")
+        .await
+        .query(req(
+            query("hukou.person_basic", "temporary-relief", &[], 5),
+            &token("xihu-civil-affairs"),
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::Internal, "PROVIDER_RESPONSE_INVALID");
+    assert!(!st.message().contains("region_code"), "{}", st.message());
+    let recs = h.stop().await;
+    let r = one_record(&recs, &trace_of(&st));
+    assert_eq!(r["rows"], 0);
+    assert_eq!(r["reason"], "PROVIDER_RESPONSE_INVALID");
+}
+
+/// A call the client gives up on (RST_STREAM CANCEL, written raw) while the provider answers
+/// still leaves its record: `CANCELLED`, at the stage it reached.
+#[tokio::test]
+async fn a_call_the_client_cancels_is_recorded_cancelled() {
+    use tokio::io::AsyncWriteExt;
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_secs(3),
+            ..Behaviour::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let id = "0c0ffee0000000000000000000000001";
+    let mut tls = raw_h2::connect(h.addr, "civil-affairs").await;
+    let mut out = Vec::new();
+    let block = raw_h2::Calls::default().headers(
+        "/xgate.v1.DataExchange/Query",
+        &token("civil-affairs"),
+        id,
+    );
+    raw_h2::frame(&mut out, raw_h2::HEADERS, raw_h2::END_HEADERS, 1, &block);
+    raw_h2::frame(
+        &mut out,
+        raw_h2::DATA,
+        raw_h2::END_STREAM,
+        1,
+        &raw_h2::grpc_message(&query("hukou.person_basic", "subsidy-eligibility", &[], 1)),
+    );
+    tls.write_all(&out).await.unwrap();
+    // Give up once the provider has the call.
+    let t0 = Instant::now();
+    while h
+        .ps
+        .stats
+        .in_flight
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut rst = Vec::new();
+    raw_h2::frame(
+        &mut rst,
+        raw_h2::RST_STREAM,
+        0,
+        1,
+        &raw_h2::CANCEL.to_be_bytes(),
+    );
+    tls.write_all(&rst).await.unwrap();
+    // The provider's call is dropped with it (well before its 3 s delay).
+    let t0 = Instant::now();
+    while h
+        .ps
+        .stats
+        .in_flight
+        .load(std::sync::atomic::Ordering::SeqCst)
+        != 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the provider call went on"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tls);
+    let recs = h.stop().await;
+    let r = one_record(&recs, id);
+    assert_eq!(r["grpc_status"], "CANCELLED");
+    assert_eq!(r["reason"], "CANCELLED");
+    assert_eq!(r["decision"], "allow", "the policy allowed it");
+    assert_eq!(r["reached"], "forward");
+}
+
+/// A `QueryStream` holds its in-flight place with the provider for its whole life: with
+/// `max_in_flight: 1`, a call during the stream is refused, and one after it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_holds_its_in_flight_place_until_it_ends() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_millis(50),
+            ..Behaviour::default()
+        },
+        edit_policy: Some(|p| {
+            p.replace(
+                "tls_name: public-security.provider.xgate.internal }",
+                "tls_name: public-security.provider.xgate.internal, max_in_flight: 1 }",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    let mut s = c
+        .query_stream(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 50),
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap();
+    // Between batches the provider is idle, yet the place is the stream's.
+    let st = c
+        .query(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED");
+    while s.message().await.unwrap().is_some() {}
+    // The stream's end gives the place back.
+    let t0 = Instant::now();
+    loop {
+        match c
+            .query(req(
+                query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+                &t,
+            ))
+            .await
+        {
+            Ok(_) => break,
+            Err(st) => assert_reject(&st, Code::Unavailable, "PROVIDER_SATURATED"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+}

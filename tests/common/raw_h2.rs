@@ -140,6 +140,15 @@ impl Calls {
     }
 }
 
+/// A gRPC message as a DATA frame's payload: uncompressed flag, length, protobuf bytes.
+pub fn grpc_message(m: &impl prost::Message) -> Vec<u8> {
+    let bytes = m.encode_to_vec();
+    let mut out = vec![0];
+    out.extend((bytes.len() as u32).to_be_bytes());
+    out.extend(bytes);
+    out
+}
+
 /// The next frame the server sends: (type, flags, stream, payload); `None` once it closes.
 pub async fn next_frame(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
