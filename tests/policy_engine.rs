@@ -472,3 +472,123 @@ async fn describe_reports_row_scope_consistently() {
     assert_eq!(a.row_scope, "own-region 330106");
     h.stop().await;
 }
+
+/// A reload keeps each unchanged grant's rate-limiter state (neither reset nor double
+/// counted); a grant whose rate changed starts a fresh bucket.
+#[tokio::test]
+async fn rate_limiter_state_survives_a_reload_that_leaves_the_grant_alone() {
+    let mut h = Harness::start(Opts {
+        // Three calls, then one per 100 s.
+        edit_policy: Some(|p| {
+            p.replace(
+                "rate_limit: { per_second: 50, burst: 100 }\n    valid_from: 2026-01-01          # dates are 00:00 China Standard Time\n    expires: 2030-12-31\n    approval_ref: ZJ-DSB-2026-014",
+                "rate_limit: { per_second: 0.01, burst: 3 }\n    valid_from: 2026-01-01\n    expires: 2030-12-31\n    approval_ref: ZJ-DSB-2026-014",
+            )
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    let ask = || {
+        req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        )
+    };
+    for _ in 0..3 {
+        c.query(ask()).await.unwrap();
+    }
+    let st = c.query(ask()).await.unwrap_err();
+    assert_reject(&st, Code::ResourceExhausted, "RATE_LIMITED");
+    // Another grant changes: this one's spent bucket is kept.
+    let text = std::fs::read_to_string(&h.policy_path).unwrap();
+    assert!(text.contains("rate_limit: { per_second: 0.01, burst: 3 }"));
+    let other = text.replacen(
+        "approval_ref: ZJ-DSB-2026-0",
+        "approval_ref: ZJ-DSB-2027-0",
+        2,
+    );
+    assert_ne!(other, text);
+    std::fs::write(&h.policy_path, &other).unwrap();
+    let v = h.reloader.reload("test").unwrap();
+    assert_eq!(v, version_of(&other));
+    let st = c.query(ask()).await.unwrap_err();
+    assert_reject(&st, Code::ResourceExhausted, "RATE_LIMITED");
+    // This grant's rate changes: a new bucket, full.
+    let raised = other.replace(
+        "rate_limit: { per_second: 0.01, burst: 3 }",
+        "rate_limit: { per_second: 0.01, burst: 2 }",
+    );
+    std::fs::write(&h.policy_path, &raised).unwrap();
+    h.reloader.reload("test").unwrap();
+    for _ in 0..2 {
+        c.query(ask()).await.unwrap();
+    }
+    let st = c.query(ask()).await.unwrap_err();
+    assert_reject(&st, Code::ResourceExhausted, "RATE_LIMITED");
+    h.stop().await;
+    assert_eq!(h.provider_calls(), 5);
+}
+
+/// An open stream whose grant changes but still allows it goes on, each batch after the
+/// change shaped under the new permit (here: one field fewer), and ends OK under the new
+/// version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_is_reshaped_under_a_changed_grant_that_still_allows_it() {
+    let mut h = Harness::start(Opts {
+        behaviour: Behaviour {
+            delay: Duration::from_millis(30),
+            ..Behaviour::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let t = token("civil-affairs");
+    let mut c = h.data("civil-affairs").await;
+    let mut s = c
+        .query_stream(req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 100),
+            &t,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let names = |m: &pb::QueryResponse| -> Vec<String> {
+        m.columns.iter().map(|c| c.name.clone()).collect()
+    };
+    let first = s.message().await.unwrap().unwrap();
+    assert!(names(&first).contains(&"household_head".to_string()));
+    let text = std::fs::read_to_string(&h.policy_path).unwrap();
+    let narrowed = text.replace(
+        "fields: [id_number, name, gender, birth_date, region_code, household_head]",
+        "fields: [id_number, name, gender, birth_date, region_code]",
+    );
+    assert_ne!(narrowed, text);
+    std::fs::write(&h.policy_path, &narrowed).unwrap();
+    h.reloader.reload("test").unwrap();
+    // Batches already on their way may still have the old shape; once one has the new
+    // shape, every later one does.
+    let mut reshaped = 0;
+    let mut rows = first.rows.len();
+    while let Some(m) = s.message().await.unwrap() {
+        rows += m.rows.len();
+        let n = names(&m);
+        if n.contains(&"household_head".to_string()) {
+            assert_eq!(reshaped, 0, "an old-shape batch after a new one");
+        } else {
+            assert_eq!(
+                n,
+                ["id_number", "name", "gender", "birth_date", "region_code"]
+            );
+            reshaped += 1;
+        }
+    }
+    assert!(reshaped > 0, "no batch was shaped under the new permit");
+    assert_eq!(rows, 2_000, "the whole table, to the end");
+    let recs = h.stop().await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["grpc_status"], "OK");
+    assert_eq!(recs[0]["rows"], 2_000);
+    assert_eq!(recs[0]["policy_version"], version_of(&narrowed));
+}
