@@ -239,6 +239,8 @@ async fn rotation_keeps_the_chain_and_a_torn_tail_is_cut_on_restart() {
 struct Proc {
     child: Child,
     port: u16,
+    /// The admin listener (`/ready`, `/metrics`).
+    admin: u16,
 }
 
 /// Run the real binary on `audit`, with more keys for the `audit` section in `audit_extra`
@@ -250,29 +252,30 @@ fn start_serve_with(
     fsize: Option<u64>,
     audit_extra: &str,
 ) -> Proc {
-    let (mut cmd, port) = serve_command(work, audit, providers, fsize, audit_extra);
+    let (mut cmd, port, admin) = serve_command(work, audit, providers, fsize, audit_extra);
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Proc { child, port }
+    Proc { child, port, admin }
 }
 
-/// The command [`start_serve_with`] runs (config written to `work`), and its port.
+/// The command [`start_serve_with`] runs (config written to `work`), its port and its admin
+/// port.
 fn serve_command(
     work: &Path,
     audit: &Path,
     providers: &Harness,
     fsize: Option<u64>,
     audit_extra: &str,
-) -> (Command, u16) {
+) -> (Command, u16, u16) {
     let c = certs();
     let policy = std::fs::read_to_string(&providers.policy_path).unwrap();
     std::fs::write(work.join("policy.yaml"), policy).unwrap();
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let cfg = format!(
-        "listen: 127.0.0.1:{port}\nwatch_policy: false\ntrust_domain: zj.gov.example\n\
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nwatch_policy: false\ntrust_domain: zj.gov.example\n\
          tls: {{ cert: {c}/gateway.pem, key: {c}/gateway.key, client_ca: {c}/ca.pem, watch: false }}\n\
          jwt: {{ jwks: {c}/jwks.json, issuer: \"https://idp.zj.gov.example\", audience: xgate }}\n\
          policy: policy.yaml\npseudonym_key_file: {c}/pseudonym.key\n\
@@ -294,7 +297,7 @@ fn serve_command(
         None => Command::new(bin),
     };
     cmd.args(["serve", "--config"]).arg(&cfg_path);
-    (cmd, port)
+    (cmd, port, admin)
 }
 
 /// One permitted call that must succeed: its trace id.
@@ -330,7 +333,7 @@ async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
     }
     // The second gateway: its own port and policy copy, the same trail.
     let work2 = tempfile::tempdir().unwrap();
-    let (mut cmd, port2) = serve_command(work2.path(), &audit, &providers, None, "");
+    let (mut cmd, port2, _) = serve_command(work2.path(), &audit, &providers, None, "");
     let out = cmd.stdout(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -468,6 +471,7 @@ async fn write_fault_then_recovery(audit_extra: &str) -> Vec<serde_json::Value> 
     let mut c = client(p.port, "civil-affairs").await;
     let t = token("civil-affairs");
     let (mut ok, mut refused, mut ok_after_refusal) = (Vec::new(), Vec::new(), 0);
+    let mut seen_failing = (false, false);
     // Call until service has resumed for ten calls (the writer retries every 250 ms).
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(20) {
@@ -487,6 +491,12 @@ async fn write_fault_then_recovery(audit_extra: &str) -> Vec<serde_json::Value> 
             Err(st) => {
                 assert_reject(&st, Code::Unavailable, "AUDIT_UNAVAILABLE");
                 refused.push(trace_id(st.metadata()));
+                // While the trail refuses records the gateway says so to its probes.
+                // (Each is read at its own moment: the fault may clear in between.)
+                let (status, ready, healthy) = health(p.admin).await;
+                assert_eq!(status == 503, ready["audit_writable"] == false, "{ready}");
+                seen_failing.0 |= status == 503;
+                seen_failing.1 |= healthy == 0.0;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -504,6 +514,13 @@ async fn write_fault_then_recovery(audit_extra: &str) -> Vec<serde_json::Value> 
         "service did not resume after the fault: {} refused",
         refused.len()
     );
+    assert_eq!(
+        seen_failing,
+        (true, true),
+        "probes saw the failing trail (/ready 503, xgate_audit_healthy 0)"
+    );
+    let (status, ready, healthy) = health(p.admin).await;
+    assert_eq!((status, healthy), (200, 1.0), "healthy again: {ready}");
     let _ = Command::new("kill")
         .args(["-TERM", &p.child.id().to_string()])
         .status();
@@ -857,4 +874,20 @@ async fn a_failed_flush_fails_the_calls_of_its_batch() {
         assert_eq!(mine[0]["grpc_status"], "UNAVAILABLE", "{id}");
         assert_eq!(mine[0]["reason"], "AUDIT_UNAVAILABLE", "{id}");
     }
+}
+
+/// `/ready` (status, body) and `xgate_audit_healthy` of the gateway with this admin port.
+async fn health(admin: u16) -> (u16, serde_json::Value, f64) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let (status, body) = http(addr, "GET", "/ready").await;
+    let (_, metrics) = http(addr, "GET", "/metrics").await;
+    let healthy = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("xgate_audit_healthy ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no xgate_audit_healthy in {metrics}"));
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_default(),
+        healthy,
+    )
 }
