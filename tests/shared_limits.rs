@@ -553,3 +553,89 @@ async fn one_round_trip_decides_every_limit_atomically() {
         }
     }
 }
+
+/// Fail-open is visible to operators: with Redis gone, the real binary warns once, sets
+/// `xgate_limits_redis_up` to 0 and counts each call decided locally in
+/// `xgate_limits_redis_fallbacks_total{mode="fail-open"}`; back to 1 when Redis returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_is_counted_and_warned_by_the_real_binary() {
+    let mut redis = Redis::start();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (ports, _provs) = start_providers(&Behaviour::default(), stop_rx).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        policy_with_ports(ports["public-security"], ports["market-supervision"]),
+    )
+    .unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let cfg = gateway_config(port, &dir.path().join("audit"), &redis.url()).replace(
+        "key_prefix: xgate-e2e }",
+        "key_prefix: xgate-e2e, on_unavailable: fail-open }",
+    ) + &format!("\nadmin_listen: 127.0.0.1:{admin}\n");
+    let served = serve(dir.path(), "a", &cfg);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let metrics = async || http(admin, "GET", "/metrics").await.1;
+    let fallbacks = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("xgate_limits_redis_fallbacks_total{")
+                    && l.contains("mode=\"fail-open\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let up = |m: &str| -> Option<f64> {
+        m.lines().find_map(|l| {
+            l.strip_prefix("xgate_limits_redis_up ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let mut c = xgate::pb::data_exchange_client::DataExchangeClient::new(
+        dept_channel(&format!("https://127.0.0.1:{port}"), "civil-affairs").await,
+    );
+    let t = token("civil-affairs");
+    let ask = || {
+        req(
+            query("hukou.person_basic", "subsidy-eligibility", &[], 1),
+            &t,
+        )
+    };
+    c.query(ask()).await.unwrap();
+    let m = metrics().await;
+    assert_eq!((up(&m), fallbacks(&m)), (Some(1.0), 0.0), "{m}");
+    redis.kill();
+    for i in 0..3 {
+        c.query(ask())
+            .await
+            .unwrap_or_else(|e| panic!("fail-open call {i}: {e:?}"));
+    }
+    let m = metrics().await;
+    assert_eq!(up(&m), Some(0.0), "{m}");
+    assert_eq!(
+        fallbacks(&m),
+        3.0,
+        "each call decided locally is counted: {m}"
+    );
+    let warned = served
+        .logs()
+        .iter()
+        .filter(|l| l.contains("Redis unreachable") && l.contains("WARN"))
+        .count();
+    assert_eq!(
+        warned,
+        1,
+        "one warning when Redis went away:\n{}",
+        served.logs().join("\n")
+    );
+    redis.restart();
+    let t0 = Instant::now();
+    while up(&metrics().await) != Some(1.0) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never back up");
+        let _ = c.query(ask()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(true);
+}
