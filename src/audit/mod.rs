@@ -958,10 +958,24 @@ mod tests {
 
     #[test]
     fn the_writer_has_its_own_thread_unless_asked_otherwise() {
+        let placement = |yaml: &str| {
+            let yaml = format!("signing_key_file: k\n{yaml}");
+            serde_yaml_ng::from_str::<crate::config::Audit>(&yaml).map(|a| a.writer)
+        };
+        assert_eq!(placement("dir: a").unwrap(), Placement::Thread);
+        assert_eq!(
+            placement("dir: a\nwriter: thread").unwrap(),
+            Placement::Thread
+        );
+        assert_eq!(
+            placement("dir: a\nwriter: inline").unwrap(),
+            Placement::Inline
+        );
+        let e = placement("dir: a\nwriter: fibre").unwrap_err().to_string();
+        assert!(e.contains("fibre") || e.contains("unknown variant"), "{e}");
         assert_eq!(
             AuditSettings::new(Path::new("a")).placement,
             Placement::Thread
         );
-        assert_eq!(Placement::default(), Placement::Thread);
     }
 }

@@ -311,6 +311,8 @@ pub fn evaluate_traced(
                 let mut allowed: Vec<&str> = applicable()
                     .flat_map(|(g, _)| g.purposes.iter().map(String::as_str))
                     .collect();
+                // Sorted: the message says the same whatever order the grants are written in.
+                allowed.sort_unstable();
                 allowed.dedup();
                 return Err(Reject::new(
                     Reason::PurposeNotAllowed,

@@ -544,12 +544,84 @@ fn token_purposes_narrow_what_a_grant_allows() {
     assert_eq!(r.reason, Reason::TokenPurposeNotAllowed);
 }
 
+/// Among grants equally specific, the first in file order decides (docs/policy.md, "Several
+/// grants"): written the other way round, the other one does. Where one grant applies, the
+/// order changes nothing, refusals' messages included.
 #[test]
-fn evaluation_is_deterministic() {
+fn the_first_grant_in_file_order_decides_among_equals() {
+    let with = |grants: &[&str]| {
+        let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(POLICY).unwrap();
+        let list = doc["grants"].as_sequence_mut().unwrap();
+        for g in grants {
+            list.push(serde_yaml_ng::from_str(g).unwrap());
+        }
+        doc
+    };
+    let wide =
+        "{ id: g-nb-wide, consumer: nb, dataset: people, fields: [id, name], purposes: [survey] }";
+    let narrow =
+        "{ id: g-nb-narrow, consumer: nb, dataset: people, fields: [name], purposes: [survey] }";
+    let load = |doc: &serde_yaml_ng::Value| {
+        Policy::from_yaml(serde_yaml_ng::to_string(doc).unwrap().as_bytes()).unwrap()
+    };
+    let decided = |p: &Policy| {
+        let permit = decide(p, "nb", "s", "people", "survey", &[], &[]).unwrap();
+        let fields: Vec<String> = permit.fields.iter().map(|f| f.name.clone()).collect();
+        (permit.rule, fields)
+    };
+    let a = load(&with(&[wide, narrow]));
+    let b = load(&with(&[narrow, wide]));
+    assert_eq!(
+        decided(&a),
+        (
+            "grant:g-nb-wide".to_owned(),
+            vec!["id".to_owned(), "name".to_owned()]
+        )
+    );
+    assert_eq!(
+        decided(&b),
+        ("grant:g-nb-narrow".to_owned(), vec!["name".to_owned()])
+    );
+
+    // Every grant reversed: each case that one grant (or none) decides is decided alike.
+    let mut reversed = with(&[]);
+    reversed["grants"].as_sequence_mut().unwrap().reverse();
+    let reversed = load(&reversed);
     let p = policy();
-    let a = decide(&p, "ca", "s", "people", "subsidy", &[], &[]);
-    let b = decide(&p, "ca", "s", "people", "subsidy", &[], &[]);
-    assert_eq!(a, b);
+    let mut allowed = 0;
+    for (dept, sys) in [
+        ("ca", "s"),
+        ("ca", "audit"),
+        ("hz", "s"),
+        ("xh", "s"),
+        ("ps", "s"),
+    ] {
+        for dataset in ["people", "firms", "secrets", "banned"] {
+            for purpose in [
+                "subsidy",
+                "inspection",
+                "licensing",
+                "relief",
+                "census",
+                "audit-link",
+            ] {
+                let x = decide(&p, dept, sys, dataset, purpose, &[], &[]);
+                let y = decide(&reversed, dept, sys, dataset, purpose, &[], &[]);
+                allowed += usize::from(x.is_ok());
+                match (&x, &y) {
+                    // A refusal naming one of several grants names the first written.
+                    (Err(e), Err(f)) if e.reason == Reason::PurposeNotAllowed => {
+                        assert_eq!((e.reason, &e.message), (f.reason, &f.message));
+                    }
+                    _ => assert_eq!(x, y, "{dept}/{sys} {dataset} {purpose}"),
+                }
+            }
+        }
+    }
+    assert!(
+        allowed >= 6,
+        "the matrix covers allowed cases too: {allowed}"
+    );
 }
 
 #[test]
