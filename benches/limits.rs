@@ -43,7 +43,7 @@ grants:
   - { id: g, consumer: a, dataset: ds, fields: [f], purposes: [x] }
 ";
 
-fn local_ns() -> f64 {
+fn local_ns(n: u32) -> f64 {
     let policy = Policy::from_yaml(POLICY.as_bytes()).expect("valid policy");
     let limits = RateLimits::for_policy(&policy, None);
     let fields = vec!["f".to_owned()];
@@ -65,8 +65,11 @@ fn local_ns() -> f64 {
     )
     .expect("allowed");
     let mut best = f64::MAX;
+    assert!(
+        limits.check("a", "ds", &permit).is_ok(),
+        "the decision timed is an admit"
+    );
     for _ in 0..5 {
-        let n = 1_000_000;
         let t = Instant::now();
         for _ in 0..n {
             black_box(limits.check(black_box("a"), black_box("ds"), black_box(&permit))).ok();
@@ -112,12 +115,16 @@ where
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
+    // Without `--bench` (`cargo test --all-targets`): a quick pass, its checks included.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let (n, secs, concs): (u32, f64, &[usize]) = if quick {
+        (1_000, 0.2, &[1, 8])
+    } else {
+        (1_000_000, 3.0, &[1, 8, 64, 256])
+    };
     println!(
         "local decision (consumer + grant rate, governor): {:.0} ns",
-        local_ns()
+        local_ns(n)
     );
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -194,9 +201,9 @@ fn main() {
             "{:>5} | {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>5}",
             "conc", "decisions/s", "p50 µs", "p99 µs", "PING/s", "p50 µs", "p99 µs", "ratio"
         );
-        for conc in [1, 8, 64, 256] {
+        for &conc in concs {
             let (s, b) = (shared.clone(), buckets.clone());
-            let d = load(conc, 3.0, move || {
+            let d = load(conc, secs, move || {
                 let (s, b) = (s.clone(), b.clone());
                 async move {
                     s.decide(&b, None).await.expect("redis answers");
@@ -204,7 +211,7 @@ fn main() {
             })
             .await;
             let c = con.clone();
-            let p = load(conc, 3.0, move || {
+            let p = load(conc, secs, move || {
                 let mut c = c.clone();
                 async move {
                     let _: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
@@ -222,6 +229,14 @@ fn main() {
                 d.0 / p.0
             );
         }
+        // The decisions went to Redis: both buckets are there.
+        let n: u32 = redis::cmd("EXISTS")
+            .arg("bench:r:c:a")
+            .arg("bench:r:g:g")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "the shared buckets exist in Redis");
         let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
     });
     let _ = redis.kill();
