@@ -241,7 +241,9 @@ async fn connection<S, B>(
     }
     if let Err(e) = &result {
         tracing::debug!(remote = %peer.remote, error = %e, "connection ended with an error");
-        if closed_for_resets(e) {
+        // h2 says ENHANCE_YOUR_CALM for other floods too (CONTINUATION frames past the header
+        // cap): it was the resets only if more of them came than may wait to be accepted.
+        if closed_for_resets(e) && resets > settings.max_pending_accept_reset_streams as u64 {
             reset_flood(
                 &refusals,
                 &peer,
@@ -282,8 +284,8 @@ fn over_cap_refused(refusals: &Refusals, peer: &Peer, blocks: u64, hard_cap: usi
     refusals.record(rec);
 }
 
-/// Whether h2 closed the connection for resets it could not keep up with (its rapid-reset
-/// defence: GOAWAY `ENHANCE_YOUR_CALM`, sent by this side).
+/// Whether h2 closed the connection with GOAWAY `ENHANCE_YOUR_CALM` sent by this side (its
+/// rapid-reset defence, and its CONTINUATION-flood one).
 fn closed_for_resets(e: &hyper::Error) -> bool {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
