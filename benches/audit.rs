@@ -87,16 +87,17 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
         .recv_timeout(Duration::from_secs(30))
         .expect("the demo did not start");
     let c = repo.join("certs-dev");
-    let (cert, key, token) = xgate::client::dev_identity(&c, "civil-affairs", None).unwrap();
+    let (cert, key, token) = xgate::dev::client::dev_identity(&c, "civil-affairs", None).unwrap();
     let ca = std::fs::read(c.join("ca.pem")).unwrap();
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let ch = xgate::client::connect(&format!("https://{addr}"), &ca, &cert, &key, "localhost")
-            .await
-            .unwrap();
+        let ch =
+            xgate::dev::client::connect(&format!("https://{addr}"), &ca, &cert, &key, "localhost")
+                .await
+                .unwrap();
         clients.push(xgate::pb::data_exchange_client::DataExchangeClient::new(ch));
     }
-    let req = xgate::client::query_request(
+    let req = xgate::dev::client::query_request(
         "hukou.person_basic",
         &[],
         &["region_code=330106".to_owned()],
@@ -108,7 +109,7 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
     .unwrap();
     // Warm up, then measure.
     for c in &mut clients {
-        c.query(xgate::client::with_token(req.clone(), &token))
+        c.query(xgate::dev::client::with_token(req.clone(), &token))
             .await
             .unwrap();
     }
@@ -128,7 +129,7 @@ async fn run(mode: &'static str, rate: u64, secs: u64, repo: &Path) -> Run {
         let mut c = clients[(i % 8) as usize].clone();
         let (r, t, lat, ok) = (req.clone(), token.clone(), lat.clone(), ok.clone());
         tasks.push(tokio::spawn(async move {
-            if c.query(xgate::client::with_token(r, &t)).await.is_ok() {
+            if c.query(xgate::dev::client::with_token(r, &t)).await.is_ok() {
                 ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 lat.lock().unwrap().push(scheduled.elapsed());
             }

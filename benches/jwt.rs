@@ -12,7 +12,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, encode, jwk::Jwk
 fn main() {
     // Without `--bench` (`cargo test --all-targets`): a quick pass, its checks included.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let (pem, jwks) = xgate::devpki::jwt_keypair("k").unwrap();
+    let (pem, jwks) = xgate::dev::pki::jwt_keypair("k").unwrap();
     let jwks: JwkSet = serde_json::from_str(&jwks).unwrap();
     let key = DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
     let token = encode(

@@ -113,7 +113,7 @@ mod tests {
     #[test]
     fn ring_verifies_what_rust_crypto_signs() {
         install();
-        let (pem, jwks) = crate::devpki::jwt_keypair("k").unwrap();
+        let (pem, jwks) = crate::dev::pki::jwt_keypair("k").unwrap();
         let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks).unwrap();
         let enc = &EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
         let dec = &DecodingKey::from_jwk(&jwks.keys[0]).unwrap();

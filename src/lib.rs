@@ -29,31 +29,27 @@
 
 pub mod admin;
 pub mod audit;
-pub mod client;
 pub mod config;
 pub mod conn;
-pub mod devpki;
+pub mod dev;
 pub mod edge;
 pub mod error;
-pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod jwks_fetch;
 pub mod jwt_ring;
-pub mod loadgen;
 pub mod paging;
 pub mod pb;
 pub mod policy;
-pub mod provider;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
-pub mod report;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod tools;
 pub mod upstream;
 pub mod wire;
 

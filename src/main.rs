@@ -7,7 +7,13 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use xgate::{client, config::Config, devpki, pb, policy::Policy, provider, server, telemetry};
+use xgate::{
+    config::Config,
+    dev::{client, pki as devpki, provider},
+    pb,
+    policy::Policy,
+    server, telemetry,
+};
 
 #[derive(Parser)]
 #[command(
@@ -754,13 +760,13 @@ fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
 
 fn report(a: ReportArgs) -> Result<(), CliError> {
     // Bounds the command cannot understand are a usage error (exit 2), before any work.
-    xgate::report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)
+    xgate::tools::report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)
         .map_err(CliError::Usage)?;
     report_run(a).map_err(CliError::Failed)
 }
 
 fn report_run(a: ReportArgs) -> Result<(), String> {
-    use xgate::report;
+    use xgate::tools::report;
     let period: report::Period = a.period.parse()?;
     let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)?;
     let render = match a.format.as_str() {
@@ -826,8 +832,8 @@ fn search_range(
     since: &Option<String>,
     until: &Option<String>,
     zone: &ZoneArgs,
-) -> Result<xgate::report::Range, CliError> {
-    xgate::report::Range::parse_flags(
+) -> Result<xgate::tools::report::Range, CliError> {
+    xgate::tools::report::Range::parse_flags(
         since.as_deref(),
         until.as_deref(),
         &zone.resolve()?,
@@ -1571,7 +1577,7 @@ fn json_datasets(ds: &[pb::Dataset]) -> serde_json::Value {
 }
 
 async fn bench(b: BenchArgs) -> Result<(), String> {
-    use xgate::loadgen::{Call, Load, Plan};
+    use xgate::tools::loadgen::{Call, Load, Plan};
     let id = b.conn.identity()?;
     let query = || {
         client::query_request(
@@ -1649,7 +1655,7 @@ async fn bench(b: BenchArgs) -> Result<(), String> {
         tokens,
         watch: b.pids.clone(),
     };
-    let report = xgate::loadgen::run(channels, plan).await?;
+    let report = xgate::tools::loadgen::run(channels, plan).await?;
     if b.json {
         xgate::outln!(
             "{}",

@@ -763,15 +763,15 @@ mod tests {
     async fn bad_tokens_are_remembered_good_and_transient_ones_are_not() {
         let v = TokenVerifier::from_jwks(
             &dev_jwks(),
-            TokenSettings::new(crate::devpki::ISSUER, crate::devpki::AUDIENCE),
+            TokenSettings::new(crate::dev::pki::ISSUER, crate::dev::pki::AUDIENCE),
         )
         .await
         .unwrap();
-        let (other, _) = crate::devpki::jwt_keypair(crate::devpki::KID).unwrap();
-        let forged = crate::devpki::mint_token(
+        let (other, _) = crate::dev::pki::jwt_keypair(crate::dev::pki::KID).unwrap();
+        let forged = crate::dev::pki::mint_token(
             &other,
-            crate::devpki::KID,
-            &crate::devpki::dev_claims("health", "x", None, 600),
+            crate::dev::pki::KID,
+            &crate::dev::pki::dev_claims("health", "x", None, 600),
         )
         .unwrap();
         for _ in 0..3 {
@@ -787,23 +787,23 @@ mod tests {
         );
         // Not yet valid can become valid: not remembered.
         let now = now_secs();
-        let mut c = crate::devpki::dev_claims("health", "x", None, 600);
+        let mut c = crate::dev::pki::dev_claims("health", "x", None, 600);
         c["nbf"] = (now + 3600).into();
         let key = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev/jwt-signing.key"),
         )
         .unwrap();
-        let early = crate::devpki::mint_token(&key, crate::devpki::KID, &c).unwrap();
+        let early = crate::dev::pki::mint_token(&key, crate::dev::pki::KID, &c).unwrap();
         assert_eq!(
             v.verify(&early).await.unwrap_err().reason,
             Reason::TokenNotYetValid
         );
         assert_eq!(v.refused.lock().unwrap().len(), 1);
         // A good token verifies (and is cached positively).
-        let good = crate::devpki::mint_token(
+        let good = crate::dev::pki::mint_token(
             &key,
-            crate::devpki::KID,
-            &crate::devpki::dev_claims("health", "x", None, 600),
+            crate::dev::pki::KID,
+            &crate::dev::pki::dev_claims("health", "x", None, 600),
         )
         .unwrap();
         assert_eq!(v.verify(&good).await.unwrap().dept, "health");
@@ -820,7 +820,7 @@ mod tests {
     async fn dev_verifier() -> TokenVerifier {
         TokenVerifier::from_jwks(
             &dev_jwks(),
-            TokenSettings::new(crate::devpki::ISSUER, crate::devpki::AUDIENCE),
+            TokenSettings::new(crate::dev::pki::ISSUER, crate::dev::pki::AUDIENCE),
         )
         .await
         .unwrap()
@@ -829,17 +829,17 @@ mod tests {
     #[tokio::test]
     async fn crit_and_b64_headers_are_refused_before_any_signature_work() {
         let v = dev_verifier().await;
-        let good = crate::devpki::mint_token(
+        let good = crate::dev::pki::mint_token(
             &dev_key(),
-            crate::devpki::KID,
-            &crate::devpki::dev_claims("health", "x", None, 600),
+            crate::dev::pki::KID,
+            &crate::dev::pki::dev_claims("health", "x", None, 600),
         )
         .unwrap();
         let (_, payload_sig) = good.split_once('.').unwrap();
         let with_header = |h: serde_json::Value| {
             format!("{}.{payload_sig}", URL_SAFE_NO_PAD.encode(h.to_string()))
         };
-        let kid = crate::devpki::KID;
+        let kid = crate::dev::pki::KID;
         for h in [
             serde_json::json!({"alg": "ES256", "kid": kid, "crit": ["exp"]}),
             serde_json::json!({"alg": "ES256", "kid": kid, "crit": ["x-unknown"], "x-unknown": 1}),
@@ -862,16 +862,16 @@ mod tests {
     #[tokio::test]
     async fn a_token_without_exp_lacks_a_claim_and_the_scheme_is_case_insensitive() {
         let v = dev_verifier().await;
-        let mut c = crate::devpki::dev_claims("health", "x", None, 600);
+        let mut c = crate::dev::pki::dev_claims("health", "x", None, 600);
         c.as_object_mut().unwrap().remove("exp");
-        let t = crate::devpki::mint_token(&dev_key(), crate::devpki::KID, &c).unwrap();
+        let t = crate::dev::pki::mint_token(&dev_key(), crate::dev::pki::KID, &c).unwrap();
         let r = v.verify(&t).await.unwrap_err();
         assert_eq!(r.reason, Reason::TokenClaimMissing, "{}", r.message);
         assert!(r.message.contains("exp"), "{}", r.message);
-        let good = crate::devpki::mint_token(
+        let good = crate::dev::pki::mint_token(
             &dev_key(),
-            crate::devpki::KID,
-            &crate::devpki::dev_claims("health", "x", None, 600),
+            crate::dev::pki::KID,
+            &crate::dev::pki::dev_claims("health", "x", None, 600),
         )
         .unwrap();
         for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_types::StatusExt;
 use xgate::{
-    devpki::{self, DevCa, Leaf},
+    dev::pki::{self as devpki, DevCa, Leaf},
     pb,
 };
 

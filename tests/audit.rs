@@ -409,7 +409,7 @@ async fn client(
     dept: &str,
 ) -> xgate::pb::data_exchange_client::DataExchangeClient<tonic::transport::Channel> {
     let c = certs();
-    let ch = xgate::client::connect(
+    let ch = xgate::dev::client::connect(
         &format!("https://127.0.0.1:{port}"),
         &std::fs::read(c.join("ca.pem")).unwrap(),
         &std::fs::read(c.join(format!("{dept}.pem"))).unwrap(),

@@ -173,7 +173,7 @@ async fn bench_measures_a_real_gateway() {
 
 /// Rows of the sample person table in Xihu (330106), counted from the table itself.
 fn xihu_rows() -> u64 {
-    let t = xgate::provider::person_table(2_000);
+    let t = xgate::dev::provider::person_table(2_000);
     let region = t
         .columns
         .iter()

@@ -32,20 +32,20 @@ fn replay(target: &str, f: fn(&[u8])) {
 
 #[test]
 fn policy_corpus() {
-    replay("policy", xgate::fuzzing::policy);
+    replay("policy", xgate::dev::fuzzing::policy);
 }
 
 #[test]
 fn wire_corpus() {
-    replay("wire", xgate::fuzzing::wire);
+    replay("wire", xgate::dev::fuzzing::wire);
 }
 
 #[test]
 fn token_corpus() {
-    replay("token", xgate::fuzzing::token);
+    replay("token", xgate::dev::fuzzing::token);
 }
 
 #[test]
 fn audit_segment_corpus() {
-    replay("audit_segment", xgate::fuzzing::audit_segment);
+    replay("audit_segment", xgate::dev::fuzzing::audit_segment);
 }

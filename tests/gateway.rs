@@ -11,9 +11,9 @@ use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 use xgate::{
-    devpki::{self, DevCa},
+    dev::pki::{self as devpki, DevCa},
+    dev::provider::Behaviour,
     pb,
-    provider::Behaviour,
 };
 
 fn one_record<'a>(recs: &'a [serde_json::Value], trace_id: &str) -> &'a serde_json::Value {
@@ -200,7 +200,7 @@ async fn certificate_without_system_identity_is_refused() {
         })
         .unwrap();
     let ca_pem = std::fs::read(certs().join("ca.pem")).unwrap();
-    let ch = xgate::client::connect(
+    let ch = xgate::dev::client::connect(
         &h.url(),
         &ca_pem,
         cert.as_bytes(),

@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::{Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tonic::Code;
-use xgate::devpki;
+use xgate::dev::pki as devpki;
 
 /// A tiny HTTPS identity provider publishing a JWKS.
 struct Idp {

@@ -11,7 +11,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
-use xgate::provider::Behaviour;
+use xgate::dev::provider::Behaviour;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_protection_caps_in_flight_calls_and_rate() {

@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 use tonic::{Code, metadata::MetadataValue};
-use xgate::provider::Behaviour;
+use xgate::dev::provider::Behaviour;
 
 /// A real OTLP/gRPC trace receiver: keeps every span it is sent.
 #[derive(Clone, Default)]

@@ -17,7 +17,7 @@ use std::{
 use common::*;
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use xgate::{pb, provider::Behaviour};
+use xgate::{dev::provider::Behaviour, pb};
 
 fn version_of(text: &str) -> String {
     format!(
@@ -132,7 +132,7 @@ async fn a_narrowed_filter_is_what_the_provider_sees() {
 /// Rows of the sample person table in `range` whose region is Xihu (330106), counted from the
 /// table itself rather than through the gateway.
 fn county_rows(range: std::ops::Range<usize>) -> usize {
-    let t = xgate::provider::person_table(2_000);
+    let t = xgate::dev::provider::person_table(2_000);
     let region = t
         .columns
         .iter()
@@ -167,7 +167,7 @@ async fn hash_masks_are_stable_pseudonyms() {
     }
     // Distinct people get distinct pseudonyms: as many as there are distinct ids among the
     // provider's first 20 companies (counted from the table itself), and none is the id.
-    let table = xgate::provider::company_table(500);
+    let table = xgate::dev::provider::company_table(500);
     let col = table
         .columns
         .iter()

@@ -21,8 +21,8 @@ use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 use xgate::{
+    dev::provider::Behaviour,
     policy::RateLimit,
-    provider::Behaviour,
     ratelimit::shared::{
         Bucket, BucketKind, DayQuota, OnUnavailable, SharedConfig, SharedLimits, Verdict,
     },

@@ -18,11 +18,12 @@ use tokio::sync::watch;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use xgate::{
-    client,
     config::Config,
-    devpki,
+    dev::{
+        client, pki as devpki,
+        provider::{self, Behaviour, SampleProvider},
+    },
     pb::{self, catalog_client::CatalogClient, data_exchange_client::DataExchangeClient},
-    provider::{self, Behaviour, SampleProvider},
     server::{self, Running},
 };
 
@@ -336,7 +337,7 @@ pub fn cert_der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-pub use xgate::client::RawCodec;
+pub use xgate::dev::client::RawCodec;
 
 /// Send raw bytes as one unary gRPC request to `path`.
 pub async fn raw_unary(

@@ -256,8 +256,8 @@ pub fn dev_identity(
     let cert = read(format!("{dept}.pem"))?;
     let key = read(format!("{dept}.key"))?;
     let signing = String::from_utf8(read("jwt-signing.key".into())?).map_err(|e| e.to_string())?;
-    let claims = crate::devpki::dev_claims(dept, &format!("demo-user@{dept}"), purposes, 3600);
-    let token = crate::devpki::mint_token(&signing, crate::devpki::KID, &claims)
+    let claims = crate::dev::pki::dev_claims(dept, &format!("demo-user@{dept}"), purposes, 3600);
+    let token = crate::dev::pki::mint_token(&signing, crate::dev::pki::KID, &claims)
         .map_err(|e| e.to_string())?;
     Ok((cert, key, token))
 }

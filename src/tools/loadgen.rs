@@ -24,7 +24,7 @@ use serde::Serialize;
 use tonic::{Status, transport::Channel};
 
 use crate::{
-    client,
+    dev::client,
     pb::{
         self, QueryRequest, catalog_client::CatalogClient, data_exchange_client::DataExchangeClient,
     },

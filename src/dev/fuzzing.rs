@@ -63,7 +63,10 @@ pub fn token(data: &[u8]) {
         let v = rt
             .block_on(crate::token::TokenVerifier::from_jwks(
                 &jwks,
-                crate::token::TokenSettings::new(crate::devpki::ISSUER, crate::devpki::AUDIENCE),
+                crate::token::TokenSettings::new(
+                    crate::dev::pki::ISSUER,
+                    crate::dev::pki::AUDIENCE,
+                ),
             ))
             .ok()?;
         Some((rt, v))
