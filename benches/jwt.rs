@@ -30,7 +30,7 @@ fn main() {
     forged[10] ^= 1;
     for provider in [
         &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
-        xgate::jwt_ring::provider(),
+        xgate::token::ring::provider(),
     ] {
         let v = (provider.verifier_factory)(&Algorithm::ES256, &key).unwrap();
         assert!(v.verify(msg.as_bytes(), &sig).is_ok());
@@ -49,7 +49,7 @@ fn main() {
     let (mut rc, mut ring) = (f64::MAX, f64::MAX);
     for _ in 0..3 {
         rc = rc.min(time(&jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER));
-        ring = ring.min(time(xgate::jwt_ring::provider()));
+        ring = ring.min(time(xgate::token::ring::provider()));
     }
     println!("ES256 verify, rust_crypto: {rc:.1} µs");
     println!("ES256 verify, ring:        {ring:.1} µs");

@@ -17,11 +17,11 @@ use std::{
 };
 
 use xgate::{
-    policy::{Caller, Policy, RateLimit, Request, evaluate},
-    ratelimit::{
+    limits::{
         RateLimits,
         shared::{Bucket, BucketKind, OnUnavailable, SharedConfig, SharedLimits},
     },
+    policy::{Caller, Policy, RateLimit, Request, evaluate},
 };
 
 const POLICY: &str = "defaults: { rate_limit: { per_second: 1000000000, burst: 1000000 }, per_consumer: { per_second: 1000000000, burst: 1000000 } }

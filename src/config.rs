@@ -112,13 +112,13 @@ impl ServerTls {
         }
     }
 
-    pub fn identity_map(&self) -> crate::identity::IdentityMap {
+    pub fn identity_map(&self) -> crate::tls::identity::IdentityMap {
         self.identity_map
             .iter()
             .map(|m| {
                 (
                     m.fingerprint.to_ascii_lowercase(),
-                    crate::identity::SystemId {
+                    crate::tls::identity::SystemId {
                         dept: m.dept.clone(),
                         system: m.system.clone(),
                     },
@@ -424,7 +424,7 @@ pub struct Limits {
     pub quota_timezone: String,
     /// Share rates and quotas between replicas in Redis; absent: each process decides alone.
     #[serde(default)]
-    pub shared: Option<crate::ratelimit::shared::SharedConfig>,
+    pub shared: Option<crate::limits::shared::SharedConfig>,
 }
 
 fn default_connection_idle() -> u64 {
@@ -736,7 +736,7 @@ impl Config {
         if l.default_page_size == 0 || l.max_page_size < l.default_page_size {
             errs.push("limits: need 0 < default_page_size <= max_page_size".into());
         }
-        if let Err(e) = crate::ratelimit::zone_offset(&l.quota_timezone) {
+        if let Err(e) = crate::limits::zone_offset(&l.quota_timezone) {
             errs.push(format!("limits.quota_timezone: {e}"));
         }
         if let Some(sh) = &l.shared {

@@ -27,25 +27,15 @@
 //! `policy check|diff|explain`, `audit verify|search`, `report` (the sharing league table),
 //! `bench` (a gRPC load generator: [`loadgen`]).
 
-pub mod admin;
 pub mod audit;
 pub mod config;
-pub mod conn;
 pub mod dev;
-pub mod edge;
 pub mod error;
-pub mod gateway;
-pub mod health;
-pub mod identity;
-pub mod jwks_fetch;
-pub mod jwt_ring;
-pub mod paging;
+pub mod limits;
 pub mod pb;
+pub mod pipeline;
 pub mod policy;
-pub mod proxy_protocol;
-pub mod ratelimit;
-pub mod reload;
-pub mod server;
+pub mod serve;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -12,7 +12,7 @@ use xgate::{
     dev::{client, pki as devpki, provider},
     pb,
     policy::Policy,
-    server, telemetry,
+    serve, telemetry,
 };
 
 #[derive(Parser)]
@@ -552,7 +552,7 @@ fn config_check(path: &Path, print: bool) -> Result<(), String> {
     let cfg = gateway_config(path)?;
     let rt = runtime(1)?;
     let checked = rt
-        .block_on(server::check(&cfg))
+        .block_on(serve::check(&cfg))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let p = &checked.snap.policy;
     xgate::outln!(
@@ -1122,7 +1122,7 @@ fn serve(
         let tel = telemetry::init(&cfg.log, cfg.otlp.as_ref())?;
         #[cfg(unix)]
         let _sigxfsz = ignore_sigxfsz();
-        let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
+        let running = serve::start(&cfg).await.map_err(|e| e.to_string())?;
         let result = tokio::select! {
             _ = shutdown_signal() => {
                 let addr = running.addr;
@@ -1228,7 +1228,7 @@ fn demo(d: DemoArgs) -> Result<(), String> {
             tel.shutdown().await;
             return Ok(());
         }
-        let running = server::start(&cfg).await.map_err(|e| e.to_string())?;
+        let running = serve::start(&cfg).await.map_err(|e| e.to_string())?;
         let addr = running.addr;
         xgate::outln!("xgate demo listening on {addr}");
         xgate::outln!("policy {} ({})", policy_path.display(), running.policy_version);

@@ -180,7 +180,7 @@ impl Upstreams {
                     settings,
                     rate: p
                         .max_rate
-                        .map(|r| governor::RateLimiter::direct(crate::ratelimit::quota(r))),
+                        .map(|r| governor::RateLimiter::direct(crate::limits::quota(r))),
                     in_flight: p
                         .max_in_flight
                         .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),

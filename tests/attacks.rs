@@ -1461,7 +1461,7 @@ async fn the_callers_address_comes_from_the_load_balancers_proxy_header() {
     .await;
     let gw = h.addr;
     let header = |port: u16| {
-        xgate::proxy_protocol::header_v2(format!("203.0.113.7:{port}").parse().unwrap(), gw)
+        xgate::tls::proxy_protocol::header_v2(format!("203.0.113.7:{port}").parse().unwrap(), gw)
     };
     let (c, k) = (
         std::fs::read_to_string(certs().join("civil-affairs.pem")).unwrap(),

@@ -316,7 +316,7 @@ async fn cuts_at_the_end_are_held_to_the_signed_head() {
         "127.0.0.1:0".parse().unwrap(),
         copy.path().to_owned(),
     );
-    let err = xgate::server::start(&cfg)
+    let err = xgate::serve::start(&cfg)
         .await
         .expect_err("refused to start");
     let msg = err.to_string();

@@ -22,10 +22,10 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use xgate::{
     dev::provider::Behaviour,
-    policy::RateLimit,
-    ratelimit::shared::{
+    limits::shared::{
         Bucket, BucketKind, DayQuota, OnUnavailable, SharedConfig, SharedLimits, Verdict,
     },
+    policy::RateLimit,
 };
 
 /// A real `redis-server` on a free loopback port, killed on drop.

@@ -160,7 +160,7 @@ pub fn parse_zone(s: &str) -> Result<UtcOffset, String> {
     } else {
         s
     };
-    crate::ratelimit::zone_offset(z)
+    crate::limits::zone_offset(z)
         .ok()
         .and_then(|secs| i32::try_from(secs).ok())
         .and_then(|secs| UtcOffset::from_whole_seconds(secs).ok())

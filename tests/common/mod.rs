@@ -24,7 +24,7 @@ use xgate::{
         provider::{self, Behaviour, SampleProvider},
     },
     pb::{self, catalog_client::CatalogClient, data_exchange_client::DataExchangeClient},
-    server::{self, Running},
+    serve::{self, Running},
 };
 
 pub fn certs() -> PathBuf {
@@ -111,7 +111,7 @@ pub struct Harness {
     pub audit_path: PathBuf,
     pub admin: Option<SocketAddr>,
     pub policy_path: PathBuf,
-    pub reloader: std::sync::Arc<xgate::reload::Reloader>,
+    pub reloader: std::sync::Arc<xgate::serve::reload::Reloader>,
     pub audit_dir: tempfile::TempDir,
     pub ps: SampleProvider,
     pub ms: SampleProvider,
@@ -172,7 +172,7 @@ impl Harness {
         if let Some(t) = opts.max_timeout_ms {
             cfg.upstream.max_timeout_ms = t;
         }
-        let running = server::start(&cfg).await.unwrap();
+        let running = serve::start(&cfg).await.unwrap();
         Harness {
             audit_path: cfg.audit.dir.clone(),
             addr: running.addr,

@@ -31,8 +31,8 @@ use tower::{Layer, Service};
 use crate::{
     audit::{self, AuditLog, AuditRecord, Pending, Refusals},
     error::{Reason, Reject},
-    gateway::WeakGateway,
-    identity::Peer,
+    pipeline::WeakGateway,
+    tls::identity::Peer,
 };
 
 /// Set by the pipeline when it takes a request (it writes the audit record itself).

@@ -21,8 +21,8 @@ use prost::Message;
 
 use crate::{
     error::{Reason, Reject},
-    identity::SystemId,
     pb::QueryRequest,
+    tls::identity::SystemId,
 };
 
 const CONTEXT: &[u8] = b"xgate-page-token:v1\n";

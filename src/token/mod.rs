@@ -13,6 +13,9 @@
 //! dropped when their signing key leaves the key set), so a busy system does not pay a
 //! signature check per call.
 
+pub mod jwks_fetch;
+pub mod ring;
+
 use std::{
     collections::HashMap,
     path::PathBuf,
@@ -211,7 +214,7 @@ impl TokenVerifier {
     /// cannot be reached leaves the verifier without keys (calls get `UNAVAILABLE`) until a
     /// refresh succeeds.
     pub async fn new(source: JwksSource, settings: TokenSettings) -> Result<Self, String> {
-        crate::jwt_ring::install();
+        crate::token::ring::install();
         if settings.algorithms.is_empty() {
             return Err("jwt.algorithms: allow at least one algorithm".into());
         }
@@ -268,7 +271,7 @@ impl TokenVerifier {
             JwksSource::File(p) => tokio::fs::read(p)
                 .await
                 .map_err(|e| format!("{}: {e}", p.display()))?,
-            JwksSource::Url { url, ca_pem } => crate::jwks_fetch::get(url, ca_pem).await?,
+            JwksSource::Url { url, ca_pem } => crate::token::jwks_fetch::get(url, ca_pem).await?,
             JwksSource::Static(b) => b.clone(),
         };
         let set = self.parse(&bytes)?;

@@ -6,6 +6,9 @@
 //! once per connection into a [`Peer`], which tonic attaches to every request on it
 //! (see [`TlsConn`]'s `Connected` impl).
 
+pub mod identity;
+pub mod proxy_protocol;
+
 use std::{
     io,
     path::Path,
@@ -32,7 +35,7 @@ use tonic::transport::server::Connected;
 use crate::{
     audit::{self, AuditRecord},
     error::Reason,
-    identity::{IdentityMap, Peer, peer_info},
+    tls::identity::{IdentityMap, Peer, peer_info},
 };
 
 /// Errors building TLS configuration from files.
@@ -307,7 +310,7 @@ pub fn incoming(
                 let remote = if behind_balancer {
                     match tokio::time::timeout(
                         handshake_timeout,
-                        crate::proxy_protocol::read_v2(&mut tcp),
+                        crate::tls::proxy_protocol::read_v2(&mut tcp),
                     )
                     .await
                     {

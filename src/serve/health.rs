@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::Serialize;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::gateway::{Gateway, WeakGateway};
+use crate::pipeline::{Gateway, WeakGateway};
 
 /// What `/ready` says.
 #[derive(Debug, Clone, Serialize)]

@@ -22,6 +22,9 @@
 //! Rejections at any stage become statuses through [`Reject::to_status`] (one table), and the
 //! record carries the reason and the rule.
 
+pub mod edge;
+pub mod paging;
+
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
@@ -35,13 +38,13 @@ use crate::{
     audit::{self, AuditLog, AuditRecord, Pending},
     config::Limits,
     error::{Reason, Reject},
-    identity::{Peer, SystemId},
-    pb::{self, QueryRequest},
-    policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
-    ratelimit::{
+    limits::{
         RateLimits,
         shared::{Lease, OnUnavailable, SharedLimits, Verdict},
     },
+    pb::{self, QueryRequest},
+    policy::{self, Caller, Mask, Permit, Policy, mask::MaskKey},
+    tls::identity::{Peer, SystemId},
     token::{Claims, TokenVerifier},
     upstream::{self, Upstreams},
     wire,
@@ -58,6 +61,24 @@ pub struct Snapshot {
     pub policy: Arc<Policy>,
     pub limits: RateLimits,
     pub upstreams: Upstreams,
+}
+
+impl Snapshot {
+    /// Derive a policy's snapshot (limiters, provider channels), reusing what `previous`
+    /// had for unchanged grants and providers.
+    pub fn build(
+        policy: Arc<Policy>,
+        up: &crate::upstream::UpstreamTls,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, String> {
+        let limits = RateLimits::for_policy(&policy, previous.map(|p| &p.limits));
+        let upstreams = Upstreams::for_policy(&policy, up, previous.map(|p| &p.upstreams))?;
+        Ok(Snapshot {
+            policy,
+            limits,
+            upstreams,
+        })
+    }
 }
 
 /// The gateway's shared state. Clones share it.
@@ -92,15 +113,15 @@ struct Inner {
     /// Serials revoked by the current CRLs.
     revocations: crate::tls::Revocations,
     /// Daily quota counters (kept across policy reloads).
-    quotas: crate::ratelimit::Quotas,
+    quotas: crate::limits::Quotas,
     /// Limits shared with other replicas in Redis; `None`: this process's limiters decide.
     shared: Option<Arc<SharedLimits>>,
     /// Provider id -> reachable at the last health probe.
     providers_up: ArcSwap<std::collections::HashMap<String, bool>>,
     /// Failed authentications per client certificate.
-    auth_failures: crate::ratelimit::failures::AuthFailures,
+    auth_failures: crate::limits::failures::AuthFailures,
     /// Seals the page tokens callers see.
-    pages: crate::paging::PageSeal,
+    pages: crate::pipeline::paging::PageSeal,
 }
 
 impl Authenticated {
@@ -236,11 +257,11 @@ impl Gateway {
                 cut: tokio::sync::watch::Sender::new(false),
                 policy_changes: tokio::sync::watch::Sender::new(0),
                 revocations: Arc::default(),
-                quotas: crate::ratelimit::Quotas::new(8 * 3600),
+                quotas: crate::limits::Quotas::new(8 * 3600),
                 shared: None,
                 providers_up: ArcSwap::default(),
-                auth_failures: crate::ratelimit::failures::AuthFailures::new(10, 50),
-                pages: crate::paging::PageSeal::random(),
+                auth_failures: crate::limits::failures::AuthFailures::new(10, 50),
+                pages: crate::pipeline::paging::PageSeal::random(),
             }),
         }
     }
@@ -287,7 +308,7 @@ impl Gateway {
     }
 
     /// Count daily quotas in this zone (seconds east of UTC) and on this clock.
-    pub fn with_quotas(mut self, q: crate::ratelimit::Quotas) -> Self {
+    pub fn with_quotas(mut self, q: crate::limits::Quotas) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.quotas = q;
         }
@@ -298,13 +319,13 @@ impl Gateway {
     /// `burst`).
     pub fn with_auth_failures(mut self, per_second: u32, burst: u32) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.auth_failures = crate::ratelimit::failures::AuthFailures::new(per_second, burst);
+            inner.auth_failures = crate::limits::failures::AuthFailures::new(per_second, burst);
         }
         self
     }
 
     /// Seal page tokens with this key (shared by the replicas of one gateway).
-    pub fn with_page_seal(mut self, seal: crate::paging::PageSeal) -> Self {
+    pub fn with_page_seal(mut self, seal: crate::pipeline::paging::PageSeal) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.pages = seal;
         }
@@ -366,7 +387,7 @@ impl Gateway {
     /// Stage `begin`: open the audit record. Refuses when the audit trail cannot take records.
     fn begin<T>(&self, method: &'static str, req: &Request<T>) -> Result<Call, Status> {
         let arrived = tokio::time::Instant::now();
-        if let Some(h) = req.extensions().get::<crate::edge::Handled>() {
+        if let Some(h) = req.extensions().get::<crate::pipeline::edge::Handled>() {
             h.mark();
         }
         let span = tracing::info_span!(
@@ -702,8 +723,8 @@ impl Gateway {
         if let Some(shared) = &self.inner.shared {
             let mut buckets = snap.limits.buckets(dept, dataset, permit);
             if let Some(rate) = snap.upstreams.protection_rate(provider) {
-                buckets.push(crate::ratelimit::shared::Bucket {
-                    kind: crate::ratelimit::shared::BucketKind::Provider(provider.to_owned()),
+                buckets.push(crate::limits::shared::Bucket {
+                    kind: crate::limits::shared::BucketKind::Provider(provider.to_owned()),
                     key: format!("r:p:{provider}"),
                     rate,
                     longest_wait: snap.upstreams.queue_wait(),
@@ -712,7 +733,7 @@ impl Gateway {
             let quota = match (&permit.grant_id, &permit.daily_quota) {
                 (Some(g), Some(q)) => {
                     let (day, left) = self.inner.quotas.today();
-                    Some(crate::ratelimit::shared::DayQuota {
+                    Some(crate::limits::shared::DayQuota {
                         grant: g.clone(),
                         calls: q.calls,
                         rows: q.rows,
@@ -732,7 +753,7 @@ impl Gateway {
                 }
                 Ok(Verdict::Refuse(r)) => return Err(r),
                 Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
-                    return Err(crate::ratelimit::shared::unavailable());
+                    return Err(crate::limits::shared::unavailable());
                 }
                 // fail-open: this replica's own limiters decide.
                 Err(_) => {}
@@ -770,7 +791,7 @@ impl Gateway {
                 Err(upstream::saturated(provider, wait))
             }
             Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
-                Err(crate::ratelimit::shared::unavailable())
+                Err(crate::limits::shared::unavailable())
             }
             // fail-open: the local semaphore (per replica) still holds.
             Err(_) => Ok(None),
@@ -875,7 +896,7 @@ impl Gateway {
         let deadline = self.deadline(&req);
         let mut asked = req.into_inner();
         // The caller's page token is the gateway's seal around the provider's.
-        let binding = crate::paging::Binding::of(&who.system, &mut asked);
+        let binding = crate::pipeline::paging::Binding::of(&who.system, &mut asked);
         let page_token = std::mem::take(&mut asked.page_token);
         let Prepared {
             version,

@@ -20,7 +20,7 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::{gateway::WeakGateway, reload::Reloader};
+use crate::{pipeline::WeakGateway, serve::reload::Reloader};
 
 #[derive(Clone)]
 struct AdminState {
@@ -130,7 +130,7 @@ async fn policy_reload(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     if let Some(gw) = s.gateway.upgrade() {
-        crate::health::export_gauges(&gw);
+        crate::serve::health::export_gauges(&gw);
     }
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
@@ -149,7 +149,7 @@ async fn ready(State(s): State<AdminState>) -> axum::response::Response {
         )
             .into_response();
     };
-    let r = crate::health::readiness(&gw);
+    let r = crate::serve::health::readiness(&gw);
     let code = if r.ready {
         StatusCode::OK
     } else {

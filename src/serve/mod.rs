@@ -3,22 +3,27 @@
 //! Shutdown order: stop accepting; let in-flight calls finish (bounded by the drain timeout);
 //! drop the gateway so the audit channel closes; wait for the writer to drain, flush and fsync.
 
+pub mod admin;
+pub mod conn;
+pub mod health;
+pub mod reload;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
-    admin, audit,
+    audit,
     config::Config,
-    gateway::{Gateway, Snapshot},
     pb,
+    pipeline::{Gateway, Snapshot},
     policy::{Policy, mask::MaskKey},
-    ratelimit::RateLimits,
-    reload::{self, Reloader},
     tls,
     token::TokenVerifier,
-    upstream::{UpstreamTls, Upstreams},
+    upstream::UpstreamTls,
 };
+
+use self::reload::Reloader;
 
 /// Everything that can stop the gateway from starting, all reported at once.
 #[derive(Debug, thiserror::Error)]
@@ -58,22 +63,6 @@ impl Running {
         drop(shutdown);
         r
     }
-}
-
-/// Derive a policy's snapshot (limiters, provider channels), reusing what `previous` had
-/// for unchanged grants and providers.
-pub fn snapshot(
-    policy: Arc<Policy>,
-    up: &UpstreamTls,
-    previous: Option<&Snapshot>,
-) -> Result<Snapshot, String> {
-    let limits = RateLimits::for_policy(&policy, previous.map(|p| &p.limits));
-    let upstreams = Upstreams::for_policy(&policy, up, previous.map(|p| &p.upstreams))?;
-    Ok(Snapshot {
-        policy,
-        limits,
-        upstreams,
-    })
 }
 
 /// Rebuild the server TLS config and the upstream TLS from their files; on any error keep
@@ -151,7 +140,7 @@ pub struct Checked {
     pub snap: Snapshot,
     up: UpstreamTls,
     mask_key: MaskKey,
-    page_seal: crate::paging::PageSeal,
+    page_seal: crate::pipeline::paging::PageSeal,
     keys: audit::AuditKeys,
 }
 
@@ -212,13 +201,13 @@ pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
         }),
     };
     let page_seal = match &cfg.page_token_key_file {
-        None => crate::paging::PageSeal::random(),
+        None => crate::pipeline::paging::PageSeal::random(),
         Some(p) => std::fs::read(p)
             .map_err(|e| e.to_string())
-            .and_then(|b| crate::paging::PageSeal::from_key(&b))
+            .and_then(|b| crate::pipeline::paging::PageSeal::from_key(&b))
             .unwrap_or_else(|e| {
                 errs.push(format!("page_token_key_file {}: {e}", p.display()));
-                crate::paging::PageSeal::random()
+                crate::pipeline::paging::PageSeal::random()
             }),
     };
     if policy.as_ref().is_some_and(|p| p.uses_hash_mask()) && !mask_key.is_set() {
@@ -238,7 +227,7 @@ pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
         cfg.audit.subject_key_file.as_deref(),
     )
     .map_err(|e| StartError(vec![format!("audit: {e}")]))?;
-    let snap = snapshot(Arc::new(policy), &up, None).map_err(|e| StartError(vec![e]))?;
+    let snap = Snapshot::build(Arc::new(policy), &up, None).map_err(|e| StartError(vec![e]))?;
     Ok(Checked {
         tls_files,
         server_tls,
@@ -297,13 +286,13 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         cfg.jwt.auth_failures_burst,
     )
     .with_page_seal(page_seal)
-    .with_quotas(crate::ratelimit::Quotas::new(
-        crate::ratelimit::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
+    .with_quotas(crate::limits::Quotas::new(
+        crate::limits::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
     ));
     let gateway = match &cfg.limits.shared {
         Some(sh) => {
             let shared =
-                crate::ratelimit::shared::SharedLimits::new(sh).map_err(|e| StartError(vec![e]))?;
+                crate::limits::shared::SharedLimits::new(sh).map_err(|e| StartError(vec![e]))?;
             // Give Redis a moment, so the first calls are decided by it; if it is down, the
             // gateway starts anyway and `on_unavailable` decides until it is back.
             if !shared.wait_up(Duration::from_secs(2)).await {
@@ -346,12 +335,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     // The standard gRPC health service and server reflection (so `grpcurl` needs no proto
     // files), both behind the same mTLS as the data calls.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for s in std::iter::once("").chain(crate::health::SERVICES) {
+    for s in std::iter::once("").chain(crate::serve::health::SERVICES) {
         health_reporter
             .set_service_status(s, tonic_health::ServingStatus::NotServing)
             .await;
     }
-    let prober = crate::health::spawn_prober(
+    let prober = crate::serve::health::spawn_prober(
         gateway.downgrade(),
         health_reporter,
         Duration::from_secs(5),
@@ -370,7 +359,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     // Refusals anyone on the network can cause (handshakes, oversized metadata): one
     // rate-limited recorder.
     let refusals = Arc::new(audit::Refusals::new(handshake_audit.clone()));
-    let edge = crate::edge::EdgeLayer::new(
+    let edge = crate::pipeline::edge::EdgeLayer::new(
         handshake_audit,
         gateway.downgrade(),
         refusals.clone(),
@@ -463,7 +452,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     // Outermost: the metadata limit, and refusals tonic makes before the pipeline runs get
     // xgate's reasons and an audit record.
     let svc = tower::ServiceBuilder::new().layer(edge).service(routes);
-    let settings = crate::conn::Settings {
+    let settings = crate::serve::conn::Settings {
         keepalive_interval: Duration::from_secs(30),
         keepalive_timeout: Duration::from_secs(10),
         // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit.
@@ -473,7 +462,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         preface_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
         idle_timeout: Duration::from_secs(cfg.limits.connection_idle_secs),
     };
-    let serve = crate::conn::serve(incoming, svc, settings, refusals, async move {
+    let serve = crate::serve::conn::serve(incoming, svc, settings, refusals, async move {
         let _ = stop_rx.await;
         let _ = drain_tx.send(());
         tracing::info!("shutting down: no new connections; draining in-flight calls");

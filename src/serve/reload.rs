@@ -15,9 +15,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    gateway::{Gateway, WeakGateway},
+    pipeline::{Gateway, Snapshot, WeakGateway},
     policy::{Policy, mask::MaskKey},
-    server,
     upstream::UpstreamTls,
 };
 
@@ -114,7 +113,7 @@ impl Reloader {
                     .map_err(|_| vec!["upstream TLS state poisoned".to_owned()])?
                     .clone();
                 let snap =
-                    server::snapshot(Arc::new(policy), &up, Some(&old)).map_err(|e| vec![e])?;
+                    Snapshot::build(Arc::new(policy), &up, Some(&old)).map_err(|e| vec![e])?;
                 drop(old);
                 retire(gateway.swap(snap));
                 tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
@@ -164,10 +163,10 @@ impl Reloader {
             .lock()
             .map_err(|_| "upstream TLS state poisoned")?;
         let old = gateway.snapshot();
-        let fresh = server::snapshot(old.policy.clone(), &up, None)?;
+        let fresh = Snapshot::build(old.policy.clone(), &up, None)?;
         // Keep the limiter state: only the channels are new.
-        let snap = crate::gateway::Snapshot {
-            limits: crate::ratelimit::RateLimits::for_policy(&old.policy, Some(&old.limits)),
+        let snap = Snapshot {
+            limits: crate::limits::RateLimits::for_policy(&old.policy, Some(&old.limits)),
             ..fresh
         };
         drop(old);
@@ -184,7 +183,7 @@ impl Reloader {
 /// call to finish under it would otherwise free a whole policy's indexes (milliseconds for
 /// 10,000 grants) in the middle of serving. Waits for those calls (at most 5 s; past that
 /// it lets the last of them drop it).
-fn retire(old: Arc<crate::gateway::Snapshot>) {
+fn retire(old: Arc<crate::pipeline::Snapshot>) {
     let until = std::time::Instant::now() + Duration::from_secs(5);
     while Arc::strong_count(&old) > 1 && std::time::Instant::now() < until {
         std::thread::sleep(Duration::from_millis(5));

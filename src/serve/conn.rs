@@ -39,7 +39,7 @@ use tokio::{
 };
 use tokio_stream::{Stream, StreamExt};
 
-use crate::{audit::Refusals, error::Reason, identity::Peer, tls::TlsConn};
+use crate::{audit::Refusals, error::Reason, tls::TlsConn, tls::identity::Peer};
 
 /// The HTTP/2 limits of the gRPC port.
 #[derive(Debug, Clone)]
@@ -272,7 +272,7 @@ fn over_cap_refused(refusals: &Refusals, peer: &Peer, blocks: u64, hard_cap: usi
         "a request header block was over the HTTP/2 layer's hard cap",
     )
     .with_rule("limits:max_metadata_hard_bytes");
-    let mut rec = crate::edge::refusal_record(
+    let mut rec = crate::pipeline::edge::refusal_record(
         Some(peer),
         "(http2)".into(),
         &rej,
@@ -307,7 +307,7 @@ fn reset_flood(refusals: &Refusals, peer: &Peer, resets: u64, limit: usize) {
         Reason::ResetFlood,
         "streams were reset faster than the gateway could accept them",
     );
-    let mut rec = crate::edge::refusal_record(
+    let mut rec = crate::pipeline::edge::refusal_record(
         Some(peer),
         "(http2)".into(),
         &rej,
