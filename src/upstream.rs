@@ -1,6 +1,6 @@
 //! Forwarding to providers: one pooled HTTP/2 channel per provider over mTLS (the gateway
 //! presents its own client certificate), and the mapping of upstream failures to what the
-//! caller is told.
+//! caller is told. Not here: how much a provider is sent ([`crate::limits::provider`]).
 //!
 //! Channels connect lazily and reconnect by themselves; a provider that is down fails the call
 //! within the connect timeout with `UNAVAILABLE`/`PROVIDER_UNAVAILABLE`.
@@ -12,11 +12,9 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use std::sync::Arc;
-
 use crate::{
     error::{Reason, Reject},
-    policy::{Policy, RateLimit},
+    policy::Policy,
     wire::data_exchange_client::DataExchangeClient,
 };
 
@@ -69,58 +67,6 @@ type ChannelKey = (String, Option<String>, u64);
 pub struct Upstreams {
     /// provider id -> ((endpoint, tls name, generation), client)
     clients: HashMap<String, (ChannelKey, DataExchangeClient<Channel>)>,
-    /// provider id -> its protection (shared with the next snapshot when unchanged).
-    protection: HashMap<String, Arc<Protection>>,
-    queue_wait: Duration,
-}
-
-/// Provider protection: the most the gateway sends one provider, whoever the callers are.
-pub struct Protection {
-    settings: (Option<RateLimit>, Option<u32>),
-    rate: Option<governor::DefaultDirectRateLimiter>,
-    in_flight: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-impl std::fmt::Debug for Protection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Protection")
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Held while a call is with the provider: counts against `max_in_flight` and in the
-/// `xgate_provider_in_flight` gauge.
-#[derive(Debug)]
-pub struct ProviderPermit {
-    _place: Option<tokio::sync::OwnedSemaphorePermit>,
-    gauge: metrics::Gauge,
-}
-
-impl ProviderPermit {
-    fn new(provider: &str, place: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
-        let gauge = metrics::gauge!("xgate_provider_in_flight", "provider" => provider.to_owned());
-        gauge.increment(1.0);
-        Self {
-            _place: place,
-            gauge,
-        }
-    }
-}
-
-impl Drop for ProviderPermit {
-    fn drop(&mut self) {
-        self.gauge.decrement(1.0);
-    }
-}
-
-pub(crate) fn saturated(provider: &str, retry: Duration) -> Reject {
-    Reject::new(
-        Reason::ProviderSaturated,
-        format!("the provider `{provider}` is at its capacity limit; retry shortly"),
-    )
-    .with_rule(format!("provider-protection:{provider}"))
-    .with_retry_after(retry.max(Duration::from_millis(10)))
 }
 
 impl Upstreams {
@@ -167,88 +113,7 @@ impl Upstreams {
                 .max_encoding_message_size(tls.max_message_bytes);
             clients.insert(p.id.clone(), (key, client));
         }
-        // Protection state survives a reload when the provider's limits did not change.
-        let mut protection = HashMap::new();
-        for p in &policy.file.providers {
-            let settings = (p.max_rate, p.max_in_flight);
-            let kept = previous
-                .and_then(|prev| prev.protection.get(&p.id))
-                .filter(|g| g.settings == settings)
-                .cloned();
-            let guard = kept.unwrap_or_else(|| {
-                Arc::new(Protection {
-                    settings,
-                    rate: p
-                        .max_rate
-                        .map(|r| governor::RateLimiter::direct(crate::limits::quota(r))),
-                    in_flight: p
-                        .max_in_flight
-                        .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
-                })
-            });
-            protection.insert(p.id.clone(), guard);
-        }
-        Ok(Self {
-            clients,
-            protection,
-            queue_wait: tls.queue_wait,
-        })
-    }
-
-    /// Take a place with the provider: within its rate and in-flight limits, waiting at most
-    /// `queue_wait` (never an unbounded queue), else `UNAVAILABLE`/`PROVIDER_SATURATED`.
-    ///
-    /// `rate_decided`: the shared (Redis) limits took the provider's rate already.
-    pub async fn admit(
-        &self,
-        provider: &str,
-        rate_decided: bool,
-    ) -> Result<ProviderPermit, Reject> {
-        let Some(p) = self.protection.get(provider) else {
-            return Ok(ProviderPermit::new(provider, None));
-        };
-        if let Some(l) = p.rate.as_ref().filter(|_| !rate_decided)
-            && let Err(not_until) = l.check()
-        {
-            use governor::clock::Clock;
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            if wait > self.queue_wait {
-                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "rate").increment(1);
-                return Err(saturated(provider, wait));
-            }
-            tokio::time::sleep(wait).await;
-            if l.check().is_err() {
-                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "rate").increment(1);
-                return Err(saturated(provider, wait));
-            }
-        }
-        match &p.in_flight {
-            None => Ok(ProviderPermit::new(provider, None)),
-            Some(sem) => {
-                match tokio::time::timeout(self.queue_wait, sem.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => Ok(ProviderPermit::new(provider, Some(permit))),
-                    _ => {
-                        metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "in_flight").increment(1);
-                        Err(saturated(provider, self.queue_wait))
-                    }
-                }
-            }
-        }
-    }
-
-    /// The provider's protection rate, if it has one.
-    pub fn protection_rate(&self, provider: &str) -> Option<RateLimit> {
-        self.protection.get(provider).and_then(|p| p.settings.0)
-    }
-
-    /// The provider's in-flight cap, if it has one.
-    pub fn protection_in_flight(&self, provider: &str) -> Option<u32> {
-        self.protection.get(provider).and_then(|p| p.settings.1)
-    }
-
-    /// Longest a call waits for room with a provider.
-    pub fn queue_wait(&self) -> Duration {
-        self.queue_wait
+        Ok(Self { clients })
     }
 
     pub fn client(&self, provider: &str) -> Option<DataExchangeClient<Channel>> {

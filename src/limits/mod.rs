@@ -12,6 +12,7 @@
 //! refuses) when Redis is unreachable.
 
 pub mod failures;
+pub mod provider;
 pub mod shared;
 
 use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
@@ -340,6 +341,24 @@ pub fn zone_offset(zone: &str) -> Result<i64, String> {
         return Err(format!("`{zone}`: offset out of range"));
     }
     Ok(sign * (h * 3600 + m * 60))
+}
+
+/// A call's places with its provider, held until the call (or stream) ends: this
+/// replica's (counting against `max_in_flight` and in `xgate_provider_in_flight`), and its
+/// lease among every replica's calls when the limits are shared.
+#[derive(Debug)]
+pub struct Place {
+    _here: provider::ProviderPermit,
+    _shared: Option<shared::Lease>,
+}
+
+impl Place {
+    pub fn new(here: provider::ProviderPermit, shared: Option<shared::Lease>) -> Self {
+        Self {
+            _here: here,
+            _shared: shared,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -481,7 +481,9 @@ fn over_rate(b: &Bucket, wait: Duration) -> Reject {
     match &b.kind {
         BucketKind::Consumer(dept) => super::consumer_over(dept, r, wait),
         BucketKind::Grant { rule, dataset } => super::grant_over(rule, dataset, r, wait),
-        BucketKind::Provider(p) => crate::upstream::saturated(p, wait),
+        BucketKind::Provider(p) => {
+            super::provider::saturated(p, super::provider::Limit::Rate, wait)
+        }
     }
 }
 

@@ -39,7 +39,8 @@ use crate::{
     config::Limits,
     error::{Reason, Reject},
     limits::{
-        RateLimits,
+        Place, RateLimits,
+        provider::{Limit, Protections, RateDecided, saturated},
         shared::{Lease, OnUnavailable, SharedLimits, Verdict},
     },
     pb::{self, QueryRequest},
@@ -60,6 +61,8 @@ pub const METHOD_DESCRIBE: &str = "/xgate.v1.Catalog/DescribeDataset";
 pub struct Snapshot {
     pub policy: Arc<Policy>,
     pub limits: RateLimits,
+    /// Provider protection (rate, in-flight).
+    pub protection: Protections,
     pub upstreams: Upstreams,
 }
 
@@ -72,10 +75,13 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, String> {
         let limits = RateLimits::for_policy(&policy, previous.map(|p| &p.limits));
+        let protection =
+            Protections::for_policy(&policy, up.queue_wait, previous.map(|p| &p.protection));
         let upstreams = Upstreams::for_policy(&policy, up, previous.map(|p| &p.upstreams))?;
         Ok(Snapshot {
             policy,
             limits,
+            protection,
             upstreams,
         })
     }
@@ -138,9 +144,9 @@ impl Authenticated {
 
 /// An admitted stream: the provider's stream plus what is needed to re-decide it.
 struct OpenStream {
-    /// The stream's places with the provider: this replica's, and among every replica's
-    /// calls when the limits are shared.
-    _places: (upstream::ProviderPermit, Option<Lease>),
+    /// The stream's place with the provider (here, and among every replica's calls when the
+    /// limits are shared).
+    _place: Place,
     upstream: tonic::Streaming<wire::QueryResponse>,
     permit: Permit,
     /// The policy version `permit` was decided under.
@@ -162,7 +168,7 @@ struct Prepared {
     provider: String,
     client: wire::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
     /// This replica's place with the provider, and the shared lease (if any).
-    places: (upstream::ProviderPermit, Option<Lease>),
+    place: Place,
 }
 
 /// A caller that passed authentication.
@@ -718,16 +724,16 @@ impl Gateway {
         permit: &Permit,
         provider: &str,
         call_id: &str,
-    ) -> Result<(bool, Option<Lease>), Reject> {
+    ) -> Result<(RateDecided, Option<Lease>), Reject> {
         let dept = &who.system.dept;
         if let Some(shared) = &self.inner.shared {
             let mut buckets = snap.limits.buckets(dept, dataset, permit);
-            if let Some(rate) = snap.upstreams.protection_rate(provider) {
+            if let Some(rate) = snap.protection.rate(provider) {
                 buckets.push(crate::limits::shared::Bucket {
                     kind: crate::limits::shared::BucketKind::Provider(provider.to_owned()),
                     key: format!("r:p:{provider}"),
                     rate,
-                    longest_wait: snap.upstreams.queue_wait(),
+                    longest_wait: snap.protection.queue_wait(),
                 });
             }
             let quota = match (&permit.grant_id, &permit.daily_quota) {
@@ -749,7 +755,7 @@ impl Gateway {
                         tokio::time::sleep(wait).await;
                     }
                     let lease = self.take_place(shared, snap, provider, call_id).await?;
-                    return Ok((true, lease));
+                    return Ok((RateDecided::Shared, lease));
                 }
                 Ok(Verdict::Refuse(r)) => return Err(r),
                 Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
@@ -763,7 +769,7 @@ impl Gateway {
         if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
             self.inner.quotas.admit(g, q)?;
         }
-        Ok((false, None))
+        Ok((RateDecided::Here, None))
     }
 
     /// A place with the provider among every replica's calls (its `max_in_flight`, shared in
@@ -775,10 +781,10 @@ impl Gateway {
         provider: &str,
         call_id: &str,
     ) -> Result<Option<Lease>, Reject> {
-        let Some(max) = snap.upstreams.protection_in_flight(provider) else {
+        let Some(max) = snap.protection.in_flight(provider) else {
             return Ok(None);
         };
-        let wait = snap.upstreams.queue_wait();
+        let wait = snap.protection.queue_wait();
         // A lease outlives the longest call, and expires by itself if this replica dies.
         let lease_for = self.inner.max_timeout + Duration::from_secs(5);
         match shared
@@ -786,10 +792,7 @@ impl Gateway {
             .await
         {
             Ok(Some(lease)) => Ok(Some(lease)),
-            Ok(None) => {
-                metrics::counter!("xgate_provider_saturated_total", "provider" => provider.to_owned(), "limit" => "in_flight_shared").increment(1);
-                Err(upstream::saturated(provider, wait))
-            }
+            Ok(None) => Err(saturated(provider, Limit::InFlightShared, wait)),
             Err(_) if shared.on_unavailable == OnUnavailable::FailClosed => {
                 Err(crate::limits::shared::unavailable())
             }
@@ -841,7 +844,7 @@ impl Gateway {
 
     /// Stages `check` + `decide` + `limit` and the provider's admission, shared by `Query`
     /// and `QueryStream`: the request as the provider will see it, its permit, the provider's
-    /// client and the call's places with it (held until the call ends).
+    /// client and the call's place with it (held until the call ends).
     async fn prepare(
         &self,
         call: &mut Call,
@@ -855,7 +858,7 @@ impl Gateway {
             .in_scope(|| self.admit(call, who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
         call.at("limit");
-        let (rate_done, lease) = self
+        let (rate, lease) = self
             .limit(
                 who,
                 &snap,
@@ -873,14 +876,14 @@ impl Gateway {
             )
         })?;
         // Provider protection: a place with the provider, or a quick UNAVAILABLE.
-        let place = snap.upstreams.admit(&provider, rate_done).await?;
+        let here = snap.protection.admit(&provider, rate).await?;
         Ok(Prepared {
             version: snap.policy.version.clone(),
             body,
             permit,
             provider,
             client,
-            places: (place, lease),
+            place: Place::new(here, lease),
         })
     }
 
@@ -904,7 +907,7 @@ impl Gateway {
             permit,
             provider,
             mut client,
-            places: _places,
+            place: _place,
         } = self.prepare(call, &who, asked).await?;
         if !page_token.is_empty() {
             body.page_token = self
@@ -955,7 +958,7 @@ impl Gateway {
         // batch must arrive within the configured maximum.
         let caller_deadline = caller_deadline(&req);
         let asked = req.get_ref().clone();
-        // The places are held for the whole stream: a bulk transfer counts against the
+        // The place is held for the whole stream: a bulk transfer counts against the
         // provider's in-flight cap.
         let Prepared {
             version,
@@ -963,7 +966,7 @@ impl Gateway {
             permit,
             provider,
             mut client,
-            places,
+            place,
         } = self.prepare(call, &who, req.into_inner()).await?;
         call.at("forward");
         let span = upstream_span(&provider);
@@ -980,7 +983,7 @@ impl Gateway {
             Ok(Ok(r)) => r.into_inner(),
         };
         Ok(OpenStream {
-            _places: places,
+            _place: place,
             upstream: stream,
             permit,
             version,

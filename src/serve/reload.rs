@@ -164,9 +164,15 @@ impl Reloader {
             .map_err(|_| "upstream TLS state poisoned")?;
         let old = gateway.snapshot();
         let fresh = Snapshot::build(old.policy.clone(), &up, None)?;
-        // Keep the limiter state: only the channels are new.
+        // Keep the limiter and provider-protection state (calls in flight hold their seats):
+        // only the channels are new.
         let snap = Snapshot {
             limits: crate::limits::RateLimits::for_policy(&old.policy, Some(&old.limits)),
+            protection: crate::limits::provider::Protections::for_policy(
+                &old.policy,
+                up.queue_wait,
+                Some(&old.protection),
+            ),
             ..fresh
         };
         drop(old);
