@@ -1,0 +1,410 @@
+//! `audit verify | search | head` and `report`: reading, checking and summarising an audit
+//! trail (the sharing league table), in the province's zone.
+
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct ReportArgs {
+    /// The audit trail directory.
+    pub(crate) dir: PathBuf,
+    /// The policy that says which department owns each dataset (default, with a warning:
+    /// the demo's deploy/dev/policy.yaml).
+    #[arg(long)]
+    pub(crate) policy: Option<PathBuf>,
+    /// day, week (ISO), month or all.
+    #[arg(long, default_value = "day")]
+    pub(crate) period: String,
+    /// From this time (a date or RFC 3339, inclusive).
+    #[arg(long)]
+    pub(crate) from: Option<String>,
+    /// Until this time (a date or RFC 3339, exclusive).
+    #[arg(long)]
+    pub(crate) to: Option<String>,
+    #[command(flatten)]
+    pub(crate) zone: ZoneArgs,
+    /// table, csv, json or html.
+    #[arg(long, default_value = "table")]
+    pub(crate) format: String,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+    /// Exit 1 (after the report) if the trail has damaged lines; they are always counted on
+    /// stderr.
+    #[arg(long)]
+    pub(crate) strict: bool,
+}
+
+/// The zone days are counted in: the province's, the one its quotas reset in.
+#[derive(clap::Args)]
+pub(crate) struct ZoneArgs {
+    /// Zone that days, weeks, months and date-only bounds are in: Asia/Shanghai, UTC, +08:00.
+    /// Default: `limits.quota_timezone` of --config, else Asia/Shanghai (the default of
+    /// `limits.quota_timezone`, so a department's day is the same day everywhere).
+    #[arg(long, visible_alias = "utc-offset", allow_hyphen_values = true)]
+    pub(crate) zone: Option<String>,
+    /// A gateway config to take the zone from (`limits.quota_timezone`).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+}
+
+impl ZoneArgs {
+    pub(crate) fn resolve(&self) -> Result<String, String> {
+        if let Some(z) = &self.zone {
+            return Ok(z.clone());
+        }
+        match &self.config {
+            Some(p) => Config::load(p)
+                .map(|c| c.limits.quota_timezone)
+                .map_err(|errs| format!("{}: {}", p.display(), errs.join("; "))),
+            None => Ok("Asia/Shanghai".into()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub(crate) enum AuditCmd {
+    /// Check the hash chain, every checkpoint signature and the trail's end against its
+    /// signed head; name the first damage; exit 1 if any (docs/audit.md: what is detected).
+    Verify {
+        dir: PathBuf,
+        /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it;
+        /// default, with a warning: the demo's certs-dev/audit-signing.pub).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// A head saved earlier (`xgate audit head DIR > saved.json`): the trail must still
+        /// reach its checkpoint, even if the trail's own head.json was replaced.
+        #[arg(long)]
+        expect_head: Option<PathBuf>,
+        /// Do not require head.json (trails written before xgate kept one).
+        #[arg(long)]
+        no_head: bool,
+    },
+    /// Print the trail's signed head (its last checkpoint), to save for a later
+    /// `verify --expect-head`.
+    Head { dir: PathBuf },
+    /// Find records by consumer, dataset, time, status, decision or data subject.
+    Search {
+        dir: PathBuf,
+        /// Calls made by this department (`consumer_dept`).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Calls to this dataset.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// From this time (inclusive): RFC 3339 with an offset, or a date (midnight in --zone).
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (exclusive): RFC 3339 with an offset, or a date (midnight in --zone).
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        zone: ZoneArgs,
+        /// gRPC status name, e.g. OK, PERMISSION_DENIED.
+        #[arg(long)]
+        status: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        decision: Option<String>,
+        /// A data subject's id (e.g. an id number): which calls asked about this person.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The subject-hash key the gateway uses (`audit.subject_key_file`; default, with a
+        /// warning: the demo's certs-dev/audit-subject.key).
+        #[arg(long)]
+        subject_key: Option<PathBuf>,
+        /// table, jsonl or csv.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Exit 1 (after the matches) if the trail has damaged lines; they are always counted
+        /// on stderr.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+pub(crate) fn report(a: ReportArgs) -> Result<(), CliError> {
+    // Bounds the command cannot understand are a usage error (exit 2), before any work.
+    xgate::tools::report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)
+        .map_err(CliError::Usage)?;
+    report_run(a).map_err(CliError::Failed)
+}
+
+pub(crate) fn report_run(a: ReportArgs) -> Result<(), String> {
+    use xgate::tools::report;
+    let period: report::Period = a.period.parse()?;
+    let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)?;
+    let render = match a.format.as_str() {
+        "table" => report::render_table,
+        "csv" => report::render_csv,
+        "json" => report::render_json,
+        "html" => report::render_html,
+        f => return Err(format!("--format `{f}`: use table, csv, json or html")),
+    };
+    let policy = load_policy(&dev_default(
+        a.policy.clone(),
+        "--policy",
+        "deploy/dev/policy.yaml",
+    ))?;
+    if !a.dir.is_dir() {
+        return Err(format!("{}: not an audit trail directory", a.dir.display()));
+    }
+    let mut records = Vec::new();
+    let read = xgate::audit::read::search(&a.dir, &Default::default(), |v| records.push(v))
+        .map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let text = render(&report::build(&records, &policy, period, range));
+    match a.out {
+        Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("stdout: {e}"))?
+        }
+    }
+    damaged_lines(&read, a.strict)
+}
+
+/// Tell the reader of `search`/`report` about damaged lines (they were skipped); with
+/// `strict`, fail.
+pub(crate) fn damaged_lines(
+    read: &xgate::audit::read::Searched,
+    strict: bool,
+) -> Result<(), String> {
+    let Some(first) = &read.first_damage else {
+        return Ok(());
+    };
+    let msg = format!(
+        "{} damaged line(s) skipped, the first at {first}; run `xgate audit verify`",
+        read.damaged
+    );
+    if strict {
+        return Err(msg);
+    }
+    eprintln!("warning: {msg}");
+    Ok(())
+}
+
+pub(crate) fn audit_cmd(cmd: AuditCmd) -> Result<(), CliError> {
+    if let AuditCmd::Search {
+        since, until, zone, ..
+    } = &cmd
+    {
+        search_range(since, until, zone)?;
+    }
+    audit_run(cmd).map_err(CliError::Failed)
+}
+
+/// `audit search`'s time bounds: a bound that is not a time is a usage error (exit 2).
+pub(crate) fn search_range(
+    since: &Option<String>,
+    until: &Option<String>,
+    zone: &ZoneArgs,
+) -> Result<xgate::tools::report::Range, CliError> {
+    xgate::tools::report::Range::parse_flags(
+        since.as_deref(),
+        until.as_deref(),
+        &zone.resolve()?,
+        ["--since", "--until"],
+    )
+    .map_err(CliError::Usage)
+}
+
+pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
+    use base64::Engine;
+    match cmd {
+        AuditCmd::Head { dir } => {
+            let path = dir.join(xgate::audit::head::HEAD_FILE);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            xgate::out!("{text}");
+            Ok(())
+        }
+        AuditCmd::Verify {
+            dir,
+            public_key,
+            expect_head,
+            no_head,
+        } => {
+            let public_key = dev_default(public_key, "--public-key", "certs-dev/audit-signing.pub");
+            let text = std::fs::read_to_string(&public_key)
+                .map_err(|e| format!("{}: {e}", public_key.display()))?;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| {
+                    format!(
+                        "{}: not a base64 Ed25519 public key: {e}",
+                        public_key.display()
+                    )
+                })?;
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            let saved = match &expect_head {
+                None => None,
+                Some(p) => Some(
+                    xgate::audit::head::read(p)
+                        .map_err(|e| format!("{}: {e}", p.display()))?
+                        .ok_or_else(|| format!("{}: no such file", p.display()))?,
+                ),
+            };
+            let expect = xgate::audit::read::Expect {
+                head: !no_head,
+                saved,
+            };
+            match xgate::audit::read::verify(&dir, &key, &expect)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+            {
+                Ok(r) => {
+                    xgate::outln!(
+                        "{}: OK — {} records (seq {}..{}) in {} segment(s), {} signed checkpoint(s); {} record(s) after the last checkpoint",
+                        dir.display(),
+                        r.records,
+                        r.first_seq,
+                        r.last_seq,
+                        r.segments,
+                        r.checkpoints,
+                        r.unsigned_tail
+                    );
+                    match &r.head {
+                        Some(h) if h.checkpoint_seq == 0 => xgate::outln!(
+                            "head: no checkpoint signed yet (segment {}); the records so far are not covered by a signature",
+                            h.segment
+                        ),
+                        Some(h) => xgate::outln!(
+                            "head: the trail reaches its signed head (checkpoint of record {}, segment {})",
+                            h.checkpoint_seq,
+                            h.segment
+                        ),
+                        None => xgate::outln!(
+                            "head: not checked (--no-head): a cut at the end would not show"
+                        ),
+                    }
+                    if let Some(h) = &r.expected {
+                        xgate::outln!(
+                            "saved head: the trail still reaches it (checkpoint of record {})",
+                            h.checkpoint_seq
+                        );
+                    }
+                    if r.torn_tail_bytes > 0 {
+                        xgate::outln!(
+                            "torn last write: {} byte(s) after the last complete line of the newest segment (a crash; the gateway cuts them at its next start)",
+                            r.torn_tail_bytes
+                        );
+                    }
+                    Ok(())
+                }
+                Err(d) => Err(format!("audit trail damaged: {d}")),
+            }
+        }
+        AuditCmd::Search {
+            dir,
+            consumer,
+            dataset,
+            since,
+            until,
+            status,
+            decision,
+            subject,
+            subject_key,
+            format,
+            strict,
+            zone,
+        } => {
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            let range = match search_range(&since, &until, &zone) {
+                Ok(r) => r,
+                Err(CliError::Usage(e) | CliError::Failed(e)) => return Err(e),
+            };
+            let subject = match subject {
+                None => None,
+                Some(id) => Some(xgate::audit::subject_hash(
+                    &xgate::audit::load_subject_key(&dev_default(
+                        subject_key,
+                        "--subject-key",
+                        "certs-dev/audit-subject.key",
+                    ))?,
+                    &id,
+                )),
+            };
+            let q = xgate::audit::read::Query {
+                consumer,
+                dataset,
+                since: range.from,
+                until: range.to,
+                status,
+                decision,
+                subject,
+            };
+            const COLS: [&str; 11] = [
+                "time",
+                "trace_id",
+                "consumer_dept",
+                "consumer_system",
+                "method",
+                "dataset",
+                "purpose",
+                "decision",
+                "rule",
+                "grpc_status",
+                "rows",
+            ];
+            let cell = |v: &serde_json::Value, k: &str| match &v[k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if format == "table" {
+                xgate::outln!(
+                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} rule",
+                    "time",
+                    "consumer",
+                    "system",
+                    "method",
+                    "dataset",
+                    "dec.",
+                    "status"
+                );
+            } else if format == "csv" {
+                xgate::outln!("{}", COLS.join(","));
+            } else if format != "jsonl" {
+                return Err(format!("--format `{format}`: use table, jsonl or csv"));
+            }
+            let read = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
+                "jsonl" => xgate::outln!("{v}"),
+                "csv" => xgate::outln!(
+                    "{}",
+                    COLS.iter()
+                        .map(|k| {
+                            let c = cell(&v, k);
+                            if c.contains([',', '"', '\n']) {
+                                format!("\"{}\"", c.replace('"', "\"\""))
+                            } else {
+                                c
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                _ => xgate::outln!(
+                    "{:<24} {:<20} {:<16} {:<38} {:<24} {:<6} {:<20} {}",
+                    cell(&v, "time"),
+                    cell(&v, "consumer_dept"),
+                    cell(&v, "consumer_system"),
+                    cell(&v, "method"),
+                    cell(&v, "dataset"),
+                    cell(&v, "decision"),
+                    cell(&v, "grpc_status"),
+                    cell(&v, "rule")
+                ),
+            })
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            if format == "table" {
+                xgate::outln!("({} records)", read.matched);
+            }
+            damaged_lines(&read, strict)
+        }
+    }
+}
