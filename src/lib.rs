@@ -1,31 +1,35 @@
 //! xgate: a gRPC data-exchange gateway between a province's departmental systems.
 //!
-//! ```text
-//!  consumer system ──mTLS + JWT──▶ xgate ──mTLS──▶ provider (department backend)
+//! The crate map (docs/architecture.md has the stage diagram, where state lives and the
+//! shutdown order):
 //!
-//!  tls        handshake; client cert must chain to the CA (CRLs, live rotation);
-//!             identity from the SAN URI; refused handshakes audited (rate-limited)
-//!  conn       HTTP/2 per connection (hyper), peer on every request, graceful drain;
-//!             header blocks over the hard cap counted and recorded per connection
-//!  edge       metadata limit; refusals tonic makes before the pipeline get xgate
-//!             reasons + audit records
-//!  gateway    begin ▸ authenticate ▸ check ▸ decide ▸ limit ▸ forward ▸ shape ▸ finish,
-//!             all within the caller's deadline
-//!    token      JWT verified against the JWKS (file or HTTPS), bound to the certificate;
-//!               signatures checked with ring (jwt_ring)
-//!    policy     pure evaluation of the data-sharing model (grants, scopes, masks)
-//!    ratelimit  GCRA limiters per grant and per consumer, daily quotas; shared in Redis
-//!    upstream   pooled HTTP/2 channel per provider, provider protection, deadlines
-//!    audit      hash-chained, signed, fsync'd (group commit) records; fail-closed
-//!  reload     live policy and certificate changes; admin: status, reload, metrics, health
-//!  health     readiness (policy, audit, provider probes) for /ready and grpc.health.v1
-//!  telemetry  logs, OTLP traces, W3C trace context in and out
-//!  error      the one table: Reason -> gRPC code, rich google.rpc.Status details
+//! ```text
+//!  consumer ──mTLS + JWT──▶ serve ▸ tls ▸ conn ▸ pipeline ──mTLS──▶ provider
+//!
+//!  serve      start (check ▸ build ▸ spawn) and stop; conn (HTTP/2 per connection),
+//!             admin (status, reload, metrics), health (/ready, grpc.health.v1),
+//!             reload (live policy and certificate changes)
+//!  tls        handshake, CRLs, live rotation; identity (SPIFFE / fingerprint map);
+//!             proxy_protocol (PROXY v2 from the load balancer)
+//!  pipeline   one file per stage: call (begin/finish) ▸ authenticate ▸ admit (check,
+//!             decide, scope) ▸ limit ▸ forward ▸ shape ▸ stream (relay); edge (refusals
+//!             before the pipeline), paging (sealed page tokens), catalog
+//!  token      JWT verification, JWKS (file or HTTPS: jwks_fetch), ring signatures (ring)
+//!  policy     the data-sharing model and its pure evaluation (grants, scopes, masks)
+//!  limits     rate and quota limiters, auth-failure limiter, provider protection (provider),
+//!             shared in Redis (shared)
+//!  upstream   provider channels and how their failures read
+//!  audit      hash-chained, signed, fsync'd records; verify, search, head
+//!  wire       responses kept encoded, shaped cell by cell
+//!  error      the one table: Reason -> gRPC code, google.rpc.Status details
+//!  config     the config file;  telemetry  logs, OTLP traces, W3C trace context
+//!
+//!  dev        not on the request path: dev PKI, sample providers, CLI client, fuzz entries
+//!  tools      not on the request path: the load generator (`xgate bench`), the report
 //! ```
 //!
-//! The binary (`src/main.rs`) adds the CLI: `serve`, `demo`, `dev-certs`, `token`, `call`,
-//! `policy check|diff|explain`, `audit verify|search`, `report` (the sharing league table),
-//! `bench` (a gRPC load generator: [`loadgen`]).
+//! The binary (`src/bin/xgate/`) is the CLI over these: `serve`, `demo`, `dev-certs`,
+//! `token`, `call`, `config check`, `policy …`, `audit …`, `report`, `bench`.
 
 pub mod audit;
 pub mod config;
