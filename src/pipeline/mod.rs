@@ -150,17 +150,71 @@ struct Inner {
     pages: crate::pipeline::paging::PageSeal,
 }
 
+/// Builds a [`Gateway`]: the parts every gateway needs, then the optional ones, then
+/// [`GatewayBuilder::build`]. Nothing can be set on a gateway once built (and shared).
+pub struct GatewayBuilder {
+    inner: Inner,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder").finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// Share the revocation list the TLS layer keeps current.
+    pub fn revocations(mut self, r: crate::tls::Revocations) -> Self {
+        self.inner.revocations = r;
+        self
+    }
+
+    /// Count daily quotas in this zone (seconds east of UTC) and on this clock.
+    pub fn quotas(mut self, q: crate::limits::Quotas) -> Self {
+        self.inner.quotas = q;
+        self
+    }
+
+    /// Limit failed authentications per client certificate to `per_second` (bursts of
+    /// `burst`).
+    pub fn auth_failures(mut self, per_second: u32, burst: u32) -> Self {
+        self.inner.auth_failures = crate::limits::failures::AuthFailures::new(per_second, burst);
+        self
+    }
+
+    /// Seal page tokens with this key (shared by the replicas of one gateway).
+    pub fn page_seal(mut self, seal: crate::pipeline::paging::PageSeal) -> Self {
+        self.inner.pages = seal;
+        self
+    }
+
+    /// Decide rates and quotas in Redis, shared with the other replicas.
+    pub fn shared_limits(mut self, shared: Arc<SharedLimits>) -> Self {
+        self.inner.shared = Some(shared);
+        self
+    }
+
+    pub fn build(self) -> Gateway {
+        Gateway {
+            inner: Arc::new(self.inner),
+        }
+    }
+}
+
 impl Gateway {
-    pub fn new(
+    /// A gateway over `snapshot`, with defaults for the optional parts (no revocations,
+    /// quotas in UTC+8, 10 failed authentications a second per certificate, a random page
+    /// seal, local limits): set them on the builder.
+    pub fn builder(
         snapshot: Snapshot,
         tokens: Arc<TokenVerifier>,
         audit: AuditLog,
         limits: Limits,
         max_timeout: Duration,
         mask_key: MaskKey,
-    ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
+    ) -> GatewayBuilder {
+        GatewayBuilder {
+            inner: Inner {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 tokens,
                 audit,
@@ -175,7 +229,7 @@ impl Gateway {
                 providers_up: ArcSwap::default(),
                 auth_failures: crate::limits::failures::AuthFailures::new(10, 50),
                 pages: crate::pipeline::paging::PageSeal::random(),
-            }),
+            },
         }
     }
 
@@ -212,51 +266,10 @@ impl Gateway {
         WeakGateway(Arc::downgrade(&self.inner))
     }
 
-    /// Share the revocation list the TLS layer keeps current.
-    pub fn with_revocations(mut self, r: crate::tls::Revocations) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.revocations = r;
-        }
-        self
-    }
-
-    /// Count daily quotas in this zone (seconds east of UTC) and on this clock.
-    pub fn with_quotas(mut self, q: crate::limits::Quotas) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.quotas = q;
-        }
-        self
-    }
-
-    /// Limit failed authentications per client certificate to `per_second` (bursts of
-    /// `burst`).
-    pub fn with_auth_failures(mut self, per_second: u32, burst: u32) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.auth_failures = crate::limits::failures::AuthFailures::new(per_second, burst);
-        }
-        self
-    }
-
-    /// Seal page tokens with this key (shared by the replicas of one gateway).
-    pub fn with_page_seal(mut self, seal: crate::pipeline::paging::PageSeal) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.pages = seal;
-        }
-        self
-    }
-
     /// Forget idle per-certificate failure buckets.
     pub fn retain_recent(&self) {
         self.snapshot().limits.retain_recent();
         self.inner.auth_failures.retain_recent();
-    }
-
-    /// Decide rates and quotas in Redis, shared with the other replicas.
-    pub fn with_shared_limits(mut self, shared: Arc<SharedLimits>) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.shared = Some(shared);
-        }
-        self
     }
 
     /// Provider reachability from the last health probe.

@@ -272,7 +272,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let revocations: tls::Revocations = Arc::new(arc_swap::ArcSwap::from_pointee(
         tls::revoked_serials(&tls_files).map_err(|e| StartError(vec![format!("tls.crls: {e}")]))?,
     ));
-    let gateway = Gateway::new(
+    let gateway = Gateway::builder(
         snap,
         tokens,
         audit_log,
@@ -280,13 +280,13 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         Duration::from_millis(cfg.upstream.max_timeout_ms),
         mask_key.clone(),
     )
-    .with_revocations(revocations.clone())
-    .with_auth_failures(
+    .revocations(revocations.clone())
+    .auth_failures(
         cfg.jwt.auth_failures_per_second,
         cfg.jwt.auth_failures_burst,
     )
-    .with_page_seal(page_seal)
-    .with_quotas(crate::limits::Quotas::new(
+    .page_seal(page_seal)
+    .quotas(crate::limits::Quotas::new(
         crate::limits::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
     ));
     let gateway = match &cfg.limits.shared {
@@ -298,10 +298,11 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             if !shared.wait_up(Duration::from_secs(2)).await {
                 tracing::warn!(on_unavailable = ?sh.on_unavailable, "shared limits: Redis not reachable at start");
             }
-            gateway.with_shared_limits(shared)
+            gateway.shared_limits(shared)
         }
         None => gateway,
-    };
+    }
+    .build();
     let mask_key_for_reload = mask_key;
     let max_msg = cfg.limits.max_message_bytes;
     // Requests may come gzip-compressed (the standard encoding every gRPC client has);
