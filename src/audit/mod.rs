@@ -38,6 +38,29 @@ use tokio::sync::{mpsc, oneshot};
 pub use store::StoreSettings;
 
 /// One call, as the audit trail records it.
+/// What the policy decided for a call, as its record says it.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Not decided yet: a call that ends so is recorded `deny` (`finish` and the record's
+    /// drop see to it); only a record written before any decision (none today) keeps it.
+    #[default]
+    #[serde(rename = "")]
+    Undecided,
+    Allow,
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Undecided => "",
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default, PartialEq)]
 pub struct AuditRecord {
     /// RFC 3339 UTC, millisecond precision: when the call arrived.
@@ -54,7 +77,7 @@ pub struct AuditRecord {
     pub purpose: Option<String>,
     pub dataset: Option<String>,
     /// `allow` or `deny`.
-    pub decision: &'static str,
+    pub decision: Decision,
     /// The rule that decided (grant id, share type, negative-list entry, ...).
     pub rule: Option<String>,
     /// `ErrorInfo.reason` when the call failed.
@@ -529,7 +552,7 @@ impl Tally {
                     trace_id: new_trace_id(),
                     method: "(refusals)".into(),
                     consumer_dept: s.consumer_dept,
-                    decision: "deny",
+                    decision: Decision::Deny,
                     rule: s.rule,
                     reason: s.reason,
                     detail: Some(format!(
@@ -613,8 +636,8 @@ fn finish(rec: &mut AuditRecord, code: tonic::Code, started: Instant) {
     rec.grpc_code = code as i32;
     rec.grpc_status = code_name(code);
     rec.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    if code != tonic::Code::Ok && rec.decision.is_empty() {
-        rec.decision = "deny";
+    if code != tonic::Code::Ok && rec.decision == Decision::Undecided {
+        rec.decision = Decision::Deny;
     }
 }
 

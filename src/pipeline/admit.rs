@@ -136,7 +136,7 @@ impl Gateway {
         let subjects = subject_hashes(call.pending.log(), &snap.policy, req);
         let rec = call.pending.rec();
         rec.subjects = subjects;
-        rec.decision = "allow";
+        rec.decision = audit::Decision::Allow;
         rec.rule = Some(permit.rule.clone());
         rec.approval_ref = permit.approval_ref.clone();
         // What the provider is asked for: exactly the permitted columns, plus the dataset's

@@ -125,8 +125,8 @@ pub(super) fn record_reject(rec: &mut AuditRecord, rej: &Reject) {
     if rej.rule.is_some() {
         rec.rule = rej.rule.clone();
     }
-    if rec.decision.is_empty() {
-        rec.decision = "deny";
+    if rec.decision == audit::Decision::Undecided {
+        rec.decision = audit::Decision::Deny;
     }
 }
 
@@ -310,7 +310,7 @@ impl Gateway {
         if let Some(p) = &rec.purpose {
             span.record("xgate.purpose", p.as_str());
         }
-        span.record("xgate.decision", rec.decision);
+        span.record("xgate.decision", rec.decision.as_str());
         if let Some(r) = reason {
             span.record("xgate.reason", r.as_str());
         }

@@ -126,7 +126,7 @@ impl Gateway {
         // The catalogue is public to every registered department, and to no one else.
         policy::eval::registered(&snap.policy, &who.system.dept)?;
         let rec = call.pending.rec();
-        rec.decision = "allow";
+        rec.decision = audit::Decision::Allow;
         rec.rule = Some("catalogue:public".into());
         let datasets: Vec<_> = snap
             .policy
@@ -174,7 +174,7 @@ impl Gateway {
             .with_rule("catalogue"));
         };
         let access = describe_access(p, &who, &body.dataset, &body.purpose);
-        rec.decision = "allow";
+        rec.decision = audit::Decision::Allow;
         rec.rule = Some(access.deciding_rule.clone());
         rec.purpose = Some(body.purpose.clone()).filter(|s| !s.is_empty());
         Ok(pb::DescribeDatasetResponse {

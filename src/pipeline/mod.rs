@@ -323,7 +323,7 @@ impl Gateway {
                 .inner
                 .pages
                 .open(&binding, &version, &page_token)
-                .inspect_err(|_| call.pending.rec().decision = "deny")?;
+                .inspect_err(|_| call.pending.rec().decision = audit::Decision::Deny)?;
         }
         call.at("forward");
         let span = upstream_span(&provider);

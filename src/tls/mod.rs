@@ -402,7 +402,7 @@ fn handshake_refused(
         trace_id: audit::new_trace_id(),
         method: "(tls-handshake)".into(),
         remote_addr: Some(remote.to_string()),
-        decision: "deny",
+        decision: crate::audit::Decision::Deny,
         rule: Some("tls:client-certificate".into()),
         reason: Some(reason.as_str().into()),
         detail: Some(detail),
