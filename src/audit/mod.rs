@@ -444,12 +444,13 @@ pub struct Refusals {
     suppressed: std::sync::atomic::AtomicU64,
 }
 
+/// Refusal records written per second, and at once, before the rest are counted instead.
+const REFUSALS_PER_SECOND: std::num::NonZeroU32 = crate::limits::nonzero(20);
+const REFUSALS_BURST: std::num::NonZeroU32 = crate::limits::nonzero(100);
+
 impl Refusals {
     pub fn new(audit: AuditLog) -> Self {
-        let quota = governor::Quota::per_second(
-            std::num::NonZeroU32::new(20).unwrap_or(std::num::NonZeroU32::MIN),
-        )
-        .allow_burst(std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN));
+        let quota = governor::Quota::per_second(REFUSALS_PER_SECOND).allow_burst(REFUSALS_BURST);
         Self {
             audit,
             limiter: governor::RateLimiter::direct(quota),

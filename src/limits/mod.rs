@@ -15,6 +15,16 @@ pub mod failures;
 pub mod provider;
 pub mod shared;
 
+/// A rate constant, checked when the crate compiles: a zero (a typo) is a build error rather
+/// than a rate quietly clamped to 1. For constants only; rates from the config are validated
+/// when it loads.
+pub const fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    match std::num::NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("a rate constant must not be zero"),
+    }
+}
+
 use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::{
