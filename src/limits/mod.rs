@@ -358,12 +358,12 @@ pub fn zone_offset(zone: &str) -> Result<i64, String> {
 /// lease among every replica's calls when the limits are shared.
 #[derive(Debug)]
 pub struct Place {
-    _here: provider::ProviderPermit,
+    _here: provider::ProviderSeat,
     _shared: Option<shared::Lease>,
 }
 
 impl Place {
-    pub fn new(here: provider::ProviderPermit, shared: Option<shared::Lease>) -> Self {
+    pub fn new(here: provider::ProviderSeat, shared: Option<shared::Lease>) -> Self {
         Self {
             _here: here,
             _shared: shared,

@@ -80,14 +80,15 @@ pub enum RateDecided {
     Shared,
 }
 
-/// This replica's place with a provider.
+/// This replica's seat with a provider (a place among its `max_in_flight`), not to be
+/// confused with a policy [`crate::policy::Permit`].
 #[derive(Debug)]
-pub struct ProviderPermit {
+pub struct ProviderSeat {
     _seat: Option<tokio::sync::OwnedSemaphorePermit>,
     gauge: metrics::Gauge,
 }
 
-impl ProviderPermit {
+impl ProviderSeat {
     fn new(provider: &str, seat: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
         let gauge = metrics::gauge!("xgate_provider_in_flight", "provider" => provider.to_owned());
         gauge.increment(1.0);
@@ -95,7 +96,7 @@ impl ProviderPermit {
     }
 }
 
-impl Drop for ProviderPermit {
+impl Drop for ProviderSeat {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
     }
@@ -137,9 +138,9 @@ impl Protections {
 
     /// Take a place with the provider: within its rate (unless decided already) and
     /// in-flight limits, waiting at most `queue_wait`, else `PROVIDER_SATURATED`.
-    pub async fn admit(&self, provider: &str, rate: RateDecided) -> Result<ProviderPermit, Reject> {
+    pub async fn admit(&self, provider: &str, rate: RateDecided) -> Result<ProviderSeat, Reject> {
         let Some(p) = self.by_provider.get(provider) else {
-            return Ok(ProviderPermit::new(provider, None));
+            return Ok(ProviderSeat::new(provider, None));
         };
         if let Some(l) = p.rate.as_ref().filter(|_| rate == RateDecided::Here)
             && let Err(not_until) = l.check()
@@ -155,10 +156,10 @@ impl Protections {
             }
         }
         match &p.in_flight {
-            None => Ok(ProviderPermit::new(provider, None)),
+            None => Ok(ProviderSeat::new(provider, None)),
             Some(sem) => {
                 match tokio::time::timeout(self.queue_wait, sem.clone().acquire_owned()).await {
-                    Ok(Ok(seat)) => Ok(ProviderPermit::new(provider, Some(seat))),
+                    Ok(Ok(seat)) => Ok(ProviderSeat::new(provider, Some(seat))),
                     _ => Err(saturated(provider, Limit::InFlight, self.queue_wait)),
                 }
             }

@@ -112,7 +112,7 @@ impl Gateway {
         req: &mut QueryRequest,
     ) -> Result<Permit, Reject> {
         // Shape first: nothing caller-sized reaches the audit record or a message unchecked.
-        check_request(req, &self.inner.limits)?;
+        check_request(req, &self.inner.request_limits)?;
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
@@ -152,8 +152,8 @@ impl Gateway {
             req.fields.push(region.clone());
         }
         req.page_size = match req.page_size {
-            0 => self.inner.limits.default_page_size,
-            n => n.min(self.inner.limits.max_page_size),
+            0 => self.inner.request_limits.default_page_size,
+            n => n.min(self.inner.request_limits.max_page_size),
         };
         Ok(permit)
     }

@@ -9,8 +9,8 @@ impl Authenticated {
     /// The caller as the policy sees it.
     pub(super) fn caller(&self) -> Caller<'_> {
         Caller {
-            dept: &self.system.dept,
-            system: &self.system.system,
+            dept: &self.id.dept,
+            system: &self.id.system,
             token_purposes: self.claims.purposes.as_deref(),
             token_bound: self.bound,
         }
@@ -20,7 +20,7 @@ impl Authenticated {
 /// A caller that passed authentication.
 #[derive(Clone)]
 pub(super) struct Authenticated {
-    pub(super) system: SystemId,
+    pub(super) id: SystemId,
     pub(super) claims: Arc<Claims>,
     /// The token is bound to the presenting certificate (RFC 8705).
     pub(super) bound: bool,
@@ -114,7 +114,7 @@ impl Gateway {
             }
         };
         Ok(Authenticated {
-            system,
+            id: system,
             claims,
             bound,
         })

@@ -10,7 +10,7 @@ pub(super) fn describe_access(
     dataset: &str,
     purpose: &str,
 ) -> pb::Access {
-    let (dept, sys) = (&who_dept_sys.system.dept, &who_dept_sys.system.system);
+    let (dept, sys) = (&who_dept_sys.id.dept, &who_dept_sys.id.system);
     let token_purposes = who_dept_sys.claims.purposes.as_deref();
     let granted = policy::eval::granted_purposes(p, dept, sys, dataset);
     let purpose = if !purpose.is_empty() {
@@ -124,7 +124,7 @@ impl Gateway {
         let snap = self.snapshot();
         call.pending.rec().policy_version = snap.policy.version.clone();
         // The catalogue is public to every registered department, and to no one else.
-        policy::eval::registered(&snap.policy, &who.system.dept)?;
+        policy::eval::registered(&snap.policy, &who.id.dept)?;
         let rec = call.pending.rec();
         rec.decision = audit::Decision::Allow;
         rec.rule = Some("catalogue:public".into());
@@ -151,7 +151,7 @@ impl Gateway {
         let snap = self.snapshot();
         let p = &snap.policy;
         call.pending.rec().policy_version = p.version.clone();
-        policy::eval::registered(p, &who.system.dept)?;
+        policy::eval::registered(p, &who.id.dept)?;
         let body = req.get_ref();
         if body.dataset.len() > MAX_NAME_BYTES || body.purpose.len() > MAX_NAME_BYTES {
             return Err(Reject::new(

@@ -45,8 +45,8 @@ impl Gateway {
                 md.insert(k, v);
             }
         };
-        put("x-xgate-consumer-dept", &who.system.dept);
-        put("x-xgate-consumer-system", &who.system.system);
+        put("x-xgate-consumer-dept", &who.id.dept);
+        put("x-xgate-consumer-system", &who.id.system);
         put("x-xgate-purpose", &purpose);
         put(TRACE_ID_HEADER, &call.trace_id);
         // One trace across both departments: the upstream span's context, or (tracing off)

@@ -34,9 +34,9 @@ impl Gateway {
         provider: &str,
         call_id: &str,
     ) -> Result<(RateDecided, Option<Lease>), Reject> {
-        let dept = &who.system.dept;
+        let dept = &who.id.dept;
         if let Some(shared) = &self.inner.shared {
-            let mut buckets = snap.limits.buckets(dept, dataset, permit);
+            let mut buckets = snap.rates.buckets(dept, dataset, permit);
             if let Some(rate) = snap.protection.rate(provider) {
                 buckets.push(crate::limits::shared::Bucket {
                     kind: crate::limits::shared::BucketKind::Provider(provider.to_owned()),
@@ -74,7 +74,7 @@ impl Gateway {
                 Err(_) => {}
             }
         }
-        snap.limits.check(dept, dataset, permit)?;
+        snap.rates.check(dept, dataset, permit)?;
         if let (Some(g), Some(q)) = (&permit.grant_id, &permit.daily_quota) {
             self.inner.quotas.admit(g, q)?;
         }

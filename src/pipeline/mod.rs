@@ -80,7 +80,8 @@ pub const METHOD_DESCRIBE: &str = "/xgate.v1.Catalog/DescribeDataset";
 #[derive(Debug)]
 pub struct Snapshot {
     pub policy: Arc<Policy>,
-    pub limits: RateLimits,
+    /// Per-grant and per-consumer rate limiters.
+    pub rates: RateLimits,
     /// Provider protection (rate, in-flight).
     pub protection: Protections,
     pub upstreams: Upstreams,
@@ -94,13 +95,13 @@ impl Snapshot {
         up: &crate::upstream::UpstreamTls,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, String> {
-        let limits = RateLimits::for_policy(&policy, previous.map(|p| &p.limits));
+        let rates = RateLimits::for_policy(&policy, previous.map(|p| &p.rates));
         let protection =
             Protections::for_policy(&policy, up.queue_wait, previous.map(|p| &p.protection));
         let upstreams = Upstreams::for_policy(&policy, up, previous.map(|p| &p.upstreams))?;
         Ok(Snapshot {
             policy,
-            limits,
+            rates,
             protection,
             upstreams,
         })
@@ -129,7 +130,8 @@ struct Inner {
     snapshot: ArcSwap<Snapshot>,
     tokens: Arc<TokenVerifier>,
     audit: AuditLog,
-    limits: Limits,
+    /// Bounds on requests (`limits:` in the config): page sizes, names, filter terms.
+    request_limits: Limits,
     max_timeout: Duration,
     mask_key: MaskKey,
     /// Set when the drain timeout ran out: calls still waiting on providers end now.
@@ -218,7 +220,7 @@ impl Gateway {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 tokens,
                 audit,
-                limits,
+                request_limits: limits,
                 max_timeout,
                 mask_key,
                 cut: tokio::sync::watch::Sender::new(false),
@@ -268,7 +270,7 @@ impl Gateway {
 
     /// Forget idle per-certificate failure buckets.
     pub fn retain_recent(&self) {
-        self.snapshot().limits.retain_recent();
+        self.snapshot().rates.retain_recent();
         self.inner.auth_failures.retain_recent();
     }
 
@@ -308,7 +310,7 @@ impl Gateway {
         let deadline = self.deadline(&req);
         let mut asked = req.into_inner();
         // The caller's page token is the gateway's seal around the provider's.
-        let binding = crate::pipeline::paging::Binding::of(&who.system, &mut asked);
+        let binding = crate::pipeline::paging::Binding::of(&who.id, &mut asked);
         let page_token = std::mem::take(&mut asked.page_token);
         let Prepared {
             version,

@@ -167,7 +167,7 @@ impl Reloader {
         // Keep the limiter and provider-protection state (calls in flight hold their seats):
         // only the channels are new.
         let snap = Snapshot {
-            limits: crate::limits::RateLimits::for_policy(&old.policy, Some(&old.limits)),
+            rates: crate::limits::RateLimits::for_policy(&old.policy, Some(&old.rates)),
             protection: crate::limits::provider::Protections::for_policy(
                 &old.policy,
                 up.queue_wait,

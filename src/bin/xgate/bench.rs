@@ -118,7 +118,7 @@ pub(crate) async fn bench(b: BenchArgs) -> Result<(), String> {
             })
             .collect::<Result<Vec<_>, _>>()?
     } else {
-        vec![id.3.clone().ok_or(
+        vec![id.token.clone().ok_or(
             "a token is required: --token, XGATE_TOKEN, --as DEPT for a dev token, or --no-token",
         )?]
     };

@@ -85,11 +85,16 @@ impl ConnArgs {
         };
         let ca_path = self.ca.clone().unwrap_or_else(|| self.certs.join("ca.pem"));
         let ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
-        Ok((cert, key, ca, self.token.clone().or(dev_token)))
+        Ok(Identity {
+            cert,
+            key,
+            ca,
+            token: self.token.clone().or(dev_token),
+        })
     }
 
     pub(crate) async fn connect(&self, id: &Identity) -> Result<tonic::transport::Channel, String> {
-        client::connect(&self.gateway, &id.2, &id.0, &id.1, &self.server_name)
+        client::connect(&self.gateway, &id.ca, &id.cert, &id.key, &self.server_name)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", self.gateway))
     }
@@ -158,9 +163,10 @@ pub(crate) fn token(t: TokenArgs) -> Result<(), String> {
 
 pub(crate) async fn call(c: CallArgs) -> Result<(), String> {
     let id = c.conn.identity()?;
-    let token =
-        id.3.clone()
-            .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
+    let token = id
+        .token
+        .clone()
+        .ok_or("a token is required: --token, XGATE_TOKEN, or --as DEPT for a dev token")?;
     let channel = c.conn.connect(&id).await?;
     let json = c.json;
     // With --json, a refusal is JSON on stdout too (code, reason, rule, trace id), so a

@@ -95,8 +95,14 @@ enum Cmd {
     Report(ReportArgs),
 }
 
-/// (client cert, key, CA, token) from the connection arguments.
-type Identity = (Vec<u8>, Vec<u8>, Vec<u8>, Option<String>);
+/// Who a command calls as, from the connection arguments (PEM bytes).
+struct Identity {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    /// The CA the gateway's certificate chains to.
+    ca: Vec<u8>,
+    token: Option<String>,
+}
 
 /// Turn off glibc malloc's fastbins before any thread starts.
 ///
