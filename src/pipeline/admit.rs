@@ -16,13 +16,32 @@ pub(super) fn provider_of(snap: &Snapshot, dataset: &str) -> Result<String, Reje
         })
 }
 
-/// Stage `check`: shape rules that do not depend on the policy (sizes, well-formed conditions).
+/// The filter's conditions (none when there is no filter).
+pub(super) fn conditions(req: &QueryRequest) -> &[pb::Condition] {
+    req.filter
+        .as_ref()
+        .map(|f| f.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// The question a data request asks the policy, now.
+pub(super) fn policy_request(req: &QueryRequest) -> policy::Request<'_> {
+    policy::Request {
+        dataset: &req.dataset,
+        fields: &req.fields,
+        filter: conditions(req),
+        purpose: &req.purpose,
+        now: Some(now_unix()),
+    }
+}
+
 /// Longest dataset id, purpose or field name accepted.
 pub(super) const MAX_NAME_BYTES: usize = 128;
 
 /// Most fields one request may name.
 pub(super) const MAX_FIELDS: usize = 512;
 
+/// Stage `check`: shape rules that do not depend on the policy (sizes, well-formed conditions).
 pub(super) fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), Reject> {
     let invalid = |why: String| Reject::new(Reason::RequestInvalid, why).with_rule("request:shape");
     if req.dataset.len() > MAX_NAME_BYTES || req.purpose.len() > MAX_NAME_BYTES {
@@ -35,11 +54,7 @@ pub(super) fn check_request(req: &QueryRequest, limits: &Limits) -> Result<(), R
             "at most {MAX_FIELDS} fields of at most {MAX_NAME_BYTES} bytes each"
         )));
     }
-    let conds = req
-        .filter
-        .as_ref()
-        .map(|f| f.conditions.as_slice())
-        .unwrap_or_default();
+    let conds = conditions(req);
     if conds.len() > limits.max_filter_terms {
         return Err(invalid(format!(
             "the filter has {} conditions; at most {} are allowed",
@@ -80,11 +95,7 @@ pub(super) fn subject_hashes(log: &AuditLog, policy: &Policy, req: &QueryRequest
     let Some(key) = policy.dataset(&req.dataset).map(|d| d.subject_key.as_str()) else {
         return Vec::new();
     };
-    let conds = req
-        .filter
-        .as_ref()
-        .map(|f| f.conditions.as_slice())
-        .unwrap_or_default();
+    let conds = conditions(req);
     let mut out = Vec::new();
     for c in conds.iter().filter(|c| c.field == key) {
         let values: &[pb::Value] = match &c.test {
@@ -117,18 +128,7 @@ impl Gateway {
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
         let caller = who.caller();
-        let ask = policy::Request {
-            dataset: &req.dataset,
-            fields: &req.fields,
-            filter: req
-                .filter
-                .as_ref()
-                .map(|f| f.conditions.as_slice())
-                .unwrap_or_default(),
-            purpose: &req.purpose,
-            now: Some(now_unix()),
-        };
-        let permit = policy::evaluate(&snap.policy, caller, ask)?;
+        let permit = policy::evaluate(&snap.policy, caller, policy_request(req))?;
         if let Some(scope) = &permit.scope {
             let conds = &mut req.filter.get_or_insert_with(Default::default).conditions;
             policy::scope::narrow(conds, scope, &permit.rule)?;

@@ -178,19 +178,8 @@ impl Gateway {
             .collect();
         let peer = req.extensions().get::<Peer>();
         let mut rec = AuditRecord {
-            time: audit::now_rfc3339(),
-            trace_id: trace_id.clone(),
-            method: method.to_owned(),
-            consumer_dept: peer
-                .and_then(|p| p.identity.as_ref().ok())
-                .map(|s| s.dept.clone()),
-            consumer_system: peer
-                .and_then(|p| p.identity.as_ref().ok())
-                .map(|s| s.system.clone()),
-            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-            remote_addr: peer.map(|p| p.remote.to_string()),
             policy_version: self.inner.snapshot.load().policy.version.clone(),
-            ..AuditRecord::default()
+            ..AuditRecord::from_peer(peer, method.to_owned(), trace_id.clone())
         };
         if !self.inner.audit.is_open() {
             tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");

@@ -172,19 +172,6 @@ where
             }
             tracing::info!(%trace_id, %path, reason = %rej.reason, detail = %status.message(), "request refused before the pipeline");
             let rec = AuditRecord {
-                time: audit::now_rfc3339(),
-                trace_id,
-                method: path.chars().take(200).collect(),
-                consumer_dept: peer
-                    .as_ref()
-                    .and_then(|p| p.identity.as_ref().ok())
-                    .map(|s| s.dept.clone()),
-                consumer_system: peer
-                    .as_ref()
-                    .and_then(|p| p.identity.as_ref().ok())
-                    .map(|s| s.system.clone()),
-                cert_fingerprint: peer.as_ref().map(|p| p.fingerprint.clone()),
-                remote_addr: peer.as_ref().map(|p| p.remote.to_string()),
                 decision: crate::audit::Decision::Deny,
                 rule: rej.rule.clone(),
                 reason: Some(rej.reason.as_str().to_owned()),
@@ -194,7 +181,7 @@ where
                     .upgrade()
                     .map(|g| g.snapshot().policy.version.clone())
                     .unwrap_or_default(),
-                ..AuditRecord::default()
+                ..AuditRecord::from_peer(peer.as_ref(), path.chars().take(200).collect(), trace_id)
             };
             if let Err(rec) = Pending::new(layer.audit.clone(), rec)
                 .commit(rej.code())
@@ -297,22 +284,14 @@ pub fn refusal_record(
     rej: &Reject,
     detail: String,
 ) -> AuditRecord {
-    let system = peer.and_then(|p| p.identity.as_ref().ok());
     AuditRecord {
-        time: audit::now_rfc3339(),
-        trace_id: audit::new_trace_id(),
-        method,
-        consumer_dept: system.map(|s| s.dept.clone()),
-        consumer_system: system.map(|s| s.system.clone()),
-        cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-        remote_addr: peer.map(|p| p.remote.to_string()),
         decision: crate::audit::Decision::Deny,
         rule: rej.rule.clone(),
         reason: Some(rej.reason.as_str().to_owned()),
         detail: Some(detail),
         grpc_status: audit::code_name(rej.code()),
         grpc_code: rej.code() as i32,
-        ..AuditRecord::default()
+        ..AuditRecord::from_peer(peer, method, audit::new_trace_id())
     }
 }
 

@@ -35,19 +35,8 @@ impl Gateway {
         if snap.policy.version == open.version {
             return Ok(());
         }
-        let a = &open.asked;
         let caller = open.who.caller();
-        let ask = policy::Request {
-            dataset: &a.dataset,
-            fields: &a.fields,
-            filter: a
-                .filter
-                .as_ref()
-                .map(|f| f.conditions.as_slice())
-                .unwrap_or_default(),
-            purpose: &a.purpose,
-            now: Some(now_unix()),
-        };
+        let ask = policy_request(&open.asked);
         let rec = call.pending.rec();
         rec.policy_version = snap.policy.version.clone();
         open.version = snap.policy.version.clone();
