@@ -1,4 +1,4 @@
--- xgate: take a place with a provider shared by every replica (see src/ratelimit/shared.rs).
+-- xgate: take a place with a provider shared by every replica (see src/limits/shared.rs).
 --
 -- KEYS[1]  the provider's sorted set of leases (member: the call, score: its expiry, ms)
 -- ARGV[1]  max in flight, ARGV[2] lease length in ms, ARGV[3] the call's member

@@ -1,4 +1,4 @@
--- xgate: one limit decision, atomically (see src/ratelimit/shared.rs).
+-- xgate: one limit decision, atomically (see src/limits/shared.rs).
 --
 -- KEYS[1..n]   GCRA buckets: each holds its theoretical arrival time (TAT), in µs
 -- KEYS[n+1]    the grant's calls counter for today (when ARGV asks for a quota)

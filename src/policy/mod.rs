@@ -4,6 +4,9 @@
 //! - [`Policy`]: a validated, indexed, immutable snapshot with its content hash as version.
 //! - [`eval`]: the pure decision function `(policy, caller, ask) -> Permit | Reject`.
 //! - [`mask`]: the masks the gateway applies to provider responses.
+//! - [`scope`]: row scopes by region code: a filter narrowed to them, rows checked against them.
+//! - [`diff`]: what a policy change loosens or tightens (`xgate policy diff`).
+//! - [`locate`]: file:line:column of an entry, and the shape bounds checked before parsing.
 //!
 //! A policy that fails validation is never served: every error is reported at once, with the
 //! path of the offending entry.
