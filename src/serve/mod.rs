@@ -240,12 +240,15 @@ pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
     })
 }
 
-/// Build everything from `cfg`, bind, and start serving in the background.
+/// Build everything from `cfg`, bind, and start serving in the background: check ▸ bind ▸
+/// build the gateway ▸ spawn its helpers (probes, watchers, admin) ▸ serve. [`Running::stop`]
+/// undoes it in shutdown order ([`stop_in_order`]).
 pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     // Idempotent: tests and the binary may both call this.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // The metrics recorder must exist before anything counts.
     let _ = admin::metrics_handle();
+    // 1. Everything that can be wrong with the config, all at once, before anything binds.
     let Checked {
         tls_files,
         server_tls,
@@ -257,6 +260,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         keys,
     } = check(cfg).await?;
     let policy_version = snap.policy.version.clone();
+    // 2. The port, then the audit trail (its lock says who else writes it).
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| StartError(vec![format!("listen {}: {e}", cfg.listen)]))?;
@@ -266,75 +270,27 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let (audit_log, writer) = audit::start(cfg.audit.settings(), keys)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
     let audit_path = writer.dir.clone();
-    let handshake_audit = audit_log.clone();
-
-    let tokens_for_refresh = tokens.clone();
+    // 3. The gateway.
     let revocations: tls::Revocations = Arc::new(arc_swap::ArcSwap::from_pointee(
         tls::revoked_serials(&tls_files).map_err(|e| StartError(vec![format!("tls.crls: {e}")]))?,
     ));
-    let gateway = Gateway::builder(
+    let jwks_refresher = tokens.spawn_refresher();
+    let gateway = build_gateway(
+        cfg,
         snap,
         tokens,
-        audit_log,
-        cfg.limits.clone(),
-        Duration::from_millis(cfg.upstream.max_timeout_ms),
-        mask_key.clone(),
+        audit_log.clone(),
+        &mask_key,
+        page_seal,
+        revocations.clone(),
     )
-    .revocations(revocations.clone())
-    .auth_failures(
-        cfg.jwt.auth_failures_per_second,
-        cfg.jwt.auth_failures_burst,
-    )
-    .page_seal(page_seal)
-    .quotas(crate::limits::Quotas::new(
-        crate::limits::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
-    ));
-    let gateway = match &cfg.limits.shared {
-        Some(sh) => {
-            let shared =
-                crate::limits::shared::SharedLimits::new(sh).map_err(|e| StartError(vec![e]))?;
-            // Give Redis a moment, so the first calls are decided by it; if it is down, the
-            // gateway starts anyway and `on_unavailable` decides until it is back.
-            if !shared.wait_up(Duration::from_secs(2)).await {
-                tracing::warn!(on_unavailable = ?sh.on_unavailable, "shared limits: Redis not reachable at start");
-            }
-            gateway.shared_limits(shared)
-        }
-        None => gateway,
-    }
-    .build();
-    let mask_key_for_reload = mask_key;
-    let max_msg = cfg.limits.max_message_bytes;
-    // Requests may come gzip-compressed (the standard encoding every gRPC client has);
-    // responses go out uncompressed: compressing every answer would cost more CPU than the
-    // loopback and LAN links between departments save.
-    let gzip = tonic::codec::CompressionEncoding::Gzip;
-    let data = crate::wire::data_exchange_server::DataExchangeServer::new(gateway.clone())
-        .accept_compressed(gzip)
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
-    let catalog = pb::catalog_server::CatalogServer::new(gateway.clone())
-        .accept_compressed(gzip)
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
-    // Idle keys of the default limiter are forgotten every minute to bound memory.
-    let sweeper = {
-        let g = gateway.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                t.tick().await;
-                g.retain_recent();
-            }
-        })
-    };
-    let jwks_refresher = tokens_for_refresh.spawn_refresher();
+    .await?;
+    // 4. What runs beside it: limiter sweeps, provider probes, live reload, the admin port.
+    let sweeper = spawn_sweeper(gateway.clone());
     // Counters a dashboard alerts on exist from the start (at zero), not from their first event.
     for result in ["ok", "error"] {
         metrics::counter!("xgate_policy_reloads_total", "result" => result).increment(0);
     }
-    // The standard gRPC health service and server reflection (so `grpcurl` needs no proto
-    // files), both behind the same mTLS as the data calls.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for s in std::iter::once("").chain(crate::serve::health::SERVICES) {
         health_reporter
@@ -347,37 +303,192 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         Duration::from_secs(5),
         Duration::from_millis(cfg.upstream.connect_timeout_ms),
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError(vec![format!("reflection: {e}")]))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| StartError(vec![format!("reflection: {e}")]))?;
+    let reloader = Arc::new(Reloader::new(&cfg.policy, gateway.clone(), up, &mask_key));
+    let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
+    let watchers = spawn_watchers(cfg, &tls_files, &live_tls, &revocations, &reloader)?;
+    let (admin_addr, admin_stop) = spawn_admin(cfg, &reloader, &gateway).await?;
+    // 5. Serve: TLS ▸ HTTP/2 ▸ edge ▸ the gRPC services.
     // Refusals anyone on the network can cause (handshakes, oversized metadata): one
     // rate-limited recorder.
-    let refusals = Arc::new(audit::Refusals::new(handshake_audit.clone()));
+    let refusals = Arc::new(audit::Refusals::new(audit_log.clone()));
     let edge = crate::pipeline::edge::EdgeLayer::new(
-        handshake_audit,
+        audit_log,
         gateway.downgrade(),
         refusals.clone(),
         cfg.limits.max_metadata_bytes,
     );
-    let cutter = gateway.clone();
-    // Live policy changes: file watch, SIGHUP, admin endpoint.
-    let reloader = Arc::new(Reloader::new(
-        &cfg.policy,
-        gateway.clone(),
-        up,
-        &mask_key_for_reload,
+    // Outermost: the metadata limit, and refusals tonic makes before the pipeline runs get
+    // xgate's reasons and an audit record.
+    let svc = tower::ServiceBuilder::new()
+        .layer(edge)
+        .service(grpc_routes(cfg, &gateway, health_service)?);
+    let incoming = tls::incoming(
+        listener,
+        live_tls,
+        Arc::from(cfg.trust_domain.as_str()),
+        Arc::new(cfg.tls.identity_map()),
+        Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        refusals.clone(),
+        Arc::new(cfg.tls.proxy_protocol_from.clone()),
+    );
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let serve =
+        crate::serve::conn::serve(incoming, svc, conn_settings(cfg), refusals, async move {
+            let _ = stop_rx.await;
+            let _ = drain_tx.send(());
+            tracing::info!("shutting down: no new connections; draining in-flight calls");
+        });
+    let task = tokio::spawn(stop_in_order(
+        serve,
+        drain_rx,
+        cfg.drain_timeout(),
+        Background {
+            gateway,
+            jwks_refresher,
+            admin_stop,
+            watchers,
+            sweeper,
+            prober,
+            writer,
+        },
     ));
-    // Certificate rotation: server cert/key, client CA, CRLs and the upstream client
-    // certificate reload when their files change; established connections keep theirs.
-    let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
-    let tls_watcher = if cfg.tls.watch {
+    tracing::info!(%addr, %policy_version, "xgate listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        reloader,
+        policy_version,
+        audit_path,
+        shutdown: stop_tx,
+        task,
+    })
+}
+
+/// The gateway with its optional parts from the config (and Redis given a moment, so the
+/// first calls are decided by it; if it is down, `on_unavailable` decides until it is back).
+async fn build_gateway(
+    cfg: &Config,
+    snap: Snapshot,
+    tokens: Arc<TokenVerifier>,
+    audit_log: audit::AuditLog,
+    mask_key: &MaskKey,
+    page_seal: crate::pipeline::paging::PageSeal,
+    revocations: tls::Revocations,
+) -> Result<Gateway, StartError> {
+    let mut gateway = Gateway::builder(
+        snap,
+        tokens,
+        audit_log,
+        cfg.limits.clone(),
+        Duration::from_millis(cfg.upstream.max_timeout_ms),
+        mask_key.clone(),
+    )
+    .revocations(revocations)
+    .auth_failures(
+        cfg.jwt.auth_failures_per_second,
+        cfg.jwt.auth_failures_burst,
+    )
+    .page_seal(page_seal)
+    .quotas(crate::limits::Quotas::new(
+        crate::limits::zone_offset(&cfg.limits.quota_timezone).unwrap_or(8 * 3600),
+    ));
+    if let Some(sh) = &cfg.limits.shared {
+        let shared =
+            crate::limits::shared::SharedLimits::new(sh).map_err(|e| StartError(vec![e]))?;
+        if !shared.wait_up(Duration::from_secs(2)).await {
+            tracing::warn!(on_unavailable = ?sh.on_unavailable, "shared limits: Redis not reachable at start");
+        }
+        gateway = gateway.shared_limits(shared);
+    }
+    Ok(gateway.build())
+}
+
+/// Idle keys of the default limiter are forgotten every minute to bound memory.
+fn spawn_sweeper(gateway: Gateway) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            t.tick().await;
+            gateway.retain_recent();
+        }
+    })
+}
+
+/// The gRPC services: data and catalogue (gzip requests taken; answers uncompressed: that
+/// would cost more CPU than the links between departments save), the standard health
+/// service and server reflection (so `grpcurl` needs no proto files), all behind the same
+/// mTLS.
+fn grpc_routes(
+    cfg: &Config,
+    gateway: &Gateway,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::service::Routes, StartError> {
+    let max_msg = cfg.limits.max_message_bytes;
+    let gzip = tonic::codec::CompressionEncoding::Gzip;
+    let data = crate::wire::data_exchange_server::DataExchangeServer::new(gateway.clone())
+        .accept_compressed(gzip)
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let catalog = pb::catalog_server::CatalogServer::new(gateway.clone())
+        .accept_compressed(gzip)
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let reflection_err =
+        |e: tonic_reflection::server::Error| StartError(vec![format!("reflection: {e}")]);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(reflection_err)?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection_err)?;
+    Ok(tonic::service::Routes::new(data)
+        .add_service(catalog)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .prepare())
+}
+
+/// The HTTP/2 limits of the gRPC port.
+fn conn_settings(cfg: &Config) -> crate::serve::conn::Settings {
+    crate::serve::conn::Settings {
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+        // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit.
+        max_concurrent_streams: 256,
+        max_pending_accept_reset_streams: 64,
+        max_metadata_hard_bytes: cfg.limits.max_metadata_hard_bytes,
+        preface_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        idle_timeout: Duration::from_secs(cfg.limits.connection_idle_secs),
+    }
+}
+
+/// Live changes: the policy file (watched), SIGHUP, and certificate rotation (server
+/// certificate and key, client CA, CRLs and the upstream client certificate reload when
+/// their files change; established connections keep theirs).
+/// Held for their `Drop`: a watcher stops when dropped.
+struct Watchers {
+    _policy: Option<notify::RecommendedWatcher>,
+    _tls: Option<notify::RecommendedWatcher>,
+    #[cfg(unix)]
+    sighup: Option<JoinHandle<()>>,
+}
+
+fn spawn_watchers(
+    cfg: &Config,
+    tls_files: &tls::ServerTlsFiles,
+    live_tls: &tls::LiveServerConfig,
+    revocations: &tls::Revocations,
+    reloader: &Arc<Reloader>,
+) -> Result<Watchers, StartError> {
+    let tls = if cfg.tls.watch {
         let (files, live, r) = (tls_files.clone(), live_tls.clone(), reloader.clone());
         let revoked = revocations.clone();
         let up_cfg = cfg.upstream.clone();
@@ -403,122 +514,105 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     } else {
         None
     };
-    let watcher = if cfg.watch_policy {
+    let policy = if cfg.watch_policy {
         Some(reload::watch_file(reloader.clone()).map_err(|e| StartError(vec![e]))?)
     } else {
         None
     };
-    #[cfg(unix)]
-    let sighup = reload::on_sighup(reloader.clone()).ok();
-    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
-    let admin_addr = match cfg.admin_listen {
-        None => None,
-        Some(a) => {
-            let (l, bound) = admin::bind(a)
-                .await
-                .map_err(|e| StartError(vec![format!("admin_listen {a}: {e}")]))?;
-            let (r, g) = (reloader.clone(), gateway.downgrade());
-            tokio::spawn(async move {
-                let stop = async move {
-                    let _ = admin_stop_rx.await;
-                };
-                if let Err(e) = admin::serve(l, r, g, stop).await {
-                    tracing::error!(error = %e, "admin endpoint stopped");
-                }
-            });
-            tracing::info!(addr = %bound, "admin endpoint listening");
-            Some(bound)
-        }
-    };
-    drop(gateway);
-
-    let incoming = tls::incoming(
-        listener,
-        live_tls,
-        Arc::from(cfg.trust_domain.as_str()),
-        Arc::new(cfg.tls.identity_map()),
-        Duration::from_millis(cfg.tls.handshake_timeout_ms),
-        refusals.clone(),
-        Arc::new(cfg.tls.proxy_protocol_from.clone()),
-    );
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let drain = cfg.drain_timeout();
-    let routes = tonic::service::Routes::new(data)
-        .add_service(catalog)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .prepare();
-    // Outermost: the metadata limit, and refusals tonic makes before the pipeline runs get
-    // xgate's reasons and an audit record.
-    let svc = tower::ServiceBuilder::new().layer(edge).service(routes);
-    let settings = crate::serve::conn::Settings {
-        keepalive_interval: Duration::from_secs(30),
-        keepalive_timeout: Duration::from_secs(10),
-        // Bounded per-connection concurrency, and h2's rapid-reset defence made explicit.
-        max_concurrent_streams: 256,
-        max_pending_accept_reset_streams: 64,
-        max_metadata_hard_bytes: cfg.limits.max_metadata_hard_bytes,
-        preface_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
-        idle_timeout: Duration::from_secs(cfg.limits.connection_idle_secs),
-    };
-    let serve = crate::serve::conn::serve(incoming, svc, settings, refusals, async move {
-        let _ = stop_rx.await;
-        let _ = drain_tx.send(());
-        tracing::info!("shutting down: no new connections; draining in-flight calls");
-    });
-    let task = tokio::spawn(async move {
-        // Boxed so that dropping it below really drops the services (and their audit senders).
-        let mut serve = Box::pin(serve);
-        // Serve until stopped; then give in-flight calls the drain timeout to finish.
-        let served = tokio::select! {
-            r = &mut serve => Some(r),
-            _ = drain_rx => None,
-        };
-        let result: Result<(), String> = match served {
-            Some(()) => Ok(()),
-            None => match tokio::time::timeout(drain, &mut serve).await {
-                Ok(()) => Ok(()),
-                Err(_) => {
-                    tracing::warn!(?drain, "drain timeout: ending the calls still in flight");
-                    cutter.cut_in_flight();
-                    // The cut calls answer at once; give their replies a moment to leave.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut serve).await;
-                    Ok(())
-                }
-            },
-        };
-        drop(cutter);
-        jwks_refresher.abort();
-        let _ = admin_stop_tx.send(());
-        drop(watcher);
-        drop(tls_watcher);
+    Ok(Watchers {
+        _policy: policy,
+        _tls: tls,
         #[cfg(unix)]
-        if let Some(h) = sighup {
-            h.abort();
-        }
-        // Dropping the server drops its connections and services, and with them the audit
-        // senders.
-        drop(serve);
-        sweeper.abort();
-        let _ = sweeper.await;
-        prober.abort();
-        let written = writer
-            .join()
-            .await
-            .map_err(|e| format!("audit writer: {e}"))?;
-        tracing::info!(records = written, "audit trail flushed and synced");
-        result.map(|()| written)
-    });
-    tracing::info!(%addr, %policy_version, "xgate listening");
-    Ok(Running {
-        addr,
-        admin_addr,
-        reloader,
-        policy_version,
-        audit_path,
-        shutdown: stop_tx,
-        task,
+        sighup: reload::on_sighup(reloader.clone()).ok(),
     })
+}
+
+/// The admin endpoint (`admin_listen`), if configured: its address, and what stops it.
+async fn spawn_admin(
+    cfg: &Config,
+    reloader: &Arc<Reloader>,
+    gateway: &Gateway,
+) -> Result<(Option<SocketAddr>, oneshot::Sender<()>), StartError> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let Some(a) = cfg.admin_listen else {
+        return Ok((None, stop_tx));
+    };
+    let (l, bound) = admin::bind(a)
+        .await
+        .map_err(|e| StartError(vec![format!("admin_listen {a}: {e}")]))?;
+    let (r, g) = (reloader.clone(), gateway.downgrade());
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = admin::serve(l, r, g, stop).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "admin endpoint listening");
+    Ok((Some(bound), stop_tx))
+}
+
+/// What runs beside the server, stopped after it.
+struct Background {
+    gateway: Gateway,
+    jwks_refresher: JoinHandle<()>,
+    admin_stop: oneshot::Sender<()>,
+    watchers: Watchers,
+    sweeper: JoinHandle<()>,
+    prober: JoinHandle<()>,
+    writer: audit::AuditWriter,
+}
+
+/// Serve until stopped, then shut down in order: no new connections; in-flight calls get the
+/// drain timeout (then are cut, and their replies a moment to leave); the helpers stop; the
+/// server and its services are dropped, and with them the last audit senders; the audit
+/// writer drains, checkpoints and fsyncs. Returns the records written.
+async fn stop_in_order(
+    serve: impl std::future::Future<Output = ()>,
+    drain_rx: oneshot::Receiver<()>,
+    drain: Duration,
+    bg: Background,
+) -> Result<u64, String> {
+    // Boxed so that dropping it below really drops the services (and their audit senders).
+    let mut serve = Box::pin(serve);
+    let served = tokio::select! {
+        r = &mut serve => Some(r),
+        _ = drain_rx => None,
+    };
+    if served.is_none() && tokio::time::timeout(drain, &mut serve).await.is_err() {
+        tracing::warn!(?drain, "drain timeout: ending the calls still in flight");
+        bg.gateway.cut_in_flight();
+        // The cut calls answer at once; give their replies a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut serve).await;
+    }
+    let Background {
+        gateway,
+        jwks_refresher,
+        admin_stop,
+        watchers,
+        sweeper,
+        prober,
+        writer,
+    } = bg;
+    drop(gateway);
+    jwks_refresher.abort();
+    let _ = admin_stop.send(());
+    #[cfg(unix)]
+    if let Some(h) = &watchers.sighup {
+        h.abort();
+    }
+    drop(watchers);
+    // Dropping the server drops its connections and services, and with them the audit
+    // senders.
+    drop(serve);
+    sweeper.abort();
+    let _ = sweeper.await;
+    prober.abort();
+    let written = writer
+        .join()
+        .await
+        .map_err(|e| format!("audit writer: {e}"))?;
+    tracing::info!(records = written, "audit trail flushed and synced");
+    Ok(written)
 }
