@@ -3,6 +3,10 @@
 //! together. Relative paths are resolved against the config file's directory.
 //!
 //! The data-sharing rules are not here: they live in the policy file the data bureau owns.
+//!
+//! Size: ~880 lines of code and 150 of tests: one struct per config section, each with its
+//! defaults and its part of `validate`, so that a key, its default and its check sit together;
+//! the sections have no behaviour beyond that.
 
 use std::{
     net::SocketAddr,

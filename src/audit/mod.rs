@@ -17,6 +17,12 @@
 //! A [`Pending`] record is created when a call starts; if the call's future is dropped before
 //! it finishes (client cancelled, drain timeout), the record is still written, with status
 //! `CANCELLED`. Shutdown closes the channel; the writer drains it, checkpoints and fsyncs.
+//!
+//! Size: ~980 lines, kept together because the record, the handle calls submit to, the
+//! held refusals and the writer loop share one protocol (submit ▸ batch ▸ write ▸ fsync ▸
+//! acknowledge, or hand the record back): splitting them would spread one invariant — no
+//! acknowledged record is lost — over several files. The disk format is in `store`, reading
+//! and verifying in `read`, the signed head in `head`.
 
 pub mod head;
 pub mod read;

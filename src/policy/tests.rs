@@ -1,5 +1,8 @@
 //! Table tests of the pure evaluation (no sockets, no clock: "now" is an input), and a
 //! property test of `policy diff`.
+//!
+//! Size: the evaluation's table tests, one table per concern; long because the model has many
+//! cases, each written out so a failing row names its case.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -12,6 +12,11 @@
 //! Verified tokens are cached (keyed by the SHA-256 of the token, bounded, honouring `exp`,
 //! dropped when their signing key leaves the key set), so a busy system does not pay a
 //! signature check per call.
+//!
+//! Size: ~750 lines of code and 140 of tests, kept in one file because they are one state
+//! machine over one key set: the verifier, its cache and the refusal it gives share the key
+//! set's generation and must change together; the key fetch (`jwks_fetch`) and the
+//! signature back end (`ring`) are already apart.
 
 pub mod jwks_fetch;
 pub mod ring;

@@ -23,6 +23,10 @@
 //! whether refusals were right (a denial may be the policy working as intended). Records with
 //! no consumer department (refused TLS handshakes) are summarised as unattributed and counted
 //! nowhere else.
+//!
+//! Size: ~1,100 lines of code and 350 of tests, one pass over the trail and its renderings
+//! (text, JSON, CSV, HTML); kept whole while it has one user (`xgate report`) — the
+//! aggregation and the HTML page would be the first two files to split off.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
