@@ -188,359 +188,24 @@ impl Policy {
 
     /// Validate an already-parsed file.
     pub fn build(file: PolicyFile, version: String) -> Result<Policy, PolicyErrors> {
-        let mut errs = Vec::new();
-        let mut err = |path: String, message: String| {
-            let hint = hint_for(&message, &file);
-            errs.push(PolicyError {
-                hint,
-                ..PolicyError::new(path, message)
-            })
+        let mut errs = Errors {
+            file: &file,
+            list: Vec::new(),
         };
-
-        for (path, r) in [
-            ("defaults.rate_limit", Some(file.defaults.rate_limit)),
-            ("defaults.per_consumer", file.defaults.per_consumer),
-        ] {
-            if let Some(r) = r
-                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
-            {
-                err(path.into(), "per_second and burst must be positive".into());
-            }
-        }
-        let mut departments = HashMap::new();
-        for (i, d) in file.departments.iter().enumerate() {
-            if departments.insert(d.id.clone(), i).is_some() {
-                err(
-                    format!("departments[{i}].id"),
-                    format!("duplicate department id `{}`", d.id),
-                );
-            }
-            if d.id.is_empty() || d.id.contains('/') {
-                err(
-                    format!("departments[{i}].id"),
-                    "must be non-empty and contain no `/`".into(),
-                );
-            }
-            if !is_region_code(&d.region) {
-                err(
-                    format!("departments[{i}].region"),
-                    format!(
-                        "`{}` is not a 6-digit administrative division code",
-                        d.region
-                    ),
-                );
-            }
-        }
-
-        let mut providers = HashMap::new();
-        for (i, p) in file.providers.iter().enumerate() {
-            if providers.insert(p.id.clone(), i).is_some() {
-                err(
-                    format!("providers[{i}].id"),
-                    format!("duplicate provider id `{}`", p.id),
-                );
-            }
-            let host = match p.endpoint.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
-                    uri.host().map(|h| h.trim_matches(['[', ']']).to_owned())
-                }
-                _ => {
-                    err(
-                        format!("providers[{i}].endpoint"),
-                        format!("`{}` is not an https://host:port URL", p.endpoint),
-                    );
-                    None
-                }
-            };
-            // The name the provider's certificate is checked against: what `serve` would
-            // refuse at start, `policy check` refuses here.
-            let (name_path, name) = match &p.tls_name {
-                Some(n) => (format!("providers[{i}].tls_name"), Some(n.clone())),
-                None => (format!("providers[{i}].endpoint"), host),
-            };
-            if let Some(n) = name
-                && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()
-            {
-                err(
-                    name_path,
-                    format!(
-                        "`{n}` is not a DNS name or IP address a certificate can be checked against"
-                    ),
-                );
-            }
-            if let Some(r) = p.max_rate
-                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
-            {
-                err(
-                    format!("providers[{i}].max_rate"),
-                    "per_second and burst must be positive".into(),
-                );
-            }
-            if p.max_in_flight == Some(0) {
-                err(
-                    format!("providers[{i}].max_in_flight"),
-                    "must be at least 1".into(),
-                );
-            }
-        }
-
-        let mut datasets = HashMap::new();
-        for (i, ds) in file.datasets.iter().enumerate() {
-            let mut fields = HashMap::new();
-            for (j, f) in ds.fields.iter().enumerate() {
-                if fields.insert(f.name.clone(), j).is_some() {
-                    err(
-                        format!("datasets[{i}].fields[{j}].name"),
-                        format!("duplicate field `{}`", f.name),
-                    );
-                }
-                if let Mask::Keep { .. } = f.mask
-                    && f.ty != model::FieldType::String
-                    && f.ty != model::FieldType::Int64
-                {
-                    err(
-                        format!("datasets[{i}].fields[{j}].mask"),
-                        "`keep` masks apply to string and int64 fields only; use `redact`".into(),
-                    );
-                }
-            }
-            if ds.fields.is_empty() {
-                err(
-                    format!("datasets[{i}].fields"),
-                    "a dataset needs at least one field".into(),
-                );
-            }
-            if !fields.contains_key(&ds.subject_key) {
-                err(
-                    format!("datasets[{i}].subject_key"),
-                    format!("`{}` is not a field of dataset `{}`", ds.subject_key, ds.id),
-                );
-            }
-            if let Some(rf) = &ds.region_field {
-                match fields.get(rf).map(|&j| ds.fields[j].ty) {
-                    Some(model::FieldType::String) => {}
-                    Some(_) => err(
-                        format!("datasets[{i}].region_field"),
-                        format!("`{rf}` must be a string field holding 6-digit region codes"),
-                    ),
-                    None => err(
-                        format!("datasets[{i}].region_field"),
-                        format!("`{rf}` is not a field of dataset `{}`", ds.id),
-                    ),
-                }
-            }
-            if !departments.contains_key(&ds.owner) {
-                err(
-                    format!("datasets[{i}].owner"),
-                    format!("unknown department `{}`", ds.owner),
-                );
-            }
-            if !providers.contains_key(&ds.provider) {
-                err(
-                    format!("datasets[{i}].provider"),
-                    format!("unknown provider `{}`", ds.provider),
-                );
-            }
-            let n = ds.fields.len();
-            let dup = datasets
-                .insert(
-                    ds.id.clone(),
-                    DatasetIndex {
-                        idx: i,
-                        fields,
-                        negative_fields: vec![None; n],
-                    },
-                )
-                .is_some();
-            if dup {
-                err(
-                    format!("datasets[{i}].id"),
-                    format!("duplicate dataset id `{}`", ds.id),
-                );
-            }
-        }
-
-        let mut negative_datasets = HashMap::new();
-        for (i, n) in file.negative_list.iter().enumerate() {
-            let Some(ds) = datasets.get_mut(&n.dataset) else {
-                err(
-                    format!("negative_list[{i}].dataset"),
-                    format!("unknown dataset `{}`", n.dataset),
-                );
-                continue;
-            };
-            match &n.field {
-                None => {
-                    negative_datasets.insert(n.dataset.clone(), i);
-                }
-                Some(f) => match ds.fields.get(f) {
-                    Some(&j) => ds.negative_fields[j] = Some(i),
-                    None => err(
-                        format!("negative_list[{i}].field"),
-                        format!("`{f}` is not a field of dataset `{}`", n.dataset),
-                    ),
-                },
-            }
-        }
-
-        let mut grants: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
-        let mut grant_ids = HashMap::new();
-        let mut windows = Vec::with_capacity(file.grants.len());
-        for (i, g) in file.grants.iter().enumerate() {
-            let at = |k: &str| format!("grants[{i}].{k}");
-            let mut instant = |k: &str, v: &Option<String>| match v.as_deref().map(parse_instant) {
-                None => None,
-                Some(Ok(t)) => Some(t),
-                Some(Err(e)) => {
-                    err(at(k), e);
-                    None
-                }
-            };
-            let window = Window {
-                from: instant("valid_from", &g.valid_from),
-                until: instant("expires", &g.expires),
-            };
-            if let (Some(f), Some(u)) = (window.from, window.until)
-                && u <= f
-            {
-                err(
-                    at("expires"),
-                    "a grant must expire after it becomes valid".into(),
-                );
-            }
-            windows.push(window);
-            if let model::RowScope::Regions(rs) = &g.row_scope {
-                if rs.is_empty() {
-                    err(at("row_scope"), "list at least one region".into());
-                }
-                for (j, r) in rs.iter().enumerate() {
-                    if !is_region_code(r) {
-                        err(
-                            format!("grants[{i}].row_scope.regions[{j}]"),
-                            format!("`{r}` is not a 6-digit administrative division code"),
-                        );
-                    }
-                }
-            }
-            if grant_ids.insert(g.id.clone(), i).is_some() {
-                err(at("id"), format!("duplicate grant id `{}`", g.id));
-            }
-            if !departments.contains_key(&g.consumer) {
-                err(
-                    at("consumer"),
-                    format!("unknown department `{}`", g.consumer),
-                );
-            }
-            if g.purposes.is_empty() || g.purposes.iter().any(|p| p.trim().is_empty()) {
-                err(
-                    at("purposes"),
-                    "a grant needs at least one non-empty purpose".into(),
-                );
-            }
-            if let Some(r) = g.rate_limit
-                && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
-            {
-                err(
-                    at("rate_limit"),
-                    "per_second and burst must be positive".into(),
-                );
-            }
-            if let Some(q) = g.daily_quota
-                && (q.calls.is_none() && q.rows.is_none()
-                    || q.calls == Some(0)
-                    || q.rows == Some(0))
-            {
-                err(
-                    at("daily_quota"),
-                    "set `calls` and/or `rows`, each at least 1".into(),
-                );
-            }
-            let Some(ds) = datasets.get(&g.dataset) else {
-                err(at("dataset"), format!("unknown dataset `{}`", g.dataset));
-                continue;
-            };
-            if g.fields.is_empty() {
-                err(
-                    at("fields"),
-                    "list the fields granted (or `\"*\"` for all)".into(),
-                );
-            }
-            if g.row_scope != model::RowScope::All && file.datasets[ds.idx].region_field.is_none() {
-                err(
-                    at("row_scope"),
-                    format!(
-                        "a row scope needs dataset `{}` to name its `region_field`",
-                        g.dataset
-                    ),
-                );
-            }
-            if let Some(&n) = negative_datasets.get(&g.dataset) {
-                err(
-                    at("dataset"),
-                    format!(
-                        "dataset `{}` is on the negative list (negative_list[{n}]): it cannot be granted",
-                        g.dataset
-                    ),
-                );
-            }
-            for (j, f) in g.fields.iter().enumerate() {
-                if f == "*" {
-                    continue;
-                }
-                match ds.fields.get(f) {
-                    None => err(
-                        format!("grants[{i}].fields[{j}]"),
-                        format!("`{f}` is not a field of dataset `{}`", g.dataset),
-                    ),
-                    Some(&k) => {
-                        if let Some(n) = ds.negative_fields[k] {
-                            err(
-                                format!("grants[{i}].fields[{j}]"),
-                                format!(
-                                    "field `{f}` is on the negative list (negative_list[{n}]): it cannot be granted"
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-            for (f, m) in &g.masks {
-                if let (Some(&k), Mask::Keep { .. }) = (ds.fields.get(f), m)
-                    && !matches!(
-                        file.datasets[ds.idx].fields[k].ty,
-                        model::FieldType::String | model::FieldType::Int64
-                    )
-                {
-                    err(
-                        at("masks"),
-                        format!(
-                            "`keep` masks apply to string and int64 fields only; `{f}` needs `redact` or `hash`"
-                        ),
-                    );
-                }
-                if !ds.fields.contains_key(f) {
-                    err(
-                        at("masks"),
-                        format!("`{f}` is not a field of dataset `{}`", g.dataset),
-                    );
-                }
-            }
-            let list = grants
-                .entry(g.dataset.clone())
-                .or_default()
-                .entry(g.consumer.clone())
-                .or_default();
-            list.push(i);
-        }
-        // System-specific grants are more specific: try them first.
-        for by_consumer in grants.values_mut() {
-            for list in by_consumer.values_mut() {
-                list.sort_by_key(|&i| file.grants[i].system.is_none());
-            }
-        }
-
-        if !errs.is_empty() {
-            return Err(PolicyErrors(errs));
+        check_defaults(&file, &mut errs);
+        let departments = index_departments(&file, &mut errs);
+        let providers = index_providers(&file, &mut errs);
+        let mut datasets = index_datasets(&file, &departments, &providers, &mut errs);
+        let negative_datasets = index_negative_list(&file, &mut datasets, &mut errs);
+        let (grants, windows) = index_grants(
+            &file,
+            &departments,
+            &datasets,
+            &negative_datasets,
+            &mut errs,
+        );
+        if !errs.list.is_empty() {
+            return Err(PolicyErrors(errs.list));
         }
         Ok(Policy {
             version,
@@ -613,6 +278,404 @@ impl Policy {
             .flatten()
             .map(|&i| (&self.file.grants[i], self.windows[i]))
     }
+}
+
+/// Every error found while building a policy, with a fix hint where one is known.
+struct Errors<'f> {
+    file: &'f PolicyFile,
+    list: Vec<PolicyError>,
+}
+
+impl Errors<'_> {
+    fn add(&mut self, path: String, message: String) {
+        let hint = hint_for(&message, self.file);
+        self.list.push(PolicyError {
+            hint,
+            ..PolicyError::new(path, message)
+        });
+    }
+}
+
+/// `defaults`: the open-access and per-consumer rates are positive.
+fn check_defaults(file: &PolicyFile, errs: &mut Errors<'_>) {
+    for (path, r) in [
+        ("defaults.rate_limit", Some(file.defaults.rate_limit)),
+        ("defaults.per_consumer", file.defaults.per_consumer),
+    ] {
+        if let Some(r) = r
+            && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+        {
+            errs.add(path.into(), "per_second and burst must be positive".into());
+        }
+    }
+}
+
+/// `departments`: unique ids, region codes; id -> index.
+fn index_departments(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String, usize> {
+    let mut departments = HashMap::new();
+    for (i, d) in file.departments.iter().enumerate() {
+        if departments.insert(d.id.clone(), i).is_some() {
+            errs.add(
+                format!("departments[{i}].id"),
+                format!("duplicate department id `{}`", d.id),
+            );
+        }
+        if d.id.is_empty() || d.id.contains('/') {
+            errs.add(
+                format!("departments[{i}].id"),
+                "must be non-empty and contain no `/`".into(),
+            );
+        }
+        if !is_region_code(&d.region) {
+            errs.add(
+                format!("departments[{i}].region"),
+                format!(
+                    "`{}` is not a 6-digit administrative division code",
+                    d.region
+                ),
+            );
+        }
+    }
+    departments
+}
+
+/// `providers`: unique ids, endpoints, TLS names, protection limits; id -> index.
+fn index_providers(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String, usize> {
+    let mut providers = HashMap::new();
+    for (i, p) in file.providers.iter().enumerate() {
+        if providers.insert(p.id.clone(), i).is_some() {
+            errs.add(
+                format!("providers[{i}].id"),
+                format!("duplicate provider id `{}`", p.id),
+            );
+        }
+        let host = match p.endpoint.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
+                uri.host().map(|h| h.trim_matches(['[', ']']).to_owned())
+            }
+            _ => {
+                errs.add(
+                    format!("providers[{i}].endpoint"),
+                    format!("`{}` is not an https://host:port URL", p.endpoint),
+                );
+                None
+            }
+        };
+        // The name the provider's certificate is checked against: what `serve` would
+        // refuse at start, `policy check` refuses here.
+        let (name_path, name) = match &p.tls_name {
+            Some(n) => (format!("providers[{i}].tls_name"), Some(n.clone())),
+            None => (format!("providers[{i}].endpoint"), host),
+        };
+        if let Some(n) = name
+            && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            errs.add(
+                name_path,
+                format!(
+                    "`{n}` is not a DNS name or IP address a certificate can be checked against"
+                ),
+            );
+        }
+        if let Some(r) = p.max_rate
+            && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+        {
+            errs.add(
+                format!("providers[{i}].max_rate"),
+                "per_second and burst must be positive".into(),
+            );
+        }
+        if p.max_in_flight == Some(0) {
+            errs.add(
+                format!("providers[{i}].max_in_flight"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    providers
+}
+
+/// `datasets`: fields, masks, owners and providers that exist; id -> index.
+fn index_datasets(
+    file: &PolicyFile,
+    departments: &HashMap<String, usize>,
+    providers: &HashMap<String, usize>,
+    errs: &mut Errors<'_>,
+) -> HashMap<String, DatasetIndex> {
+    let mut datasets = HashMap::new();
+    for (i, ds) in file.datasets.iter().enumerate() {
+        let mut fields = HashMap::new();
+        for (j, f) in ds.fields.iter().enumerate() {
+            if fields.insert(f.name.clone(), j).is_some() {
+                errs.add(
+                    format!("datasets[{i}].fields[{j}].name"),
+                    format!("duplicate field `{}`", f.name),
+                );
+            }
+            if let Mask::Keep { .. } = f.mask
+                && f.ty != model::FieldType::String
+                && f.ty != model::FieldType::Int64
+            {
+                errs.add(
+                    format!("datasets[{i}].fields[{j}].mask"),
+                    "`keep` masks apply to string and int64 fields only; use `redact`".into(),
+                );
+            }
+        }
+        if ds.fields.is_empty() {
+            errs.add(
+                format!("datasets[{i}].fields"),
+                "a dataset needs at least one field".into(),
+            );
+        }
+        if !fields.contains_key(&ds.subject_key) {
+            errs.add(
+                format!("datasets[{i}].subject_key"),
+                format!("`{}` is not a field of dataset `{}`", ds.subject_key, ds.id),
+            );
+        }
+        if let Some(rf) = &ds.region_field {
+            match fields.get(rf).map(|&j| ds.fields[j].ty) {
+                Some(model::FieldType::String) => {}
+                Some(_) => errs.add(
+                    format!("datasets[{i}].region_field"),
+                    format!("`{rf}` must be a string field holding 6-digit region codes"),
+                ),
+                None => errs.add(
+                    format!("datasets[{i}].region_field"),
+                    format!("`{rf}` is not a field of dataset `{}`", ds.id),
+                ),
+            }
+        }
+        if !departments.contains_key(&ds.owner) {
+            errs.add(
+                format!("datasets[{i}].owner"),
+                format!("unknown department `{}`", ds.owner),
+            );
+        }
+        if !providers.contains_key(&ds.provider) {
+            errs.add(
+                format!("datasets[{i}].provider"),
+                format!("unknown provider `{}`", ds.provider),
+            );
+        }
+        let n = ds.fields.len();
+        let dup = datasets
+            .insert(
+                ds.id.clone(),
+                DatasetIndex {
+                    idx: i,
+                    fields,
+                    negative_fields: vec![None; n],
+                },
+            )
+            .is_some();
+        if dup {
+            errs.add(
+                format!("datasets[{i}].id"),
+                format!("duplicate dataset id `{}`", ds.id),
+            );
+        }
+    }
+    datasets
+}
+
+/// `negative_list`: each entry names a dataset (or one of its fields) that exists; marks the
+/// fields, and returns the datasets listed whole.
+fn index_negative_list(
+    file: &PolicyFile,
+    datasets: &mut HashMap<String, DatasetIndex>,
+    errs: &mut Errors<'_>,
+) -> HashMap<String, usize> {
+    let mut negative_datasets = HashMap::new();
+    for (i, n) in file.negative_list.iter().enumerate() {
+        let Some(ds) = datasets.get_mut(&n.dataset) else {
+            errs.add(
+                format!("negative_list[{i}].dataset"),
+                format!("unknown dataset `{}`", n.dataset),
+            );
+            continue;
+        };
+        match &n.field {
+            None => {
+                negative_datasets.insert(n.dataset.clone(), i);
+            }
+            Some(f) => match ds.fields.get(f) {
+                Some(&j) => ds.negative_fields[j] = Some(i),
+                None => errs.add(
+                    format!("negative_list[{i}].field"),
+                    format!("`{f}` is not a field of dataset `{}`", n.dataset),
+                ),
+            },
+        }
+    }
+    negative_datasets
+}
+
+/// `grants`: each checked against the departments, datasets and negative list; indexed by
+/// dataset and consumer (system-specific first), with their validity windows.
+#[allow(clippy::type_complexity)]
+fn index_grants(
+    file: &PolicyFile,
+    departments: &HashMap<String, usize>,
+    datasets: &HashMap<String, DatasetIndex>,
+    negative_datasets: &HashMap<String, usize>,
+    errs: &mut Errors<'_>,
+) -> (HashMap<String, HashMap<String, Vec<usize>>>, Vec<Window>) {
+    let mut grants: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+    let mut grant_ids = HashMap::new();
+    let mut windows = Vec::with_capacity(file.grants.len());
+    for (i, g) in file.grants.iter().enumerate() {
+        let at = |k: &str| format!("grants[{i}].{k}");
+        let mut instant = |k: &str, v: &Option<String>| match v.as_deref().map(parse_instant) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                errs.add(at(k), e);
+                None
+            }
+        };
+        let window = Window {
+            from: instant("valid_from", &g.valid_from),
+            until: instant("expires", &g.expires),
+        };
+        if let (Some(f), Some(u)) = (window.from, window.until)
+            && u <= f
+        {
+            errs.add(
+                at("expires"),
+                "a grant must expire after it becomes valid".into(),
+            );
+        }
+        windows.push(window);
+        if let model::RowScope::Regions(rs) = &g.row_scope {
+            if rs.is_empty() {
+                errs.add(at("row_scope"), "list at least one region".into());
+            }
+            for (j, r) in rs.iter().enumerate() {
+                if !is_region_code(r) {
+                    errs.add(
+                        format!("grants[{i}].row_scope.regions[{j}]"),
+                        format!("`{r}` is not a 6-digit administrative division code"),
+                    );
+                }
+            }
+        }
+        if grant_ids.insert(g.id.clone(), i).is_some() {
+            errs.add(at("id"), format!("duplicate grant id `{}`", g.id));
+        }
+        if !departments.contains_key(&g.consumer) {
+            errs.add(
+                at("consumer"),
+                format!("unknown department `{}`", g.consumer),
+            );
+        }
+        if g.purposes.is_empty() || g.purposes.iter().any(|p| p.trim().is_empty()) {
+            errs.add(
+                at("purposes"),
+                "a grant needs at least one non-empty purpose".into(),
+            );
+        }
+        if let Some(r) = g.rate_limit
+            && !(r.per_second > 0.0 && r.per_second.is_finite() && r.burst > 0)
+        {
+            errs.add(
+                at("rate_limit"),
+                "per_second and burst must be positive".into(),
+            );
+        }
+        if let Some(q) = g.daily_quota
+            && (q.calls.is_none() && q.rows.is_none() || q.calls == Some(0) || q.rows == Some(0))
+        {
+            errs.add(
+                at("daily_quota"),
+                "set `calls` and/or `rows`, each at least 1".into(),
+            );
+        }
+        let Some(ds) = datasets.get(&g.dataset) else {
+            errs.add(at("dataset"), format!("unknown dataset `{}`", g.dataset));
+            continue;
+        };
+        if g.fields.is_empty() {
+            errs.add(
+                at("fields"),
+                "list the fields granted (or `\"*\"` for all)".into(),
+            );
+        }
+        if g.row_scope != model::RowScope::All && file.datasets[ds.idx].region_field.is_none() {
+            errs.add(
+                at("row_scope"),
+                format!(
+                    "a row scope needs dataset `{}` to name its `region_field`",
+                    g.dataset
+                ),
+            );
+        }
+        if let Some(&n) = negative_datasets.get(&g.dataset) {
+            errs.add(
+                at("dataset"),
+                format!(
+                    "dataset `{}` is on the negative list (negative_list[{n}]): it cannot be granted",
+                    g.dataset
+                ),
+            );
+        }
+        for (j, f) in g.fields.iter().enumerate() {
+            if f == "*" {
+                continue;
+            }
+            match ds.fields.get(f) {
+                None => errs.add(
+                    format!("grants[{i}].fields[{j}]"),
+                    format!("`{f}` is not a field of dataset `{}`", g.dataset),
+                ),
+                Some(&k) => {
+                    if let Some(n) = ds.negative_fields[k] {
+                        errs.add(
+                            format!("grants[{i}].fields[{j}]"),
+                            format!(
+                                "field `{f}` is on the negative list (negative_list[{n}]): it cannot be granted"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        for (f, m) in &g.masks {
+            if let (Some(&k), Mask::Keep { .. }) = (ds.fields.get(f), m)
+                && !matches!(
+                    file.datasets[ds.idx].fields[k].ty,
+                    model::FieldType::String | model::FieldType::Int64
+                )
+            {
+                errs.add(
+                    at("masks"),
+                    format!(
+                        "`keep` masks apply to string and int64 fields only; `{f}` needs `redact` or `hash`"
+                    ),
+                );
+            }
+            if !ds.fields.contains_key(f) {
+                errs.add(
+                    at("masks"),
+                    format!("`{f}` is not a field of dataset `{}`", g.dataset),
+                );
+            }
+        }
+        let list = grants
+            .entry(g.dataset.clone())
+            .or_default()
+            .entry(g.consumer.clone())
+            .or_default();
+        list.push(i);
+    }
+    // System-specific grants are more specific: try them first.
+    for by_consumer in grants.values_mut() {
+        for list in by_consumer.values_mut() {
+            list.sort_by_key(|&i| file.grants[i].system.is_none());
+        }
+    }
+    (grants, windows)
 }
 
 /// A fix hint for common mistakes: the closest known id for an unknown reference.
