@@ -44,28 +44,6 @@ use tokio::sync::{mpsc, oneshot};
 pub use store::StoreSettings;
 
 /// One call, as the audit trail records it.
-impl AuditRecord {
-    /// A record begun now for a call to `method` on a connection from `peer` (its system
-    /// identity, certificate fingerprint and address, when known), with this trace id.
-    pub fn from_peer(
-        peer: Option<&crate::tls::identity::Peer>,
-        method: String,
-        trace_id: String,
-    ) -> Self {
-        let system = peer.and_then(|p| p.identity.as_ref().ok());
-        AuditRecord {
-            time: now_rfc3339(),
-            trace_id,
-            method,
-            consumer_dept: system.map(|s| s.dept.clone()),
-            consumer_system: system.map(|s| s.system.clone()),
-            cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-            remote_addr: peer.map(|p| p.remote.to_string()),
-            ..AuditRecord::default()
-        }
-    }
-}
-
 /// What the policy decided for a call, as its record says it.
 #[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

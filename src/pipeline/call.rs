@@ -7,6 +7,41 @@
 
 use super::*;
 
+/// Set by the pipeline when it takes a request (it writes the audit record itself), so the
+/// edge ([`super::edge`]) records only the refusals made before it.
+#[derive(Clone, Debug, Default)]
+pub struct Handled(Arc<std::sync::atomic::AtomicBool>);
+
+impl Handled {
+    pub fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_marked(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A record begun now for a call to `method` on a connection from `peer` (its system
+/// identity, certificate fingerprint and address, when known), with this trace id.
+pub(crate) fn record_from_peer(
+    peer: Option<&Peer>,
+    method: String,
+    trace_id: String,
+) -> AuditRecord {
+    let system = peer.and_then(|p| p.identity.as_ref().ok());
+    AuditRecord {
+        time: audit::now_rfc3339(),
+        trace_id,
+        method,
+        consumer_dept: system.map(|s| s.dept.clone()),
+        consumer_system: system.map(|s| s.system.clone()),
+        cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
+        remote_addr: peer.map(|p| p.remote.to_string()),
+        ..AuditRecord::default()
+    }
+}
+
 /// One call in progress: its trace id, its span and its audit record.
 pub(super) struct Call {
     pub(super) trace_id: String,
@@ -149,7 +184,7 @@ impl Gateway {
     /// Stage `begin`: open the audit record. Refuses when the audit trail cannot take records.
     pub(super) fn begin<T>(&self, method: &'static str, req: &Request<T>) -> Result<Call, Status> {
         let arrived = tokio::time::Instant::now();
-        if let Some(h) = req.extensions().get::<crate::pipeline::edge::Handled>() {
+        if let Some(h) = req.extensions().get::<Handled>() {
             h.mark();
         }
         let span = tracing::info_span!(
@@ -179,7 +214,7 @@ impl Gateway {
         let peer = req.extensions().get::<Peer>();
         let mut rec = AuditRecord {
             policy_version: self.inner.snapshot.load().policy.version.clone(),
-            ..AuditRecord::from_peer(peer, method.to_owned(), trace_id.clone())
+            ..record_from_peer(peer, method.to_owned(), trace_id.clone())
         };
         if !self.inner.audit.is_open() {
             tracing::error!(%trace_id, method, "audit trail unavailable: refusing call");

@@ -6,7 +6,7 @@
 //! `google.rpc.ErrorInfo` and the right code (`UNIMPLEMENTED`, `INVALID_ARGUMENT`,
 //! `RESOURCE_EXHAUSTED` rather than tonic's `INTERNAL`/`OUT_OF_RANGE`) — and audited.
 //!
-//! The pipeline marks each request it takes (`Gateway::begin` sets [`Handled`]); a response to
+//! The pipeline marks each request it takes (`Gateway::begin` sets `Handled`, in call.rs); a response to
 //! an unmarked request carrying a gRPC error in its headers (a trailers-only response) is one
 //! of these.
 //!
@@ -18,10 +18,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -31,19 +28,12 @@ use tower::{Layer, Service};
 use crate::{
     audit::{self, AuditLog, AuditRecord, Pending, Refusals},
     error::{Reason, Reject},
-    pipeline::WeakGateway,
+    pipeline::{
+        WeakGateway,
+        call::{Handled, record_from_peer},
+    },
     tls::identity::Peer,
 };
-
-/// Set by the pipeline when it takes a request (it writes the audit record itself).
-#[derive(Clone, Debug, Default)]
-pub struct Handled(Arc<AtomicBool>);
-
-impl Handled {
-    pub fn mark(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct EdgeLayer {
@@ -146,7 +136,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
-            if handled.0.load(Ordering::Relaxed) {
+            if handled.is_marked() {
                 return Ok(resp);
             }
             let Some(status) = Status::from_header_map(resp.headers()) else {
@@ -181,7 +171,7 @@ where
                     .upgrade()
                     .map(|g| g.snapshot().policy.version.clone())
                     .unwrap_or_default(),
-                ..AuditRecord::from_peer(peer.as_ref(), path.chars().take(200).collect(), trace_id)
+                ..record_from_peer(peer.as_ref(), path.chars().take(200).collect(), trace_id)
             };
             if let Err(rec) = Pending::new(layer.audit.clone(), rec)
                 .commit(rej.code())
@@ -291,7 +281,7 @@ pub fn refusal_record(
         detail: Some(detail),
         grpc_status: audit::code_name(rej.code()),
         grpc_code: rej.code() as i32,
-        ..AuditRecord::from_peer(peer, method, audit::new_trace_id())
+        ..record_from_peer(peer, method, audit::new_trace_id())
     }
 }
 
