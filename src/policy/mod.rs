@@ -11,7 +11,7 @@
 //! A policy that fails validation is never served: every error is reported at once, with the
 //! path of the offending entry.
 //!
-//! Size: ~700 lines: loading and validating the file (every error at once, with its path)
+//! Size: ~770 lines: loading and validating the file (every error at once, with its path)
 //! and building the indexes the evaluation reads — one pass whose checks depend on each
 //! other's indexes. The decision itself is in `eval`, the tests in `tests`.
 
