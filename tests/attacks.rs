@@ -1740,3 +1740,39 @@ async fn a_certificate_expiring_on_an_open_connection_is_refused_per_call() {
     let recs = h.stop().await;
     assert_audited(&recs, &[(trace_of(&st), "CERT_EXPIRED")]);
 }
+
+/// A refusal made before the pipeline (here: a call with no request message) is recorded under
+/// the caller's W3C trace id, as the pipeline's own records are: one id finds it.
+#[tokio::test]
+async fn refusals_before_the_pipeline_keep_the_callers_trace_id() {
+    let mut h = Harness::start(Opts::default()).await;
+    let id = "0ed9e000000000000000000000000042";
+    let mut tls = raw_h2::connect(h.addr, "civil-affairs").await;
+    let mut out = Vec::new();
+    let block = raw_h2::Calls::default().headers(
+        "/xgate.v1.DataExchange/Query",
+        &token("civil-affairs"),
+        id,
+    );
+    raw_h2::frame(
+        &mut out,
+        raw_h2::HEADERS,
+        raw_h2::END_HEADERS | raw_h2::END_STREAM,
+        1,
+        &block,
+    );
+    tls.write_all(&out).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some((kind, _, stream, _)) = raw_h2::next_frame(&mut tls).await {
+            if kind == raw_h2::HEADERS && stream == 1 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(answered, Ok(true));
+    drop(tls);
+    let recs = h.stop().await;
+    assert_audited(&recs, &[(id.to_owned(), "REQUEST_MALFORMED")]);
+}

@@ -166,8 +166,8 @@ pub(super) fn record_reject(rec: &mut AuditRecord, rej: &Reject) {
 }
 
 /// The call's trace id: the caller's W3C `traceparent` trace id if it sent one, else fresh.
-pub(super) fn trace_id_from(md: &tonic::metadata::MetadataMap) -> String {
-    if let Some(tp) = md.get("traceparent").and_then(|v| v.to_str().ok()) {
+pub(crate) fn trace_id_from(traceparent: Option<&http::HeaderValue>) -> String {
+    if let Some(tp) = traceparent.and_then(|v| v.to_str().ok()) {
         let mut parts = tp.split('-');
         if let (Some(_ver), Some(tid)) = (parts.next(), parts.next())
             && tid.len() == 32
@@ -205,7 +205,7 @@ impl Gateway {
         // With tracing on, the audit trace id is the trace's id (the caller's, if it sent a
         // traceparent): one id finds both the record and the spans.
         let trace_id = crate::telemetry::adopt_parent(&span, req.metadata())
-            .unwrap_or_else(|| trace_id_from(req.metadata()));
+            .unwrap_or_else(|| trace_id_from(req.metadata().as_ref().get("traceparent")));
         span.record("trace_id", trace_id.as_str());
         let trace_headers = ["traceparent", "tracestate"]
             .into_iter()

@@ -30,7 +30,7 @@ use crate::{
     error::{Reason, Reject},
     pipeline::{
         WeakGateway,
-        call::{Handled, record_from_peer},
+        call::{Handled, record_from_peer, trace_id_from},
     },
     tls::identity::Peer,
 };
@@ -132,6 +132,9 @@ where
         req.extensions_mut().insert(handled.clone());
         let peer = req.extensions().get::<Peer>().cloned();
         let path = req.uri().path().to_owned();
+        // A refusal made here is recorded under the caller's trace id too (a refcount, not a
+        // copy; parsed only if the call is refused).
+        let traceparent = req.headers().get("traceparent").cloned();
         let layer = self.layer.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -146,7 +149,7 @@ where
                 return Ok(resp);
             }
             let rej = classify(&status, &path);
-            let trace_id = audit::new_trace_id();
+            let trace_id = trace_id_from(traceparent.as_ref());
             // Replace tonic's status headers with ours (same response, trailers-only).
             let ours: http::Response<()> = rej.to_status(&trace_id).into_http();
             for name in [
