@@ -959,16 +959,10 @@ async fn rapid_reset_flood_and_stalled_handshakes_do_not_starve_others() {
     body.extend(msg);
     raw_h2::frame(&mut one, raw_h2::DATA, raw_h2::END_STREAM, 1, &body);
     control.write_all(&one).await.unwrap();
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some((kind, _, stream, _)) = raw_h2::next_frame(&mut control).await {
-            if kind == raw_h2::HEADERS && stream == 1 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(answered, Ok(true), "the hand-written call was answered");
+    assert!(
+        raw_h2::answered(&mut control, 1, Duration::from_secs(10)).await,
+        "the hand-written call was answered"
+    );
     drop(control);
     let flood_ids: Vec<String> = (0..2_000u128)
         .map(|i| format!("{:032x}", 0xf100d << 100 | i))
@@ -1762,16 +1756,10 @@ async fn refusals_before_the_pipeline_keep_the_callers_trace_id() {
         &block,
     );
     tls.write_all(&out).await.unwrap();
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some((kind, _, stream, _)) = raw_h2::next_frame(&mut tls).await {
-            if kind == raw_h2::HEADERS && stream == 1 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(answered, Ok(true));
+    assert!(
+        raw_h2::answered(&mut tls, 1, Duration::from_secs(10)).await,
+        "the call was answered"
+    );
     drop(tls);
     let recs = h.stop().await;
     assert_audited(&recs, &[(id.to_owned(), "REQUEST_MALFORMED")]);

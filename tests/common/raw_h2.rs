@@ -162,6 +162,23 @@ pub async fn next_frame(
     Some((head[3], head[4], stream, payload))
 }
 
+/// Whether the server answered `stream` (its response HEADERS) within `within`.
+pub async fn answered(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    stream: u32,
+    within: std::time::Duration,
+) -> bool {
+    let read = async {
+        while let Some((kind, _, s, _)) = next_frame(r).await {
+            if kind == HEADERS && s == stream {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(within, read).await.unwrap_or(false)
+}
+
 /// Read frames until the server sends GOAWAY or closes: the GOAWAY's (last stream id, error
 /// code) if one came.
 pub async fn until_goaway(
