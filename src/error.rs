@@ -160,6 +160,27 @@ reasons! {
     ProviderError => Unknown, "PROVIDER_ERROR";
     /// The provider's answer does not follow the standard interface.
     ProviderResponseInvalid => Internal, "PROVIDER_RESPONSE_INVALID";
+    // --- the provider adapter (`xgate provider`): what it tells the gateway, which passes it
+    // --- on as PROVIDER_UNAVAILABLE / PROVIDER_TIMEOUT / PROVIDER_ERROR with this message ----
+    /// The client certificate is not the gateway's (`gateway.identities` in provider.yaml):
+    /// only the gateway may call a provider.
+    CallerNotGateway => PermissionDenied, "CALLER_NOT_GATEWAY";
+    /// The dataset is configured but failed its check against the live schema (its
+    /// `/ready` says which field and column), so the provider refuses it until it passes.
+    DatasetNotServed => FailedPrecondition, "DATASET_NOT_SERVED";
+    /// The provider's database or HTTP service cannot be reached (down, refusing, or every
+    /// pooled connection busy); the provider reconnects by itself.
+    SourceUnavailable => Unavailable, "SOURCE_UNAVAILABLE";
+    /// The source did not answer within its statement or request timeout.
+    SourceTimeout => DeadlineExceeded, "SOURCE_TIMEOUT";
+    /// A column or table went away or changed type while serving: the dataset is checked
+    /// again, and refused until it passes.
+    SourceSchemaChanged => FailedPrecondition, "SOURCE_SCHEMA_CHANGED";
+    /// The source failed in another way (details in the provider's log under the trace id).
+    SourceError => Internal, "SOURCE_ERROR";
+    /// A condition the source cannot express (an HTTP service without a parameter for it):
+    /// refused, never dropped.
+    FilterUnsupported => InvalidArgument, "FILTER_UNSUPPORTED";
     // --- the caller's side -----------------------------------------------------------------
     /// The caller's deadline (`grpc-timeout`) passed before the call finished: the record
     /// says how far it got; no rows were sent.

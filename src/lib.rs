@@ -39,6 +39,7 @@ pub mod limits;
 pub mod pb;
 pub mod pipeline;
 pub mod policy;
+pub mod provider;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

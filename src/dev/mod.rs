@@ -7,3 +7,4 @@ pub mod client;
 pub mod fuzzing;
 pub mod pki;
 pub mod provider;
+pub mod seed;

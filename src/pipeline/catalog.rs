@@ -77,7 +77,7 @@ pub(super) fn describe_access(
 }
 
 pub(super) fn catalog_entry(ds: &policy::model::Dataset) -> pb::Dataset {
-    use policy::model::{FieldType as F, Sensitivity as S};
+    use policy::model::Sensitivity as S;
     pb::Dataset {
         id: ds.id.clone(),
         title: ds.title.clone(),
@@ -92,14 +92,7 @@ pub(super) fn catalog_entry(ds: &policy::model::Dataset) -> pb::Dataset {
             .iter()
             .map(|f| pb::FieldInfo {
                 name: f.name.clone(),
-                r#type: match f.ty {
-                    F::String => pb::FieldType::String,
-                    F::Int64 => pb::FieldType::Int64,
-                    F::Double => pb::FieldType::Double,
-                    F::Bool => pb::FieldType::Bool,
-                    F::Bytes => pb::FieldType::Bytes,
-                    F::Timestamp => pb::FieldType::Timestamp,
-                } as i32,
+                r#type: f.ty.to_pb() as i32,
                 sensitivity: match f.sensitivity {
                     S::Public => pb::Sensitivity::Public,
                     S::Internal => pb::Sensitivity::Internal,

@@ -120,6 +120,21 @@ pub enum FieldType {
     Timestamp,
 }
 
+impl FieldType {
+    /// The interface's name for it.
+    pub fn to_pb(self) -> crate::pb::FieldType {
+        use crate::pb::FieldType as P;
+        match self {
+            FieldType::String => P::String,
+            FieldType::Int64 => P::Int64,
+            FieldType::Double => P::Double,
+            FieldType::Bool => P::Bool,
+            FieldType::Bytes => P::Bytes,
+            FieldType::Timestamp => P::Timestamp,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Sensitivity {

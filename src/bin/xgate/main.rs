@@ -6,6 +6,7 @@
 //! policy.rs  policy check, diff, explain, …
 //! audit.rs   audit verify, search, head; report (the sharing league table)
 //! bench.rs   bench (the load generator)
+//! provider.rs  provider (serve a department's database or HTTP service; --check)
 //! ```
 //!
 //! `dev-certs` is one call into [`xgate::dev::pki`]. The gateway itself is the library
@@ -15,9 +16,10 @@ mod audit;
 mod bench;
 mod call;
 mod policy;
+mod provider;
 mod run;
 
-use self::{audit::*, bench::*, call::*, policy::*, run::*};
+use self::{audit::*, bench::*, call::*, policy::*, provider::*, run::*};
 
 use std::{
     net::SocketAddr,
@@ -28,7 +30,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use xgate::{
     config::Config,
-    dev::{client, pki as devpki, provider},
+    dev::{client, pki as devpki, seed},
     pb,
     policy::Policy,
     serve, telemetry,
@@ -61,6 +63,9 @@ enum Cmd {
         #[arg(long, env = "XGATE_AUDIT_DIR")]
         audit_dir: Option<PathBuf>,
     },
+    /// Serve catalogue datasets from a department's database (PostgreSQL, MySQL/MariaDB,
+    /// SQLite) or HTTP/JSON service to the gateway, over mTLS (docs/providers.md).
+    Provider(ProviderArgs),
     /// Run the demo: the gateway on the dev PKI plus sample department backends.
     Demo(DemoArgs),
     /// Write a fresh development PKI (CA, gateway, providers, consumers, JWT key + JWKS).
@@ -133,6 +138,7 @@ fn main() -> ExitCode {
             audit_dir,
         } => serve(&config, listen, admin_listen, audit_dir),
         Cmd::Demo(d) => demo(d),
+        Cmd::Provider(p) => provider_cmd(p),
         Cmd::DevCerts { out } => devpki::generate(&out)
             .map(|files| {
                 for f in files {

@@ -32,6 +32,9 @@ pub(crate) struct DemoArgs {
     /// policy says; the demo then serves a copy of the policy with those endpoints.
     #[arg(long, value_name = "PORT")]
     pub(crate) providers_port_base: Option<u16>,
+    /// Where the sample departments' SQLite databases are (written on first start).
+    #[arg(long, default_value = "demo-data")]
+    pub(crate) data_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +208,7 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         audit_mode,
         providers_only,
         providers_port_base,
+        data_dir,
     } = d;
     let certs = certs.unwrap_or_else(|| locate("certs-dev"));
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
@@ -223,11 +227,17 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         let otlp = xgate::config::Otlp::from_env(None, |k| std::env::var(k).ok())?;
         let tel = telemetry::init(&cfg.log, otlp.as_ref())?;
         let policy = Policy::load(&policy_path).map_err(|e| format!("{}: {e}", policy_path.display()))?;
-        // Start the sample providers where the policy says they are.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The sample departments: their databases (written on first start), each served by
+        // `xgate provider` where the policy says it is.
+        for (id, file, specs) in seed::demo_databases() {
+            let db = data_dir.join(file);
+            if seed::sqlite(&db, &specs).await? {
+                xgate::outln!("wrote {} (the {id} department's sample database)", db.display());
+            }
+        }
         let mut providers = Vec::new();
         let mut moved = Vec::new();
-        for (i, (id, tables)) in provider::demo_providers().into_iter().enumerate() {
+        for (i, (id, file, _)) in seed::demo_databases().into_iter().enumerate() {
             let Some(p) = policy.provider(id) else { continue };
             let uri: http::Uri = p.endpoint.parse().map_err(|e| format!("provider {id}: {e}"))?;
             let port = match providers_port_base {
@@ -237,17 +247,24 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
                     .ok_or("--providers-port-base: too high for every provider")?,
                 None => uri.port_u16().unwrap_or(443),
             };
-            let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
-            let sp = provider::SampleProvider::new(id, tables, provider::Behaviour::default());
-            let mut rx = stop_rx.clone();
-            let (bound, h) = provider::spawn_dev(sp, id, addr, &certs, async move {
-                let _ = rx.changed().await;
-            })
-            .await
-            .map_err(|e| format!("sample provider `{id}` on {addr}: {e}"))?;
-            xgate::outln!("sample provider {id:<20} https://{bound}");
+            let pcfg = demo_provider_config(id, &certs, &policy_path, &data_dir.join(file), port)?;
+            let running = xgate::provider::start(&pcfg, None).await.map_err(|e| {
+                let hint = if e.contains("in use") {
+                    ": another demo may be running (stop it), or move this one's providers with `xgate demo --providers-port-base 0` (any free ports)"
+                } else {
+                    ""
+                };
+                format!("provider `{id}`: {e}{hint}")
+            })?;
+            let bound = running.addr;
+            let (ready, _) = running.readiness();
+            xgate::outln!(
+                "provider {id:<20} https://{bound}  (xgate provider over {}{})",
+                data_dir.join(file).display(),
+                if ready { "" } else { "; NOT READY: see the log" }
+            );
             moved.push((p.endpoint.clone(), format!("https://127.0.0.1:{}", bound.port())));
-            providers.push(h);
+            providers.push(running);
         }
         if providers_port_base.is_some() {
             // The gateway must find them where they are: a copy of the policy that says so.
@@ -266,13 +283,12 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
             cfg.policy = copy;
         }
         if providers_only {
-            xgate::outln!("Ctrl-C stops the sample providers.");
+            xgate::outln!("Ctrl-C stops the providers.");
             use std::io::Write;
             let _ = std::io::stdout().flush();
             shutdown_signal().await;
-            let _ = stop_tx.send(true);
-            for h in providers {
-                let _ = h.await;
+            for p in providers {
+                let _ = p.shutdown().await;
             }
             tel.shutdown().await;
             return Ok(());
@@ -305,12 +321,38 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         let _ = std::io::stdout().flush();
         shutdown_signal().await;
         let written = running.shutdown().await?;
-        let _ = stop_tx.send(true);
-        for h in providers {
-            let _ = h.await;
+        for p in providers {
+            let _ = p.shutdown().await;
         }
         xgate::outln!("stopped; {written} audit records written");
         tel.shutdown().await;
         Ok(())
     })
+}
+
+/// A demo department's provider config: `deploy/dev/provider-<id>.yaml` with the demo's
+/// certificates, catalogue, database and port.
+fn demo_provider_config(
+    id: &str,
+    certs: &Path,
+    catalogue: &Path,
+    db: &Path,
+    port: u16,
+) -> Result<xgate::provider::ProviderConfig, String> {
+    let path = locate(&format!("deploy/dev/provider-{id}.yaml"));
+    let mut cfg = xgate::provider::ProviderConfig::load(&path)
+        .map_err(|e| format!("{}:\n  - {}", path.display(), e.join("\n  - ")))?;
+    cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    // One demo per machine may use the ports in the file; a moved one must not collide.
+    cfg.admin_listen = None;
+    cfg.catalogue = catalogue.to_owned();
+    cfg.tls.cert = certs.join(format!("provider-{id}.pem"));
+    cfg.tls.key = certs.join(format!("provider-{id}.key"));
+    cfg.tls.client_ca = certs.join("ca.pem");
+    for s in cfg.sources.values_mut() {
+        if let xgate::provider::config::Source::Sql(sql) = s {
+            sql.url = format!("sqlite://{}", db.display());
+        }
+    }
+    Ok(cfg)
 }
