@@ -167,6 +167,12 @@ async fn check_one(d: Arc<Served>) {
         Err(CheckError::Unavailable(error)) => State::Unavailable { error },
     };
     let prev = d.state.load_full();
+    let recovered =
+        matches!(*prev, State::Mismatch { .. }) && matches!(next, State::Serving { .. });
+    if recovered && let Src::Sql(s) = &*d.source {
+        // The schema changed since these connections prepared their statements.
+        s.refresh();
+    }
     if *prev != next {
         match &next {
             State::Serving { .. } => {

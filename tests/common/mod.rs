@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod db;
 pub mod raw_h2;
 pub mod trail;
 

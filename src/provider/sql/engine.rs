@@ -230,6 +230,8 @@ pub fn classify(e: &sqlx::Error) -> Fault {
                 "57014" => Fault::Timeout,
                 // undefined column / table, insufficient privilege, datatype mismatch
                 "42703" | "42P01" | "42501" | "42804" => Fault::Schema,
+                // cached plan must not change result type (a column changed type)
+                "0A000" => Fault::Schema,
                 // admin / crash shutdown, cannot connect now, too many connections
                 "57P01" | "57P02" | "57P03" | "53300" => Fault::Unavailable,
                 c if c.starts_with("08") => Fault::Unavailable,

@@ -107,18 +107,29 @@ enum Pools {
 }
 
 /// One configured database.
-#[derive(Debug)]
 pub struct SqlSource {
     pub name: String,
-    pools: Pools,
+    pools: arc_swap::ArcSwap<Pools>,
+    /// New pools with the same settings (see [`SqlSource::refresh`]).
+    make: Box<dyn Fn() -> Pools + Send + Sync>,
+    dialect: Dialect,
     statement_timeout: Duration,
     stream_timeout: Duration,
+}
+
+impl std::fmt::Debug for SqlSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSource")
+            .field("name", &self.name)
+            .field("dialect", &self.dialect)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Awaits `$f::<E>(pool, …)` with the pool of the right engine.
 macro_rules! on_pool {
     ($self:expr, $which:ident, $f:ident ( $($arg:expr),* )) => {
-        match &$self.pools {
+        match &**$self.pools.load() {
             Pools::Pg(p) => $f::<Postgres>(&p.$which, $($arg),*).await,
             Pools::My(p) => $f::<MySql>(&p.$which, $($arg),*).await,
             Pools::Lite(p) => $f::<Sqlite>(&p.$which, $($arg),*).await,
@@ -152,91 +163,107 @@ impl SqlSource {
                 .test_before_acquire(false)
                 .idle_timeout(Some(Duration::from_secs(300)))
         }
-        let pools = if cfg.url.starts_with("postgres") {
-            let base = PgConnectOptions::from_str(&cfg.url)
-                .map_err(bad)?
-                .application_name("xgate-provider")
-                .disable_statement_logging();
-            let base = match &password {
-                Some(p) => base.password(p),
-                None => base,
-            };
-            let with = |t: Duration| {
-                base.clone().options([
-                    ("default_transaction_read_only", "on".to_owned()),
-                    ("statement_timeout", t.as_millis().to_string()),
-                ])
-            };
-            let pg = |n, t| {
-                let o: PgPoolOptions = sized(n, connect);
-                o.connect_lazy_with(with(t))
-            };
-            Pools::Pg(Pair {
-                query: pg(cfg.max_connections, statement),
-                stream: pg(cfg.stream_connections, stream),
-            })
-        } else if cfg.url.starts_with("mysql") {
-            let base = MySqlConnectOptions::from_str(&cfg.url)
-                .map_err(bad)?
-                .disable_statement_logging();
-            let base = match &password {
-                Some(p) => base.password(p),
-                None => base,
-            };
-            let my = |n, t: Duration| {
-                let opts: MySqlPoolOptions = sized(n, connect);
-                opts.after_connect(move |conn, _| {
-                    Box::pin(async move {
-                        let version: String = sqlx::query_scalar("SELECT VERSION()")
-                            .fetch_one(&mut *conn)
-                            .await?;
-                        conn.execute("SET SESSION TRANSACTION READ ONLY").await?;
-                        let limit = if version.contains("MariaDB") {
-                            format!("SET SESSION max_statement_time = {}", t.as_secs_f64())
-                        } else {
-                            format!("SET SESSION max_execution_time = {}", t.as_millis())
-                        };
-                        conn.execute(limit.as_str()).await?;
-                        Ok(())
+        let (max, streams) = (cfg.max_connections, cfg.stream_connections);
+        let (make, dialect): (Box<dyn Fn() -> Pools + Send + Sync>, Dialect) =
+            if cfg.url.starts_with("postgres") {
+                let base = PgConnectOptions::from_str(&cfg.url)
+                    .map_err(bad)?
+                    .application_name("xgate-provider")
+                    .disable_statement_logging();
+                let base = match &password {
+                    Some(p) => base.password(p),
+                    None => base,
+                };
+                let with = move |t: Duration| {
+                    base.clone().options([
+                        ("default_transaction_read_only", "on".to_owned()),
+                        ("statement_timeout", t.as_millis().to_string()),
+                    ])
+                };
+                let pg = move |n, t| {
+                    let o: PgPoolOptions = sized(n, connect);
+                    o.connect_lazy_with(with(t))
+                };
+                let make = move || {
+                    Pools::Pg(Pair {
+                        query: pg(max, statement),
+                        stream: pg(streams, stream),
                     })
-                })
-                .connect_lazy_with(base.clone())
+                };
+                (Box::new(make), Dialect::Postgres)
+            } else if cfg.url.starts_with("mysql") {
+                let base = MySqlConnectOptions::from_str(&cfg.url)
+                    .map_err(bad)?
+                    .disable_statement_logging();
+                let base = match &password {
+                    Some(p) => base.password(p),
+                    None => base,
+                };
+                let my = move |n, t: Duration| {
+                    let opts: MySqlPoolOptions = sized(n, connect);
+                    opts.after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            let version: String = sqlx::query_scalar("SELECT VERSION()")
+                                .fetch_one(&mut *conn)
+                                .await?;
+                            conn.execute("SET SESSION TRANSACTION READ ONLY").await?;
+                            let limit = if version.contains("MariaDB") {
+                                format!("SET SESSION max_statement_time = {}", t.as_secs_f64())
+                            } else {
+                                format!("SET SESSION max_execution_time = {}", t.as_millis())
+                            };
+                            conn.execute(limit.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(base.clone())
+                };
+                let make = move || {
+                    Pools::My(Pair {
+                        query: my(max, statement),
+                        stream: my(streams, stream),
+                    })
+                };
+                (Box::new(make), Dialect::MySql)
+            } else {
+                let opts = SqliteConnectOptions::from_str(&cfg.url)
+                    .map_err(bad)?
+                    .read_only(true)
+                    .create_if_missing(false)
+                    .pragma("query_only", "ON")
+                    .pragma("case_sensitive_like", "ON")
+                    .disable_statement_logging();
+                let lite = move |n| {
+                    let o: SqlitePoolOptions = sized(n, connect);
+                    o.connect_lazy_with(opts.clone())
+                };
+                let make = move || {
+                    Pools::Lite(Pair {
+                        query: lite(max),
+                        stream: lite(streams),
+                    })
+                };
+                (Box::new(make), Dialect::Sqlite)
             };
-            Pools::My(Pair {
-                query: my(cfg.max_connections, statement),
-                stream: my(cfg.stream_connections, stream),
-            })
-        } else {
-            let opts = SqliteConnectOptions::from_str(&cfg.url)
-                .map_err(bad)?
-                .read_only(true)
-                .create_if_missing(false)
-                .pragma("query_only", "ON")
-                .pragma("case_sensitive_like", "ON")
-                .disable_statement_logging();
-            let lite = |n| {
-                let o: SqlitePoolOptions = sized(n, connect);
-                o.connect_lazy_with(opts.clone())
-            };
-            Pools::Lite(Pair {
-                query: lite(cfg.max_connections),
-                stream: lite(cfg.stream_connections),
-            })
-        };
         Ok(SqlSource {
             name: name.to_owned(),
-            pools,
+            pools: arc_swap::ArcSwap::from_pointee(make()),
+            make,
+            dialect,
             statement_timeout: statement,
             stream_timeout: stream,
         })
     }
 
     pub fn dialect(&self) -> Dialect {
-        match self.pools {
-            Pools::Pg(..) => Dialect::Postgres,
-            Pools::My(..) => Dialect::MySql,
-            Pools::Lite(..) => Dialect::Sqlite,
-        }
+        self.dialect
+    }
+
+    /// Fresh pools with the same settings, after the schema changed under the old ones: their
+    /// connections hold prepared statements of the old shape (PostgreSQL would answer "cached
+    /// plan must not change result type"). Calls in flight finish on the old pools.
+    pub fn refresh(&self) {
+        self.pools.store(std::sync::Arc::new((self.make)()));
     }
 
     /// Check the dataset's table and columns against the live schema: a decoder per field,
@@ -323,7 +350,7 @@ impl SqlSource {
 
     /// (connections open, idle) of the query pool and the stream pool.
     pub fn pool_use(&self) -> [(u32, usize); 2] {
-        match &self.pools {
+        match &**self.pools.load() {
             Pools::Pg(p) => p.pool_use(),
             Pools::My(p) => p.pool_use(),
             Pools::Lite(p) => p.pool_use(),
@@ -332,7 +359,7 @@ impl SqlSource {
 
     /// Close every connection (at shutdown).
     pub async fn close(&self) {
-        match &self.pools {
+        match &**self.pools.load() {
             Pools::Pg(p) => p.close().await,
             Pools::My(p) => p.close().await,
             Pools::Lite(p) => p.close().await,
@@ -463,7 +490,10 @@ where
     Ok(sent)
 }
 
-async fn check_on<E: Engine>(pool: &Pool<E>, b: &Binding) -> Result<Vec<Decoder>, CheckError>
+async fn check_on<E: Engine + sqlx::database::HasStatementCache>(
+    pool: &Pool<E>,
+    b: &Binding,
+) -> Result<Vec<Decoder>, CheckError>
 where
     for<'c> &'c mut E::Connection: Executor<'c, Database = E>,
     for<'q> E::Arguments<'q>: sqlx::IntoArguments<'q, E>,
@@ -486,6 +516,8 @@ where
         .acquire()
         .await
         .map_err(|e| CheckError::Unavailable(format!("cannot connect to the database: {e}")))?;
+    // The check must see the schema as it is now, not as a cached statement remembers it.
+    let _ = sqlx::Connection::clear_cached_statements(&mut *conn).await;
     let all: Vec<usize> = (0..b.fields.len()).collect();
     let sql = select(&all);
     let types: Vec<String> = match (&mut *conn).prepare(sql.as_str()).await {
