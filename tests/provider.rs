@@ -1152,3 +1152,335 @@ async fn through_the_gateway_over_postgres() {
     gw.shutdown().await.unwrap();
     rig.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/JSON sources: a real HTTP server in the test, standing for a department's REST service.
+
+#[derive(Clone)]
+struct Api {
+    rows: std::sync::Arc<Vec<Person>>,
+    /// Ignore `region_prefix` (a service that drops a parameter it does not know).
+    sloppy: bool,
+    delay: Duration,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn person_json(p: &Person) -> serde_json::Value {
+    use base64::Engine as _;
+    serde_json::json!({
+        "pid": p.pid,
+        "fullName": p.name,
+        "age": p.age,
+        "score": p.score,
+        "active": p.active,
+        "photo": p.photo.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+        "updated": p.updated.map(|t| utc(t).format(&time::format_description::well_known::Rfc3339).unwrap()),
+        "region": p.region,
+    })
+}
+
+async fn api_list(
+    axum::extract::State(api): axum::extract::State<Api>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let q = q.unwrap_or_default();
+    api.seen.lock().unwrap().push(q.clone());
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer secret-token") {
+        return (axum::http::StatusCode::UNAUTHORIZED, "no").into_response();
+    }
+    let url = reqwest::Url::parse(&format!("http://x/?{q}")).unwrap();
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .filter(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    let page: usize = get("page")
+        .first()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1);
+    let size: usize = get("size")
+        .first()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(10);
+    // Slow for real calls; the provider's one-row start-up probe is answered at once.
+    if size > 1 {
+        tokio::time::sleep(api.delay).await;
+    }
+    let pids = get("pid");
+    let names = get("name");
+    let prefix = get("region_prefix");
+    let matching: Vec<&Person> = api
+        .rows
+        .iter()
+        .filter(|p| pids.is_empty() || pids.contains(&p.pid))
+        .filter(|p| names.is_empty() || p.name.as_ref().is_some_and(|n| names.contains(n)))
+        .filter(|p| {
+            api.sloppy
+                || prefix.is_empty()
+                || p.region
+                    .as_ref()
+                    .is_some_and(|r| r.starts_with(prefix[0].as_str()))
+        })
+        .collect();
+    let items: Vec<serde_json::Value> = matching
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|p| person_json(p))
+        .collect();
+    axum::Json(serde_json::json!({ "data": { "items": items, "total": matching.len() } }))
+        .into_response()
+}
+
+async fn serve_api(api: Api) -> std::net::SocketAddr {
+    let app = axum::Router::new()
+        .route("/api/people", axum::routing::get(api_list))
+        .with_state(api);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    a
+}
+
+fn http_yaml(dir: &Path, api: std::net::SocketAddr, filters: &str) -> String {
+    let token = dir.join("api-token");
+    std::fs::write(&token, "secret-token\n").unwrap();
+    provider_yaml(dir, "sqlite://unused", None, 1000)
+        .split("sources:")
+        .next()
+        .unwrap()
+        .to_owned()
+        + &format!(
+            r#"sources:
+  api:
+    http:
+      base_url: http://{api}
+      bearer_token_file: {token}
+      timeout_ms: 800
+datasets:
+  - id: test.people
+    source: api
+    columns: {{ name: fullName }}
+    http:
+      path: /api/people
+      rows: data.items
+      filters:
+{filters}
+      paging: {{ style: page, page_param: page, size_param: size }}
+"#,
+            token = token.display()
+        )
+}
+
+const FILTERS: &str = "        pid: { eq: pid, in: pid }\n        name: { eq: name }\n        region: { prefix: region_prefix }";
+
+async fn http_rig(
+    api: Api,
+    filters: &str,
+) -> Result<(tempfile::TempDir, provider::Running), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let addr = serve_api(api).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), catalogue(1)).unwrap();
+    let config = dir.path().join("provider.yaml");
+    std::fs::write(&config, http_yaml(dir.path(), addr, filters)).unwrap();
+    let cfg = provider::ProviderConfig::load(&config).map_err(|e| e.join("; "))?;
+    let running = provider::start(&cfg, None).await?;
+    Ok((dir, running))
+}
+
+async fn gateway_client(addr: std::net::SocketAddr) -> DataExchangeClient<Channel> {
+    let c = certs();
+    DataExchangeClient::new(
+        client::connect(
+            &format!("https://{addr}"),
+            &std::fs::read(c.join("ca.pem")).unwrap(),
+            &std::fs::read(c.join("gateway-client.pem")).unwrap(),
+            &std::fs::read(c.join("gateway-client.key")).unwrap(),
+            "localhost",
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+fn api(rows: Vec<Person>) -> Api {
+    Api {
+        rows: std::sync::Arc::new(rows),
+        sloppy: false,
+        delay: Duration::ZERO,
+        seen: Default::default(),
+    }
+}
+
+/// Conditions become the service's parameters, pages follow its paging, cells are typed as
+/// the catalogue says, and a condition with no parameter is refused, never dropped.
+#[tokio::test]
+async fn an_http_service_is_queried_through_its_parameters() {
+    let rows = people(true);
+    let a = api(rows.clone());
+    let seen = a.seen.clone();
+    let (_dir, running) = http_rig(a, FILTERS).await.unwrap();
+    assert!(running.readiness().0, "{}", running.readiness().1);
+    let mut c = gateway_client(running.addr).await;
+    // Row scope as the gateway sends it: a prefix on the region field, pushed to the service.
+    let got = all_pages(
+        &mut c,
+        request(
+            vec![cond("region", Test::Prefix("330106".into()))],
+            &["pid", "name", "updated", "photo"],
+            4,
+        ),
+    )
+    .await
+    .unwrap();
+    let want = sorted(
+        rows.iter()
+            .filter(|p| p.region.as_deref().is_some_and(|r| r.starts_with("330106")))
+            .map(|p| p.pid.clone())
+            .collect(),
+    );
+    assert_eq!(sorted(pids(&got)), want);
+    assert!(matches!(
+        got[0].values[2].kind,
+        Some(Kind::TimestampValue(_))
+    ));
+    assert!(matches!(got[0].values[3].kind, Some(Kind::BytesValue(_))));
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|q| q.contains("region_prefix=330106")
+                && q.contains("page=2")
+                && q.contains("size=4"))
+    );
+    // Hostile values travel as parameters, percent-encoded, and mean what they say.
+    for n in names(true) {
+        let got = all_pages(
+            &mut c,
+            request(vec![cond("name", Test::Eq(s(&n)))], &["pid"], 50),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            sorted(pids(&got)),
+            truth(&rows, &Lit::Eq("name", Some(n.clone()))),
+            "{n:?}"
+        );
+    }
+    let got = all_pages(
+        &mut c,
+        request(
+            vec![cond(
+                "pid",
+                Test::In(ValueList {
+                    values: vec![s("p001"), s("p002&pid=p003")],
+                }),
+            )],
+            &["pid"],
+            50,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pids(&got), ["p001"]);
+    // No parameter for `age`: refused with the field named.
+    let e = c
+        .query(request(vec![cond("age", Test::Eq(int(3)))], &["pid"], 5))
+        .await
+        .unwrap_err();
+    assert_reject(&e, Code::InvalidArgument, "FILTER_UNSUPPORTED");
+    assert!(e.message().contains("`age`"), "{e:?}");
+    // A stream walks every page.
+    let mut st = c
+        .query_stream(request(vec![], &["pid"], 7))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = st.message().await.unwrap() {
+        n += m.rows.len();
+    }
+    assert_eq!(n, rows.len());
+    running.shutdown().await.unwrap();
+}
+
+/// A dataset with row scope whose service cannot take a region prefix is refused at load,
+/// naming what to add.
+#[tokio::test]
+async fn an_http_mapping_that_cannot_express_the_row_scope_is_refused_at_load() {
+    let e = http_rig(api(people(false)), "        pid: { eq: pid }")
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("datasets.test.people.http.filters.region") && e.contains("prefix"),
+        "{e}"
+    );
+}
+
+/// A service that silently ignores a parameter: its rows are checked before they leave,
+/// and the call fails instead of returning rows outside the condition.
+#[tokio::test]
+async fn rows_an_http_service_returns_outside_the_conditions_never_leave() {
+    let mut a = api(people(false));
+    a.sloppy = true;
+    let (_dir, running) = http_rig(a, FILTERS).await.unwrap();
+    let mut c = gateway_client(running.addr).await;
+    let e = c
+        .query(request(
+            vec![cond("region", Test::Prefix("330106".into()))],
+            &["pid"],
+            20,
+        ))
+        .await
+        .unwrap_err();
+    assert_reject(&e, Code::Internal, "SOURCE_ERROR");
+    running.shutdown().await.unwrap();
+}
+
+/// A slow service → DEADLINE_EXCEEDED SOURCE_TIMEOUT; a stopped one → UNAVAILABLE.
+#[tokio::test]
+async fn a_slow_or_missing_http_service_is_a_clear_status() {
+    let mut a = api(people(false));
+    a.delay = Duration::from_millis(1500);
+    let (_dir, running) = http_rig(a, FILTERS).await.unwrap();
+    assert!(running.readiness().0);
+    let mut c = gateway_client(running.addr).await;
+    let t = std::time::Instant::now();
+    assert_reject(
+        &c.query(request(vec![], &["pid"], 5)).await.unwrap_err(),
+        Code::DeadlineExceeded,
+        "SOURCE_TIMEOUT",
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1400),
+        "cut at the 800 ms timeout: {:?}",
+        t.elapsed()
+    );
+    running.shutdown().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), catalogue(1)).unwrap();
+    let config = dir.path().join("provider.yaml");
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(&config, http_yaml(dir.path(), gone, FILTERS)).unwrap();
+    let running = provider::start(&provider::ProviderConfig::load(&config).unwrap(), None)
+        .await
+        .unwrap();
+    let (_, body) = running.readiness();
+    assert_eq!(
+        body["datasets"]["test.people"]["state"], "unavailable",
+        "{body}"
+    );
+    running.shutdown().await.unwrap();
+}
