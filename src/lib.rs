@@ -24,7 +24,11 @@
 //!  error      the one table: Reason -> gRPC code, google.rpc.Status details
 //!  config     the config file;  telemetry  logs, OTLP traces, W3C trace context
 //!
-//!  dev        not on the request path: dev PKI, sample providers, CLI client, fuzz entries
+//!  provider   `xgate provider`: a department's SQL database or HTTP service served as
+//!             `DataExchange` (the other side of `upstream`; the gateway never imports it)
+//!
+//!  dev        not on the request path: dev PKI, sample providers and their SQLite seeds,
+//!             CLI client, fuzz entries
 //!  tools      not on the request path: the load generator (`xgate bench`), the report
 //! ```
 //!

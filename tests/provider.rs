@@ -418,11 +418,28 @@ impl Rig {
         self.client_as("gateway-client").await
     }
 
+    async fn channel(&self) -> Channel {
+        let c = certs();
+        client::connect(
+            &format!("https://{}", self.running().addr),
+            &std::fs::read(c.join("ca.pem")).unwrap(),
+            &std::fs::read(c.join("gateway-client.pem")).unwrap(),
+            &std::fs::read(c.join("gateway-client.key")).unwrap(),
+            "localhost",
+        )
+        .await
+        .unwrap()
+    }
+
     async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await.unwrap();
         }
     }
+}
+
+async fn health_channel(rig: &Rig) -> Channel {
+    rig.channel().await
 }
 
 fn s(v: &str) -> Value {
@@ -1000,7 +1017,24 @@ async fn the_database_killed_and_restarted_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let Db::Pg(p) = &mut pg else { unreachable!() };
     p.kill9();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Health follows the source: the dataset stops SERVING at its next check.
+    let ch = c.clone();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(health_channel(&rig).await);
+    let status = |h: tonic_health::pb::HealthCheckResponse| h.status;
+    let down = std::time::Instant::now();
+    loop {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "xgate.v1.DataExchange/test.people".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status(r) == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(down.elapsed() < Duration::from_secs(5), "health still SERVING with the database down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(ch);
     p.start_again();
     // Back within a few seconds, with no provider restart.
     let mut probe = c.clone();
@@ -1015,7 +1049,20 @@ async fn the_database_killed_and_restarted_under_load() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And SERVING again once a check reaches it.
+    let up = std::time::Instant::now();
+    loop {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status(r) == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            break;
+        }
+        assert!(up.elapsed() < Duration::from_secs(5), "health did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop_tx.send(true).unwrap();
     let mut all: HashMap<String, u64> = HashMap::new();
     for w in workers {

@@ -70,9 +70,12 @@ pub async fn check(cfg: &ProviderConfig) -> Result<Catalogue, Vec<String>> {
 pub async fn start(cfg: &ProviderConfig, path: Option<PathBuf>) -> Result<Running, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = crate::serve::admin::metrics_handle();
-    let cert = read(&cfg.tls.cert, "tls.cert")?;
-    let key = read(&cfg.tls.key, "tls.key")?;
-    let ca = read(&cfg.tls.client_ca, "tls.client_ca")?;
+    let cert = read(&cfg.tls.cert, "tls.cert (the provider's certificate)")?;
+    let key = read(&cfg.tls.key, "tls.key (the provider's private key)")?;
+    let ca = read(
+        &cfg.tls.client_ca,
+        "tls.client_ca (the CA the gateway's client certificate chains to)",
+    )?;
     let page_key = match &cfg.page_token_key_file {
         Some(p) => PageKey::new(&read(p, "page_token_key_file")?)?,
         None => PageKey::random(),

@@ -70,32 +70,34 @@ macro_rules! bind_as {
 }
 
 /// Read a cell as its decoder says (shared arms; `U32` only where the engine has it).
+/// Unchecked: [`super::columns_fit`] has checked the statement's column types once, on its
+/// first row (they are the same for every row), instead of once per cell.
 macro_rules! cell_as {
     ($row:expr, $i:expr, $d:expr, $u32:expr) => {{
         let (row, i) = ($row, $i);
         Ok(match $d {
-            Decoder::Text => or_null(row.try_get::<Option<String>, _>(i)?, Kind::StringValue),
-            Decoder::I16 => or_null(row.try_get::<Option<i16>, _>(i)?, |n| {
+            Decoder::Text => or_null(row.try_get_unchecked::<Option<String>, _>(i)?, Kind::StringValue),
+            Decoder::I16 => or_null(row.try_get_unchecked::<Option<i16>, _>(i)?, |n| {
                 Kind::Int64Value(n.into())
             }),
-            Decoder::I32 => or_null(row.try_get::<Option<i32>, _>(i)?, |n| {
+            Decoder::I32 => or_null(row.try_get_unchecked::<Option<i32>, _>(i)?, |n| {
                 Kind::Int64Value(n.into())
             }),
-            Decoder::I64 => or_null(row.try_get::<Option<i64>, _>(i)?, Kind::Int64Value),
+            Decoder::I64 => or_null(row.try_get_unchecked::<Option<i64>, _>(i)?, Kind::Int64Value),
             Decoder::U32 => $u32(row, i)?,
-            Decoder::F32 => or_null(row.try_get::<Option<f32>, _>(i)?, |x| {
+            Decoder::F32 => or_null(row.try_get_unchecked::<Option<f32>, _>(i)?, |x| {
                 Kind::DoubleValue(x.into())
             }),
-            Decoder::F64 => or_null(row.try_get::<Option<f64>, _>(i)?, Kind::DoubleValue),
-            Decoder::Bool => or_null(row.try_get::<Option<bool>, _>(i)?, Kind::BoolValue),
-            Decoder::Bytes => or_null(row.try_get::<Option<Vec<u8>>, _>(i)?, |b| {
+            Decoder::F64 => or_null(row.try_get_unchecked::<Option<f64>, _>(i)?, Kind::DoubleValue),
+            Decoder::Bool => or_null(row.try_get_unchecked::<Option<bool>, _>(i)?, Kind::BoolValue),
+            Decoder::Bytes => or_null(row.try_get_unchecked::<Option<Vec<u8>>, _>(i)?, |b| {
                 Kind::BytesValue(b.into())
             }),
-            Decoder::TsTz => match row.try_get::<Option<time::OffsetDateTime>, _>(i)? {
+            Decoder::TsTz => match row.try_get_unchecked::<Option<time::OffsetDateTime>, _>(i)? {
                 Some(t) => timestamp(t),
                 None => or_null(None::<()>, |_| Kind::NullValue(0)),
             },
-            Decoder::TsNaive => match row.try_get::<Option<time::PrimitiveDateTime>, _>(i)? {
+            Decoder::TsNaive => match row.try_get_unchecked::<Option<time::PrimitiveDateTime>, _>(i)? {
                 Some(t) => timestamp(t.assume_utc()),
                 None => or_null(None::<()>, |_| Kind::NullValue(0)),
             },
@@ -140,7 +142,7 @@ impl Engine for MySql {
 
     fn cell(row: &Self::Row, i: usize, d: Decoder) -> Result<Value, sqlx::Error> {
         cell_as!(row, i, d, |row: &sqlx::mysql::MySqlRow, i| {
-            row.try_get::<Option<u32>, _>(i)
+            row.try_get_unchecked::<Option<u32>, _>(i)
                 .map(|v| or_null(v, |n| Kind::Int64Value(n.into())))
         })
     }

@@ -435,6 +435,9 @@ where
     for<'q> E::Arguments<'q>: sqlx::IntoArguments<'q, E>,
 {
     let rows = bound::<E>(&st).fetch_all(pool).await?;
+    if let Some(first) = rows.first() {
+        columns_fit::<E>(first, columns, decoders)?;
+    }
     rows.iter()
         .map(|r| {
             columns
@@ -468,7 +471,12 @@ where
         masked_columns: vec![],
         next_page_token: String::new(),
     };
+    let mut checked = false;
     while let Some(r) = rows.try_next().await? {
+        if !checked {
+            columns_fit::<E>(&r, fields, decoders)?;
+            checked = true;
+        }
         let values = fields
             .iter()
             .enumerate()
@@ -488,6 +496,28 @@ where
         let _ = tx.send(Ok(send(out))).await;
     }
     Ok(sent)
+}
+
+/// The statement's columns still have the types the check found (once per statement: the
+/// cells are then read unchecked). A column that changed type since is a decode error, which
+/// reads as a schema change.
+fn columns_fit<E: Engine>(
+    row: &E::Row,
+    fields: &[usize],
+    decoders: &[Decoder],
+) -> Result<(), sqlx::Error> {
+    use sqlx::Row as _;
+    for (i, (c, &f)) in row.columns().iter().zip(fields).enumerate() {
+        let want = decoders[f];
+        let name = c.type_info().name();
+        if types::decoder(E::DIALECT, name, want.field_type()) != Ok(want) {
+            return Err(sqlx::Error::ColumnDecode {
+                index: i.to_string(),
+                source: format!("the column is now {name}; it was checked as {want:?}").into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn check_on<E: Engine + sqlx::database::HasStatementCache>(

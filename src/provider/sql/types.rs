@@ -24,6 +24,21 @@ pub enum Decoder {
     TsNaive,
 }
 
+impl Decoder {
+    /// The catalogue type it reads into.
+    pub fn field_type(self) -> FieldType {
+        use Decoder::*;
+        match self {
+            Text => FieldType::String,
+            I16 | I32 | I64 | U32 => FieldType::Int64,
+            F32 | F64 => FieldType::Double,
+            Bool => FieldType::Bool,
+            Bytes => FieldType::Bytes,
+            TsTz | TsNaive => FieldType::Timestamp,
+        }
+    }
+}
+
 /// The decoder for a column of type `sql_type` (as the driver names it) holding a catalogue
 /// `ty` field, or why the two do not fit.
 pub fn decoder(dialect: Dialect, sql_type: &str, ty: FieldType) -> Result<Decoder, String> {
