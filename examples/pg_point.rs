@@ -24,8 +24,15 @@ fn cpu_seconds() -> f64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (conn_str, sql, key, secs) = (&args[1], &args[2], &args[3], args[4].parse::<u64>().unwrap());
-    let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await.expect("connect");
+    let (conn_str, sql, key, secs) = (
+        &args[1],
+        &args[2],
+        &args[3],
+        args[4].parse::<u64>().unwrap(),
+    );
+    let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
     let st = client.prepare(sql).await.expect("prepare");
     // Warm up, then measure.

@@ -1024,14 +1024,19 @@ async fn the_database_killed_and_restarted_under_load() {
     let down = std::time::Instant::now();
     loop {
         let r = health
-            .check(tonic_health::pb::HealthCheckRequest { service: "xgate.v1.DataExchange/test.people".into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "xgate.v1.DataExchange/test.people".into(),
+            })
             .await
             .unwrap()
             .into_inner();
         if status(r) == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
             break;
         }
-        assert!(down.elapsed() < Duration::from_secs(5), "health still SERVING with the database down");
+        assert!(
+            down.elapsed() < Duration::from_secs(5),
+            "health still SERVING with the database down"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(ch);
@@ -1060,7 +1065,10 @@ async fn the_database_killed_and_restarted_under_load() {
         if status(r) == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
             break;
         }
-        assert!(up.elapsed() < Duration::from_secs(5), "health did not come back");
+        assert!(
+            up.elapsed() < Duration::from_secs(5),
+            "health did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop_tx.send(true).unwrap();

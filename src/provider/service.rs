@@ -51,8 +51,14 @@ impl Call {
             xgate.system = get("x-xgate-consumer-system"),
             xgate.purpose = get("x-xgate-purpose"),
         );
+        // The trace the gateway started; a fresh id for a call that brings none.
         let trace_id = crate::telemetry::adopt_parent(&span, md)
-            .unwrap_or_else(|| get(crate::TRACE_ID_HEADER).to_owned());
+            .or_else(|| {
+                md.get(crate::TRACE_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
         Call {
             trace_id,
             dataset: dataset.to_owned(),
@@ -280,7 +286,7 @@ impl pb::data_exchange_server::DataExchange for Service {
         // Two batches in flight at most: the source is read as fast as the gateway reads.
         let (tx, rx) = mpsc::channel(2);
         let live = self.live.clone();
-        let trace_id = call.trace_id.clone();
+        let trace_header: Option<tonic::metadata::AsciiMetadataValue> = call.trace_id.parse().ok();
         tokio::spawn(async move {
             let err_tx = tx.clone();
             let result = match &*d.source {
@@ -301,20 +307,12 @@ impl pb::data_exchange_server::DataExchange for Service {
                 Ok(Err(r)) => call.refuse(r),
                 Err(e) => call.failed(&live, &d, e),
             };
-            let _ = trace_id;
             let _ = err_tx.send(Err(status)).await;
         });
         let mut resp = Response::new(ReceiverStream::new(rx));
-        if let Ok(v) = trace_id_value(&req) {
+        if let Some(v) = trace_header {
             resp.metadata_mut().insert(crate::TRACE_ID_HEADER, v);
         }
         Ok(resp)
     }
-}
-
-fn trace_id_value<T>(req: &Request<T>) -> Result<tonic::metadata::AsciiMetadataValue, ()> {
-    req.metadata()
-        .get(crate::TRACE_ID_HEADER)
-        .cloned()
-        .ok_or(())
 }

@@ -76,20 +76,32 @@ macro_rules! cell_as {
     ($row:expr, $i:expr, $d:expr, $u32:expr) => {{
         let (row, i) = ($row, $i);
         Ok(match $d {
-            Decoder::Text => or_null(row.try_get_unchecked::<Option<String>, _>(i)?, Kind::StringValue),
+            Decoder::Text => or_null(
+                row.try_get_unchecked::<Option<String>, _>(i)?,
+                Kind::StringValue,
+            ),
             Decoder::I16 => or_null(row.try_get_unchecked::<Option<i16>, _>(i)?, |n| {
                 Kind::Int64Value(n.into())
             }),
             Decoder::I32 => or_null(row.try_get_unchecked::<Option<i32>, _>(i)?, |n| {
                 Kind::Int64Value(n.into())
             }),
-            Decoder::I64 => or_null(row.try_get_unchecked::<Option<i64>, _>(i)?, Kind::Int64Value),
+            Decoder::I64 => or_null(
+                row.try_get_unchecked::<Option<i64>, _>(i)?,
+                Kind::Int64Value,
+            ),
             Decoder::U32 => $u32(row, i)?,
             Decoder::F32 => or_null(row.try_get_unchecked::<Option<f32>, _>(i)?, |x| {
                 Kind::DoubleValue(x.into())
             }),
-            Decoder::F64 => or_null(row.try_get_unchecked::<Option<f64>, _>(i)?, Kind::DoubleValue),
-            Decoder::Bool => or_null(row.try_get_unchecked::<Option<bool>, _>(i)?, Kind::BoolValue),
+            Decoder::F64 => or_null(
+                row.try_get_unchecked::<Option<f64>, _>(i)?,
+                Kind::DoubleValue,
+            ),
+            Decoder::Bool => or_null(
+                row.try_get_unchecked::<Option<bool>, _>(i)?,
+                Kind::BoolValue,
+            ),
             Decoder::Bytes => or_null(row.try_get_unchecked::<Option<Vec<u8>>, _>(i)?, |b| {
                 Kind::BytesValue(b.into())
             }),
@@ -97,10 +109,12 @@ macro_rules! cell_as {
                 Some(t) => timestamp(t),
                 None => or_null(None::<()>, |_| Kind::NullValue(0)),
             },
-            Decoder::TsNaive => match row.try_get_unchecked::<Option<time::PrimitiveDateTime>, _>(i)? {
-                Some(t) => timestamp(t.assume_utc()),
-                None => or_null(None::<()>, |_| Kind::NullValue(0)),
-            },
+            Decoder::TsNaive => {
+                match row.try_get_unchecked::<Option<time::PrimitiveDateTime>, _>(i)? {
+                    Some(t) => timestamp(t.assume_utc()),
+                    None => or_null(None::<()>, |_| Kind::NullValue(0)),
+                }
+            }
         })
     }};
 }
