@@ -1539,3 +1539,165 @@ async fn a_slow_or_missing_http_service_is_a_clear_status() {
     );
     running.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary: traces continue the caller's, SIGHUP reloads, SIGTERM stops.
+
+#[derive(Clone, Default)]
+struct Collector(
+    std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+// Two threads: the test blocks on the child's pipes while the collector keeps taking spans
+// (the provider flushes its last spans to it as it stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_continues_the_callers_trace_reloads_on_sighup_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let collector = Collector::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = l.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let db = Db::start("sqlite");
+    db.fill(&people(false)).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), catalogue(1)).unwrap();
+    let (_, url, _) = db.urls();
+    let (port, admin) = (common::free_port(), common::free_port());
+    let yaml = provider_yaml(dir.path(), &url, None, 2000).replace(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0",
+        &format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}"),
+    ) + &format!(
+        "otlp: {{ endpoint: \"http://127.0.0.1:{otlp}\", service_name: provider-test, sample_ratio: 1.0 }}\n"
+    );
+    let config = dir.path().join("provider.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args(["provider", "--config"])
+        .arg(&config)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("listening on 127.0.0.1:{port}")),
+        "{line}"
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = gateway_client(addr).await;
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut r = tonic::Request::new(request(vec![], &["pid"], 3));
+    r.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{parent}-01").parse().unwrap(),
+    );
+    let resp = c.query(r).await.unwrap();
+    assert_eq!(resp.metadata().get(xgate::TRACE_ID_HEADER).unwrap(), trace);
+    let t0 = std::time::Instant::now();
+    let span = loop {
+        let found = collector
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name == "xgate.provider")
+            .cloned();
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no provider span exported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(hex::encode(&span.trace_id), trace);
+    assert_eq!(hex::encode(&span.parent_span_id), parent);
+    assert_eq!(span.kind, 2, "server kind");
+    // SIGHUP: the edited file is checked and swapped in (here: a table that does not exist).
+    std::fs::write(
+        &config,
+        yaml.replace("table: people", "table: no_such_table"),
+    )
+    .unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        let (code, body) = common::http(
+            format!("127.0.0.1:{admin}").parse().unwrap(),
+            "GET",
+            "/ready",
+        )
+        .await;
+        if code == 503 {
+            assert!(body.contains("no_such_table"), "{body}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the reload was not seen: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The signal's reload is logged as such (the file watcher reloads the edited file too).
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(dir.path().join("stderr"))
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("reloaded") && l.contains("signal"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no reload by signal in the log"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGTERM: a clean stop.
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -89,12 +89,21 @@ pub async fn sqlite(path: &Path, specs: &[Spec<'_>]) -> Result<bool, String> {
     if path.exists() {
         return Ok(false);
     }
+    let tmp = path.with_extension(format!("db-partial-{}", std::process::id()));
+    let written = write(path, &tmp, specs).await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| true)
+}
+
+async fn write(path: &Path, tmp: &Path, specs: &[Spec<'_>]) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    // Written beside, then renamed: a demo stopped half-way never leaves half a database.
-    let tmp = path.with_extension("db-partial");
-    let _ = std::fs::remove_file(&tmp);
+    // Written beside, then renamed: a demo stopped half-way never leaves half a database, and
+    // two demos starting at once (each its own partial file) both end with a whole one.
+    let _ = std::fs::remove_file(tmp);
     let err = |e: sqlx::Error| format!("{}: {e}", tmp.display());
     let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.display()))
         .map_err(err)?
@@ -151,6 +160,6 @@ pub async fn sqlite(path: &Path, specs: &[Spec<'_>]) -> Result<bool, String> {
     }
     tx.commit().await.map_err(err)?;
     conn.close().await.map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(true)
+    std::fs::rename(tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
 }
