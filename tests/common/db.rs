@@ -367,8 +367,12 @@ impl MariaDb {
         if let Some(u) = db.os_user {
             install.arg(format!("--user={u}"));
         }
+        // Its own tmpdir: a MariaDB server removes every `#sql*` file in its tmpdir at start,
+        // so servers sharing /tmp delete each other's temporary tables (seen when the
+        // MariaDB tests' bootstraps ran at once).
         let out = install
             .arg(format!("--datadir={}", db.data_dir().display()))
+            .arg(format!("--tmpdir={}", db.dir.path().display()))
             .args([
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
@@ -504,6 +508,7 @@ impl MariaDb {
                 .arg(format!("--datadir={}", self.data_dir().display()))
                 .arg(format!("--socket={}", self.socket().display()))
                 .arg(format!("--pid-file={}", self.pid_file().display()))
+                .arg(format!("--tmpdir={}", self.dir.path().display()))
                 .arg(format!("--port={}", self.port))
                 .args([
                     "--bind-address=127.0.0.1",
