@@ -116,6 +116,12 @@ pub struct AuditRecord {
     /// The stage the call is in (kept current by the pipeline, recorded as `reached`).
     #[serde(skip)]
     pub stage: &'static str,
+    /// The provider endpoint that answered (or the last one tried), for forwarded calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_endpoint: Option<String>,
+    /// How many tries the provider call took (2: retried once on another endpoint).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub upstream_tries: u32,
     /// gRPC status code name (`OK`, `PERMISSION_DENIED`, ...).
     pub grpc_status: &'static str,
     pub grpc_code: i32,
@@ -649,6 +655,10 @@ fn finish(rec: &mut AuditRecord, code: tonic::Code, started: Instant) {
 }
 
 fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 

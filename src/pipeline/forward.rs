@@ -12,19 +12,39 @@ pub(super) struct Prepared {
     pub(super) body: QueryRequest,
     pub(super) permit: Permit,
     pub(super) provider: String,
-    pub(super) client: wire::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+    /// The provider's replicas; each try picks one ([`Gateway::send`]).
+    pub(super) replicas: Arc<upstream::Replicas>,
     /// This replica's place with the provider, and the shared lease (if any).
     pub(super) place: Place,
 }
 
-/// The span of a call to a provider (client kind: the provider's spans become its children).
-pub(super) fn upstream_span(provider: &str) -> tracing::Span {
+/// The span of one try of a call to a provider (client kind: the provider's spans become its
+/// children).
+pub(super) fn upstream_span(provider: &str, endpoint: &str, attempt: u32) -> tracing::Span {
     tracing::info_span!(
         "xgate.upstream",
         otel.kind = "client",
         rpc.system = "grpc",
         xgate.provider = provider,
+        xgate.endpoint = endpoint,
+        xgate.attempt = attempt,
     )
+}
+
+/// Where [`Gateway::send`] sends, and for how long.
+pub(super) struct Target<'a> {
+    pub(super) replicas: &'a Arc<upstream::Replicas>,
+    pub(super) provider: &'a str,
+    /// The longest the call may take, every try included.
+    pub(super) wait: Duration,
+    /// Pass what is left of `wait` on as the provider's deadline.
+    pub(super) propagate_deadline: bool,
+}
+
+/// A provider's answer, and the hold on the replica that gave it.
+pub(super) struct Sent<T> {
+    pub(super) answer: T,
+    pub(super) pick: upstream::Pick,
 }
 
 impl Gateway {
@@ -96,7 +116,7 @@ impl Gateway {
             )
             .instrument(tracing::info_span!("xgate.limit"))
             .await?;
-        let client = snap.upstreams.client(&provider).ok_or_else(|| {
+        let replicas = snap.upstreams.replicas(&provider).ok_or_else(|| {
             Reject::new(
                 Reason::Internal,
                 "internal error; quote the trace id to the operators",
@@ -109,8 +129,105 @@ impl Gateway {
             body,
             permit,
             provider,
-            client,
+            replicas,
             place: Place::new(here, lease),
         })
+    }
+
+    /// Send `body` to one of the provider's replicas, within `wait`. A try that fails before
+    /// the provider answered (connect failure, refused stream, `UNAVAILABLE`) goes once more
+    /// to another replica when the retry budget allows: a read is safe to repeat. Each try is
+    /// its own span; the record says how many tries there were and which endpoint answered.
+    pub(super) async fn send<T, F, Fut>(
+        &self,
+        call: &mut Call,
+        who: &Authenticated,
+        to: Target<'_>,
+        body: QueryRequest,
+        rpc: F,
+    ) -> Result<Sent<T>, Reject>
+    where
+        F: Fn(
+            wire::data_exchange_client::DataExchangeClient<tonic::transport::Channel>,
+            Request<QueryRequest>,
+        ) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let Target {
+            replicas,
+            provider,
+            wait,
+            propagate_deadline,
+        } = to;
+        replicas.deposit();
+        // A second try needs the request again; only a provider with replicas can have one.
+        let spare = (replicas.list.len() > 1).then(|| body.clone());
+        let mut body = Some(body);
+        let started = tokio::time::Instant::now();
+        let mut avoid: Option<Arc<upstream::Replica>> = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let pick = replicas.pick(avoid.as_ref()).ok_or_else(|| {
+                Reject::new(
+                    Reason::Internal,
+                    "internal error; quote the trace id to the operators",
+                )
+            })?;
+            let Some(this) = body.take().or_else(|| spare.clone()) else {
+                return Err(upstream::provider_failure(
+                    &Status::unavailable("no request to retry"),
+                    provider,
+                ));
+            };
+            let left = wait.saturating_sub(started.elapsed());
+            let span = upstream_span(provider, &pick.replica.endpoint, attempt);
+            let up =
+                self.upstream_request(call, who, this, propagate_deadline.then_some(left), &span);
+            {
+                let rec = call.pending.rec();
+                rec.upstream_tries = attempt;
+                rec.upstream_endpoint = Some(pick.replica.endpoint.clone());
+            }
+            let sent = tokio::time::Instant::now();
+            match self
+                .bounded(left, rpc(pick.client(), up).instrument(span))
+                .await?
+            {
+                Err(_) => {
+                    pick.finish(upstream::Outcome::Abandoned);
+                    return Err(upstream::provider_timeout(provider));
+                }
+                // The provider enforces the propagated deadline too, and may answer first
+                // (tonic servers say CANCELLED): that is still a timeout.
+                Ok(Err(status))
+                    if status.code() == Code::Cancelled && sent.elapsed() >= left.mul_f32(0.9) =>
+                {
+                    pick.finish(upstream::Outcome::Abandoned);
+                    return Err(upstream::provider_timeout(provider));
+                }
+                Ok(Err(status)) => {
+                    let retry = attempt == 1
+                        && upstream::retryable(&status)
+                        && spare.is_some()
+                        && wait.saturating_sub(started.elapsed()) > Duration::from_millis(5)
+                        && replicas.may_retry();
+                    let failed = pick.replica.clone();
+                    pick.finish(upstream::outcome_of(&status));
+                    if retry {
+                        tracing::info!(%provider, endpoint = %failed.endpoint, code = ?status.code(), "retrying on another endpoint");
+                        avoid = Some(failed);
+                        continue;
+                    }
+                    return Err(upstream::provider_failure(&status, provider));
+                }
+                Ok(Ok(r)) => {
+                    return Ok(Sent {
+                        answer: r.into_inner(),
+                        pick,
+                    });
+                }
+            }
+        }
     }
 }

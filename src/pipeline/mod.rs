@@ -317,7 +317,7 @@ impl Gateway {
             mut body,
             permit,
             provider,
-            mut client,
+            replicas,
             place: _place,
         } = self.prepare(call, &who, asked).await?;
         if !page_token.is_empty() {
@@ -328,24 +328,18 @@ impl Gateway {
                 .inspect_err(|_| call.pending.rec().decision = audit::Decision::Deny)?;
         }
         call.at("forward");
-        let span = upstream_span(&provider);
-        let up = self.upstream_request(call, &who, body, Some(deadline), &span);
-        let sent = tokio::time::Instant::now();
-        let resp = match self
-            .bounded(deadline, client.query(up).instrument(span.clone()))
-            .await?
-        {
-            Err(_) => return Err(upstream::provider_timeout(&provider)),
-            // The provider enforces the propagated deadline too, and may answer first
-            // (tonic servers say CANCELLED): that is still a timeout.
-            Ok(Err(status))
-                if status.code() == Code::Cancelled && sent.elapsed() >= deadline.mul_f32(0.9) =>
-            {
-                return Err(upstream::provider_timeout(&provider));
-            }
-            Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
-            Ok(Ok(r)) => r.into_inner(),
+        let to = Target {
+            replicas: &replicas,
+            provider: &provider,
+            wait: deadline,
+            propagate_deadline: true,
         };
+        let Sent { answer: resp, pick } = self
+            .send(call, &who, to, body, |mut c, up| async move {
+                c.query(up).await
+            })
+            .await?;
+        pick.finish(upstream::Outcome::Answered);
         call.at("shape");
         let mut shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
         let next = &mut shaped.response.next_page_token;
@@ -376,25 +370,31 @@ impl Gateway {
             body,
             permit,
             provider,
-            mut client,
+            replicas,
             place,
         } = self.prepare(call, &who, req.into_inner()).await?;
         call.at("forward");
-        let span = upstream_span(&provider);
-        let up = self.upstream_request(call, &who, body, caller_deadline, &span);
         let first_wait = caller_deadline
             .unwrap_or(self.inner.max_timeout)
             .min(self.inner.max_timeout);
-        let stream = match self
-            .bounded(first_wait, client.query_stream(up).instrument(span))
-            .await?
-        {
-            Err(_) => return Err(upstream::provider_timeout(&provider)),
-            Ok(Err(status)) => return Err(upstream::provider_failure(&status, &provider)),
-            Ok(Ok(r)) => r.into_inner(),
+        let to = Target {
+            replicas: &replicas,
+            provider: &provider,
+            wait: first_wait,
+            propagate_deadline: caller_deadline.is_some(),
         };
+        // Retried (on another replica) only while opening: before the first batch.
+        let Sent {
+            answer: stream,
+            pick,
+        } = self
+            .send(call, &who, to, body, |mut c, up| async move {
+                c.query_stream(up).await
+            })
+            .await?;
         Ok(OpenStream {
             _place: place,
+            _pick: pick,
             upstream: stream,
             permit,
             version,

@@ -9,6 +9,8 @@ pub(super) struct OpenStream {
     /// The stream's place with the provider (here, and among every replica's calls when the
     /// limits are shared).
     pub(super) _place: Place,
+    /// The replica the stream came from (counted outstanding while it runs).
+    pub(super) _pick: upstream::Pick,
     pub(super) upstream: tonic::Streaming<wire::QueryResponse>,
     pub(super) permit: Permit,
     /// The policy version `permit` was decided under.

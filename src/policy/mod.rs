@@ -22,7 +22,11 @@ pub mod mask;
 pub mod model;
 pub mod scope;
 
-use std::{collections::HashMap, fmt, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    path::Path,
+};
 
 use sha2::{Digest, Sha256};
 
@@ -349,23 +353,50 @@ fn index_providers(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String, 
                 format!("duplicate provider id `{}`", p.id),
             );
         }
-        let host = match p.endpoint.parse::<http::Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
-                uri.host().map(|h| h.trim_matches(['[', ']']).to_owned())
+        let list = p.endpoint_list();
+        match (&p.endpoint, p.endpoints.is_empty()) {
+            (None, true) => errs.add(
+                format!("providers[{i}]"),
+                format!(
+                    "provider `{}` has no `endpoint` (or `endpoints`, for several replicas)",
+                    p.id
+                ),
+            ),
+            (Some(_), false) => errs.add(
+                format!("providers[{i}].endpoints"),
+                "give `endpoint` (one) or `endpoints` (several), not both".to_owned(),
+            ),
+            _ => {}
+        }
+        let mut host = None;
+        let mut seen = HashSet::new();
+        for (at, e) in &list {
+            match e.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
+                    if host.is_none() {
+                        host = uri.host().map(|h| h.trim_matches(['[', ']']).to_owned());
+                    }
+                }
+                _ => errs.add(
+                    format!("providers[{i}].{at}"),
+                    format!("`{e}` is not an https://host:port URL"),
+                ),
             }
-            _ => {
+            if !seen.insert(*e) {
                 errs.add(
-                    format!("providers[{i}].endpoint"),
-                    format!("`{}` is not an https://host:port URL", p.endpoint),
+                    format!("providers[{i}].{at}"),
+                    format!("`{e}` is listed twice"),
                 );
-                None
             }
-        };
+        }
+        let first_at = list
+            .first()
+            .map_or("endpoint".to_owned(), |(a, _)| a.clone());
         // The name the provider's certificate is checked against: what `serve` would
         // refuse at start, `policy check` refuses here.
         let (name_path, name) = match &p.tls_name {
             Some(n) => (format!("providers[{i}].tls_name"), Some(n.clone())),
-            None => (format!("providers[{i}].endpoint"), host),
+            None => (format!("providers[{i}].{first_at}"), host),
         };
         if let Some(n) = name
             && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()

@@ -78,7 +78,13 @@ pub struct Department {
 pub struct Provider {
     pub id: String,
     /// `https://host:port` of the provider's `xgate.v1.DataExchange` service.
-    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Several replicas of it instead (`https://host:port` each): calls are balanced over
+    /// them, a failing one is ejected for a while, and a refused call is retried once on
+    /// another (docs/policy.md#providers). Exactly one of `endpoint` and `endpoints`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     /// Name to verify in the provider's certificate; defaults to the endpoint's host.
     #[serde(default)]
     pub tls_name: Option<String>,
@@ -88,6 +94,29 @@ pub struct Provider {
     /// Provider protection: the most calls in flight to it at once.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+}
+
+impl Provider {
+    /// Every endpoint, in the order given, with the path each is written at.
+    pub fn endpoint_list(&self) -> Vec<(String, &str)> {
+        match &self.endpoint {
+            Some(e) => vec![("endpoint".to_owned(), e.as_str())],
+            None => self
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (format!("endpoints[{i}]"), e.as_str()))
+                .collect(),
+        }
+    }
+
+    /// The first endpoint (one-endpoint tools: the demo, the CLI's hints).
+    pub fn first_endpoint(&self) -> &str {
+        self.endpoint
+            .as_deref()
+            .or(self.endpoints.first().map(String::as_str))
+            .unwrap_or("")
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]

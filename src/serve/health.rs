@@ -77,17 +77,25 @@ pub fn spawn_prober(
         loop {
             tick.tick().await;
             let Some(gw) = gateway.upgrade() else { return };
-            let targets: Vec<(String, String)> = gw
+            let targets: Vec<(String, Vec<String>)> = gw
                 .snapshot()
                 .policy
                 .file
                 .providers
                 .iter()
-                .map(|p| (p.id.clone(), p.endpoint.clone()))
+                .map(|p| {
+                    let eps = p.endpoint_list().into_iter().map(|(_, e)| e.to_owned());
+                    (p.id.clone(), eps.collect())
+                })
                 .collect();
             drop(gw);
-            let probes = targets.into_iter().map(|(id, endpoint)| async move {
-                let up = reachable(&endpoint, connect_timeout).await;
+            // A provider is up when any of its endpoints is.
+            let probes = targets.into_iter().map(|(id, endpoints)| async move {
+                let each = endpoints.iter().map(|e| reachable(e, connect_timeout));
+                let up = futures_util::future::join_all(each)
+                    .await
+                    .into_iter()
+                    .any(|u| u);
                 (id, up)
             });
             let results = futures_util::future::join_all(probes).await;

@@ -239,7 +239,7 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         let mut moved = Vec::new();
         for (i, (id, file, _)) in seed::demo_databases().into_iter().enumerate() {
             let Some(p) = policy.provider(id) else { continue };
-            let uri: http::Uri = p.endpoint.parse().map_err(|e| format!("provider {id}: {e}"))?;
+            let uri: http::Uri = p.first_endpoint().parse().map_err(|e| format!("provider {id}: {e}"))?;
             let port = match providers_port_base {
                 Some(0) => 0,
                 Some(base) => base
@@ -263,7 +263,7 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
                 data_dir.join(file).display(),
                 if ready { "" } else { "; NOT READY: see the log" }
             );
-            moved.push((p.endpoint.clone(), format!("https://127.0.0.1:{}", bound.port())));
+            moved.push((p.first_endpoint().to_owned(), format!("https://127.0.0.1:{}", bound.port())));
             providers.push(running);
         }
         if providers_port_base.is_some() {

@@ -1,0 +1,297 @@
+//! One provider's replicas, and which one a call goes to.
+//!
+//! - **Balancing**: power of two choices over each replica's load, its peak-EWMA round-trip
+//!   time × (calls outstanding + 1), the cost linkerd and `tower::load::PeakEwma` use. Two
+//!   replicas are drawn at random among those not ejected, and the cheaper takes the call.
+//!   An RTT above the average replaces it at once (the peak); lower ones pull it down with a
+//!   10 s decay.
+//! - **Passive outlier detection**: consecutive connect failures, `UNAVAILABLE` or `INTERNAL`
+//!   answers (5) eject a replica for 10 s × 2^(ejections so far), at most 5 min, never more
+//!   than half of a provider's replicas at once. An ejected replica comes back when its time
+//!   is up, and is ejected again sooner if it still fails.
+//! - **Retry budget** (`tower::retry::budget::TpsBudget`): 20 % of the calls of the last 10 s
+//!   plus 10 per second may be retried; past it, a failure is the caller's answer. An outage
+//!   can then never multiply the load on the replicas left.
+//!
+//! The balancer picks a replica per try; the pipeline (`forward`) decides whether a failed try
+//! is retried (a `Query`, or a `QueryStream` before its first batch). Not here: how much a
+//! provider is sent in all (`limits::provider`, which holds across its replicas).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tonic::transport::Channel;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::wire::data_exchange_client::DataExchangeClient;
+
+/// Failures in a row that eject a replica.
+pub const CONSECUTIVE_FAILURES: u32 = 5;
+/// The first ejection's length; each further one doubles it.
+pub const BASE_EJECTION: Duration = Duration::from_secs(10);
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// The largest share of a provider's replicas ejected at once.
+pub const MAX_EJECTED_SHARE: f64 = 0.5;
+/// Decay of the RTT average.
+const DECAY: Duration = Duration::from_secs(10);
+/// RTT assumed for a replica not measured yet.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// One endpoint of a provider: its channel, its load and its standing.
+#[derive(Debug)]
+pub struct Replica {
+    pub endpoint: String,
+    pub client: DataExchangeClient<Channel>,
+    outstanding: AtomicU32,
+    /// (EWMA of the RTT in ns, when it was last updated).
+    rtt: Mutex<(f64, Instant)>,
+    failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Ejected until this many ms after `epoch` (0: not ejected).
+    ejected_until_ms: AtomicU64,
+    epoch: Instant,
+    requests: metrics::Counter,
+    errors: metrics::Counter,
+    latency: metrics::Histogram,
+    ejected_gauge: metrics::Gauge,
+}
+
+impl Replica {
+    pub fn new(provider: &str, endpoint: &str, client: DataExchangeClient<Channel>) -> Replica {
+        let labels = [
+            ("provider", provider.to_owned()),
+            ("endpoint", endpoint.to_owned()),
+        ];
+        let ejected_gauge = metrics::gauge!("xgate_upstream_endpoint_ejected", &labels);
+        ejected_gauge.set(0.0);
+        Replica {
+            endpoint: endpoint.to_owned(),
+            client,
+            outstanding: AtomicU32::new(0),
+            rtt: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            requests: metrics::counter!("xgate_upstream_requests_total", &labels),
+            errors: metrics::counter!("xgate_upstream_errors_total", &labels),
+            latency: metrics::histogram!("xgate_upstream_seconds", &labels),
+            ejected_gauge,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if self.now_ms() < until {
+            return true;
+        }
+        // Its time is up: back in rotation (a failure now ejects it again quickly, and longer).
+        if self
+            .ejected_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.ejected_gauge.set(0.0);
+            self.failures
+                .store(CONSECUTIVE_FAILURES.saturating_sub(1), Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// The balancing cost: RTT estimate × (outstanding + 1).
+    fn cost(&self) -> f64 {
+        let rtt = self.rtt.lock().map(|g| g.0).unwrap_or(1.0);
+        rtt * f64::from(self.outstanding.load(Ordering::Relaxed) + 1)
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let sample = rtt.as_nanos() as f64;
+        if let Ok(mut g) = self.rtt.lock() {
+            let (avg, at) = *g;
+            let now = Instant::now();
+            let next = if sample > avg {
+                sample
+            } else {
+                let w = (-(now - at).as_secs_f64() / DECAY.as_secs_f64()).exp();
+                avg * w + sample * (1.0 - w)
+            };
+            *g = (next, now);
+        }
+    }
+}
+
+/// How a try ended, for the replica's standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered (any answer the provider chose to give, refusals included).
+    Answered,
+    /// Could not connect, or answered `UNAVAILABLE` / `INTERNAL`: counts towards ejection.
+    Failed,
+    /// Cancelled or timed out: says nothing about the replica.
+    Abandoned,
+}
+
+/// A call's hold on one replica: outstanding until finished or dropped.
+#[derive(Debug)]
+pub struct Pick {
+    pub replica: Arc<Replica>,
+    started: Instant,
+    set: Arc<Replicas>,
+    done: bool,
+}
+
+impl Pick {
+    pub fn client(&self) -> DataExchangeClient<Channel> {
+        self.replica.client.clone()
+    }
+
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        let r = &self.replica;
+        r.outstanding.fetch_sub(1, Ordering::Relaxed);
+        r.requests.increment(1);
+        let rtt = self.started.elapsed();
+        r.latency.record(rtt.as_secs_f64());
+        match outcome {
+            Outcome::Answered => {
+                r.observe(rtt);
+                r.failures.store(0, Ordering::Relaxed);
+            }
+            Outcome::Failed => {
+                r.errors.increment(1);
+                // A failure is slow from the caller's side: weigh it as the RTT it cost.
+                r.observe(rtt.max(Duration::from_millis(5)));
+                let n = r.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= CONSECUTIVE_FAILURES {
+                    self.set.eject(r);
+                }
+            }
+            Outcome::Abandoned => {}
+        }
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        if !self.done {
+            self.replica.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every replica of one provider, and its retry budget.
+#[derive(Debug)]
+pub struct Replicas {
+    pub provider: String,
+    pub list: Vec<Arc<Replica>>,
+    budget: TpsBudget,
+    retries: metrics::Counter,
+    budget_exhausted: metrics::Counter,
+}
+
+impl Replicas {
+    pub fn new(provider: &str, list: Vec<Arc<Replica>>) -> Replicas {
+        Replicas {
+            provider: provider.to_owned(),
+            list,
+            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            retries: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "retried"),
+            budget_exhausted: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "budget_exhausted"),
+        }
+    }
+
+    /// A replica for a try, avoiding `avoid` (the one that just failed) when another exists.
+    /// Ejected replicas are passed over unless every other one is ejected too.
+    pub fn pick(self: &Arc<Self>, avoid: Option<&Arc<Replica>>) -> Option<Pick> {
+        let usable = |r: &&Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
+        let mut live: Vec<&Arc<Replica>> = self
+            .list
+            .iter()
+            .filter(usable)
+            .filter(|r| !r.ejected())
+            .collect();
+        if live.is_empty() {
+            live = self.list.iter().filter(usable).collect();
+        }
+        let chosen = match live.len() {
+            0 => return None,
+            1 => live[0],
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if live[a].cost() <= live[b].cost() {
+                    live[a]
+                } else {
+                    live[b]
+                }
+            }
+        };
+        chosen.outstanding.fetch_add(1, Ordering::Relaxed);
+        Some(Pick {
+            replica: chosen.clone(),
+            started: Instant::now(),
+            set: self.clone(),
+            done: false,
+        })
+    }
+
+    /// Count a first try towards the retry budget.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Whether a retry fits the budget (and count it).
+    pub fn may_retry(&self) -> bool {
+        if self.list.len() < 2 {
+            return false;
+        }
+        if self.budget.withdraw() {
+            self.retries.increment(1);
+            true
+        } else {
+            self.budget_exhausted.increment(1);
+            false
+        }
+    }
+
+    fn eject(&self, r: &Replica) {
+        if r.ejected() {
+            return;
+        }
+        let ejected = self.list.iter().filter(|x| x.ejected()).count();
+        if (ejected + 1) as f64 > MAX_EJECTED_SHARE * self.list.len() as f64 {
+            return;
+        }
+        let n = r.ejections.fetch_add(1, Ordering::Relaxed);
+        let time = BASE_EJECTION
+            .saturating_mul(1u32 << n.min(5))
+            .min(MAX_EJECTION);
+        let until = r.now_ms() + time.as_millis() as u64;
+        r.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+        r.ejected_gauge.set(1.0);
+        tracing::warn!(provider = %self.provider, endpoint = %r.endpoint, seconds = time.as_secs(), "provider endpoint ejected after {CONSECUTIVE_FAILURES} failures in a row");
+    }
+
+    /// (endpoint, ejected) for `/ready` and tests.
+    pub fn standing(&self) -> Vec<(String, bool)> {
+        self.list
+            .iter()
+            .map(|r| (r.endpoint.clone(), r.ejected()))
+            .collect()
+    }
+}
