@@ -386,6 +386,51 @@ pub struct Upstream {
     /// Longest a call waits for a provider at its protection limit before `UNAVAILABLE`.
     #[serde(default = "default_queue_wait_ms")]
     pub queue_wait_ms: u64,
+    /// Active health checks of every provider endpoint (`grpc.health.v1` over mTLS).
+    #[serde(default)]
+    pub health_check: HealthCheck,
+}
+
+/// `upstream.health_check`: how each provider endpoint is checked.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Time between checks of one endpoint.
+    #[serde(default = "default_hc_interval")]
+    pub interval_ms: u64,
+    /// A check not answered within this counts as failed.
+    #[serde(default = "default_hc_timeout")]
+    pub timeout_ms: u64,
+    /// Passed checks in a row that bring an unhealthy endpoint back.
+    #[serde(default = "one_u32")]
+    pub healthy_threshold: u32,
+    /// Failed checks in a row that take an endpoint out of rotation.
+    #[serde(default = "two_u32")]
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_hc_interval(),
+            timeout_ms: default_hc_timeout(),
+            healthy_threshold: one_u32(),
+            unhealthy_threshold: two_u32(),
+        }
+    }
+}
+
+fn default_hc_interval() -> u64 {
+    2_000
+}
+fn default_hc_timeout() -> u64 {
+    1_000
+}
+fn one_u32() -> u32 {
+    1
+}
+fn two_u32() -> u32 {
+    2
 }
 
 fn default_connect_ms() -> u64 {
@@ -876,6 +921,7 @@ impl Config {
                 connect_timeout_ms: default_connect_ms(),
                 max_timeout_ms: default_max_timeout_ms(),
                 queue_wait_ms: default_queue_wait_ms(),
+                health_check: HealthCheck::default(),
             },
             limits: Limits::default(),
             log: Log::default(),

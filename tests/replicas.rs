@@ -87,6 +87,10 @@ struct Rig {
 }
 
 async fn rig(endpoints: &[u16]) -> Rig {
+    rig_with(endpoints, 2000).await
+}
+
+async fn rig_with(endpoints: &[u16], health_interval_ms: u64) -> Rig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let list: Vec<String> = endpoints
@@ -120,6 +124,7 @@ async fn rig(endpoints: &[u16]) -> Rig {
         dir.path().join("audit"),
     );
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.upstream.health_check.interval_ms = health_interval_ms;
     let gateway = xgate::serve::start(&cfg).await.unwrap();
     Rig {
         dir,
@@ -333,4 +338,75 @@ async fn endpoints_changed_by_reload_under_load() {
         &failed[..failed.len().min(5)]
     );
     assert_eq!(ok, 900);
+}
+
+/// The value of one metric line (`name{labels} value`), if present.
+fn metric(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Active health checks: a killed replica leaves rotation by its checks (no call needed to
+/// find out), and one that comes back is used again within about two check intervals,
+/// without a gateway restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_comes_back_is_used_again_after_its_health_checks() {
+    let [pa, pb] = ports();
+    let interval = 200;
+    let rig = rig_with(&[pa, pb], interval).await;
+    let mut a = Replica::start(rig.dir.path(), &rig.db(), pa);
+    let _b = Replica::start(rig.dir.path(), &rig.db(), pb);
+    let admin = rig.gw().admin_addr.unwrap();
+    let healthy = format!(
+        "xgate_upstream_endpoint_healthy{{provider=\"public-security\",endpoint=\"https://127.0.0.1:{pa}\"}}"
+    );
+    let requests_a = format!(
+        "xgate_upstream_requests_total{{provider=\"public-security\",endpoint=\"https://127.0.0.1:{pa}\"}}"
+    );
+    let wait_for = |want: f64| {
+        let healthy = healthy.clone();
+        async move {
+            let t0 = std::time::Instant::now();
+            loop {
+                let (_, m) = http(admin, "GET", "/metrics").await;
+                if metric(&m, &healthy) == Some(want) {
+                    return t0.elapsed();
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "{healthy} never became {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    a.kill9();
+    let out = wait_for(0.0).await;
+    assert!(
+        out < Duration::from_millis(interval * 4),
+        "out of rotation after {out:?}"
+    );
+    // Calls meanwhile never meet the dead replica.
+    let url = format!("https://{}", rig.gw().addr);
+    let (ok, failed) = load(url.clone(), 50, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 50, "{failed:?}");
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    let before = metric(&m, &requests_a).unwrap_or(0.0);
+    // Back on the same address: in rotation again within ~2 intervals of listening.
+    let _a2 = Replica::start(rig.dir.path(), &rig.db(), pa);
+    let back = wait_for(1.0).await;
+    assert!(
+        back < Duration::from_millis(interval * 2 + 300),
+        "back in rotation after {back:?}"
+    );
+    let (ok, failed) = load(url, 100, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 100, "{failed:?}");
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    let after = metric(&m, &requests_a).unwrap_or(0.0);
+    assert!(
+        after > before,
+        "the replica takes calls again ({before} -> {after})"
+    );
 }

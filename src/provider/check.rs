@@ -6,7 +6,8 @@
 //! and says why in `/ready`, the log and `xgate_source_dataset_serving`; a source that cannot
 //! be reached makes its calls `SOURCE_UNAVAILABLE` until a check reaches it. Health
 //! (`grpc.health.v1`) follows: `xgate.v1.DataExchange/<dataset>` per dataset, and the whole
-//! service (`""`, `xgate.v1.DataExchange`) serving only while every dataset does.
+//! service (`""`, `xgate.v1.DataExchange`) serving while any dataset does (what a gateway's
+//! health check asks: can this endpoint take calls). `/ready` wants every dataset.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -214,11 +215,13 @@ impl Live {
     pub async fn publish_health(&self) {
         use tonic_health::ServingStatus::{NotServing, Serving};
         let cat = self.current.load_full();
-        let all = if cat.all_serving() {
-            Serving
-        } else {
-            NotServing
-        };
+        // The service as a whole serves while any dataset does (a gateway's health check
+        // then keeps this endpoint in rotation for those); each dataset has its own name.
+        let any = cat
+            .datasets
+            .values()
+            .any(|d| matches!(**d.state.load(), State::Serving { .. }));
+        let all = if any { Serving } else { NotServing };
         self.health.set_service_status("", all).await;
         self.health
             .set_service_status("xgate.v1.DataExchange", all)

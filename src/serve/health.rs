@@ -2,8 +2,9 @@
 //! health service on the gateway port, and the metrics.
 //!
 //! Ready means: a policy is loaded, the audit trail takes records, and the providers can be
-//! reached. Providers are probed every few seconds (a TCP connect to each endpoint within the
-//! connect timeout); one department's backend being down does not take the gateway out of
+//! reached. Every provider endpoint is checked every `upstream.health_check.interval_ms`
+//! (`grpc.health.v1` over mTLS; thresholds in and out); one department's backend being down
+//! does not take the gateway out of
 //! rotation — its calls get `PROVIDER_UNAVAILABLE` while every other department's data flows —
 //! so the gateway is *not ready* only when every provider is unreachable. `/ready` lists each
 //! provider either way, and `xgate_provider_up{provider}` carries it to dashboards.
@@ -63,40 +64,41 @@ pub fn readiness(gw: &Gateway) -> Readiness {
 /// The gRPC services whose health is reported (plus `""`, the server as a whole).
 pub const SERVICES: [&str; 2] = ["xgate.v1.DataExchange", "xgate.v1.Catalog"];
 
-/// Probe the providers every `every`, and keep `/ready`, the gRPC health service and the
-/// provider gauges current. Ends when the gateway is gone.
+/// Check every provider endpoint (`grpc.health.v1` over its own mTLS connection) every
+/// `upstream.health_check.interval_ms`, keep each endpoint in or out of rotation by the
+/// thresholds, and keep `/ready`, the gRPC health service and the provider gauges current. A
+/// provider is up while any of its endpoints is healthy. Ends when the gateway is gone.
 pub fn spawn_prober(
     gateway: WeakGateway,
     reporter: HealthReporter,
-    every: Duration,
-    connect_timeout: Duration,
+    hc: crate::config::HealthCheck,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
+        let mut tick = tokio::time::interval(Duration::from_millis(hc.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = Duration::from_millis(hc.timeout_ms.max(1));
         loop {
             tick.tick().await;
             let Some(gw) = gateway.upgrade() else { return };
-            let targets: Vec<(String, Vec<String>)> = gw
-                .snapshot()
-                .policy
-                .file
-                .providers
-                .iter()
-                .map(|p| {
-                    let eps = p.endpoint_list().into_iter().map(|(_, e)| e.to_owned());
-                    (p.id.clone(), eps.collect())
-                })
-                .collect();
+            let sets = gw.snapshot().upstreams.all();
             drop(gw);
-            // A provider is up when any of its endpoints is.
-            let probes = targets.into_iter().map(|(id, endpoints)| async move {
-                let each = endpoints.iter().map(|e| reachable(e, connect_timeout));
+            let probes = sets.iter().map(|set| async move {
+                let each = set.list.iter().map(|r| async move {
+                    let passed = check(&r.channel, timeout).await;
+                    if r.checked(passed, hc.healthy_threshold, hc.unhealthy_threshold) {
+                        if r.healthy() {
+                            tracing::info!(provider = %set.provider, endpoint = %r.endpoint, "provider endpoint healthy again (health check)");
+                        } else {
+                            tracing::warn!(provider = %set.provider, endpoint = %r.endpoint, "provider endpoint unhealthy (health check): out of rotation");
+                        }
+                    }
+                    r.healthy()
+                });
                 let up = futures_util::future::join_all(each)
                     .await
                     .into_iter()
-                    .any(|u| u);
-                (id, up)
+                    .any(|h| h);
+                (set.provider.clone(), up)
             });
             let results = futures_util::future::join_all(probes).await;
             let Some(gw) = gateway.upgrade() else { return };
@@ -108,7 +110,7 @@ pub fn spawn_prober(
                     0.0
                 });
                 if !up && gw.providers_up().get(&id).copied().unwrap_or(true) {
-                    tracing::warn!(provider = %id, "provider unreachable (health probe)");
+                    tracing::warn!(provider = %id, "provider unreachable (health checks)");
                 }
                 map.insert(id, up);
             }
@@ -127,18 +129,22 @@ pub fn spawn_prober(
     })
 }
 
-/// Whether a TCP connection to the endpoint's host and port opens within `timeout`.
-async fn reachable(endpoint: &str, timeout: Duration) -> bool {
-    let Ok(uri) = endpoint.parse::<http::Uri>() else {
-        return false;
+/// One `grpc.health.v1` check of `xgate.v1.DataExchange` within `timeout`. A provider
+/// without the health service (`UNIMPLEMENTED`) or without that name (`NOT_FOUND`) passes:
+/// it answered over mTLS, which is what the TCP probe before it proved, and more.
+async fn check(ch: &tonic::transport::Channel, timeout: Duration) -> bool {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus as S, health_client::HealthClient,
     };
-    let Some(host) = uri.host() else { return false };
-    let port = uri.port_u16().unwrap_or(443);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    matches!(
-        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await,
-        Ok(Ok(_))
-    )
+    let mut c = HealthClient::new(ch.clone());
+    let req = HealthCheckRequest {
+        service: "xgate.v1.DataExchange".into(),
+    };
+    match tokio::time::timeout(timeout, c.check(req)).await {
+        Ok(Ok(r)) => r.into_inner().status == S::Serving as i32,
+        Ok(Err(s)) => matches!(s.code(), tonic::Code::Unimplemented | tonic::Code::NotFound),
+        Err(_) => false,
+    }
 }
 
 /// Refresh the gauges that are read, not counted (called when `/metrics` is scraped).

@@ -304,8 +304,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let prober = crate::serve::health::spawn_prober(
         gateway.downgrade(),
         health_reporter,
-        Duration::from_secs(5),
-        Duration::from_millis(cfg.upstream.connect_timeout_ms),
+        cfg.upstream.health_check,
     );
     let reloader = Arc::new(Reloader::new(&cfg.policy, gateway.clone(), up, &mask_key));
     let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));

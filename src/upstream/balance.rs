@@ -13,6 +13,12 @@
 //!   plus 10 per second may be retried; past it, a failure is the caller's answer. An outage
 //!   can then never multiply the load on the replicas left.
 //!
+//! - **Active health checks** (`serve::health`): `grpc.health.v1` over the replica's own mTLS
+//!   connection every `upstream.health_check.interval_ms`; `unhealthy_threshold` failed
+//!   checks in a row take it out of rotation, `healthy_threshold` passed ones bring it back
+//!   (and end an ejection). A provider that does not implement the health service passes
+//!   when it answers `UNIMPLEMENTED`: it answered.
+//!
 //! The balancer picks a replica per try; the pipeline (`forward`) decides whether a failed try
 //! is retried (a `Query`, or a `QueryStream` before its first batch). Not here: how much a
 //! provider is sent in all (`limits::provider`, which holds across its replicas).
@@ -47,6 +53,13 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 pub struct Replica {
     pub endpoint: String,
     pub client: DataExchangeClient<Channel>,
+    /// The same connection, for `grpc.health.v1` checks.
+    pub channel: Channel,
+    /// Out of rotation after failed active checks (until they pass again).
+    unhealthy: std::sync::atomic::AtomicBool,
+    /// Active checks in a row that passed (positive) or failed (negative).
+    streak: std::sync::atomic::AtomicI32,
+    healthy_gauge: metrics::Gauge,
     outstanding: AtomicU32,
     /// (EWMA of the RTT in ns, when it was last updated).
     rtt: Mutex<(f64, Instant)>,
@@ -62,16 +75,27 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(provider: &str, endpoint: &str, client: DataExchangeClient<Channel>) -> Replica {
+    pub fn new(
+        provider: &str,
+        endpoint: &str,
+        channel: Channel,
+        client: DataExchangeClient<Channel>,
+    ) -> Replica {
         let labels = [
             ("provider", provider.to_owned()),
             ("endpoint", endpoint.to_owned()),
         ];
         let ejected_gauge = metrics::gauge!("xgate_upstream_endpoint_ejected", &labels);
         ejected_gauge.set(0.0);
+        let healthy_gauge = metrics::gauge!("xgate_upstream_endpoint_healthy", &labels);
+        healthy_gauge.set(1.0);
         Replica {
             endpoint: endpoint.to_owned(),
             client,
+            channel,
+            unhealthy: std::sync::atomic::AtomicBool::new(false),
+            streak: std::sync::atomic::AtomicI32::new(0),
+            healthy_gauge,
             outstanding: AtomicU32::new(0),
             rtt: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())),
             failures: AtomicU32::new(0),
@@ -87,6 +111,44 @@ impl Replica {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Out of rotation: failed its active checks, or ejected.
+    pub fn out(&self) -> bool {
+        self.unhealthy.load(Ordering::Relaxed) || self.ejected()
+    }
+
+    pub fn healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// One active check's result, with the thresholds: whether the endpoint's standing
+    /// changed. A pass that brings it back also ends an ejection (it answers again).
+    pub fn checked(&self, passed: bool, healthy_after: u32, unhealthy_after: u32) -> bool {
+        let streak = if passed {
+            self.streak
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(s.max(0) + 1))
+                .map_or(1, |s| s.max(0) + 1)
+        } else {
+            self.streak
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(s.min(0) - 1))
+                .map_or(-1, |s| s.min(0) - 1)
+        };
+        let was_unhealthy = self.unhealthy.load(Ordering::Relaxed);
+        if passed && was_unhealthy && streak >= healthy_after as i32 {
+            self.unhealthy.store(false, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_gauge.set(0.0);
+            self.healthy_gauge.set(1.0);
+            return true;
+        }
+        if !passed && !was_unhealthy && -streak >= unhealthy_after as i32 {
+            self.unhealthy.store(true, Ordering::Relaxed);
+            self.healthy_gauge.set(0.0);
+            return true;
+        }
+        false
     }
 
     pub fn ejected(&self) -> bool {

@@ -98,7 +98,13 @@ impl Upstreams {
                 });
                 let replica = match kept {
                     Some(r) => r,
-                    None => Arc::new(Replica::new(&p.id, endpoint, channel(p, endpoint, tls)?)),
+                    None => {
+                        let ch = channel(p, endpoint, tls)?;
+                        let client = DataExchangeClient::new(ch.clone())
+                            .max_decoding_message_size(tls.max_message_bytes)
+                            .max_encoding_message_size(tls.max_message_bytes);
+                        Arc::new(Replica::new(&p.id, endpoint, ch, client))
+                    }
                 };
                 keys.push(key);
                 list.push(replica);
@@ -117,6 +123,11 @@ impl Upstreams {
     pub fn replicas(&self, provider: &str) -> Option<Arc<Replicas>> {
         self.providers.get(provider).map(|(_, r)| r.clone())
     }
+
+    /// Every provider's replicas (for the health checks).
+    pub fn all(&self) -> Vec<Arc<Replicas>> {
+        self.providers.values().map(|(_, r)| r.clone()).collect()
+    }
 }
 
 /// A lazily connecting mTLS channel to one endpoint.
@@ -124,7 +135,7 @@ fn channel(
     p: &crate::policy::model::Provider,
     endpoint: &str,
     tls: &UpstreamTls,
-) -> Result<DataExchangeClient<Channel>, String> {
+) -> Result<Channel, String> {
     let uri: http::Uri = endpoint
         .parse()
         .map_err(|e| format!("provider `{}`: bad endpoint `{endpoint}`: {e}", p.id))?;
@@ -145,9 +156,7 @@ fn channel(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(DataExchangeClient::new(channel)
-        .max_decoding_message_size(tls.max_message_bytes)
-        .max_encoding_message_size(tls.max_message_bytes))
+    Ok(channel)
 }
 
 /// How a try's failure counts for the replica: connection-level trouble and the provider's
