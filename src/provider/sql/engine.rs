@@ -125,58 +125,35 @@ fn no_u32<R>(_: &R, _: usize) -> Result<Value, sqlx::Error> {
     ))
 }
 
-impl Engine for Postgres {
-    const DIALECT: Dialect = Dialect::Postgres;
+/// One engine's impl: the shared binding and reading, with how it reads unsigned integers.
+/// (An int column compared with an int8 parameter is fine everywhere: PostgreSQL has the
+/// cross-type operators, and a narrower parameter could not hold every caller value.)
+macro_rules! engine {
+    ($db:ty, $dialect:expr, $u32:expr) => {
+        impl Engine for $db {
+            const DIALECT: Dialect = $dialect;
 
-    fn bind<'q>(
-        q: Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>>,
-        p: Param,
-        d: Decoder,
-    ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>> {
-        // An int column compared with an int8 parameter: PostgreSQL has the cross-type
-        // operators, and a narrower parameter could not hold every caller value.
-        bind_as!(q, p, d)
-    }
+            fn bind<'q>(
+                q: Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>>,
+                p: Param,
+                d: Decoder,
+            ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>> {
+                bind_as!(q, p, d)
+            }
 
-    fn cell(row: &Self::Row, i: usize, d: Decoder) -> Result<Value, sqlx::Error> {
-        cell_as!(row, i, d, no_u32)
-    }
+            fn cell(row: &Self::Row, i: usize, d: Decoder) -> Result<Value, sqlx::Error> {
+                cell_as!(row, i, d, $u32)
+            }
+        }
+    };
 }
 
-impl Engine for MySql {
-    const DIALECT: Dialect = Dialect::MySql;
-
-    fn bind<'q>(
-        q: Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>>,
-        p: Param,
-        d: Decoder,
-    ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>> {
-        bind_as!(q, p, d)
-    }
-
-    fn cell(row: &Self::Row, i: usize, d: Decoder) -> Result<Value, sqlx::Error> {
-        cell_as!(row, i, d, |row: &sqlx::mysql::MySqlRow, i| {
-            row.try_get_unchecked::<Option<u32>, _>(i)
-                .map(|v| or_null(v, |n| Kind::Int64Value(n.into())))
-        })
-    }
-}
-
-impl Engine for Sqlite {
-    const DIALECT: Dialect = Dialect::Sqlite;
-
-    fn bind<'q>(
-        q: Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>>,
-        p: Param,
-        d: Decoder,
-    ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments<'q>> {
-        bind_as!(q, p, d)
-    }
-
-    fn cell(row: &Self::Row, i: usize, d: Decoder) -> Result<Value, sqlx::Error> {
-        cell_as!(row, i, d, no_u32)
-    }
-}
+engine!(Postgres, Dialect::Postgres, no_u32);
+engine!(Sqlite, Dialect::Sqlite, no_u32);
+engine!(MySql, Dialect::MySql, |row: &sqlx::mysql::MySqlRow, i| {
+    row.try_get_unchecked::<Option<u32>, _>(i)
+        .map(|v| or_null(v, |n| Kind::Int64Value(n.into())))
+});
 
 /// What a source error means for the call (and its metrics `kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
