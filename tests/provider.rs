@@ -401,17 +401,7 @@ impl Rig {
 
     /// A client with the gateway's certificate (or another's).
     async fn client_as(&self, cert: &str) -> DataExchangeClient<Channel> {
-        let c = certs();
-        let ch = client::connect(
-            &format!("https://{}", self.running().addr),
-            &std::fs::read(c.join("ca.pem")).unwrap(),
-            &std::fs::read(c.join(format!("{cert}.pem"))).unwrap(),
-            &std::fs::read(c.join(format!("{cert}.key"))).unwrap(),
-            "localhost",
-        )
-        .await
-        .unwrap();
-        DataExchangeClient::new(ch)
+        DataExchangeClient::new(channel_as(self.running().addr, cert).await)
     }
 
     async fn client(&self) -> DataExchangeClient<Channel> {
@@ -419,16 +409,7 @@ impl Rig {
     }
 
     async fn channel(&self) -> Channel {
-        let c = certs();
-        client::connect(
-            &format!("https://{}", self.running().addr),
-            &std::fs::read(c.join("ca.pem")).unwrap(),
-            &std::fs::read(c.join("gateway-client.pem")).unwrap(),
-            &std::fs::read(c.join("gateway-client.key")).unwrap(),
-            "localhost",
-        )
-        .await
-        .unwrap()
+        channel_as(self.running().addr, "gateway-client").await
     }
 
     async fn stop(mut self) {
@@ -436,10 +417,6 @@ impl Rig {
             r.shutdown().await.unwrap();
         }
     }
-}
-
-async fn health_channel(rig: &Rig) -> Channel {
-    rig.channel().await
 }
 
 fn s(v: &str) -> Value {
@@ -1019,7 +996,7 @@ async fn the_database_killed_and_restarted_under_load() {
     p.kill9();
     // Health follows the source: the dataset stops SERVING at its next check.
     let ch = c.clone();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(health_channel(&rig).await);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(rig.channel().await);
     let status = |h: tonic_health::pb::HealthCheckResponse| h.status;
     let down = std::time::Instant::now();
     loop {
@@ -1120,17 +1097,9 @@ async fn a_slow_statement_is_cut_by_the_statement_timeout() {
     let cfg = provider::ProviderConfig::load(&config).unwrap();
     let running = provider::start(&cfg, None).await.unwrap();
     assert!(running.readiness().0, "{}", running.readiness().1);
-    let c = client::connect(
-        &format!("https://{}", running.addr),
-        &std::fs::read(certs().join("ca.pem")).unwrap(),
-        &std::fs::read(certs().join("gateway-client.pem")).unwrap(),
-        &std::fs::read(certs().join("gateway-client.key")).unwrap(),
-        "localhost",
-    )
-    .await
-    .unwrap();
     let t = std::time::Instant::now();
-    let e = DataExchangeClient::new(c)
+    let e = gateway_client(running.addr)
+        .await
         .query(request(vec![], &["pid"], 5))
         .await
         .unwrap_err();
@@ -1353,18 +1322,22 @@ async fn http_rig(
 }
 
 async fn gateway_client(addr: std::net::SocketAddr) -> DataExchangeClient<Channel> {
+    DataExchangeClient::new(channel_as(addr, "gateway-client").await)
+}
+
+/// A channel to the provider at `addr` with the dev certificate `cert` (`gateway-client`
+/// is the gateway's).
+async fn channel_as(addr: std::net::SocketAddr, cert: &str) -> Channel {
     let c = certs();
-    DataExchangeClient::new(
-        client::connect(
-            &format!("https://{addr}"),
-            &std::fs::read(c.join("ca.pem")).unwrap(),
-            &std::fs::read(c.join("gateway-client.pem")).unwrap(),
-            &std::fs::read(c.join("gateway-client.key")).unwrap(),
-            "localhost",
-        )
-        .await
-        .unwrap(),
+    client::connect(
+        &format!("https://{addr}"),
+        &std::fs::read(c.join("ca.pem")).unwrap(),
+        &std::fs::read(c.join(format!("{cert}.pem"))).unwrap(),
+        &std::fs::read(c.join(format!("{cert}.key"))).unwrap(),
+        "localhost",
     )
+    .await
+    .unwrap()
 }
 
 fn api(rows: Vec<Person>) -> Api {
