@@ -277,6 +277,16 @@ impl Replicas {
     /// A replica for a try, avoiding `avoid` (the one that just failed) when another exists.
     /// Ejected replicas are passed over unless every other one is ejected too.
     pub fn pick(self: &Arc<Self>, avoid: Option<&Arc<Replica>>) -> Option<Pick> {
+        // One endpoint (the common case): no choice to make, nothing to allocate.
+        if let [only] = self.list.as_slice() {
+            only.outstanding.fetch_add(1, Ordering::Relaxed);
+            return Some(Pick {
+                replica: only.clone(),
+                started: Instant::now(),
+                set: self.clone(),
+                done: false,
+            });
+        }
         let usable = |r: &&Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
         let mut live: Vec<&Arc<Replica>> = self
             .list
