@@ -386,6 +386,13 @@ pub struct Upstream {
     /// Longest a call waits for a provider at its protection limit before `UNAVAILABLE`.
     #[serde(default = "default_queue_wait_ms")]
     pub queue_wait_ms: u64,
+    /// Longest one try may take when the provider has another endpoint to retry on; a try
+    /// past it counts as that endpoint's failure and the call goes once to another endpoint
+    /// (within the caller's deadline and the retry budget). Default: half of what the call
+    /// may wait, so a replica that stops answering without a reset costs a call half its
+    /// deadline, not all of it.
+    #[serde(default)]
+    pub try_timeout_ms: Option<u64>,
     /// Active health checks of every provider endpoint (`grpc.health.v1` over mTLS).
     #[serde(default)]
     pub health_check: HealthCheck,
@@ -754,6 +761,9 @@ impl Config {
         if self.upstream.connect_timeout_ms == 0 || self.upstream.max_timeout_ms == 0 {
             errs.push("upstream: connect_timeout_ms and max_timeout_ms must be positive".into());
         }
+        if self.upstream.try_timeout_ms == Some(0) {
+            errs.push("upstream: try_timeout_ms must be positive (or left out)".into());
+        }
         for p in &self.tls.crls {
             if let Err(e) = std::fs::metadata(p) {
                 errs.push(format!("tls.crls: {}: {e}", p.display()));
@@ -921,6 +931,7 @@ impl Config {
                 connect_timeout_ms: default_connect_ms(),
                 max_timeout_ms: default_max_timeout_ms(),
                 queue_wait_ms: default_queue_wait_ms(),
+                try_timeout_ms: None,
                 health_check: HealthCheck::default(),
             },
             limits: Limits::default(),

@@ -7,6 +7,7 @@
 mod common;
 
 use std::{
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -16,27 +17,57 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{netns::NetHost, *};
 use xgate::pb::data_exchange_client::DataExchangeClient;
 
-/// One `xgate provider` replica for public-security on `port`, over `db`.
+/// Where a replica listens and what it serves from.
+struct Spec<'a> {
+    dir: &'a Path,
+    /// `sqlite://…` or `postgres://…`
+    source: String,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    /// Run inside this test host's namespace.
+    host: Option<&'a NetHost>,
+    /// More top-level config lines.
+    extra: &'a str,
+}
+
+/// One `xgate provider` replica for public-security.
 struct Replica {
     child: Child,
+    admin: Option<SocketAddr>,
 }
 
 impl Replica {
+    /// A replica on 127.0.0.1:`port` over the SQLite file `db`.
     fn start(dir: &Path, db: &Path, port: u16) -> Replica {
+        Replica::spawn(Spec {
+            dir,
+            source: format!("sqlite://{}", db.display()),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: None,
+            host: None,
+            extra: "",
+        })
+    }
+
+    fn spawn(s: Spec<'_>) -> Replica {
         let c = certs();
-        let cfg = dir.join(format!("provider-{port}.yaml"));
+        let cfg = s.dir.join(format!("provider-{}.yaml", s.listen));
+        let admin = s
+            .admin
+            .map(|a| format!("admin_listen: {a}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &cfg,
             format!(
                 r#"id: public-security
-listen: 127.0.0.1:{port}
-tls: {{ cert: {c}/provider-public-security.pem, key: {c}/provider-public-security.key, client_ca: {c}/ca.pem }}
+listen: {listen}
+{admin}{extra}tls: {{ cert: {c}/provider-public-security.pem, key: {c}/provider-public-security.key, client_ca: {c}/ca.pem }}
 gateway: {{ identities: ["spiffe://zj.gov.example/gateway"] }}
 catalogue: {cat}
-sources: {{ db: {{ sql: {{ url: "sqlite://{db}" }} }} }}
+sources: {{ db: {{ sql: {{ url: "{source}" }} }} }}
 datasets:
   - id: hukou.person_basic
     source: db
@@ -44,29 +75,50 @@ datasets:
     columns: {{ id_number: sfzh, name: xm, gender: xb, birth_date: csrq, region_code: qhdm, address: dz, household_head: hz, phone: lxdh }}
 log: {{ level: warn }}
 "#,
+                listen = s.listen,
                 c = c.display(),
-                cat = dir.join("policy.yaml").display(),
-                db = db.display(),
+                cat = s.dir.join("policy.yaml").display(),
+                source = s.source,
+                extra = s.extra,
             ),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        let bin = env!("CARGO_BIN_EXE_xgate");
+        let mut cmd = match s.host {
+            Some(h) => h.command(bin),
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["provider", "--config"])
             .arg(&cfg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let r = Replica { child };
+        let r = Replica {
+            child,
+            admin: s.admin,
+        };
         let t0 = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(s.listen).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
-                "replica on {port} did not start"
+                "replica on {} did not start",
+                s.listen
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         r
+    }
+
+    /// Calls that reached this replica's service, whatever it answered
+    /// (`xgate_source_queries_total`, every outcome).
+    async fn calls_seen(&self) -> f64 {
+        let (_, m) = http(self.admin.expect("an admin port"), "GET", "/metrics").await;
+        m.lines()
+            .filter(|l| l.starts_with("xgate_source_queries_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     fn kill9(&mut self) {
@@ -91,11 +143,23 @@ async fn rig(endpoints: &[u16]) -> Rig {
 }
 
 async fn rig_with(endpoints: &[u16], health_interval_ms: u64) -> Rig {
+    let addrs: Vec<SocketAddr> = endpoints
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    rig_at(&addrs, |c| {
+        c.upstream.health_check.interval_ms = health_interval_ms
+    })
+    .await
+}
+
+/// A gateway whose public-security provider is `endpoints`, its config adjusted by `tune`.
+async fn rig_at(endpoints: &[SocketAddr], tune: impl FnOnce(&mut xgate::config::Config)) -> Rig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let list: Vec<String> = endpoints
         .iter()
-        .map(|p| format!("\"https://127.0.0.1:{p}\""))
+        .map(|a| format!("\"https://{a}\""))
         .collect();
     let policy = policy_with_ports(1, 1).replace(
         "endpoint: \"https://127.0.0.1:1\", tls_name: public-security",
@@ -124,7 +188,7 @@ async fn rig_with(endpoints: &[u16], health_interval_ms: u64) -> Rig {
         dir.path().join("audit"),
     );
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.upstream.health_check.interval_ms = health_interval_ms;
+    tune(&mut cfg);
     let gateway = xgate::serve::start(&cfg).await.unwrap();
     Rig {
         dir,
@@ -409,4 +473,266 @@ async fn a_replica_that_comes_back_is_used_again_after_its_health_checks() {
         after > before,
         "the replica takes calls again ({before} -> {after})"
     );
+}
+
+/// Wait until the metric line `line` reads `want` (panics after 10 s); how long it took.
+async fn metric_becomes(admin: SocketAddr, line: &str, want: f64) -> Duration {
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, m) = http(admin, "GET", "/metrics").await;
+        if metric(&m, line) == Some(want) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{line} never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A host that vanishes without a reset: one of two replicas runs in a network namespace of
+/// its own and, under load, every packet to and from it is dropped. Calls in flight on it
+/// run out their first try's limit and go to the other replica; the health checks take it
+/// out of rotation within about two intervals; at most 0.5 % of calls fail and none hangs
+/// past its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_host_vanishes_is_ejected_and_calls_ride_through() {
+    if !NetHost::available() {
+        eprintln!("skipped: network namespaces need root and iproute2 (bash .ci/deps)");
+        return;
+    }
+    let host = NetHost::new();
+    let [pa, pb] = ports();
+    let a = SocketAddr::from(([127, 0, 0, 1], pa));
+    let b = SocketAddr::from((host.ip, pb));
+    let interval = 500;
+    let rig = rig_at(&[a, b], |c| {
+        c.upstream.health_check.interval_ms = interval;
+        c.upstream.health_check.timeout_ms = 300;
+    })
+    .await;
+    let db = rig.db();
+    let _ra = Replica::start(rig.dir.path(), &db, pa);
+    let _rb = Replica::spawn(Spec {
+        dir: rig.dir.path(),
+        source: format!("sqlite://{}", db.display()),
+        listen: b,
+        admin: None,
+        host: Some(&host),
+        extra: "",
+    });
+    let admin = rig.gw().admin_addr.unwrap();
+    let url = format!("https://{}", rig.gw().addr);
+    // Both in use first.
+    let (ok, failed) = load(url.clone(), 100, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 100, "{failed:?}");
+    let requests_b = format!(
+        "xgate_upstream_requests_total{{provider=\"public-security\",endpoint=\"https://{b}\"}}"
+    );
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    assert!(
+        metric(&m, &requests_b).unwrap_or(0.0) > 0.0,
+        "the namespaced replica took calls before it vanished"
+    );
+    let progress = Arc::new(AtomicU64::new(0));
+    let driver = tokio::spawn(load(url, 200, 5.0, Some(progress.clone())));
+    while progress.load(Ordering::Relaxed) < 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    host.blackhole();
+    let healthy_b = format!(
+        "xgate_upstream_endpoint_healthy{{provider=\"public-security\",endpoint=\"https://{b}\"}}"
+    );
+    let out = metric_becomes(admin, &healthy_b, 0.0).await;
+    // Two failed checks (each its 300 ms timeout), a tick apart, plus up to one tick of phase.
+    assert!(
+        out < Duration::from_millis(interval * 3 + 300),
+        "out of rotation {out:?} after it vanished"
+    );
+    let (ok, failed) = driver.await.unwrap();
+    let total = ok + failed.len() as u64;
+    eprintln!(
+        "blackhole: out of rotation after {out:?}; {} of {total} calls failed",
+        failed.len()
+    );
+    assert_eq!(total, 1000);
+    assert!(
+        failed.len() as u64 * 200 <= total,
+        "{} of {total} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // While it is gone, calls go to the other replica only.
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    let before = metric(&m, &requests_b).unwrap_or(0.0);
+    let (ok, failed) = load(format!("https://{}", rig.gw().addr), 100, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 100, "{failed:?}");
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    assert_eq!(metric(&m, &requests_b).unwrap_or(0.0), before);
+}
+
+/// One replica 50 ms slower than the other (behind a delay line adding 25 ms each way):
+/// the latency-weighted balancer sends it at most 10 % of the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replica_gets_few_calls() {
+    let [pa, pb] = ports();
+    let a = SocketAddr::from(([127, 0, 0, 1], pa));
+    let line =
+        common::delay::DelayLine::start(([127, 0, 0, 1], pb).into(), Duration::from_millis(25))
+            .await;
+    let b = line.addr;
+    let rig = rig_at(&[a, b], |_| {}).await;
+    let db = rig.db();
+    let _ra = Replica::start(rig.dir.path(), &db, pa);
+    let _rb = Replica::start(rig.dir.path(), &db, pb);
+    let url = format!("https://{}", rig.gw().addr);
+    let (ok, failed) = load(url, 200, 4.0, None).await;
+    assert!(failed.is_empty() && ok == 800, "{failed:?}");
+    let admin = rig.gw().admin_addr.unwrap();
+    let (_, m) = http(admin, "GET", "/metrics").await;
+    let count = |e: SocketAddr| {
+        metric(
+            &m,
+            &format!(
+                "xgate_upstream_requests_total{{provider=\"public-security\",endpoint=\"https://{e}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let (fast, slow) = (count(a), count(b));
+    eprintln!("slow replica: {slow} of {} calls", fast + slow);
+    assert!(
+        slow <= 0.10 * (fast + slow),
+        "the slow replica took {slow} of {} calls",
+        fast + slow
+    );
+    assert!(
+        slow > 0.0,
+        "the slow replica was tried (its latency was measured)"
+    );
+}
+
+/// Every replica down (their shared PostgreSQL killed, so each answers `UNAVAILABLE` to what
+/// reaches it): callers get `UNAVAILABLE PROVIDER_UNAVAILABLE` quickly, and the tries that
+/// reach the replicas, counted by the replicas themselves, stay within the retry budget
+/// (20 % of first tries plus 10 a second over its 10 s window), far below the two tries per
+/// call that retrying everything would send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_replicas_down_fails_fast_within_the_retry_budget() {
+    if !common::db::Postgres::available() {
+        eprintln!("skipped: PostgreSQL is not installed (bash .ci/deps)");
+        return;
+    }
+    let mut pg = common::db::Postgres::start();
+    pg.psql(
+        "CREATE TABLE person_basic (sfzh text PRIMARY KEY, xm text, xb text, csrq text, \
+         qhdm text, dz text, hz boolean, lxdh text); \
+         INSERT INTO person_basic VALUES \
+         ('330106199001010011', '王伟', 'male', '1990-01-01', '330106', '1号 文三路', true, '13800000001'), \
+         ('330106199202020022', '李芳', 'female', '1992-02-02', '330106', '2号 文三路', false, '13800000002');",
+    );
+    let [pa, pb, aa, ab] = ports();
+    let a = SocketAddr::from(([127, 0, 0, 1], pa));
+    let b = SocketAddr::from(([127, 0, 0, 1], pb));
+    let rig = rig_at(&[a, b], |c| c.upstream.health_check.interval_ms = 500).await;
+    let spec = |listen, admin| Spec {
+        dir: rig.dir.path(),
+        source: pg.url(),
+        listen,
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], admin))),
+        host: None,
+        // Each replica finds out for itself, not only when a call meets the dead database.
+        extra: "check_interval_secs: 1\n",
+    };
+    let ra = Replica::spawn(spec(a, aa));
+    let rb = Replica::spawn(spec(b, ab));
+    let url = format!("https://{}", rig.gw().addr);
+    let (ok, failed) = load(url.clone(), 50, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 50, "{failed:?}");
+    pg.kill9();
+    // Once each replica has met the dead database (a call, or its own check), it answers
+    // `UNAVAILABLE` at once and its health turns NOT_SERVING; the gateway's checks see both.
+    let admin = rig.gw().admin_addr.unwrap();
+    let _ = load(url.clone(), 20, 0.5, None).await;
+    for e in [a, b] {
+        metric_becomes(
+            admin,
+            &format!(
+                "xgate_upstream_endpoint_healthy{{provider=\"public-security\",endpoint=\"https://{e}\"}}"
+            ),
+            0.0,
+        )
+        .await;
+    }
+    let seen_before = ra.calls_seen().await + rb.calls_seen().await;
+    let (rate, secs) = (200, 4.0);
+    let calls = (rate as f64 * secs) as u64;
+    let t0 = std::time::Instant::now();
+    let ch = dept_channel(&url, "civil-affairs").await;
+    let token = token("civil-affairs");
+    let mut slowest = Duration::ZERO;
+    let mut reasons = std::collections::BTreeMap::<String, u64>::new();
+    let mut tasks = Vec::new();
+    for i in 0..calls {
+        tokio::time::sleep_until(
+            tokio::time::Instant::from_std(t0) + Duration::from_micros(i * 1_000_000 / rate),
+        )
+        .await;
+        let mut c = DataExchangeClient::new(ch.clone());
+        let mut r = req(
+            query(
+                "hukou.person_basic",
+                "subsidy-eligibility",
+                &["region_code = 330106"],
+                3,
+            ),
+            &token,
+        );
+        r.set_timeout(Duration::from_secs(2));
+        tasks.push(tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            (c.query(r).await, t.elapsed())
+        }));
+    }
+    for t in tasks {
+        let (res, took) = t.await.unwrap();
+        slowest = slowest.max(took);
+        let key = match res {
+            Ok(_) => "OK".to_owned(),
+            Err(e) => format!(
+                "{:?} {}",
+                e.code(),
+                tonic_types::StatusExt::get_error_details(&e)
+                    .error_info()
+                    .map(|i| i.reason.clone())
+                    .unwrap_or_default()
+            ),
+        };
+        *reasons.entry(key).or_default() += 1;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert_eq!(
+        reasons.get("Unavailable PROVIDER_UNAVAILABLE").copied(),
+        Some(calls),
+        "{reasons:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest call {slowest:?}"
+    );
+    let tries = ra.calls_seen().await + rb.calls_seen().await - seen_before;
+    // First tries, plus 20 % of them, plus the floor of 10 a second over the window the
+    // budget remembers (10 s) and the run.
+    let budget = calls as f64 * 1.2 + 10.0 * (10.0 + elapsed);
+    eprintln!("all down: {tries} tries for {calls} calls (budget {budget}); slowest {slowest:?}");
+    assert!(
+        tries >= calls as f64 && tries <= budget,
+        "{tries} tries reached the replicas for {calls} calls (budget {budget})"
+    );
+    assert!(
+        tries < calls as f64 * 1.5,
+        "{tries} tries for {calls} calls"
+    );
+    drop(pg);
 }

@@ -135,9 +135,11 @@ impl Gateway {
     }
 
     /// Send `body` to one of the provider's replicas, within `wait`. A try that fails before
-    /// the provider answered (connect failure, refused stream, `UNAVAILABLE`) goes once more
-    /// to another replica when the retry budget allows: a read is safe to repeat. Each try is
-    /// its own span; the record says how many tries there were and which endpoint answered.
+    /// the provider answered (connect failure, refused stream, `UNAVAILABLE`) or that runs
+    /// past its own limit ([`upstream::Replicas::first_try_limit`]: an endpoint gone without
+    /// a reset) goes once more to another replica when the retry budget allows: a read is
+    /// safe to repeat, and nothing of the answer has reached the caller yet. Each try is its
+    /// own span; the record says how many tries there were and which endpoint answered.
     pub(super) async fn send<T, F, Fut>(
         &self,
         call: &mut Call,
@@ -168,12 +170,13 @@ impl Gateway {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let pick = replicas.pick(avoid.as_ref()).ok_or_else(|| {
-                Reject::new(
-                    Reason::Internal,
-                    "internal error; quote the trace id to the operators",
-                )
-            })?;
+            let Some(pick) = replicas.pick(avoid.as_ref()) else {
+                // No endpoint at all (a DNS name that resolves to nothing yet).
+                return Err(upstream::provider_failure(
+                    &Status::unavailable("no endpoint"),
+                    provider,
+                ));
+            };
             let Some(this) = body.take().or_else(|| spare.clone()) else {
                 return Err(upstream::provider_failure(
                     &Status::unavailable("no request to retry"),
@@ -181,53 +184,85 @@ impl Gateway {
                 ));
             };
             let left = wait.saturating_sub(started.elapsed());
+            // The first try leaves time for a second on another endpoint.
+            let limit = if attempt == 1 {
+                replicas.first_try_limit(left)
+            } else {
+                left
+            };
             let span = upstream_span(provider, &pick.replica.endpoint, attempt);
             let up =
-                self.upstream_request(call, who, this, propagate_deadline.then_some(left), &span);
+                self.upstream_request(call, who, this, propagate_deadline.then_some(limit), &span);
             {
                 let rec = call.pending.rec();
                 rec.upstream_tries = attempt;
                 rec.upstream_endpoint = Some(pick.replica.endpoint.clone());
             }
             let sent = tokio::time::Instant::now();
-            match self
-                .bounded(left, rpc(pick.client(), up).instrument(span))
+            // A try may go to another endpoint: it is the first, the set has another, there
+            // is time left for it, and the budget allows.
+            let may_retry = |started: tokio::time::Instant| {
+                attempt == 1
+                    && spare.is_some()
+                    && wait.saturating_sub(started.elapsed()) > Duration::from_millis(5)
+                    && replicas.may_retry()
+            };
+            let status = match self
+                .bounded(limit, rpc(pick.client(), up).instrument(span))
                 .await?
             {
-                Err(_) => {
+                // The caller's time is up.
+                Err(_) if limit >= left => {
                     pick.finish(upstream::Outcome::Abandoned);
+                    return Err(upstream::provider_timeout(provider));
+                }
+                // This try's time is up, not the call's: the endpoint did not answer in time
+                // (it may be gone without a reset), which counts against it.
+                Err(_) => {
+                    let failed = pick.replica.clone();
+                    pick.finish(upstream::Outcome::Failed);
+                    if may_retry(started) {
+                        tracing::info!(%provider, endpoint = %failed.endpoint, "try timed out; retrying on another endpoint");
+                        avoid = Some(failed);
+                        continue;
+                    }
                     return Err(upstream::provider_timeout(provider));
                 }
                 // The provider enforces the propagated deadline too, and may answer first
                 // (tonic servers say CANCELLED): that is still a timeout.
                 Ok(Err(status))
-                    if status.code() == Code::Cancelled && sent.elapsed() >= left.mul_f32(0.9) =>
+                    if status.code() == Code::Cancelled && sent.elapsed() >= limit.mul_f32(0.9) =>
                 {
-                    pick.finish(upstream::Outcome::Abandoned);
-                    return Err(upstream::provider_timeout(provider));
-                }
-                Ok(Err(status)) => {
-                    let retry = attempt == 1
-                        && upstream::retryable(&status)
-                        && spare.is_some()
-                        && wait.saturating_sub(started.elapsed()) > Duration::from_millis(5)
-                        && replicas.may_retry();
+                    let timed_out = limit < left;
                     let failed = pick.replica.clone();
-                    pick.finish(upstream::outcome_of(&status));
-                    if retry {
-                        tracing::info!(%provider, endpoint = %failed.endpoint, code = ?status.code(), "retrying on another endpoint");
+                    pick.finish(if timed_out {
+                        upstream::Outcome::Failed
+                    } else {
+                        upstream::Outcome::Abandoned
+                    });
+                    if timed_out && may_retry(started) {
                         avoid = Some(failed);
                         continue;
                     }
-                    return Err(upstream::provider_failure(&status, provider));
+                    return Err(upstream::provider_timeout(provider));
                 }
+                Ok(Err(status)) => status,
                 Ok(Ok(r)) => {
                     return Ok(Sent {
                         answer: r.into_inner(),
                         pick,
                     });
                 }
+            };
+            let retry = upstream::retryable(&status) && may_retry(started);
+            let failed = pick.replica.clone();
+            pick.finish(upstream::outcome_of(&status));
+            if retry {
+                tracing::info!(%provider, endpoint = %failed.endpoint, code = ?status.code(), "retrying on another endpoint");
+                avoid = Some(failed);
+                continue;
             }
+            return Err(upstream::provider_failure(&status, provider));
         }
     }
 }

@@ -238,16 +238,27 @@ impl Live {
         }
     }
 
-    /// Check every `interval`, or at once when woken; keep pool gauges fresh.
+    /// Check every `interval` (every second while a source cannot be reached, so a dataset
+    /// serves again soon after its source is back), or at once when woken.
     pub async fn run_checks(self: Arc<Self>, interval: Duration) {
+        let mut next = interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = self.recheck.notified() => {}
             }
             let cat = self.current.load_full();
             cat.check_all().await;
             self.publish_health().await;
+            let down = cat
+                .datasets
+                .values()
+                .any(|d| matches!(**d.state.load(), State::Unavailable { .. }));
+            next = if down {
+                interval.min(Duration::from_secs(1))
+            } else {
+                interval
+            };
         }
     }
 

@@ -87,6 +87,16 @@ impl Call {
         self.span.in_scope(|| {
             tracing::warn!(trace_id = %self.trace_id, source = %d.source.name(), kind, detail = %e.detail, "source failed")
         });
+        if e.fault == super::sql::engine::Fault::Unavailable {
+            // Every call would wait its connect timeout to learn the same: answer at once
+            // until a check (every second while down) reaches the source again.
+            d.state.store(Arc::new(State::Unavailable {
+                error: "a call could not reach the source".into(),
+            }));
+            metrics::gauge!("xgate_source_dataset_serving", "dataset" => d.binding.id.clone())
+                .set(0.0);
+            live.recheck.notify_one();
+        }
         if e.fault == super::sql::engine::Fault::Schema {
             // Refuse the dataset from now on, until a check passes again.
             d.state.store(Arc::new(State::Mismatch {

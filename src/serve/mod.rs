@@ -102,16 +102,7 @@ fn rotate_tls(
         }
         *last = digest;
     }
-    match UpstreamTls::load(
-        &up.ca,
-        &up.cert,
-        &up.key,
-        Duration::from_millis(up.connect_timeout_ms),
-        max_msg,
-        Duration::from_millis(up.queue_wait_ms),
-    )
-    .and_then(|u| reloader.rotate_upstream(u))
-    {
+    match UpstreamTls::load(up, max_msg).and_then(|u| reloader.rotate_upstream(u)) {
         Ok(()) => {
             metrics::counter!("xgate_tls_reloads_total", "side" => "upstream", "result" => "ok")
                 .increment(1);
@@ -187,16 +178,9 @@ pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
             }
         })
         .ok();
-    let up = UpstreamTls::load(
-        &cfg.upstream.ca,
-        &cfg.upstream.cert,
-        &cfg.upstream.key,
-        Duration::from_millis(cfg.upstream.connect_timeout_ms),
-        cfg.limits.max_message_bytes,
-        Duration::from_millis(cfg.upstream.queue_wait_ms),
-    )
-    .map_err(|e| errs.push(format!("upstream: {e}")))
-    .ok();
+    let up = UpstreamTls::load(&cfg.upstream, cfg.limits.max_message_bytes)
+        .map_err(|e| errs.push(format!("upstream: {e}")))
+        .ok();
     let mask_key = match &cfg.pseudonym_key_file {
         None => MaskKey::none(),
         Some(p) => MaskKey::load(p).unwrap_or_else(|e| {

@@ -259,23 +259,28 @@ pub struct Replicas {
     pub provider: String,
     pub list: Vec<Arc<Replica>>,
     budget: TpsBudget,
+    /// `upstream.try_timeout_ms`.
+    try_timeout: Option<Duration>,
     retries: metrics::Counter,
     budget_exhausted: metrics::Counter,
 }
 
 impl Replicas {
-    pub fn new(provider: &str, list: Vec<Arc<Replica>>) -> Replicas {
+    pub fn new(provider: &str, list: Vec<Arc<Replica>>, try_timeout: Option<Duration>) -> Replicas {
         Replicas {
             provider: provider.to_owned(),
             list,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            try_timeout,
             retries: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "retried"),
             budget_exhausted: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "budget_exhausted"),
         }
     }
 
     /// A replica for a try, avoiding `avoid` (the one that just failed) when another exists.
-    /// Ejected replicas are passed over unless every other one is ejected too.
+    /// Replicas out of rotation (ejected, or failing their health checks) are passed over
+    /// unless every other one is out too: then a try on one of them is still the caller's
+    /// best chance.
     pub fn pick(self: &Arc<Self>, avoid: Option<&Arc<Replica>>) -> Option<Pick> {
         // One endpoint (the common case): no choice to make, nothing to allocate.
         if let [only] = self.list.as_slice() {
@@ -292,7 +297,7 @@ impl Replicas {
             .list
             .iter()
             .filter(usable)
-            .filter(|r| !r.ejected())
+            .filter(|r| !r.out())
             .collect();
         if live.is_empty() {
             live = self.list.iter().filter(usable).collect();
@@ -320,6 +325,16 @@ impl Replicas {
             set: self.clone(),
             done: false,
         })
+    }
+
+    /// How long the first try of a call that may wait `wait` may take: all of it with one
+    /// endpoint (there is nowhere else to go), else `upstream.try_timeout_ms` or half of it,
+    /// leaving the rest for a try on another endpoint.
+    pub fn first_try_limit(&self, wait: Duration) -> Duration {
+        if self.list.len() < 2 {
+            return wait;
+        }
+        self.try_timeout.unwrap_or(wait / 2).min(wait)
     }
 
     /// Count a first try towards the retry budget.
@@ -365,5 +380,103 @@ impl Replicas {
             .iter()
             .map(|r| (r.endpoint.clone(), r.ejected()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: usize, try_timeout: Option<Duration>) -> Arc<Replicas> {
+        let list = (0..n)
+            .map(|i| {
+                let ch =
+                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", i + 1))
+                        .map(|e| e.connect_lazy())
+                        .unwrap_or_else(|e| panic!("{e}"));
+                Arc::new(Replica::new(
+                    "p",
+                    &format!("e{i}"),
+                    ch.clone(),
+                    DataExchangeClient::new(ch),
+                ))
+            })
+            .collect();
+        Arc::new(Replicas::new("p", list, try_timeout))
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_replica_is_passed_over_unless_all_are() {
+        let s = set(3, None);
+        s.list[1].checked(false, 1, 1);
+        for _ in 0..200 {
+            let p = s.pick(None).map(|p| p.replica.endpoint.clone());
+            assert_ne!(p.as_deref(), Some("e1"));
+        }
+        s.list[0].checked(false, 1, 1);
+        s.list[2].checked(false, 1, 1);
+        assert!(s.pick(None).is_some(), "all out: still a best chance");
+        // Back after `healthy_threshold` passes.
+        assert!(s.list[1].checked(true, 1, 1));
+        for _ in 0..50 {
+            assert_eq!(
+                s.pick(None).map(|p| p.replica.endpoint.clone()).as_deref(),
+                Some("e1")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn never_more_than_half_ejected() {
+        let s = set(4, None);
+        for r in &s.list {
+            for _ in 0..CONSECUTIVE_FAILURES {
+                let p = Pick {
+                    replica: r.clone(),
+                    started: Instant::now(),
+                    set: s.clone(),
+                    done: false,
+                };
+                r.outstanding.fetch_add(1, Ordering::Relaxed);
+                p.finish(Outcome::Failed);
+            }
+        }
+        assert_eq!(s.standing().iter().filter(|(_, e)| *e).count(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_first_try_leaves_room_for_a_second() {
+        let wait = Duration::from_secs(2);
+        assert_eq!(
+            set(1, None).first_try_limit(wait),
+            wait,
+            "nowhere else to go"
+        );
+        assert_eq!(set(2, None).first_try_limit(wait), wait / 2);
+        let t = Some(Duration::from_millis(300));
+        assert_eq!(set(2, t).first_try_limit(wait), Duration::from_millis(300));
+        assert_eq!(
+            set(2, t).first_try_limit(Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_retry_budget_holds_retries_to_a_share_of_calls() {
+        let s = set(2, None);
+        let mut retried = 0;
+        for _ in 0..1000 {
+            s.deposit();
+            if s.may_retry() {
+                retried += 1;
+            }
+        }
+        // 20 % of the calls plus the floor of 10/s over the 10 s window.
+        assert!(retried <= 200 + 100, "{retried}");
+        assert!(retried >= 200, "{retried}");
+        assert!(
+            !set(1, None).may_retry(),
+            "one endpoint: nothing to retry on"
+        );
     }
 }

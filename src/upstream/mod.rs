@@ -34,6 +34,9 @@ pub struct UpstreamTls {
     pub max_message_bytes: usize,
     /// Longest a call waits for a saturated provider before `UNAVAILABLE`.
     pub queue_wait: Duration,
+    /// Longest one try may take when the provider has another endpoint to retry on
+    /// (`None`: half of what the call may wait).
+    pub try_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -43,23 +46,19 @@ impl std::fmt::Debug for UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub fn load(
-        ca: &Path,
-        cert: &Path,
-        key: &Path,
-        connect_timeout: Duration,
-        max_message_bytes: usize,
-        queue_wait: Duration,
-    ) -> Result<Self, String> {
+    /// The material and timeouts of `upstream` in the config, messages up to
+    /// `max_message_bytes`.
+    pub fn load(up: &crate::config::Upstream, max_message_bytes: usize) -> Result<Self, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Self {
-            ca: Certificate::from_pem(read(ca)?),
-            identity: Identity::from_pem(read(cert)?, read(key)?),
+            ca: Certificate::from_pem(read(&up.ca)?),
+            identity: Identity::from_pem(read(&up.cert)?, read(&up.key)?),
             generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            connect_timeout,
+            connect_timeout: Duration::from_millis(up.connect_timeout_ms),
             max_message_bytes,
-            queue_wait,
+            queue_wait: Duration::from_millis(up.queue_wait_ms),
+            try_timeout: up.try_timeout_ms.map(Duration::from_millis),
         })
     }
 }
@@ -112,7 +111,7 @@ impl Upstreams {
             // Unchanged endpoints: the same set (and its retry budget) carries over.
             let set = match before {
                 Some((ks, set)) if *ks == keys => set.clone(),
-                _ => Arc::new(Replicas::new(&p.id, list)),
+                _ => Arc::new(Replicas::new(&p.id, list, tls.try_timeout)),
             };
             providers.insert(p.id.clone(), (keys, set));
         }

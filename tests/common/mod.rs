@@ -4,6 +4,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod delay;
+pub mod netns;
 pub mod raw_h2;
 pub mod trail;
 
