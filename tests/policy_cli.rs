@@ -57,6 +57,16 @@ fn check_refuses_broken_files_with_located_errors_and_hints() {
             ],
         ),
         (
+            "broken-providers.yaml",
+            4,
+            &[
+                "providers[0]: give one of `endpoint` (one), `endpoints` (several) and `dns`",
+                "providers[1].dns.name: `market supervision!` is not a DNS name",
+                "providers[1].dns.port: must not be 0",
+                "providers[1].dns.every_secs: must be at least 1",
+            ],
+        ),
+        (
             "broken-values.yaml",
             3,
             &[

@@ -155,23 +155,29 @@ async fn rig_with(endpoints: &[u16], health_interval_ms: u64) -> Rig {
 
 /// A gateway whose public-security provider is `endpoints`, its config adjusted by `tune`.
 async fn rig_at(endpoints: &[SocketAddr], tune: impl FnOnce(&mut xgate::config::Config)) -> Rig {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
     let list: Vec<String> = endpoints
         .iter()
         .map(|a| format!("\"https://{a}\""))
         .collect();
+    let (dir, mut cfg) = prepare(&format!("endpoints: [{}]", list.join(", "))).await;
+    tune(&mut cfg);
+    let gateway = xgate::serve::start(&cfg).await.unwrap();
+    Rig {
+        dir,
+        gateway: Some(gateway),
+    }
+}
+
+/// A temp dir with the policy (public-security's replicas as `where_`: `endpoints: […]` or
+/// `dns: {…}`), the seeded SQLite database, and a gateway config for it.
+async fn prepare(where_: &str) -> (tempfile::TempDir, xgate::config::Config) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
     let policy = policy_with_ports(1, 1).replace(
         "endpoint: \"https://127.0.0.1:1\", tls_name: public-security",
-        &format!(
-            "endpoints: [{}], tls_name: public-security",
-            list.join(", ")
-        ),
+        &format!("{where_}, tls_name: public-security"),
     );
-    assert!(
-        policy.contains("endpoints: ["),
-        "the policy names the replicas"
-    );
+    assert!(policy.contains(where_), "the policy names the replicas");
     // The load is the point here, not the grant's rate limit.
     let policy = policy.replace(
         "{ per_second: 50, burst: 100 }",
@@ -188,12 +194,7 @@ async fn rig_at(endpoints: &[SocketAddr], tune: impl FnOnce(&mut xgate::config::
         dir.path().join("audit"),
     );
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-    tune(&mut cfg);
-    let gateway = xgate::serve::start(&cfg).await.unwrap();
-    Rig {
-        dir,
-        gateway: Some(gateway),
-    }
+    (dir, cfg)
 }
 
 impl Rig {
@@ -204,6 +205,10 @@ impl Rig {
         self.gateway.as_ref().unwrap()
     }
 }
+
+/// These tests measure how load spreads and how fast faults are noticed; two of them at once
+/// on two cores would measure each other. One at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `n` distinct free ports (two `free_port()` calls can return the same one).
 fn ports<const N: usize>() -> [u16; N] {
@@ -274,6 +279,7 @@ async fn load(
 /// records say which endpoint answered and how many tries it took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_replicas_killed_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let [pa, pb] = ports();
     let mut rig = rig(&[pa, pb]).await;
     let mut a = Replica::start(rig.dir.path(), &rig.db(), pa);
@@ -376,6 +382,7 @@ async fn one_of_two_replicas_killed_under_load() {
 /// removed): no call fails, and the removed one drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_changed_by_reload_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let [pa, pb, pc] = ports();
     let rig = rig(&[pa, pb]).await;
     let _a = Replica::start(rig.dir.path(), &rig.db(), pa);
@@ -417,6 +424,7 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
 /// without a gateway restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_comes_back_is_used_again_after_its_health_checks() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let [pa, pb] = ports();
     let interval = 200;
     let rig = rig_with(&[pa, pb], interval).await;
@@ -498,6 +506,7 @@ async fn metric_becomes(admin: SocketAddr, line: &str, want: f64) -> Duration {
 /// past its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_host_vanishes_is_ejected_and_calls_ride_through() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if !NetHost::available() {
         eprintln!("skipped: network namespaces need root and iproute2 (bash .ci/deps)");
         return;
@@ -576,6 +585,7 @@ async fn a_replica_whose_host_vanishes_is_ejected_and_calls_ride_through() {
 /// the latency-weighted balancer sends it at most 10 % of the calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replica_gets_few_calls() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let [pa, pb] = ports();
     let a = SocketAddr::from(([127, 0, 0, 1], pa));
     let line =
@@ -620,6 +630,7 @@ async fn a_slow_replica_gets_few_calls() {
 /// call that retrying everything would send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_replicas_down_fails_fast_within_the_retry_budget() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if !common::db::Postgres::available() {
         eprintln!("skipped: PostgreSQL is not installed (bash .ci/deps)");
         return;
@@ -735,4 +746,150 @@ async fn all_replicas_down_fails_fast_within_the_retry_budget() {
         "{tries} tries for {calls} calls"
     );
     drop(pg);
+}
+
+/// A process killed (-9) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mount_namespaces_available() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Replicas found by DNS follow its answers, under load, with no call failing: a second
+/// address is used within about a resolution interval, and an address that leaves the answer
+/// drains and gets no more calls. The gateway runs as its own process in a mount namespace
+/// of its own (`unshare --mount`) whose `/etc/hosts` is a file this test rewrites: the system
+/// resolver answers from it as it would from a headless Service, and nothing outside that
+/// process sees the name. The replicas listen on two loopback addresses, one port, as pods
+/// behind a Service do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_found_by_dns_follow_its_answers_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    if !mount_namespaces_available() {
+        eprintln!("skipped: `unshare --mount` needs root (util-linux)");
+        return;
+    }
+    const NAME: &str = "ps-replicas.xgate.test";
+    let [port, gp, ap] = ports();
+    let (dir, mut cfg) = prepare(&format!(
+        "dns: {{ name: {NAME}, port: {port}, every_secs: 1 }}"
+    ))
+    .await;
+    let hosts = dir.path().join("hosts");
+    let answer = |ips: &[&str]| {
+        let mut text = "127.0.0.1 localhost\n".to_owned();
+        for ip in ips {
+            text.push_str(&format!("{ip} {NAME}\n"));
+        }
+        // Rewritten in place (same inode): the bind mount shows the new text.
+        std::fs::write(&hosts, text).unwrap();
+    };
+    answer(&["127.0.0.2"]);
+    cfg.listen = SocketAddr::from(([127, 0, 0, 1], gp));
+    cfg.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], ap)));
+    cfg.upstream.health_check.interval_ms = 500;
+    let cfg_path = dir.path().join("xgate.yaml");
+    std::fs::write(&cfg_path, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
+    let db = dir.path().join("public-security.db");
+    let replica = |ip: [u8; 4]| {
+        Replica::spawn(Spec {
+            dir: dir.path(),
+            source: format!("sqlite://{}", db.display()),
+            listen: SocketAddr::from((ip, port)),
+            admin: None,
+            host: None,
+            extra: "",
+        })
+    };
+    let _r2 = replica([127, 0, 0, 2]);
+    let _r3 = replica([127, 0, 0, 3]);
+    let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+    let _gw = Proc(
+        Command::new("unshare")
+            .args([
+                "--mount",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /etc/hosts && exec "$1" serve --config "$2""#,
+            ])
+            .arg(&hosts)
+            .arg(env!("CARGO_BIN_EXE_xgate"))
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(cfg.listen).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the gateway did not start: {}",
+            std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let admin = SocketAddr::from(([127, 0, 0, 1], ap));
+    let calls_to = |ip: &str| {
+        format!(
+            "xgate_upstream_requests_total{{provider=\"public-security\",endpoint=\"https://{ip}:{port}\"}}"
+        )
+    };
+    let count = |ip: &'static str| {
+        let line = calls_to(ip);
+        async move {
+            let (_, m) = http(admin, "GET", "/metrics").await;
+            metric(&m, &line).unwrap_or(0.0)
+        }
+    };
+    let url = format!("https://{}", cfg.listen);
+    let (ok, failed) = load(url.clone(), 100, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 100, "{failed:?}");
+    assert!(count("127.0.0.2").await >= 100.0);
+    assert_eq!(count("127.0.0.3").await, 0.0, "not in the answer yet");
+    // Under load: a second address, then the first one gone.
+    let progress = Arc::new(AtomicU64::new(0));
+    let driver = tokio::spawn(load(url.clone(), 200, 6.0, Some(progress.clone())));
+    while progress.load(Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    answer(&["127.0.0.2", "127.0.0.3"]);
+    let t_added = std::time::Instant::now();
+    while count("127.0.0.3").await == 0.0 {
+        assert!(
+            t_added.elapsed() < Duration::from_secs(4),
+            "the added address was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let added_after = t_added.elapsed();
+    answer(&["127.0.0.3"]);
+    let (ok, failed) = driver.await.unwrap();
+    assert!(
+        failed.is_empty() && ok == 1200,
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // The removed address gets nothing more.
+    let before = count("127.0.0.2").await;
+    let (ok, failed) = load(url, 100, 1.0, None).await;
+    assert!(failed.is_empty() && ok == 100, "{failed:?}");
+    assert_eq!(
+        count("127.0.0.2").await,
+        before,
+        "the removed address drained"
+    );
+    eprintln!("dns: the added address took calls {added_after:?} after the answer changed");
 }

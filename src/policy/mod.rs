@@ -354,21 +354,44 @@ fn index_providers(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String, 
             );
         }
         let list = p.endpoint_list();
-        match (&p.endpoint, p.endpoints.is_empty()) {
-            (None, true) => errs.add(
+        let given = usize::from(p.endpoint.is_some())
+            + usize::from(!p.endpoints.is_empty())
+            + usize::from(p.dns.is_some());
+        match given {
+            0 => errs.add(
                 format!("providers[{i}]"),
                 format!(
-                    "provider `{}` has no `endpoint` (or `endpoints`, for several replicas)",
+                    "provider `{}` has no `endpoint` (or `endpoints`, for several replicas, or `dns`, to find them by name)",
                     p.id
                 ),
             ),
-            (Some(_), false) => errs.add(
-                format!("providers[{i}].endpoints"),
-                "give `endpoint` (one) or `endpoints` (several), not both".to_owned(),
+            1 => {}
+            _ => errs.add(
+                format!("providers[{i}]"),
+                "give one of `endpoint` (one), `endpoints` (several) and `dns` (found by name)"
+                    .to_owned(),
             ),
-            _ => {}
         }
         let mut host = None;
+        if let Some(d) = &p.dns {
+            if rustls::pki_types::DnsName::try_from(d.name.as_str()).is_err() {
+                errs.add(
+                    format!("providers[{i}].dns.name"),
+                    format!("`{}` is not a DNS name", d.name),
+                );
+            } else {
+                host = Some(d.name.clone());
+            }
+            if d.port == 0 {
+                errs.add(format!("providers[{i}].dns.port"), "must not be 0".into());
+            }
+            if d.every_secs == 0 {
+                errs.add(
+                    format!("providers[{i}].dns.every_secs"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
         let mut seen = HashSet::new();
         for (at, e) in &list {
             match e.parse::<http::Uri>() {
@@ -389,9 +412,16 @@ fn index_providers(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String, 
                 );
             }
         }
-        let first_at = list
-            .first()
-            .map_or("endpoint".to_owned(), |(a, _)| a.clone());
+        let first_at = list.first().map_or_else(
+            || {
+                if p.dns.is_some() {
+                    "dns.name".to_owned()
+                } else {
+                    "endpoint".to_owned()
+                }
+            },
+            |(a, _)| a.clone(),
+        );
         // The name the provider's certificate is checked against: what `serve` would
         // refuse at start, `policy check` refuses here.
         let (name_path, name) = match &p.tls_name {

@@ -85,7 +85,12 @@ pub struct Provider {
     /// another (docs/policy.md#providers). Exactly one of `endpoint` and `endpoints`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
-    /// Name to verify in the provider's certificate; defaults to the endpoint's host.
+    /// Its replicas found by DNS instead: every address `dns.name` resolves to, on
+    /// `dns.port`, re-resolved every `dns.every_secs` (a Kubernetes headless Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsEndpoints>,
+    /// Name to verify in the provider's certificate; defaults to the endpoint's host (with
+    /// `dns`, the DNS name).
     #[serde(default)]
     pub tls_name: Option<String>,
     /// Provider protection: the most calls per second the gateway sends it, whoever calls.
@@ -94,6 +99,30 @@ pub struct Provider {
     /// Provider protection: the most calls in flight to it at once.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+}
+
+/// `providers[].dns`: a provider's replicas are the addresses of one DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsEndpoints {
+    /// e.g. `provider.public-security.svc.cluster.local` (a headless Service: one address
+    /// per ready pod).
+    pub name: String,
+    pub port: u16,
+    /// Seconds between resolutions; a changed answer adds and drains replicas.
+    #[serde(default = "default_dns_every")]
+    pub every_secs: u64,
+}
+
+fn default_dns_every() -> u64 {
+    5
+}
+
+impl DnsEndpoints {
+    /// The endpoint URL of one resolved address.
+    pub fn endpoint(&self, ip: std::net::IpAddr) -> String {
+        format!("https://{}", std::net::SocketAddr::new(ip, self.port))
+    }
 }
 
 impl Provider {
@@ -110,7 +139,7 @@ impl Provider {
         }
     }
 
-    /// The first endpoint (one-endpoint tools: the demo, the CLI's hints).
+    /// The first endpoint (one-endpoint tools: the demo, the CLI's hints); empty with `dns`.
     pub fn first_endpoint(&self) -> &str {
         self.endpoint
             .as_deref()

@@ -290,6 +290,13 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         health_reporter,
         cfg.upstream.health_check,
     );
+    // Providers found by DNS: re-resolved while the gateway lives.
+    let resolver = {
+        let weak = gateway.downgrade();
+        tokio::spawn(crate::upstream::dns::run(move || {
+            weak.upgrade().map(|g| g.snapshot().upstreams.by_dns())
+        }))
+    };
     let reloader = Arc::new(Reloader::new(&cfg.policy, gateway.clone(), up, &mask_key));
     let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
     let watchers = spawn_watchers(cfg, &tls_files, &live_tls, &revocations, &reloader)?;
@@ -337,6 +344,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             watchers,
             sweeper,
             prober,
+            resolver,
             writer,
         },
     ));
@@ -548,6 +556,7 @@ struct Background {
     watchers: Watchers,
     sweeper: JoinHandle<()>,
     prober: JoinHandle<()>,
+    resolver: JoinHandle<()>,
     writer: audit::AuditWriter,
 }
 
@@ -580,6 +589,7 @@ async fn stop_in_order(
         watchers,
         sweeper,
         prober,
+        resolver,
         writer,
     } = bg;
     drop(gateway);
@@ -596,6 +606,7 @@ async fn stop_in_order(
     sweeper.abort();
     let _ = sweeper.await;
     prober.abort();
+    resolver.abort();
     let written = writer
         .join()
         .await

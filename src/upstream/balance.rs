@@ -52,6 +52,8 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 #[derive(Debug)]
 pub struct Replica {
     pub endpoint: String,
+    /// What its channel was built for: kept across reloads and DNS answers while unchanged.
+    pub key: super::ChannelKey,
     pub client: DataExchangeClient<Channel>,
     /// The same connection, for `grpc.health.v1` checks.
     pub channel: Channel,
@@ -77,10 +79,11 @@ pub struct Replica {
 impl Replica {
     pub fn new(
         provider: &str,
-        endpoint: &str,
+        key: super::ChannelKey,
         channel: Channel,
         client: DataExchangeClient<Channel>,
     ) -> Replica {
+        let endpoint = key.0.as_str();
         let labels = [
             ("provider", provider.to_owned()),
             ("endpoint", endpoint.to_owned()),
@@ -91,6 +94,7 @@ impl Replica {
         healthy_gauge.set(1.0);
         Replica {
             endpoint: endpoint.to_owned(),
+            key: key.clone(),
             client,
             channel,
             unhealthy: std::sync::atomic::AtomicBool::new(false),
@@ -258,7 +262,8 @@ impl Drop for Pick {
 pub struct Replicas {
     pub provider: String,
     pub list: Vec<Arc<Replica>>,
-    budget: TpsBudget,
+    /// Shared with the sets that follow this one when its endpoints change.
+    budget: Arc<TpsBudget>,
     /// `upstream.try_timeout_ms`.
     try_timeout: Option<Duration>,
     retries: metrics::Counter,
@@ -270,11 +275,29 @@ impl Replicas {
         Replicas {
             provider: provider.to_owned(),
             list,
-            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
             try_timeout,
             retries: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "retried"),
             budget_exhausted: metrics::counter!("xgate_upstream_retries_total", "provider" => provider.to_owned(), "result" => "budget_exhausted"),
         }
+    }
+
+    /// The set that replaces this one when the endpoints change (a reload, a DNS answer):
+    /// `list`, under the same retry budget, so a change never refills it.
+    pub fn successor(&self, list: Vec<Arc<Replica>>, try_timeout: Option<Duration>) -> Replicas {
+        Replicas {
+            provider: self.provider.clone(),
+            list,
+            budget: self.budget.clone(),
+            try_timeout,
+            retries: self.retries.clone(),
+            budget_exhausted: self.budget_exhausted.clone(),
+        }
+    }
+
+    /// Whether this set is exactly `list` (the same replicas, in order).
+    pub fn is(&self, list: &[Arc<Replica>]) -> bool {
+        self.list.len() == list.len() && self.list.iter().zip(list).all(|(a, b)| Arc::ptr_eq(a, b))
     }
 
     /// A replica for a try, avoiding `avoid` (the one that just failed) when another exists.
@@ -396,7 +419,7 @@ mod tests {
                         .unwrap_or_else(|e| panic!("{e}"));
                 Arc::new(Replica::new(
                     "p",
-                    &format!("e{i}"),
+                    (format!("e{i}"), None, 0),
                     ch.clone(),
                     DataExchangeClient::new(ch),
                 ))

@@ -7,10 +7,13 @@
 //! within the connect timeout with `UNAVAILABLE`/`PROVIDER_UNAVAILABLE`.
 
 pub mod balance;
+pub mod dns;
 
 pub use self::balance::{Outcome, Pick, Replica, Replicas};
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
 
 use tonic::{
     Code, Status,
@@ -29,7 +32,7 @@ pub struct UpstreamTls {
     ca: Certificate,
     identity: Identity,
     /// Distinguishes loads: channels built from another load are never reused.
-    generation: u64,
+    pub(crate) generation: u64,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
     /// Longest a call waits for a saturated provider before `UNAVAILABLE`.
@@ -64,20 +67,38 @@ impl UpstreamTls {
 }
 
 /// What a replica's channel depends on: (endpoint, TLS name, upstream TLS generation).
-type ChannelKey = (String, Option<String>, u64);
+pub type ChannelKey = (String, Option<String>, u64);
+
+/// One provider's replicas now: fixed by the policy (`endpoint`, `endpoints`), or found by
+/// DNS (`dns`) and replaced as its answer changes ([`Slot::refresh`]).
+#[derive(Debug)]
+pub struct Slot {
+    pub provider: String,
+    set: ArcSwap<Replicas>,
+    /// Found by DNS: what building replicas for new addresses needs.
+    dns: Option<dns::Source>,
+}
+
+impl Slot {
+    /// The replicas calls go to now.
+    pub fn current(&self) -> Arc<Replicas> {
+        self.set.load_full()
+    }
+}
 
 /// The replicas of every provider of one policy snapshot.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    /// provider id -> its replicas, each with the key its channel was built for
-    providers: HashMap<String, (Vec<ChannelKey>, Arc<Replicas>)>,
+    providers: HashMap<String, Arc<Slot>>,
 }
 
 impl Upstreams {
     /// Build (lazily connecting) channels for every provider endpoint in the policy. An
     /// endpoint whose address and TLS name are unchanged from `previous` keeps its replica
     /// (channel, connections, load and standing); a removed one drains: calls holding it
-    /// finish on it.
+    /// finish on it. A provider found by DNS is resolved here the first time (blocking: this
+    /// runs at start and on a reload's own thread), then every `dns.every_secs` by
+    /// [`dns::run`]; with its name, port and TLS unchanged it carries over whole.
     pub fn for_policy(
         policy: &Policy,
         tls: &UpstreamTls,
@@ -86,47 +107,90 @@ impl Upstreams {
         let mut providers = HashMap::new();
         for p in &policy.file.providers {
             let before = previous.and_then(|prev| prev.providers.get(&p.id));
-            let mut keys = Vec::new();
-            let mut list = Vec::new();
-            for (_, endpoint) in p.endpoint_list() {
-                let key = (endpoint.to_owned(), p.tls_name.clone(), tls.generation);
-                let kept = before.and_then(|(ks, set)| {
-                    ks.iter()
-                        .position(|k| *k == key)
-                        .map(|i| set.list[i].clone())
-                });
-                let replica = match kept {
-                    Some(r) => r,
+            let slot = match &p.dns {
+                Some(d) => match before.filter(|b| dns::Source::same(b, p, d, tls)) {
+                    Some(kept) => kept.clone(),
                     None => {
-                        let ch = channel(p, endpoint, tls)?;
-                        let client = DataExchangeClient::new(ch.clone())
-                            .max_decoding_message_size(tls.max_message_bytes)
-                            .max_encoding_message_size(tls.max_message_bytes);
-                        Arc::new(Replica::new(&p.id, endpoint, ch, client))
+                        let endpoints = dns::resolve_now(p, d);
+                        let old = before.map(|b| b.current());
+                        let set = replicas(p, &endpoints, tls, old.as_ref())?;
+                        Arc::new(Slot {
+                            provider: p.id.clone(),
+                            set: ArcSwap::new(set),
+                            dns: Some(dns::Source::new(p, d, tls)),
+                        })
                     }
-                };
-                keys.push(key);
-                list.push(replica);
-            }
-            // Unchanged endpoints: the same set (and its retry budget) carries over.
-            let set = match before {
-                Some((ks, set)) if *ks == keys => set.clone(),
-                _ => Arc::new(Replicas::new(&p.id, list, tls.try_timeout)),
+                },
+                None => {
+                    let endpoints: Vec<String> = p
+                        .endpoint_list()
+                        .into_iter()
+                        .map(|(_, e)| e.to_owned())
+                        .collect();
+                    let old = before.map(|b| b.current());
+                    Arc::new(Slot {
+                        provider: p.id.clone(),
+                        set: ArcSwap::new(replicas(p, &endpoints, tls, old.as_ref())?),
+                        dns: None,
+                    })
+                }
             };
-            providers.insert(p.id.clone(), (keys, set));
+            providers.insert(p.id.clone(), slot);
         }
         Ok(Self { providers })
     }
 
-    /// The provider's replicas.
+    /// The provider's replicas now.
     pub fn replicas(&self, provider: &str) -> Option<Arc<Replicas>> {
-        self.providers.get(provider).map(|(_, r)| r.clone())
+        self.providers.get(provider).map(|s| s.current())
     }
 
-    /// Every provider's replicas (for the health checks).
+    /// Every provider's replicas now (for the health checks).
     pub fn all(&self) -> Vec<Arc<Replicas>> {
-        self.providers.values().map(|(_, r)| r.clone()).collect()
+        self.providers.values().map(|s| s.current()).collect()
     }
+
+    /// The providers found by DNS (for [`dns::run`]).
+    pub fn by_dns(&self) -> Vec<Arc<Slot>> {
+        self.providers
+            .values()
+            .filter(|s| s.dns.is_some())
+            .cloned()
+            .collect()
+    }
+}
+
+/// The replica set for `endpoints`: a replica of `before` whose endpoint, TLS name and TLS
+/// material are unchanged is kept (its connection, load and standing); others are new. With
+/// nothing changed, `before` itself.
+fn replicas(
+    p: &crate::policy::model::Provider,
+    endpoints: &[String],
+    tls: &UpstreamTls,
+    before: Option<&Arc<Replicas>>,
+) -> Result<Arc<Replicas>, String> {
+    let mut list = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let key = (endpoint.clone(), p.tls_name.clone(), tls.generation);
+        let kept = before.and_then(|set| set.list.iter().find(|r| r.key == key).cloned());
+        let replica = match kept {
+            Some(r) => r,
+            None => {
+                let ch = channel(p, endpoint, tls)?;
+                let client = DataExchangeClient::new(ch.clone())
+                    .max_decoding_message_size(tls.max_message_bytes)
+                    .max_encoding_message_size(tls.max_message_bytes);
+                Arc::new(Replica::new(&p.id, key, ch, client))
+            }
+        };
+        list.push(replica);
+    }
+    // (A changed `try_timeout` comes with new TLS material, so new keys: never `is`.)
+    Ok(match before {
+        Some(set) if set.is(&list) => set.clone(),
+        Some(set) => Arc::new(set.successor(list, tls.try_timeout)),
+        None => Arc::new(Replicas::new(&p.id, list, tls.try_timeout)),
+    })
 }
 
 /// A lazily connecting mTLS channel to one endpoint.
@@ -141,6 +205,7 @@ fn channel(
     let name = p
         .tls_name
         .clone()
+        .or_else(|| p.dns.as_ref().map(|d| d.name.clone()))
         .or_else(|| uri.host().map(str::to_owned))
         .unwrap_or_default();
     let tls_cfg = ClientTlsConfig::new()
