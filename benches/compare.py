@@ -23,6 +23,9 @@ Targets
           zero-filled ahead, so each fsync flushes data only; docs/audit.md)
   xgate-tuned  `sync` mode with preallocation and `audit.group_commit_us: 1000` (calls within
           1 ms share an fsync: a latency-for-CPU trade; docs/audit.md)
+  xgate-2  `xgate` with public-security served by two replicas (a second set of sample
+          providers): balancing, health checks and the retry budget on; its CPU per call is
+          reported against `xgate`'s (one endpoint) in the same run
 
 Each target runs open loop at --rate calls/s and closed loop at --concurrency in flight, for
 --seconds each. Per target and load it prints the achieved rate, p50/p99 latency (open loop:
@@ -31,7 +34,7 @@ the run) and its peak RSS. Then a bulk QueryStream case: rows/s through xgate vs
 
 Usage (from the repository root):
     python3 benches/compare.py [--seconds 10] [--rate 2000] [--concurrency 32] [--repeat 1]
-                               [--targets direct,floor,envoy,envoy-1,xgate] [--json out.json]
+                               [--targets direct,floor,envoy,envoy-1,xgate,xgate-2] [--json out.json]
 With --repeat N every target runs N times, interleaved (each run rotates the order by one), and
 the ratios are printed per run with their median: runs on a shared VM differ by more than some of
 the margins.
@@ -120,10 +123,10 @@ runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
     return cfg
 
 
-def policy_for_bench(work: Path) -> Path:
+def policy_for_bench(work: Path, name: str = "policy.yaml") -> Path:
     """The dev policy with the providers on free ports and the benchmarked grant's rate limit
     far above the load (limits are still evaluated on every call, they just never refuse)."""
-    pol = work / "policy.yaml"
+    pol = work / name
     ports = envoy.free_ports(2)
     text = (REPO / "deploy/dev/policy.yaml").read_text()
     text = text.replace("127.0.0.1:8444", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:8445", f"127.0.0.1:{ports[1]}")
@@ -132,7 +135,18 @@ def policy_for_bench(work: Path) -> Path:
     return pol
 
 
-def start_target(t: str, work: Path, pol: Path, ps: int):
+def two_replica_policy(work: Path, pol: Path, ps: int, ps2: int) -> Path:
+    """`pol` with public-security served by two replicas (`endpoints: [ps, ps2]`)."""
+    out = work / "policy-two-replicas.yaml"
+    text = pol.read_text()
+    one = f'endpoint: "https://127.0.0.1:{ps}"'
+    assert one in text, "the policy names public-security's endpoint"
+    out.write_text(text.replace(
+        one, f'endpoints: ["https://127.0.0.1:{ps}", "https://127.0.0.1:{ps2}"]'))
+    return out
+
+
+def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None):
     """Start one target; returns (process or None, url, pid, TLS server name)."""
     proc, url, name = None, None, "localhost"
     port = envoy.free_ports(1)[0]
@@ -160,6 +174,8 @@ def start_target(t: str, work: Path, pol: Path, ps: int):
                                  concurrency=1 if t == "envoy-1" else 2)
         url = f"https://127.0.0.1:{port}"
     elif t in XGATES:
+        if t == "xgate-2":
+            pol = two_replica_policy(work, pol, ps, ps2)
         cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync",
                            1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
                            1000 if t == "xgate-tuned" else 0,
@@ -174,7 +190,7 @@ def start_target(t: str, work: Path, pol: Path, ps: int):
 
 
 ENVOYS = ("envoy", "envoy-1")
-XGATES = ("xgate", "xgate-inline", "xgate-async", "xgate-prealloc", "xgate-tuned")
+XGATES = ("xgate", "xgate-inline", "xgate-async", "xgate-prealloc", "xgate-tuned", "xgate-2")
 TARGETS = {
     "CPU per call at the fixed rate (≤ 0.5 × Envoy)": ("open", "cpu", min, 0.5, "le"),
     "CPU per call, closed loop (≤ 0.85 × Envoy)": ("closed", "cpu", min, 0.85, "le"),
@@ -244,13 +260,19 @@ def main() -> int:
     try:
         pports = providers.start()
         ps = pports["public-security"]
+        ps2 = None
+        if "xgate-2" in targets:
+            pol2 = policy_for_bench(work, "policy-second-replica.yaml")
+            providers2 = envoy.Providers(pol2, work / "providers-2.log")
+            ps2 = providers2.start()["public-security"]
+            procs.append(providers2.proc)
         for rep in range(a.repeat):
             results: dict[str, dict] = {}
             # Each run starts one target further along, so no target always runs first (or
             # last) against a provider that has been busy for a while.
             k = rep % len(targets)
             for t in targets[k:] + targets[:k]:
-                proc, url, pid, name = start_target(t, work, pol, ps)
+                proc, url, pid, name = start_target(t, work, pol, ps, ps2)
                 procs.append(proc)
                 r = {}
                 print(f"== run {rep + 1}: {t}: open loop {a.rate:.0f}/s", file=sys.stderr, flush=True)
@@ -305,6 +327,19 @@ def main() -> int:
             med = sorted(vs)[len(vs) // 2] if len(vs) % 2 else sum(sorted(vs)[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
             print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vs)
                   + f" | {med:.2f} | {'yes' if met(label, med) else 'no'} |")
+    if "xgate-2" in runs[0] and "xgate" in runs[0]:
+        print("\n### two replicas (balancing, health checks on) over one endpoint\n")
+        print("| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1))
+              + " | median | met (≤ 1.03 ×)? |")
+        print("|---|" + "---|" * (len(runs) + 2))
+        for load, label in (("open", f"CPU per call at {a.rate:.0f}/s"),
+                            ("closed", f"CPU per call, {a.concurrency} in flight")):
+            vs = sorted(figure(r["xgate-2"][load], "cpu") / figure(r["xgate"][load], "cpu")
+                        for r in runs)
+            med = vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+            per = [figure(r["xgate-2"][load], "cpu") / figure(r["xgate"][load], "cpu") for r in runs]
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per)
+                  + f" | {med:.3f} | {'yes' if med <= 1.03 else 'no'} |")
     if a.json:
         a.json.write_text(json.dumps(runs, indent=2))
     return 0

@@ -184,3 +184,35 @@ fn xihu_rows() -> u64 {
         .filter(|r| text(&r.values[region]) == "330106")
         .count() as u64
 }
+
+/// `--timeout-ms`: each call carries the deadline, and one unanswered past it is counted as
+/// `DEADLINE_EXCEEDED` (a provider that takes 500 ms against a 150 ms deadline: every call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_deadlines_are_sent_and_counted() {
+    let h = Harness::start(Opts {
+        behaviour: xgate::dev::provider::Behaviour {
+            delay: std::time::Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let (ok, r, err) = bench(
+        &h,
+        &[
+            "--as",
+            "civil-affairs",
+            "--rate",
+            "10",
+            "--timeout-ms",
+            "150",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(r["requests"], 10, "{r}");
+    assert_eq!(r["errors"]["DEADLINE_EXCEEDED"], 10, "{r}");
+    assert!(
+        r["latency_us"]["max"].as_u64().unwrap() < 450_000,
+        "no call waited for the provider: {r}"
+    );
+}

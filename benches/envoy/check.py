@@ -63,7 +63,7 @@ PURPOSE = "subsidy-eligibility"
 RPC_TIMEOUT = 15.0
 START_TIMEOUT = 30.0
 ACCESS_LOG_WAIT = 25.0  # Envoy flushes file access logs every 10 s by default
-PROVIDER_RE = re.compile(r"sample provider (\S+)\s+https://127\.0\.0\.1:(\d+)")
+PROVIDER_RE = re.compile(r"(?:sample )?provider (\S+)\s+https://127\.0\.0\.1:(\d+)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,12 +71,68 @@ PROVIDER_RE = re.compile(r"sample provider (\S+)\s+https://127\.0\.0\.1:(\d+)")
 # --------------------------------------------------------------------------------------------
 
 
+# Envoy configured to match xgate's replica handling (docs/policy.md#several-endpoints) as
+# closely as its configuration allows: least-request balancing (power of two choices over
+# active requests), grpc.health.v1 checks every 2 s (1 s timeout, 2 down / 1 up), outlier
+# detection (5 consecutive failures, 10 s base ejection doubling to 5 min, at most 50 %),
+# one retry on another host for connect failure / refused stream / reset / UNAVAILABLE within
+# a per-try timeout of half the deadline, and a retry budget of 20 % (Envoy's budget counts
+# retries in flight against requests in flight, with a floor of 10 concurrent retries: the
+# nearest it has to "20 % of recent requests plus 10 a second").
+REPLICA_RESILIENCE = """
+      health_checks:
+        - timeout: 1s
+          interval: 2s
+          unhealthy_threshold: 2
+          healthy_threshold: 1
+          grpc_health_check: { service_name: xgate.v1.DataExchange }
+      outlier_detection:
+        consecutive_5xx: 5
+        consecutive_gateway_failure: 5
+        consecutive_local_origin_failure: 5
+        split_external_local_origin_errors: true
+        interval: 1s
+        base_ejection_time: 10s
+        max_ejection_time: 300s
+        max_ejection_percent: 50
+      circuit_breakers:
+        thresholds:
+          - retry_budget: { budget_percent: { value: 20.0 }, min_retry_concurrency: 10 }"""
+
+REPLICA_RETRY = """
+                            retry_policy:
+                              retry_on: connect-failure,refused-stream,reset,unavailable
+                              num_retries: 1
+                              per_try_timeout: ${PER_TRY}
+                              retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts, typed_config: { "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate } }]
+                              host_selection_retry_max_attempts: 3"""
+
+
 def render(dest: Path, *, listen_port: int, admin_port: int, upstream_port: int,
-           access_log: Path, certs: Path = CERTS, template: Path = TEMPLATE) -> Path:
-    """Render the template (string.Template, `${NAME}` placeholders) to dest; returns dest."""
+           access_log: Path, certs: Path = CERTS, template: Path = TEMPLATE,
+           upstream_ports: list[tuple[str, int]] | None = None, deadline_ms: int = 30000) -> Path:
+    """Render the template (string.Template, `${NAME}` placeholders) to dest; returns dest.
+
+    With `upstream_ports` ([(address, port), …]) the cluster has those replicas and the
+    resilience settings that match xgate's (REPLICA_RESILIENCE, REPLICA_RETRY), the route's
+    timeout `deadline_ms` and each try half of it; without, one endpoint, round robin, no
+    retries (the configuration the single-provider benchmark has always used)."""
+    replicas = upstream_ports or [("127.0.0.1", upstream_port)]
+    endpoints = "\n".join(
+        "              - endpoint:\n"
+        "                  address:\n"
+        f"                    socket_address: {{ address: {a}, port_value: {p} }}"
+        for a, p in replicas)
+    several = upstream_ports is not None
     text = string.Template(template.read_text(encoding="utf-8")).substitute(
         LISTEN_PORT=listen_port, ADMIN_PORT=admin_port, UPSTREAM_PORT=upstream_port,
-        CERTS=str(Path(certs).resolve()), ACCESS_LOG=str(Path(access_log).resolve()))
+        CERTS=str(Path(certs).resolve()), ACCESS_LOG=str(Path(access_log).resolve()),
+        LB_ENDPOINTS=endpoints,
+        LB_POLICY="LEAST_REQUEST" if several else "ROUND_ROBIN",
+        CLUSTER_RESILIENCE=REPLICA_RESILIENCE if several else "",
+        ROUTE_TIMEOUT=f"{deadline_ms / 1000:g}s",
+        RETRY_POLICY=(string.Template(REPLICA_RETRY).substitute(PER_TRY=f"{deadline_ms / 2000:g}s")
+                      if several else ""))
     dest.write_text(text, encoding="utf-8")
     return dest
 

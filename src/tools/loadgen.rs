@@ -66,6 +66,9 @@ pub struct Plan {
     pub tokens: Vec<String>,
     /// Processes whose CPU time and peak RSS are reported.
     pub watch: Vec<u32>,
+    /// Each call's deadline (sent as `grpc-timeout`, and enforced here: a call still
+    /// unanswered past it counts as `DEADLINE_EXCEEDED`). `None`: no deadline.
+    pub timeout: Option<Duration>,
 }
 
 /// What a run measured.
@@ -145,24 +148,47 @@ impl Tally {
     }
 }
 
-/// Send one call on `ch`: rows received, or the status.
-async fn one(ch: &Channel, call: &Call, token: Option<&str>) -> Result<u64, Status> {
-    fn req<T>(body: T, token: Option<&str>) -> tonic::Request<T> {
-        match token {
+/// Send one call on `ch` within `timeout`: rows received, or the status.
+async fn one(
+    ch: &Channel,
+    call: &Call,
+    token: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<u64, Status> {
+    match timeout {
+        None => send(ch, call, token, None).await,
+        Some(d) => tokio::time::timeout(d, send(ch, call, token, timeout))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer within the deadline"))),
+    }
+}
+
+async fn send(
+    ch: &Channel,
+    call: &Call,
+    token: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<u64, Status> {
+    fn req<T>(body: T, token: Option<&str>, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut r = match token {
             Some(t) => client::with_token(body, t),
             None => tonic::Request::new(body),
+        };
+        if let Some(d) = timeout {
+            r.set_timeout(d);
         }
+        r
     }
     match call {
         Call::Query(q) => {
             let r = DataExchangeClient::new(ch.clone())
-                .query(req(q.clone(), token))
+                .query(req(q.clone(), token, timeout))
                 .await?;
             Ok(r.into_inner().rows.len() as u64)
         }
         Call::QueryStream(q) => {
             let mut s = DataExchangeClient::new(ch.clone())
-                .query_stream(req(q.clone(), token))
+                .query_stream(req(q.clone(), token, timeout))
                 .await?
                 .into_inner();
             let mut rows = 0;
@@ -173,13 +199,13 @@ async fn one(ch: &Channel, call: &Call, token: Option<&str>) -> Result<u64, Stat
         }
         Call::List => {
             let r = CatalogClient::new(ch.clone())
-                .list_datasets(req(pb::ListDatasetsRequest {}, token))
+                .list_datasets(req(pb::ListDatasetsRequest {}, token, timeout))
                 .await?;
             Ok(r.into_inner().datasets.len() as u64)
         }
         Call::Describe(d) => {
             CatalogClient::new(ch.clone())
-                .describe_dataset(req(d.clone(), token))
+                .describe_dataset(req(d.clone(), token, timeout))
                 .await?;
             Ok(1)
         }
@@ -190,7 +216,7 @@ async fn one(ch: &Channel, call: &Call, token: Option<&str>) -> Result<u64, Stat
             g.ready()
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
-            g.unary(req(body.clone(), token), path, client::RawCodec)
+            g.unary(req(body.clone(), token, timeout), path, client::RawCodec)
                 .await?;
             Ok(0)
         }
@@ -222,6 +248,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
         return Err("no connections".into());
     }
     let channels = Arc::new(channels);
+    let timeout = plan.timeout;
     let call = Arc::new(plan.call);
     let token = Arc::new(Tokens {
         all: plan.tokens,
@@ -230,10 +257,10 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
     // Warm-up: connections, TLS sessions, the gateway's token cache.
     let until = Instant::now() + plan.warmup;
     for ch in channels.iter() {
-        let _ = one(ch, &call, token.next()).await;
+        let _ = one(ch, &call, token.next(), timeout).await;
     }
     while Instant::now() < until {
-        let _ = one(&channels[0], &call, token.next()).await;
+        let _ = one(&channels[0], &call, token.next(), timeout).await;
     }
 
     let tally = Arc::new(Tally::default());
@@ -257,7 +284,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
                     while Instant::now() < end {
                         let t = Instant::now();
                         sent.fetch_add(1, Ordering::Relaxed);
-                        let r = one(ch, &call, token.next()).await;
+                        let r = one(ch, &call, token.next(), timeout).await;
                         tally.record(r, t.elapsed());
                     }
                 }));
@@ -294,7 +321,7 @@ pub async fn run(channels: Vec<Channel>, plan: Plan) -> Result<Report, String> {
                 let ch = channels[i as usize % channels.len()].clone();
                 let (call, token, tally) = (call.clone(), token.clone(), tally.clone());
                 tasks.spawn(async move {
-                    let r = one(&ch, &call, token.next()).await;
+                    let r = one(&ch, &call, token.next(), timeout).await;
                     // From the scheduled time: queueing on either side is not hidden.
                     tally.record(r, scheduled.elapsed());
                     drop(permit);

@@ -47,6 +47,10 @@ pub(crate) struct BenchArgs {
     /// Seconds of calls before measuring (not counted).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) warmup: f64,
+    /// Each call's deadline in milliseconds (sent as `grpc-timeout`; a call unanswered past
+    /// it counts as `DEADLINE_EXCEEDED`). Default: none.
+    #[arg(long)]
+    pub(crate) timeout_ms: Option<u64>,
     /// HTTP/2 connections to spread the calls over.
     #[arg(long, default_value_t = 8)]
     pub(crate) connections: usize,
@@ -139,6 +143,7 @@ pub(crate) async fn bench(b: BenchArgs) -> Result<(), String> {
         warmup: std::time::Duration::from_secs_f64(b.warmup),
         tokens,
         watch: b.pids.clone(),
+        timeout: b.timeout_ms.map(std::time::Duration::from_millis),
     };
     let report = xgate::tools::loadgen::run(channels, plan).await?;
     if b.json {
