@@ -27,6 +27,7 @@
 pub mod head;
 pub mod read;
 pub mod store;
+pub mod subjects;
 
 use std::{
     path::{Path, PathBuf},
@@ -93,6 +94,23 @@ pub struct AuditRecord {
     /// dataset's subject key), so "who looked at this person" is answerable without ids here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subjects: Vec<String>,
+    /// Keyed hashes of the subject key of every row the call returned ([`subjects`]): whose
+    /// data actually left, whatever the filter named. (A long stream writes them in chunks,
+    /// records of kind `returned_subjects` with its trace id, and the rest here.)
+    #[serde(skip_serializing_if = "subjects::Returned::is_empty")]
+    pub returned_subjects: subjects::Returned,
+    /// What the record is: a call (the default, not written) or [`Kind`]'s others.
+    #[serde(skip_serializing_if = "Kind::is_call")]
+    pub kind: Kind,
+    /// An admin record's action (`policy.reload`, `admin.http`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Who or what did it: an admin caller, `sighup`, `file-watch`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// A policy reload's version before (`policy_version` is the one after).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
     /// Extra detail for refusals outside a call (e.g. why a TLS handshake failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -131,6 +149,47 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_us: Option<u64>,
     pub policy_version: String,
+}
+
+/// What a record stands for.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// One call (or a summary of refused calls): the default, not written.
+    #[default]
+    Call,
+    /// A chunk of a long stream's returned subjects (`returned_subjects`), under its call's
+    /// trace id, consumer and dataset; the call's own record follows it in the chain.
+    ReturnedSubjects,
+    /// An administrator's (or the deployment's) action on the gateway: `action` (what),
+    /// `actor` (who or what triggered it), `decision` (`allow`: done, `deny`: refused) and
+    /// `detail`; a policy reload also says `from_version` and `policy_version`.
+    Admin,
+}
+
+impl Kind {
+    pub fn is_call(&self) -> bool {
+        *self == Kind::Call
+    }
+}
+
+/// An admin record: `action` by `actor`, done (`allow`) or refused (`deny`), with `detail`.
+pub fn admin_record(action: &str, actor: &str, done: bool, detail: Option<String>) -> AuditRecord {
+    AuditRecord {
+        time: now_rfc3339(),
+        trace_id: hex::encode(rand::random::<[u8; 16]>()),
+        method: format!("admin:{action}"),
+        kind: Kind::Admin,
+        action: Some(action.to_owned()),
+        actor: Some(actor.to_owned()),
+        decision: if done {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        },
+        detail,
+        ..AuditRecord::default()
+    }
 }
 
 /// `sync`: a call's record is fsync'd before its response; `async`: written without waiting.
@@ -257,6 +316,8 @@ pub struct AuditLog {
     healthy: Arc<AtomicBool>,
     durability: Durability,
     subject: Option<Arc<ring::hmac::Key>>,
+    /// Keys the returned-subject hashes (derived from `subject`).
+    returned: Option<subjects::ReturnedKey>,
 }
 
 /// The running writer (thread or task); [`AuditWriter::join`] waits for it to drain and sync.
@@ -337,6 +398,7 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
             tally,
             healthy,
             durability: settings.durability,
+            returned: keys.subject.as_ref().map(subjects::ReturnedKey::derive),
             subject: keys.subject.map(Arc::new),
         },
         AuditWriter {
@@ -360,6 +422,11 @@ impl AuditLog {
     /// The keyed hash of a data subject's id, if the trail has a subject key.
     pub fn subject_hash(&self, id: &str) -> Option<String> {
         self.subject.as_deref().map(|k| subject_hash(k, id))
+    }
+
+    /// The key of returned-subject hashes, if the trail has a subject key.
+    pub fn returned_key(&self) -> Option<subjects::ReturnedKey> {
+        self.returned
     }
 
     /// Submit a record. In `sync` mode, wait until it is on disk: `Err` gives the record back
@@ -985,6 +1052,7 @@ mod tests {
             healthy: Arc::new(AtomicBool::new(true)),
             durability: Durability::Sync,
             subject: None,
+            returned: None,
         };
         // A writer that takes the record and dies with it (its acknowledgement dropped).
         tokio::spawn(async move { drop(rx.recv().await) });

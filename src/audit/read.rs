@@ -477,8 +477,36 @@ pub struct Query {
     /// gRPC status name (`OK`, `PERMISSION_DENIED`, ...).
     pub status: Option<String>,
     pub decision: Option<String>,
-    /// Keyed hash of the data subject's id (see [`super::subject_hash`]).
-    pub subject: Option<String>,
+    /// A data subject: the calls that asked about them or returned their rows.
+    pub subject: Option<Subject>,
+}
+
+/// A data subject as the trail knows them, without their id: the keyed hash a filter on them
+/// is recorded as, and the hash their returned rows are ([`super::subjects`]).
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub asked: String,
+    pub returned: u64,
+}
+
+impl Subject {
+    /// The hashes of `id` under the trail's subject key.
+    pub fn of(key: &ring::hmac::Key, id: &str) -> Subject {
+        Subject {
+            asked: super::subject_hash(key, id),
+            returned: super::subjects::ReturnedKey::derive(key).hash(id),
+        }
+    }
+
+    /// Whether record `r` asked about this subject or returned their rows.
+    pub fn in_record(&self, r: &serde_json::Value) -> bool {
+        r.get("subjects")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(self.asked.as_str())))
+            || r.get("returned_subjects")
+                .and_then(|v| v.as_str())
+                .is_some_and(|t| super::subjects::holds(t, self.returned))
+    }
 }
 
 impl Query {
@@ -508,11 +536,24 @@ impl Query {
                 .as_deref()
                 .is_none_or(|st| s("grpc_status").eq_ignore_ascii_case(st))
             && self.decision.as_deref().is_none_or(|d| s("decision") == d)
-            && self.subject.as_deref().is_none_or(|h| {
-                r.get("subjects")
-                    .and_then(|v| v.as_array())
-                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(h)))
-            })
+            && self.subject.as_ref().is_none_or(|h| h.in_record(r))
+    }
+}
+
+/// A search by subject shows each call once: a long stream's chunk records (kind
+/// `returned_subjects`) and its own record share its trace id, and the first one found
+/// stands for the call.
+fn first_of_call(
+    seen: &mut std::collections::HashSet<String>,
+    q: &Query,
+    r: &serde_json::Value,
+) -> bool {
+    if q.subject.is_none() {
+        return true;
+    }
+    match r.get("trace_id").and_then(|v| v.as_str()) {
+        Some(t) if !t.is_empty() => seen.insert(t.to_owned()),
+        _ => true,
     }
 }
 
@@ -537,6 +578,7 @@ pub fn search(
     mut each: impl FnMut(serde_json::Value),
 ) -> io::Result<Searched> {
     let mut out = Searched::default();
+    let mut calls = std::collections::HashSet::new();
     let damaged = |out: &mut Searched, d: Damage| {
         out.damaged += 1;
         out.first_damage.get_or_insert(d);
@@ -559,7 +601,7 @@ pub fn search(
                 } else {
                     match serde_json::from_slice::<serde_json::Value>(text) {
                         Ok(v) if v.get("seq").is_some() => {
-                            if q.matches(&v) {
+                            if q.matches(&v) && first_of_call(&mut calls, q, &v) {
                                 out.matched += 1;
                                 each(v);
                             }

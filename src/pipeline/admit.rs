@@ -141,15 +141,18 @@ impl Gateway {
         rec.approval_ref = permit.approval_ref.clone();
         // What the provider is asked for: exactly the permitted columns, plus the dataset's
         // region column (stripped again on the way back) so a row scope can always be checked,
-        // including one a policy change adds to an open stream.
+        // including one a policy change adds to an open stream, and its subject-key column
+        // (stripped too) so the record says whose rows left.
         req.fields = permit.fields.iter().map(|f| f.name.clone()).collect();
-        if let Some(region) = snap
-            .policy
-            .dataset(&req.dataset)
-            .and_then(|d| d.region_field.as_ref())
-            && !req.fields.contains(region)
-        {
-            req.fields.push(region.clone());
+        if let Some(ds) = snap.policy.dataset(&req.dataset) {
+            let subject = (call.pending.log().returned_key().is_some()
+                && !ds.subject_key.is_empty())
+            .then_some(&ds.subject_key);
+            for extra in [ds.region_field.as_ref(), subject].into_iter().flatten() {
+                if !req.fields.contains(extra) {
+                    req.fields.push(extra.clone());
+                }
+            }
         }
         req.page_size = match req.page_size {
             0 => self.inner.request_limits.default_page_size,

@@ -82,6 +82,7 @@ impl Call {
         rec.reached = Some(stage);
         rec.rows = 0;
         rec.fields_returned.clear();
+        rec.returned_subjects.clear();
         rec.fields_masked.clear();
         Reject::new(
             Reason::DeadlineExceeded,
@@ -150,6 +151,7 @@ pub(super) fn refused_for_audit(mut rec: AuditRecord, rej: &Reject, withheld: bo
     if withheld {
         rec.rows = 0;
         rec.fields_returned.clear();
+        rec.returned_subjects.clear();
         rec.fields_masked.clear();
     }
     rec

@@ -16,6 +16,8 @@ pub(super) struct Prepared {
     pub(super) replicas: Arc<upstream::Replicas>,
     /// This replica's place with the provider, and the shared lease (if any).
     pub(super) place: Place,
+    /// The dataset's subject-key field, whose returned values the record keeps (hashed).
+    pub(super) subject_field: String,
 }
 
 /// The span of one try of a call to a provider (client kind: the provider's spans become its
@@ -104,6 +106,11 @@ impl Gateway {
         let permit = tracing::info_span!("xgate.policy")
             .in_scope(|| self.admit(call, who, &snap, &mut body))?;
         let provider = provider_of(&snap, &body.dataset)?;
+        let subject_field = snap
+            .policy
+            .dataset(&body.dataset)
+            .map(|d| d.subject_key.clone())
+            .unwrap_or_default();
         call.at("limit");
         let (rate, lease) = self
             .limit(
@@ -131,6 +138,7 @@ impl Gateway {
             provider,
             replicas,
             place: Place::new(here, lease),
+            subject_field,
         })
     }
 

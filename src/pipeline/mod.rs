@@ -293,6 +293,12 @@ impl Gateway {
         self.inner.audit.is_open()
     }
 
+    /// Put an administrator's action on the trail, in the calls' chain, without waiting
+    /// (queued, or handed to a task while the queue is full).
+    pub fn record_admin(&self, rec: audit::AuditRecord) {
+        self.inner.audit.submit_detached(rec);
+    }
+
     /// The policy snapshot calls are decided under now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.inner.snapshot.load_full()
@@ -319,6 +325,7 @@ impl Gateway {
             provider,
             replicas,
             place: _place,
+            subject_field,
         } = self.prepare(call, &who, asked).await?;
         if !page_token.is_empty() {
             body.page_token = self
@@ -341,7 +348,8 @@ impl Gateway {
             .await?;
         pick.finish(upstream::Outcome::Answered);
         call.at("shape");
-        let mut shaped = shape(resp, &permit, &self.inner.mask_key, &provider)?;
+        let tap = self.tap(call, &subject_field);
+        let mut shaped = shape(resp, &permit, &self.inner.mask_key, &provider, tap)?;
         let next = &mut shaped.response.next_page_token;
         if !next.is_empty() {
             *next = self.inner.pages.seal(&binding, &version, next);
@@ -372,6 +380,7 @@ impl Gateway {
             provider,
             replicas,
             place,
+            subject_field,
         } = self.prepare(call, &who, req.into_inner()).await?;
         call.at("forward");
         let first_wait = caller_deadline
@@ -402,6 +411,16 @@ impl Gateway {
             caller_deadline,
             who,
             asked,
+            subject_field,
+        })
+    }
+
+    /// Where a call's returned subjects are read from, if the trail records them.
+    fn tap<'a>(&self, call: &Call, subject_field: &'a str) -> Option<Tap<'a>> {
+        let key = call.pending.log().returned_key()?;
+        (!subject_field.is_empty()).then_some(Tap {
+            field: subject_field,
+            key,
         })
     }
 }

@@ -11,6 +11,16 @@ pub(super) struct Shaped {
     pub(super) withheld: u64,
     pub(super) returned: Vec<String>,
     pub(super) masked: Vec<String>,
+    /// Returned-subject hashes of the rows kept ([`audit::subjects`]).
+    pub(super) subjects: Vec<u64>,
+}
+
+/// Where the rows' subjects are read from, and the key they are hashed with: the dataset's
+/// subject-key column (asked of the provider whether or not the caller reads it).
+#[derive(Clone, Copy)]
+pub(super) struct Tap<'a> {
+    pub(super) field: &'a str,
+    pub(super) key: audit::subjects::ReturnedKey,
 }
 
 /// Stage `shape`: keep only permitted columns, in the permit's order, and apply masks.
@@ -24,6 +34,7 @@ pub(super) fn shape(
     permit: &Permit,
     key: &MaskKey,
     provider: &str,
+    tap: Option<Tap<'_>>,
 ) -> Result<Shaped, Reject> {
     let wire::QueryResponse {
         columns,
@@ -70,12 +81,24 @@ pub(super) fn shape(
             }
         },
     };
+    // Whose rows these are: the subject-key column must be there too.
+    let tap = match tap {
+        None => None,
+        Some(t) => match columns.iter().position(|c| c.name == t.field) {
+            Some(i) => Some((i, t.key)),
+            None => {
+                tracing::warn!(%provider, field = %t.field, "provider omitted the subject-key field the audit trail records");
+                return Err(malformed());
+            }
+        },
+    };
     let rows = match rows {
         wire::Rows::Received(rows) => rows,
         // Only responses decoded from a provider reach here.
         wire::Rows::Encoded { .. } => return Err(malformed()),
     };
     let mut out = wire::RowWriter::with_capacity(rows.iter().map(|r| r.len() + 4).sum());
+    let mut subjects = Vec::with_capacity(if tap.is_some() { rows.len() } else { 0 });
     let mut dropped = 0usize;
     let mut cells = Vec::with_capacity(width);
     for (r, row) in rows.iter().enumerate() {
@@ -91,6 +114,15 @@ pub(super) fn shape(
             if !sc.admits(&v) {
                 dropped += 1;
                 continue;
+            }
+        }
+        if let Some((i, k)) = tap {
+            let Some(v) = wire::decode_cell(&row[cells[i].clone()]) else {
+                tracing::warn!(%provider, row = r, "provider sent a cell that is not a Value");
+                return Err(malformed());
+            };
+            if let Some(id) = v.as_text() {
+                subjects.push(k.hash(&id));
             }
         }
         for &(i, mask) in &plan {
@@ -114,6 +146,7 @@ pub(super) fn shape(
         },
         returned,
         masked,
+        subjects,
         withheld: dropped as u64,
     })
 }
@@ -124,6 +157,8 @@ pub(super) fn record_rows(rec: &mut AuditRecord, s: Shaped) -> wire::QueryRespon
     rec.fields_returned = s.returned;
     rec.fields_masked = s.masked;
     rec.rows = s.response.rows.len() as u64;
+    rec.returned_subjects.clear();
+    rec.returned_subjects.extend(s.subjects);
     s.response
 }
 
@@ -208,7 +243,7 @@ mod tests {
             ],
             Some(scope),
         );
-        let s = shape(arrives(&provider_reply()), &p, &MaskKey::none(), "ps").unwrap();
+        let s = shape(arrives(&provider_reply()), &p, &MaskKey::none(), "ps", None).unwrap();
         assert_eq!(s.withheld, 1);
         assert_eq!(s.returned, ["name", "id_number"]);
         assert_eq!(s.masked, ["id_number"]);
@@ -233,9 +268,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn returned_subjects_are_the_rows_that_leave_even_unread_and_unscoped_out() {
+        let key = audit::subjects::ReturnedKey::derive(&ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            b"subject key",
+        ));
+        let tap = Tap {
+            field: "id_number",
+            key,
+        };
+        let scope = Scope {
+            field: "region_code".into(),
+            prefixes: vec!["330106".into()],
+            label: "own-region 330106".into(),
+        };
+        // The caller reads only names; the id column is there for the record only.
+        let p = permit(&[("name", Mask::None)], Some(scope));
+        let s = shape(
+            arrives(&provider_reply()),
+            &p,
+            &MaskKey::none(),
+            "ps",
+            Some(tap),
+        )
+        .unwrap();
+        // The row dropped by the scope never left: only the first person's hash.
+        assert_eq!(s.subjects, [key.hash("330102199001011234")]);
+        let got = delivered(s);
+        assert_eq!(got.columns.len(), 1, "the id column is stripped");
+        // A provider that leaves the subject column out fails the call: the trail must say
+        // whose rows left.
+        let mut no_id = provider_reply();
+        no_id.columns[0].name = "other".into();
+        let rej = shape(arrives(&no_id), &p, &MaskKey::none(), "ps", Some(tap))
+            .err()
+            .expect("refused");
+        assert_eq!(rej.reason, Reason::ProviderResponseInvalid);
+    }
+
     fn refused(resp: wire::QueryResponse) {
         let p = permit(&[("id_number", Mask::None), ("name", Mask::None)], None);
-        let rej = shape(resp, &p, &MaskKey::none(), "ps")
+        let rej = shape(resp, &p, &MaskKey::none(), "ps", None)
             .err()
             .expect("refused");
         assert_eq!(rej.reason, Reason::ProviderResponseInvalid);

@@ -20,6 +20,8 @@ pub(super) struct OpenStream {
     pub(super) who: Authenticated,
     /// The request as the caller sent it (before the gateway narrowed it).
     pub(super) asked: QueryRequest,
+    /// The dataset's subject-key field ([`Gateway::tap`]).
+    pub(super) subject_field: String,
 }
 
 /// `finish` with an error never yields Ok; this keeps the types honest without a panic.
@@ -48,6 +50,47 @@ impl Gateway {
         rec.rule = Some(permit.rule.clone());
         open.permit = permit;
         Ok(())
+    }
+
+    /// Add a batch's returned subjects to the stream's record. Once [`audit::subjects::CHUNK`]
+    /// distinct ones are held, they are written as a record of their own (kind
+    /// `returned_subjects`, the call's trace id, consumer and dataset), waited for like any
+    /// record in `sync` mode, before the batch leaves: a stream whose subjects the trail cannot
+    /// keep ends, fail closed.
+    pub(super) async fn keep_subjects(
+        &self,
+        call: &mut Call,
+        hashes: Vec<u64>,
+    ) -> Result<(), Reject> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let rec = call.pending.rec();
+        rec.returned_subjects.extend(hashes);
+        if !rec.returned_subjects.settle() {
+            return Ok(());
+        }
+        let chunk = AuditRecord {
+            time: audit::now_rfc3339(),
+            trace_id: rec.trace_id.clone(),
+            method: rec.method.clone(),
+            consumer_dept: rec.consumer_dept.clone(),
+            consumer_system: rec.consumer_system.clone(),
+            purpose: rec.purpose.clone(),
+            dataset: rec.dataset.clone(),
+            decision: rec.decision,
+            rule: rec.rule.clone(),
+            approval_ref: rec.approval_ref.clone(),
+            policy_version: rec.policy_version.clone(),
+            kind: audit::Kind::ReturnedSubjects,
+            returned_subjects: rec.returned_subjects.take(),
+            ..AuditRecord::default()
+        };
+        call.pending
+            .log()
+            .submit(chunk)
+            .await
+            .map_err(|_| super::call::audit_failed())
     }
 
     /// Relay a provider stream batch by batch, shaping each; commit the record at the end.
@@ -115,10 +158,19 @@ impl Gateway {
                 break Err(r);
             }
             let permit = &open.permit;
-            let shaped = match shape(batch, permit, &self.inner.mask_key, &provider) {
+            let tap = self.tap(&call, &open.subject_field);
+            let mut shaped = match shape(batch, permit, &self.inner.mask_key, &provider, tap) {
                 Ok(s) => s,
                 Err(r) => break Err(r),
             };
+            // Whose rows these are, on the trail before they leave; a long stream's in
+            // chunks (records of their own), so no record grows with the stream.
+            if let Err(r) = self
+                .keep_subjects(&mut call, std::mem::take(&mut shaped.subjects))
+                .await
+            {
+                break Err(r);
+            }
             call.pending.rec().rows_withheld += shaped.withheld;
             if rows == 0 {
                 // First batch: columns are the same in every batch.

@@ -7,6 +7,10 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /live` | the process is up |
 //! | `GET /ready` | a policy is loaded and the audit trail takes records |
+//!
+//! Every `/admin` call is recorded on the audit trail (kind `admin`, action `admin.http`,
+//! the caller's address), and so is every policy reload, whoever triggered it
+//! (`policy.reload`, from which version to which, or refused with why).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -83,16 +87,54 @@ pub async fn serve(
         gateway,
         metrics: metrics_handle(),
     };
-    let app = Router::new()
+    // Every /admin call is an administrator's action, and goes on the trail; the probes and
+    // the metrics scrape are not.
+    let admin = Router::new()
         .route("/admin/policy", get(policy_status))
         .route("/admin/policy/reload", post(policy_reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_admin_call,
+        ));
+    let app = Router::new()
+        .merge(admin)
         .route("/metrics", get(render_metrics))
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Who called the admin endpoint, as its record says (the endpoint has no sign-in yet: the
+/// peer address).
+fn admin_actor(peer: SocketAddr) -> String {
+    format!("admin endpoint from {peer}")
+}
+
+/// Record an /admin call (`admin.http`: method, path, status) after it is answered.
+async fn record_admin_call(
+    State(s): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let resp = next.run(req).await;
+    if let Some(gw) = s.gateway.upgrade() {
+        let status = resp.status();
+        gw.record_admin(crate::audit::admin_record(
+            "admin.http",
+            &admin_actor(peer),
+            status.is_success(),
+            Some(format!("{what} -> {}", status.as_u16())),
+        ));
+    }
+    resp
 }
 
 /// Bind the admin address (port 0 for any).
@@ -106,9 +148,13 @@ async fn policy_status(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.reloader.status())
 }
 
-async fn policy_reload(State(s): State<AdminState>) -> impl IntoResponse {
+async fn policy_reload(
+    State(s): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+) -> impl IntoResponse {
     let r = s.reloader.clone();
-    match tokio::task::spawn_blocking(move || r.reload("admin")).await {
+    let actor = admin_actor(peer);
+    match tokio::task::spawn_blocking(move || r.reload(&actor)).await {
         Ok(Ok(version)) => (
             StatusCode::OK,
             Json(serde_json::json!({ "ok": true, "version": version })),

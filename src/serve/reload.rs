@@ -107,6 +107,7 @@ impl Reloader {
                     return Err(vec!["the gateway is shutting down".into()]);
                 };
                 let old = gateway.snapshot();
+                let from = old.policy.version.clone();
                 let up = self
                     .upstream
                     .lock()
@@ -117,6 +118,10 @@ impl Reloader {
                 drop(old);
                 retire(gateway.swap(snap));
                 tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
+                let mut rec = crate::audit::admin_record("policy.reload", trigger, true, None);
+                rec.from_version = Some(from);
+                rec.policy_version = version.clone();
+                gateway.record_admin(rec);
                 metrics::counter!("xgate_policy_reloads_total", "result" => "ok").increment(1);
                 metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
                     .set(crate::token::now_secs() as f64);
@@ -132,6 +137,24 @@ impl Reloader {
                     tracing::error!(trigger, error = %e, "policy reload refused; the previous policy keeps serving");
                 }
                 metrics::counter!("xgate_policy_reloads_total", "result" => "error").increment(1);
+                if let Some(gateway) = self.gateway.upgrade() {
+                    // The first errors, bounded: the record says why, the file says the rest.
+                    let shown: Vec<&str> = errors.iter().take(5).map(String::as_str).collect();
+                    let mut detail = shown.join("; ");
+                    if errors.len() > shown.len() {
+                        detail.push_str(&format!("; and {} more", errors.len() - shown.len()));
+                    }
+                    let mut rec = crate::audit::admin_record(
+                        "policy.reload",
+                        trigger,
+                        false,
+                        Some(detail.chars().take(2000).collect()),
+                    );
+                    rec.reason = Some("POLICY_INVALID".into());
+                    rec.from_version = Some(status.version.clone());
+                    rec.policy_version = status.version.clone();
+                    gateway.record_admin(rec);
+                }
                 status.reloads_failed += 1;
                 status.last_error = Some(FailedReload {
                     at: crate::audit::now_rfc3339(),

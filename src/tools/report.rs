@@ -256,8 +256,13 @@ struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
+    /// A call's record; `None` for records that are not calls (a stream's chunk of returned
+    /// subjects, an administrator's action: their `kind`).
     fn from_json(v: &'a serde_json::Value) -> Option<Call<'a>> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|x| !x.is_empty());
+        if s("kind").is_some_and(|k| k != "call") {
+            return None;
+        }
         let time = OffsetDateTime::parse(s("time")?, &Rfc3339).ok()?;
         let reason = s("reason");
         Some(Call {

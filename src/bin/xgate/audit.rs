@@ -106,7 +106,8 @@ pub(crate) enum AuditCmd {
         /// allow or deny.
         #[arg(long)]
         decision: Option<String>,
-        /// A data subject's id (e.g. an id number): which calls asked about this person.
+        /// A data subject's id (e.g. an id number): which calls asked about this person or
+        /// returned their rows.
         #[arg(long)]
         subject: Option<String>,
         /// The subject-hash key the gateway uses (`audit.subject_key_file`; default, with a
@@ -320,7 +321,7 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             };
             let subject = match subject {
                 None => None,
-                Some(id) => Some(xgate::audit::subject_hash(
+                Some(id) => Some(xgate::audit::read::Subject::of(
                     &xgate::audit::load_subject_key(&dev_default(
                         subject_key,
                         "--subject-key",
