@@ -46,7 +46,7 @@ async fn reloads_and_admin_calls_are_recorded() {
     let _ = http(admin, "GET", "/metrics").await;
     let _ = http(admin, "GET", "/ready").await;
 
-    let records = h.stop().await;
+    let records = h.stop_all().await;
     let admin_recs: Vec<&serde_json::Value> =
         records.iter().filter(|r| r["kind"] == "admin").collect();
     let reloads: Vec<_> = admin_recs
@@ -122,7 +122,7 @@ async fn a_reload_names_what_triggered_it() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let records = h.stop().await;
+    let records = h.stop_all().await;
     let reload = records
         .iter()
         .find(|r| r["action"] == "policy.reload")

@@ -87,7 +87,7 @@ async fn whose_rows_left_is_recorded_and_found_by_subject() {
     }
     assert_eq!(rows, 2000);
 
-    let records = h.stop().await;
+    let records = h.stop_all().await;
     let chunks: Vec<_> = records
         .iter()
         .filter(|r| r["kind"] == "returned_subjects")

@@ -157,9 +157,20 @@ async fn one(
 ) -> Result<u64, Status> {
     match timeout {
         None => send(ch, call, token, None).await,
-        Some(d) => tokio::time::timeout(d, send(ch, call, token, timeout))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer within the deadline"))),
+        Some(d) => {
+            let t0 = Instant::now();
+            match tokio::time::timeout(d, send(ch, call, token, timeout)).await {
+                Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
+                // tonic's own timer on `grpc-timeout` says CANCELLED ("Timeout expired"):
+                // past the deadline, that is the deadline, as other gRPC clients report it.
+                Ok(Err(s))
+                    if s.code() == tonic::Code::Cancelled && t0.elapsed() >= d.mul_f32(0.9) =>
+                {
+                    Err(Status::deadline_exceeded("no answer within the deadline"))
+                }
+                Ok(r) => r,
+            }
+        }
     }
 }
 

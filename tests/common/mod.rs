@@ -212,8 +212,18 @@ impl Harness {
         self.ps.stats.calls.load(Ordering::SeqCst) + self.ms.stats.calls.load(Ordering::SeqCst)
     }
 
-    /// Stop the gateway (graceful), returning every audit record.
+    /// Stop the gateway (graceful), returning the records of calls (not the admin records
+    /// of reloads, nor a long stream's chunks of returned subjects: [`Harness::stop_all`]).
     pub async fn stop(&mut self) -> Vec<serde_json::Value> {
+        self.stop_all()
+            .await
+            .into_iter()
+            .filter(|r| r.get("kind").is_none())
+            .collect()
+    }
+
+    /// Stop the gateway (graceful), returning every audit record.
+    pub async fn stop_all(&mut self) -> Vec<serde_json::Value> {
         if let Some(g) = self.gateway.take() {
             g.shutdown().await.unwrap();
         }
