@@ -270,6 +270,51 @@ fn default_token_cache() -> usize {
     10_000
 }
 
+/// `audit.ship`: where this replica's records go, and as whom.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ship {
+    /// `postgres://USER@HOST:PORT/DB` (TLS options in the URL: `sslmode=verify-full&…`).
+    pub url: String,
+    /// The password, read from this file (never in the URL of a file in git).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// This replica's stable id in the province trail. Default: `XGATE_REPLICA_ID`, else the
+    /// host name (a StatefulSet pod's name: `xgate-0`, `xgate-1`, …, stable across restarts).
+    #[serde(default)]
+    pub replica_id: Option<String>,
+    /// Records per transaction, at most.
+    #[serde(default = "default_ship_batch")]
+    pub batch_records: usize,
+    /// How often to look for new records when caught up.
+    #[serde(default = "default_ship_interval")]
+    pub interval_ms: u64,
+}
+
+fn default_ship_batch() -> usize {
+    1000
+}
+
+fn default_ship_interval() -> u64 {
+    200
+}
+
+impl Ship {
+    /// The replica id: configured, `XGATE_REPLICA_ID`, or the host name.
+    pub fn replica(&self) -> String {
+        self.replica_id
+            .clone()
+            .or_else(|| std::env::var("XGATE_REPLICA_ID").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "xgate".into())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
@@ -285,6 +330,10 @@ pub struct Audit {
     /// Key for the data-subject hashes (at least 32 bytes); absent: no subjects recorded.
     #[serde(default)]
     pub subject_key_file: Option<PathBuf>,
+    /// Ship this replica's trail into the province's PostgreSQL (docs/audit.md); absent:
+    /// local files only (the embedded default).
+    #[serde(default)]
+    pub ship: Option<Ship>,
     #[serde(default = "default_segment_bytes")]
     pub segment_max_bytes: u64,
     #[serde(default = "default_segment_age")]
@@ -686,6 +735,14 @@ impl Config {
         if let Some(p) = &mut self.audit.subject_key_file {
             fix(p);
         }
+        if let Some(p) = self
+            .audit
+            .ship
+            .as_mut()
+            .and_then(|s| s.password_file.as_mut())
+        {
+            fix(p);
+        }
         fix(&mut self.upstream.ca);
         fix(&mut self.upstream.cert);
         fix(&mut self.upstream.key);
@@ -913,6 +970,7 @@ impl Config {
                 mode: crate::audit::Durability::Sync,
                 signing_key_file: certs.join("audit-signing.key"),
                 subject_key_file: Some(certs.join("audit-subject.key")),
+                ship: None,
                 segment_max_bytes: default_segment_bytes(),
                 segment_max_age_secs: default_segment_age(),
                 retention_days: 0,

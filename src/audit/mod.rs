@@ -24,8 +24,10 @@
 //! acknowledged record is lost — over several files. The disk format is in `store`, reading
 //! and verifying in `read`, the signed head in `head`.
 
+pub mod db;
 pub mod head;
 pub mod read;
+pub mod ship;
 pub mod store;
 pub mod subjects;
 
@@ -325,6 +327,8 @@ pub struct AuditLog {
 pub struct AuditWriter {
     handle: Writer,
     pub dir: PathBuf,
+    /// The last record on disk (fsync'd): how far a shipper may read ([`ship`]).
+    pub durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -351,6 +355,7 @@ impl AuditWriter {
 pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(AuditLog, AuditWriter)> {
     let (store, recovered) =
         store::Store::open(&settings.dir, settings.store.clone(), keys.signer)?;
+    let durable = store.durable();
     if recovered.torn_bytes > 0 {
         tracing::warn!(
             segment = recovered.segment,
@@ -404,6 +409,7 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
         AuditWriter {
             handle,
             dir: settings.dir,
+            durable,
         },
     ))
 }

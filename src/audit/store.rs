@@ -224,6 +224,8 @@ pub struct Store {
     last_checkpoint: Instant,
     /// The encoding buffer, reused from batch to batch.
     buf: Vec<u8>,
+    /// The last record known to be on disk (fsync'd): what a shipper may send on.
+    durable: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -304,6 +306,8 @@ impl Store {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             buf: Vec::new(),
+            // What survived to this start is what there is.
+            durable: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(seq)),
         };
         store.write_head()?;
         Ok((store, rec))
@@ -333,6 +337,16 @@ impl Store {
         self.seq
     }
 
+    /// The last record on disk (fsync'd), kept current as the trail is written.
+    pub fn durable(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.durable.clone()
+    }
+
+    fn synced(&self) {
+        self.durable
+            .store(self.seq, std::sync::atomic::Ordering::Release);
+    }
+
     /// Append records as one write (and one fsync when `sync`). All or nothing: on error the
     /// segment is cut back and the chain state is unchanged, so the caller may retry.
     pub fn append<'r>(
@@ -357,6 +371,9 @@ impl Store {
         self.since_checkpoint += seq - self.seq;
         self.seq = seq;
         self.last_hash = hash;
+        if sync {
+            self.synced();
+        }
         Ok(())
     }
 
@@ -438,6 +455,7 @@ impl Store {
         self.checkpoint = (self.seq, self.last_hash.clone());
         // The head names only a durable checkpoint.
         if sync {
+            self.synced();
             self.update_head();
         }
         Ok(())
@@ -514,7 +532,9 @@ impl Store {
 
     /// fsync the current segment.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.synced();
+        Ok(())
     }
 
     /// Final checkpoint and fsync.

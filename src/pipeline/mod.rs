@@ -150,6 +150,8 @@ struct Inner {
     auth_failures: crate::limits::failures::AuthFailures,
     /// Seals the page tokens callers see.
     pages: crate::pipeline::paging::PageSeal,
+    /// This replica's shipping to the province trail (`audit.ship`), for `/ready`.
+    shipping: Option<Arc<audit::ship::ShipState>>,
 }
 
 /// Builds a [`Gateway`]: the parts every gateway needs, then the optional ones, then
@@ -196,6 +198,11 @@ impl GatewayBuilder {
         self
     }
 
+    pub fn shipping(mut self, state: Arc<audit::ship::ShipState>) -> Self {
+        self.inner.shipping = Some(state);
+        self
+    }
+
     pub fn build(self) -> Gateway {
         Gateway {
             inner: Arc::new(self.inner),
@@ -231,8 +238,14 @@ impl Gateway {
                 providers_up: ArcSwap::default(),
                 auth_failures: crate::limits::failures::AuthFailures::new(10, 50),
                 pages: crate::pipeline::paging::PageSeal::random(),
+                shipping: None,
             },
         }
+    }
+
+    /// How this replica's trail ships to the province database, if it does.
+    pub fn shipping(&self) -> Option<&Arc<audit::ship::ShipState>> {
+        self.inner.shipping.as_ref()
     }
 
     /// End every call still waiting on a provider with `UNAVAILABLE` (the drain timeout ran

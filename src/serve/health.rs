@@ -29,6 +29,10 @@ pub struct Readiness {
     /// Why not ready, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why_not: Option<String>,
+    /// Shipping to the province trail (`audit.ship`): how far behind, and why if stuck.
+    /// Never a reason for not ready: the local trail is the durability point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_shipping: Option<crate::audit::ship::ShipStatus>,
 }
 
 /// The gateway's readiness now.
@@ -58,6 +62,7 @@ pub fn readiness(gw: &Gateway) -> Readiness {
         audit_writable: audit,
         providers,
         why_not,
+        audit_shipping: gw.shipping().map(|s| s.status()),
     }
 }
 

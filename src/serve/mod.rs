@@ -258,6 +258,46 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let (audit_log, writer) = audit::start(cfg.audit.settings(), keys)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
     let audit_path = writer.dir.clone();
+    // 2b. Shipping to the province trail, behind the writer.
+    let shipping = match &cfg.audit.ship {
+        None => None,
+        Some(sh) => {
+            let password = match &sh.password_file {
+                None => None,
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| {
+                            StartError(vec![format!(
+                                "audit.ship.password_file {}: {e}",
+                                p.display()
+                            )])
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+            };
+            let settings = audit::ship::ShipSettings {
+                url: sh.url.clone(),
+                password,
+                replica: sh.replica(),
+                batch_records: sh.batch_records.max(1),
+                interval: Duration::from_millis(sh.interval_ms.max(10)),
+            };
+            let state = Arc::new(audit::ship::ShipState {
+                durable: writer.durable.clone(),
+                replica: settings.replica.clone(),
+                ..Default::default()
+            });
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(audit::ship::run(
+                audit_path.clone(),
+                settings,
+                state.clone(),
+                stopped,
+            ));
+            Some((state, stop, task))
+        }
+    };
     // 3. The gateway.
     let revocations: tls::Revocations = Arc::new(arc_swap::ArcSwap::from_pointee(
         tls::revoked_serials(&tls_files).map_err(|e| StartError(vec![format!("tls.crls: {e}")]))?,
@@ -267,7 +307,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         cfg,
         snap,
         tokens,
-        audit_log.clone(),
+        (audit_log.clone(), shipping.as_ref().map(|s| s.0.clone())),
         &mask_key,
         page_seal,
         revocations.clone(),
@@ -346,6 +386,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             prober,
             resolver,
             writer,
+            shipper: shipping.map(|(_, stop, task)| (stop, task)),
         },
     ));
     tracing::info!(%addr, %policy_version, "xgate listening");
@@ -366,7 +407,7 @@ async fn build_gateway(
     cfg: &Config,
     snap: Snapshot,
     tokens: Arc<TokenVerifier>,
-    audit_log: audit::AuditLog,
+    (audit_log, shipping): (audit::AuditLog, Option<Arc<audit::ship::ShipState>>),
     mask_key: &MaskKey,
     page_seal: crate::pipeline::paging::PageSeal,
     revocations: tls::Revocations,
@@ -395,6 +436,9 @@ async fn build_gateway(
             tracing::warn!(on_unavailable = ?sh.on_unavailable, "shared limits: Redis not reachable at start");
         }
         gateway = gateway.shared_limits(shared);
+    }
+    if let Some(s) = shipping {
+        gateway = gateway.shipping(s);
     }
     Ok(gateway.build())
 }
@@ -558,6 +602,8 @@ struct Background {
     prober: JoinHandle<()>,
     resolver: JoinHandle<()>,
     writer: audit::AuditWriter,
+    /// The shipper's stop signal and task (`audit.ship`).
+    shipper: Option<(tokio::sync::watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 /// Serve until stopped, then shut down in order: no new connections; in-flight calls get the
@@ -591,6 +637,7 @@ async fn stop_in_order(
         prober,
         resolver,
         writer,
+        shipper,
     } = bg;
     drop(gateway);
     jwks_refresher.abort();
@@ -612,5 +659,18 @@ async fn stop_in_order(
         .await
         .map_err(|e| format!("audit writer: {e}"))?;
     tracing::info!(records = written, "audit trail flushed and synced");
+    // Ship what the last records made durable (bounded: the database may be down; the local
+    // trail has them, and the next start ships them).
+    if let Some((stop, task)) = shipper {
+        let _ = stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "audit shipping did not catch up before exit; the next start resumes it"
+            );
+        }
+    }
     Ok(written)
 }

@@ -61,13 +61,52 @@ impl ZoneArgs {
     }
 }
 
+/// The province trail in PostgreSQL, instead of one replica's directory.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct DbArgs {
+    /// `postgres://USER@HOST:PORT/DB`: every replica's records, shipped there (`audit.ship`).
+    #[arg(long)]
+    pub(crate) db: Option<String>,
+    /// The database password, read from this file.
+    #[arg(long, requires = "db")]
+    pub(crate) db_password_file: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// A runtime and a pool, for one command.
+    fn open(&self) -> Result<Option<(tokio::runtime::Runtime, sqlx::PgPool)>, String> {
+        let Some(url) = &self.db else {
+            return Ok(None);
+        };
+        let password = match &self.db_password_file {
+            None => None,
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let pool = rt.block_on(xgate::audit::db::connect(url, password.as_deref(), 2))?;
+        Ok(Some((rt, pool)))
+    }
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub(crate) enum AuditCmd {
     /// Check the hash chain, every checkpoint signature and the trail's end against its
     /// signed head; name the first damage; exit 1 if any (docs/audit.md: what is detected).
     Verify {
-        dir: PathBuf,
+        /// The trail's directory (or `--db`).
+        #[arg(required_unless_present = "db", conflicts_with = "db")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
         /// The checkpoint-signing public key (base64 Ed25519, as `xgate dev-certs` writes it;
         /// default, with a warning: the demo's certs-dev/audit-signing.pub).
         #[arg(long)]
@@ -85,7 +124,11 @@ pub(crate) enum AuditCmd {
     Head { dir: PathBuf },
     /// Find records by consumer, dataset, time, status, decision or data subject.
     Search {
-        dir: PathBuf,
+        /// The trail's directory (or `--db`).
+        #[arg(required_unless_present = "db", conflicts_with = "db")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
         /// Calls made by this department (`consumer_dept`).
         #[arg(long)]
         consumer: Option<String>,
@@ -223,6 +266,7 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
         }
         AuditCmd::Verify {
             dir,
+            db,
             public_key,
             expect_head,
             no_head,
@@ -238,6 +282,10 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
                         public_key.display()
                     )
                 })?;
+            if let Some((rt, pool)) = db.open()? {
+                return verify_db(&rt, &pool, &key);
+            }
+            let dir = dir.ok_or("give the trail's directory, or --db")?;
             if !dir.is_dir() {
                 return Err(format!("{}: not an audit trail directory", dir.display()));
             }
@@ -300,6 +348,7 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
         }
         AuditCmd::Search {
             dir,
+            db,
             consumer,
             dataset,
             since,
@@ -312,9 +361,16 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             strict,
             zone,
         } => {
-            if !dir.is_dir() {
-                return Err(format!("{}: not an audit trail directory", dir.display()));
-            }
+            let source = match db.open()? {
+                Some(open) => Source::Db(open),
+                None => {
+                    let dir = dir.ok_or("give the trail's directory, or --db")?;
+                    if !dir.is_dir() {
+                        return Err(format!("{}: not an audit trail directory", dir.display()));
+                    }
+                    Source::Dir(dir)
+                }
+            };
             let range = match search_range(&since, &until, &zone) {
                 Ok(r) => r,
                 Err(CliError::Usage(e) | CliError::Failed(e)) => return Err(e),
@@ -373,7 +429,7 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             } else if format != "jsonl" {
                 return Err(format!("--format `{format}`: use table, jsonl or csv"));
             }
-            let read = xgate::audit::read::search(&dir, &q, |v| match format.as_str() {
+            let show = |v: serde_json::Value| match format.as_str() {
                 "jsonl" => xgate::outln!("{v}"),
                 "csv" => xgate::outln!(
                     "{}",
@@ -400,12 +456,63 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
                     cell(&v, "grpc_status"),
                     cell(&v, "rule")
                 ),
-            })
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-            if format == "table" {
-                xgate::outln!("({} records)", read.matched);
+            };
+            match source {
+                Source::Dir(dir) => {
+                    let read = xgate::audit::read::search(&dir, &q, show)
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    if format == "table" {
+                        xgate::outln!("({} records)", read.matched);
+                    }
+                    damaged_lines(&read, strict)
+                }
+                Source::Db((rt, pool)) => {
+                    let n = rt.block_on(xgate::audit::db::search(&pool, &q, show))?;
+                    if format == "table" {
+                        xgate::outln!("({n} records, every replica)");
+                    }
+                    Ok(())
+                }
             }
-            damaged_lines(&read, strict)
         }
     }
+}
+
+/// Where a search reads.
+enum Source {
+    Dir(PathBuf),
+    Db((tokio::runtime::Runtime, sqlx::PgPool)),
+}
+
+/// `audit verify --db`: every replica's chain in the database.
+fn verify_db(rt: &tokio::runtime::Runtime, pool: &sqlx::PgPool, key: &[u8]) -> Result<(), String> {
+    let reps = rt.block_on(xgate::audit::db::verify(pool, key))?;
+    if reps.is_empty() {
+        return Err("the database holds no audit records".into());
+    }
+    let mut damage = 0;
+    for r in &reps {
+        if r.damage.is_empty() {
+            xgate::outln!(
+                "replica {}: OK — {} records (seq {}..{}), {} signed checkpoint(s); {} record(s) after the last checkpoint",
+                r.replica,
+                r.records,
+                r.first_seq,
+                r.last_seq,
+                r.checkpoints,
+                r.unsigned_tail
+            );
+        } else {
+            for d in &r.damage {
+                xgate::outln!("DAMAGE {d}");
+            }
+            damage += r.damage.len();
+        }
+    }
+    if damage > 0 {
+        return Err(format!(
+            "the province trail is damaged: {damage} finding(s) above"
+        ));
+    }
+    Ok(())
 }
