@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/xgate/v1/types.proto",
         "proto/xgate/v1/exchange.proto",
         "proto/xgate/v1/catalog.proto",
+        "proto/xgate/v1/usage.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

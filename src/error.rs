@@ -181,6 +181,13 @@ reasons! {
     /// A condition the source cannot express (an HTTP service without a parameter for it):
     /// refused, never dropped.
     FilterUnsupported => InvalidArgument, "FILTER_UNSUPPORTED";
+    // --- "who looked at my data" (`Usage.FindUsage`) ----------------------------------------
+    /// The caller is not a system the policy names in `usage.portals`.
+    UsageNotPortal => PermissionDenied, "USAGE_NOT_PORTAL";
+    /// The trail records no data subjects (the gateway has no `audit.subject_key_file`).
+    UsageNotRecorded => FailedPrecondition, "USAGE_NOT_RECORDED";
+    /// The trail (the province database, or the local files) could not be read now.
+    UsageUnavailable => Unavailable, "USAGE_UNAVAILABLE";
     // --- the caller's side -----------------------------------------------------------------
     /// The caller's deadline (`grpc-timeout`) passed before the call finished: the record
     /// says how far it got; no rows were sent.

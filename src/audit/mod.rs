@@ -430,6 +430,11 @@ impl AuditLog {
         self.subject.as_deref().map(|k| subject_hash(k, id))
     }
 
+    /// What a search for the subject `id` looks for, if the trail has a subject key.
+    pub fn subject_lookup(&self, id: &str) -> Option<read::Subject> {
+        self.subject.as_deref().map(|k| read::Subject::of(k, id))
+    }
+
     /// The key of returned-subject hashes, if the trail has a subject key.
     pub fn returned_key(&self) -> Option<subjects::ReturnedKey> {
         self.returned

@@ -42,6 +42,7 @@ mod limit;
 pub mod paging;
 mod shape;
 mod stream;
+pub mod usage;
 
 use self::{admit::*, authenticate::*, call::*, forward::*, shape::*, stream::*};
 
@@ -152,6 +153,8 @@ struct Inner {
     pages: crate::pipeline::paging::PageSeal,
     /// This replica's shipping to the province trail (`audit.ship`), for `/ready`.
     shipping: Option<Arc<audit::ship::ShipState>>,
+    /// Where `Usage.FindUsage` reads accesses.
+    usage: usage::UsageSource,
 }
 
 /// Builds a [`Gateway`]: the parts every gateway needs, then the optional ones, then
@@ -198,6 +201,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Where `Usage.FindUsage` reads accesses (default: nowhere: every call unavailable).
+    pub fn usage_source(mut self, source: usage::UsageSource) -> Self {
+        self.inner.usage = source;
+        self
+    }
+
     pub fn shipping(mut self, state: Arc<audit::ship::ShipState>) -> Self {
         self.inner.shipping = Some(state);
         self
@@ -239,6 +248,7 @@ impl Gateway {
                 auth_failures: crate::limits::failures::AuthFailures::new(10, 50),
                 pages: crate::pipeline::paging::PageSeal::random(),
                 shipping: None,
+                usage: usage::UsageSource::Dir(std::path::PathBuf::new()),
             },
         }
     }

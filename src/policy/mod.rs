@@ -21,6 +21,7 @@ pub mod locate;
 pub mod mask;
 pub mod model;
 pub mod scope;
+pub mod usage;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -208,6 +209,7 @@ impl Policy {
             &negative_datasets,
             &mut errs,
         );
+        check_usage(&file, &departments, &datasets, &mut errs);
         if !errs.list.is_empty() {
             return Err(PolicyErrors(errs.list));
         }
@@ -341,6 +343,65 @@ fn index_departments(file: &PolicyFile, errs: &mut Errors<'_>) -> HashMap<String
         }
     }
     departments
+}
+
+/// `usage`: portals and disclosure rules name departments and datasets that exist, each rule
+/// says which accesses it covers, and its date reads.
+fn check_usage(
+    file: &PolicyFile,
+    departments: &HashMap<String, usize>,
+    datasets: &HashMap<String, DatasetIndex>,
+    errs: &mut Errors<'_>,
+) {
+    let u = &file.usage;
+    for (i, p) in u.portals.iter().enumerate() {
+        if !departments.contains_key(&p.consumer) {
+            errs.add(
+                format!("usage.portals[{i}].consumer"),
+                format!("unknown department `{}`", p.consumer),
+            );
+        }
+    }
+    for (list, rules) in [
+        ("withhold", &u.withhold),
+        ("never_disclose", &u.never_disclose),
+    ] {
+        for (i, r) in rules.iter().enumerate() {
+            let at = |k: &str| format!("usage.{list}[{i}]{k}");
+            if r.consumer.is_none() && r.purpose.is_none() && r.dataset.is_none() {
+                errs.add(
+                    at(""),
+                    "say which accesses it covers: `consumer`, `purpose` and/or `dataset`".into(),
+                );
+            }
+            if let Some(c) = &r.consumer
+                && !departments.contains_key(c)
+            {
+                errs.add(at(".consumer"), format!("unknown department `{c}`"));
+            }
+            if let Some(d) = &r.dataset
+                && !datasets.contains_key(d)
+            {
+                errs.add(at(".dataset"), format!("unknown dataset `{d}`"));
+            }
+            if let Some(t) = &r.until {
+                if list == "never_disclose" {
+                    errs.add(
+                        at(".until"),
+                        "`never_disclose` has no end: move it to `withhold`".into(),
+                    );
+                } else if let Err(e) = parse_instant(t) {
+                    errs.add(at(".until"), e);
+                }
+            }
+            if r.reference.trim().is_empty() {
+                errs.add(
+                    at(".reference"),
+                    "name the case or the law that withholds it".into(),
+                );
+            }
+        }
+    }
 }
 
 /// `providers`: unique ids, endpoints, TLS names, protection limits; id -> index.

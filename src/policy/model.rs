@@ -22,6 +22,56 @@ pub struct PolicyFile {
     pub grants: Vec<Grant>,
     #[serde(default)]
     pub negative_list: Vec<NegativeEntry>,
+    /// "Who looked at my data": who may ask (`Usage.FindUsage`) and what is not disclosed.
+    #[serde(default)]
+    pub usage: Usage,
+}
+
+/// `usage`: the citizen portal's view of the trail (docs/policy.md#usage).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// The systems that may call `Usage.FindUsage` (the province's citizen portal).
+    #[serde(default)]
+    pub portals: Vec<Portal>,
+    /// Accesses withheld from the data subject until a date, or until the rule is released
+    /// (an investigation that must not be tipped off). Still in the trail, for auditors.
+    #[serde(default)]
+    pub withhold: Vec<Disclosure>,
+    /// Accesses never disclosed to the data subject, by law.
+    #[serde(default)]
+    pub never_disclose: Vec<Disclosure>,
+}
+
+/// A registered system allowed to ask on a data subject's behalf.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Portal {
+    pub consumer: String,
+    /// The consumer's system (absent: any of its systems).
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+/// Which accesses a disclosure rule covers: every one given must match (at least one given).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disclosure {
+    #[serde(default)]
+    pub consumer: Option<String>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+    #[serde(default)]
+    pub dataset: Option<String>,
+    /// `withhold`: disclosed from this time (RFC 3339, or a date at 00:00 UTC+8); absent:
+    /// until `released`.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// `withhold`: the bureau released it (disclosed from now on).
+    #[serde(default)]
+    pub released: bool,
+    /// Why: the case, the law and article (shown to auditors, never to the subject).
+    pub reference: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -440,6 +440,28 @@ async fn build_gateway(
     if let Some(s) = shipping {
         gateway = gateway.shipping(s);
     }
+    // "Who looked at my data" reads the province trail when there is one.
+    gateway = gateway.usage_source(match &cfg.audit.ship {
+        Some(sh) => crate::pipeline::usage::UsageSource::Db {
+            url: sh.url.clone(),
+            password: match &sh.password_file {
+                None => None,
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| {
+                            StartError(vec![format!(
+                                "audit.ship.password_file {}: {e}",
+                                p.display()
+                            )])
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+            },
+            pool: tokio::sync::OnceCell::new(),
+        },
+        None => crate::pipeline::usage::UsageSource::Dir(cfg.audit.dir.clone()),
+    });
     Ok(gateway.build())
 }
 
@@ -487,8 +509,12 @@ fn grpc_routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(reflection_err)?;
+    let usage = pb::usage_server::UsageServer::new(gateway.clone())
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     Ok(tonic::service::Routes::new(data)
         .add_service(catalog)
+        .add_service(usage)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
