@@ -296,6 +296,25 @@ async fn three_replicas_ship_one_trail_through_a_kill_9() {
     let (code, out) = audit_db(&url, &["search", "--consumer", "civil-affairs"]);
     assert_eq!(code, 0);
     assert!(out.contains("every replica"), "{out}");
+    // The league table over every replica's calls.
+    let out = Command::new(env!("CARGO_BIN_EXE_xgate"))
+        .args(["report", "--db", &url, "--format", "json", "--policy"])
+        .arg(&a.policy_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["records"].as_u64().unwrap() >= acked.len() as u64,
+        "every replica's records are counted: {} < {}",
+        v["records"],
+        acked.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,11 @@ use super::*;
 
 #[derive(Args)]
 pub(crate) struct ReportArgs {
-    /// The audit trail directory.
-    pub(crate) dir: PathBuf,
+    /// The audit trail directory (or `--db`: every replica's records).
+    #[arg(required_unless_present = "db", conflicts_with = "db")]
+    pub(crate) dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) db: DbArgs,
     /// The policy that says which department owns each dataset (default, with a warning:
     /// the demo's deploy/dev/policy.yaml).
     #[arg(long)]
@@ -190,12 +193,27 @@ pub(crate) fn report_run(a: ReportArgs) -> Result<(), String> {
         "--policy",
         "deploy/dev/policy.yaml",
     ))?;
-    if !a.dir.is_dir() {
-        return Err(format!("{}: not an audit trail directory", a.dir.display()));
-    }
     let mut records = Vec::new();
-    let read = xgate::audit::read::search(&a.dir, &Default::default(), |v| records.push(v))
-        .map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let read = match (a.db.open()?, &a.dir) {
+        (Some((rt, pool)), _) => {
+            // The same records, every replica's: the database narrows by time first.
+            let q = xgate::audit::read::Query {
+                since: range.from,
+                until: range.to,
+                ..Default::default()
+            };
+            rt.block_on(xgate::audit::db::search(&pool, &q, |v| records.push(v)))?;
+            xgate::audit::read::Searched::default()
+        }
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                return Err(format!("{}: not an audit trail directory", dir.display()));
+            }
+            xgate::audit::read::search(dir, &Default::default(), |v| records.push(v))
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+        }
+        (None, None) => return Err("give the trail's directory, or --db".into()),
+    };
     let text = render(&report::build(&records, &policy, period, range));
     match a.out {
         Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?,
