@@ -406,6 +406,7 @@ impl Audit {
                 checkpoint_every_records: self.checkpoint_every_records,
                 checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
                 preallocate: self.preallocate_bytes,
+                shipped: None,
             },
             async_flush: Duration::from_millis(self.async_flush_ms),
             group_commit: Duration::from_micros(self.group_commit_us),

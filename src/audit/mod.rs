@@ -254,6 +254,7 @@ impl AuditSettings {
                 checkpoint_every_records: 1_000,
                 checkpoint_interval: Duration::from_secs(10),
                 preallocate: 0,
+                shipped: None,
             },
             async_flush: Duration::from_millis(200),
             group_commit: Duration::ZERO,

@@ -52,8 +52,9 @@ pub struct ShipSettings {
 /// What the shipper has done, for `/ready` and the metrics.
 #[derive(Debug, Default)]
 pub struct ShipState {
-    /// The last record the database holds for this replica.
-    pub shipped: AtomicU64,
+    /// The last record the database holds for this replica (retention keeps every segment
+    /// past it: `StoreSettings::shipped`).
+    pub shipped: Arc<AtomicU64>,
     /// The last record on the local disk.
     pub durable: Arc<AtomicU64>,
     /// Seconds between the newest durable record and the last shipped one (0 when caught up).

@@ -149,6 +149,9 @@ pub struct StoreSettings {
     /// segments are trimmed; a crash leaves NUL bytes after the last record, which
     /// recovery cuts like a torn tail.
     pub preallocate: u64,
+    /// With shipping on (`audit.ship`): the last record the province database holds.
+    /// Retention never deletes a segment with a record past it.
+    pub shipped: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The name of the lock file in an audit directory (`flock`ed by the one writer).
@@ -499,9 +502,28 @@ impl Store {
         let Ok(segs) = segments(&self.dir) else {
             return;
         };
-        for (n, p) in segs {
+        let shipped = self
+            .settings
+            .shipped
+            .as_ref()
+            .map(|s| s.load(std::sync::atomic::Ordering::Acquire));
+        for (i, (n, p)) in segs.iter().enumerate() {
+            let (n, p) = (*n, p.clone());
             if n >= self.seg_no {
                 continue;
+            }
+            // Shipping on: only once every record in it is in the database (the next
+            // segment's first record is at most one past what was shipped).
+            if let Some(shipped) = shipped {
+                // (Segments without records are skipped; past the last one, the next
+                // record to be written.)
+                let next_first = segs[i + 1..]
+                    .iter()
+                    .find_map(|(_, q)| first_record_seq(q))
+                    .unwrap_or(self.seq + 1);
+                if next_first.saturating_sub(1) > shipped {
+                    continue;
+                }
             }
             let old = std::fs::metadata(&p)
                 .and_then(|m| m.modified())
@@ -543,6 +565,25 @@ impl Store {
         self.trim()?;
         self.file.sync_all()
     }
+}
+
+/// The `seq` of a segment's first record, if it has one.
+fn first_record_seq(path: &Path) -> Option<u64> {
+    let mut r = BufReader::new(File::open(path).ok()?);
+    let mut line = String::new();
+    for _ in 0..4 {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line.starts_with("{\"checkpoint\"") {
+            continue;
+        }
+        if let Some((seq, _)) = parse_state(line.trim_end()) {
+            return Some(seq);
+        }
+    }
+    None
 }
 
 /// Refuse to continue a trail that ends before its head: writing on would replace the head
@@ -662,4 +703,57 @@ fn parse_state(line: &str) -> Option<(u64, String)> {
     }
     let s: Seq = serde_json::from_str(line).ok()?;
     Some((s.seq, hash.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::{Arc, atomic::AtomicU64};
+
+    fn signer() -> ring::signature::Ed25519KeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
+    }
+
+    /// Retention never deletes a segment the province database does not hold yet.
+    #[test]
+    fn retention_waits_for_shipping() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = Arc::new(AtomicU64::new(0));
+        let settings = StoreSettings {
+            segment_max_bytes: 1 << 20,
+            segment_max_age: Duration::from_secs(3600),
+            retention: Some(Duration::ZERO),
+            checkpoint_every_records: 1000,
+            checkpoint_interval: Duration::from_secs(3600),
+            preallocate: 0,
+            shipped: Some(shipped.clone()),
+        };
+        let (mut store, _) = Store::open(dir.path(), settings, signer()).unwrap();
+        let rec = AuditRecord {
+            time: "2026-12-01T00:00:00.000Z".into(),
+            ..AuditRecord::default()
+        };
+        for _ in 0..3 {
+            store.append([&rec, &rec].into_iter(), true).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            store.rotate().unwrap();
+        }
+        // Six records in three closed segments, none shipped: all kept.
+        assert_eq!(segments(dir.path()).unwrap().len(), 4);
+        // The first segment's records (1, 2) shipped: only it may go.
+        shipped.store(2, std::sync::atomic::Ordering::Release);
+        store.append([&rec].into_iter(), true).unwrap();
+        store.rotate().unwrap();
+        let left: Vec<u64> = segments(dir.path()).unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(left, [2, 3, 4, 5], "{left:?}");
+        // Everything shipped: every closed segment past retention goes.
+        shipped.store(7, std::sync::atomic::Ordering::Release);
+        store.rotate().unwrap();
+        let left: Vec<u64> = segments(dir.path()).unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(left, [6], "only the live segment: {left:?}");
+        store.close().unwrap();
+    }
 }

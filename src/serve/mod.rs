@@ -255,7 +255,12 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError(vec![format!("listen: {e}")]))?;
-    let (audit_log, writer) = audit::start(cfg.audit.settings(), keys)
+    let shipped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut settings = cfg.audit.settings();
+    if cfg.audit.ship.is_some() {
+        settings.store.shipped = Some(shipped.clone());
+    }
+    let (audit_log, writer) = audit::start(settings, keys)
         .map_err(|e| StartError(vec![format!("audit.dir {}: {e}", cfg.audit.dir.display())]))?;
     let audit_path = writer.dir.clone();
     // 2b. Shipping to the province trail, behind the writer.
@@ -285,6 +290,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             };
             let state = Arc::new(audit::ship::ShipState {
                 durable: writer.durable.clone(),
+                shipped: shipped.clone(),
                 replica: settings.replica.clone(),
                 ..Default::default()
             });
