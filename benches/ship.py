@@ -79,9 +79,10 @@ class Postgres:
 
 
 def config(work: Path, name: str, port: int, admin: int, policy: Path, audit: Path,
-           ship_url: str | None) -> Path:
+           ship_url: str | None, subjects: bool = True) -> Path:
     ship = (f"\n  ship: {{ url: \"{ship_url}\", replica_id: bench, batch_records: 1000, interval_ms: 200 }}"
             if ship_url else "")
+    subject_key = f"\n  subject_key_file: {CERTS}/audit-subject.key" if subjects else ""
     cfg = work / f"xgate-{name}.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{port}
@@ -94,8 +95,7 @@ policy: {policy}
 pseudonym_key_file: {CERTS}/pseudonym.key
 audit:
   dir: {audit}
-  signing_key_file: {CERTS}/audit-signing.key
-  subject_key_file: {CERTS}/audit-subject.key{ship}
+  signing_key_file: {CERTS}/audit-signing.key{subject_key}{ship}
 upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
 log: {{ format: text, level: warn }}
 """)
@@ -178,6 +178,21 @@ def main() -> int:
                 r = compare.bench(f"https://127.0.0.1:{port}", p.pid, rate=a.rate, seconds=a.seconds)
                 cpu[mode].append(r["processes"][0]["cpu_us_per_request"])
                 envoy.stop(p)
+        # 3. What recording returned subjects costs per row: bulk QueryStream (batches of 200
+        # rows), the subject key on (every returned row's subject hashed) and off.
+        per_row: dict[str, list[float]] = {"on": [], "off": []}
+        for rep in range(a.repeat):
+            for mode in (["off", "on"] if rep % 2 == 0 else ["on", "off"]):
+                port, admin = envoy.free_ports(2)
+                cfg = config(work, f"subj-{mode}-{rep}", port, admin, pol,
+                             work / f"audit-subj-{mode}-{rep}", None, subjects=(mode == "on"))
+                p = start(cfg, port, work / "xgate.log")
+                procs.append(p)
+                print(f"== run {rep + 1}: returned subjects {mode}: bulk QueryStream", file=sys.stderr, flush=True)
+                r = compare.bench(f"https://127.0.0.1:{port}", p.pid, concurrency=4,
+                                  seconds=a.seconds, method="stream", page_size=200)
+                per_row[mode].append(r["processes"][0]["cpu_us"] / max(1, r["rows"]))
+                envoy.stop(p)
     finally:
         for p in procs:
             envoy.stop(p)
@@ -197,6 +212,10 @@ def main() -> int:
     print(f"| CPU µs per call at {a.rate:.0f}/s, shipping off, per run | {', '.join(f'{x:.0f}' for x in cpu['off'])} |")
     print(f"| CPU µs per call at {a.rate:.0f}/s, shipping on, per run | {', '.join(f'{x:.0f}' for x in cpu['on'])} |")
     print(f"| **on / off**, per run and median | {', '.join(f'{x:.3f}' for x in ratios)}; **{median(ratios):.3f}** (goal ≤ 1.05) |")
+    print(f"| bulk QueryStream, gateway CPU µs per row, returned subjects off / on (per run) | "
+          f"{', '.join(f'{x:.3f}' for x in per_row['off'])} / {', '.join(f'{x:.3f}' for x in per_row['on'])} |")
+    print(f"| **returned subjects, CPU per row** (median on − median off) | "
+          f"**{(median(per_row['on']) - median(per_row['off'])) * 1000:.0f} ns** |")
     return 0
 
 

@@ -131,3 +131,48 @@ async fn a_reload_names_what_triggered_it() {
     assert_eq!(reload["decision"], "allow");
     assert_eq!(reload["from_version"], v1.as_str());
 }
+
+/// A search by data subject through the admin endpoint is itself on the trail: who searched,
+/// when, and the subject's keyed hash (never the id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_by_subject_is_recorded() {
+    let mut h = Harness::start(Opts {
+        admin: true,
+        ..Opts::default()
+    })
+    .await;
+    let admin = h.admin.unwrap();
+    let id = "330106199001010011";
+    let mut c = h.data("civil-affairs").await;
+    c.query(req(
+        query(
+            "hukou.person_basic",
+            "subsidy-eligibility",
+            &[&format!("id_number = {id}")],
+            1,
+        ),
+        &token("civil-affairs"),
+    ))
+    .await
+    .unwrap();
+    let (code, body) = http(admin, "GET", &format!("/admin/audit/search?subject={id}")).await;
+    assert_eq!(code, 200, "{body}");
+    let found: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(found.len(), 1, "{body}");
+    assert_eq!(found[0]["consumer_dept"], "civil-affairs");
+    let (code, _) = http(admin, "GET", "/admin/audit/search?since=yesterday").await;
+    assert_eq!(code, 400);
+    let recs = h.stop_all().await;
+    let hash = xgate::audit::subject_hash(
+        &xgate::audit::load_subject_key(&certs().join("audit-subject.key")).unwrap(),
+        id,
+    );
+    let search = recs
+        .iter()
+        .find(|r| r["action"] == "audit.search")
+        .expect("the search is recorded");
+    assert_eq!(search["kind"], "admin");
+    assert_eq!(search["subjects"][0], hash.as_str());
+    assert!(search["actor"].as_str().unwrap().starts_with("admin endpoint from 127.0.0.1:"));
+    assert!(!serde_json::to_string(search).unwrap().contains(id), "never the id");
+}

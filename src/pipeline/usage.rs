@@ -24,8 +24,11 @@ pub enum UsageSource {
 }
 
 impl UsageSource {
-    /// The accesses `q` finds, oldest first.
-    async fn search(&self, q: audit::read::Query) -> Result<Vec<serde_json::Value>, String> {
+    /// The records `q` finds, oldest first.
+    pub(crate) async fn search(
+        &self,
+        q: audit::read::Query,
+    ) -> Result<Vec<serde_json::Value>, String> {
         let mut out = Vec::new();
         match self {
             UsageSource::Dir(dir) => {
@@ -70,6 +73,29 @@ fn bound(v: &str, name: &str) -> Result<Option<time::OffsetDateTime>, Reject> {
 }
 
 impl Gateway {
+    /// Search the trail `FindUsage` reads (the province database, or the local files), for
+    /// the admin endpoint: `subject_id` (if any) becomes the query's subject.
+    pub async fn search_trail(
+        &self,
+        mut q: audit::read::Query,
+        subject_id: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        if let Some(id) = subject_id {
+            q.subject = Some(
+                self.inner
+                    .audit
+                    .subject_lookup(id)
+                    .ok_or("the trail records no data subjects (audit.subject_key_file)")?,
+            );
+        }
+        self.inner.usage.search(q).await
+    }
+
+    /// The keyed hash a subject's id is recorded as (for an admin record of a search).
+    pub fn subject_hash(&self, id: &str) -> Option<String> {
+        self.inner.audit.subject_hash(id)
+    }
+
     pub(super) async fn find_usage_inner(
         &self,
         call: &mut Call,

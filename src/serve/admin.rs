@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /admin/policy` | version serving, when and how it was loaded, the last failed reload with every error |
 //! | `POST /admin/policy/reload` | reload now: 200 with the version, or 422 with the errors (old policy keeps serving) |
+//! | `GET /admin/audit/search?subject=&consumer=&dataset=&since=&until=` | records of the trail (the province database when shipping, else the local files), JSON; a search by subject is itself recorded |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /live` | the process is up |
 //! | `GET /ready` | a policy is loaded and the audit trail takes records |
@@ -92,6 +93,7 @@ pub async fn serve(
     let admin = Router::new()
         .route("/admin/policy", get(policy_status))
         .route("/admin/policy/reload", post(policy_reload))
+        .route("/admin/audit/search", get(audit_search))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_admin_call,
@@ -171,6 +173,63 @@ async fn policy_reload(
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(serde_json::json!({ "ok": false, "errors": ["reload task failed"] })),
         ),
+    }
+}
+
+/// `GET /admin/audit/search?subject=ID&consumer=&dataset=&since=&until=`: the records of the
+/// trail FindUsage reads (the province database, or this gateway's files), as JSON. A search
+/// by subject is itself recorded (`audit.search`, with the subject's keyed hash, never the id):
+/// looking for who read a citizen's record is an access to account for.
+async fn audit_search(
+    State(s): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    axum::extract::Query(p): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    let Some(gw) = s.gateway.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    };
+    let time = |k: &str| -> Result<Option<time::OffsetDateTime>, String> {
+        p.get(k)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| format!("`{k}` must be an RFC 3339 time"))
+            })
+            .transpose()
+    };
+    let (since, until) = match (time("since"), time("until")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e }))).into_response();
+        }
+    };
+    let q = crate::audit::read::Query {
+        consumer: p.get("consumer").cloned(),
+        dataset: p.get("dataset").cloned(),
+        since,
+        until,
+        ..Default::default()
+    };
+    let subject = p.get("subject").map(String::as_str).filter(|v| !v.is_empty());
+    let result = gw.search_trail(q, subject).await;
+    if let Some(id) = subject {
+        let hash = gw.subject_hash(id).unwrap_or_default();
+        let mut rec = crate::audit::admin_record(
+            "audit.search",
+            &admin_actor(peer),
+            result.is_ok(),
+            Some(format!("by subject {hash}")),
+        );
+        rec.subjects = vec![hash];
+        gw.record_admin(rec);
+    }
+    match result {
+        Ok(records) => Json(records).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": e })),
+        )
+            .into_response(),
     }
 }
 
