@@ -173,6 +173,14 @@ async fn a_search_by_subject_is_recorded() {
         .expect("the search is recorded");
     assert_eq!(search["kind"], "admin");
     assert_eq!(search["subjects"][0], hash.as_str());
-    assert!(search["actor"].as_str().unwrap().starts_with("admin endpoint from 127.0.0.1:"));
-    assert!(!serde_json::to_string(search).unwrap().contains(id), "never the id");
+    assert!(
+        search["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin endpoint from 127.0.0.1:")
+    );
+    assert!(
+        !serde_json::to_string(search).unwrap().contains(id),
+        "never the id"
+    );
 }

@@ -7,9 +7,8 @@
 //! - `xgate_audit_records`: one row per record, `(replica, seq)` unique, its exact `line`
 //!   (what `verify` re-hashes) and the columns searches filter on; partitioned by month on
 //!   `time`, so retention is dropping a partition.
-//! - `xgate_audit_subjects`: (subject hash, replica, seq, time) for every subject a record
-//!   asked about (`s:…`) or returned (`r:<16 hex>`), partitioned the same way: "who looked at
-//!   this person" is an index look-up.
+//!   Its `subjects` column holds every subject the record asked about (`s:…`) or returned
+//!   (`r:<16 hex>`), under a GIN index: "who looked at this person" is an index look-up.
 //! - `xgate_audit_checkpoints`: each replica's signed checkpoint lines.
 
 use std::collections::{BTreeMap, HashSet};
@@ -39,18 +38,13 @@ CREATE TABLE IF NOT EXISTS xgate_audit_records (
     prev            text        NOT NULL,
     hash            text        NOT NULL,
     line            text        NOT NULL,
+    subjects        text[]      NOT NULL DEFAULT '{}',
     PRIMARY KEY (replica, seq, time)
 ) PARTITION BY RANGE (time);
+CREATE INDEX IF NOT EXISTS xgate_audit_records_subjects ON xgate_audit_records USING gin (subjects);
 CREATE INDEX IF NOT EXISTS xgate_audit_records_consumer ON xgate_audit_records (consumer_dept, time);
 CREATE INDEX IF NOT EXISTS xgate_audit_records_dataset ON xgate_audit_records (dataset, time);
 CREATE INDEX IF NOT EXISTS xgate_audit_records_trace ON xgate_audit_records (trace_id);
-CREATE TABLE IF NOT EXISTS xgate_audit_subjects (
-    subject text        NOT NULL,
-    replica text        NOT NULL,
-    seq     bigint      NOT NULL,
-    time    timestamptz NOT NULL,
-    PRIMARY KEY (subject, replica, seq, time)
-) PARTITION BY RANGE (time);
 CREATE TABLE IF NOT EXISTS xgate_audit_checkpoints (
     replica text   NOT NULL,
     seq     bigint NOT NULL,
@@ -81,35 +75,57 @@ pub(crate) struct Row {
     pub line: String,
 }
 
+/// The fields of a record line the database keeps (the rest stays in `line`), read without
+/// building the whole JSON tree.
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    time: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    prev: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    trace_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    consumer_dept: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    consumer_system: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    dataset: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    purpose: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    decision: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    grpc_status: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    subjects: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    returned_subjects: Option<std::borrow::Cow<'a, str>>,
+}
+
 impl Row {
     pub fn from_line(line: &str) -> Result<Row, String> {
-        let v: serde_json::Value =
+        let f: Fields<'_> =
             serde_json::from_str(line).map_err(|e| format!("not an audit record line: {e}"))?;
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-        let seq = v
-            .get("seq")
-            .and_then(|x| x.as_u64())
-            .ok_or("a record line without `seq`")?;
-        let time = s("time")
-            .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+        let own = |v: Option<std::borrow::Cow<'_, str>>| v.map(std::borrow::Cow::into_owned);
+        let seq = f.seq;
+        let time = f
+            .time
+            .as_deref()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
             .ok_or_else(|| format!("record {seq}: no readable `time`"))?;
         let (hash_ok, hash) = match store::split_hash(line) {
             Some((body, stated)) => (
                 hex::encode(Sha256::digest(body.as_bytes())) == stated,
                 stated.to_owned(),
             ),
-            None => (false, s("hash").unwrap_or_default()),
+            None => (false, String::new()),
         };
-        let mut subjects: Vec<String> = v
-            .get("subjects")
-            .and_then(|x| x.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(t) = v.get("returned_subjects").and_then(|x| x.as_str()) {
+        let mut subjects: Vec<String> = f.subjects.into_iter().map(|x| x.into_owned()).collect();
+        if let Some(t) = f.returned_subjects.as_deref() {
             subjects.extend(
                 t.as_bytes()
                     .chunks(16)
@@ -120,15 +136,15 @@ impl Row {
         Ok(Row {
             seq,
             time,
-            kind: s("kind").unwrap_or_else(|| "call".into()),
-            trace_id: s("trace_id"),
-            consumer_dept: s("consumer_dept"),
-            consumer_system: s("consumer_system"),
-            dataset: s("dataset"),
-            purpose: s("purpose"),
-            decision: s("decision"),
-            grpc_status: s("grpc_status"),
-            prev: s("prev").unwrap_or_default(),
+            kind: own(f.kind).unwrap_or_else(|| "call".into()),
+            trace_id: own(f.trace_id),
+            consumer_dept: own(f.consumer_dept),
+            consumer_system: own(f.consumer_system),
+            dataset: own(f.dataset),
+            purpose: own(f.purpose),
+            decision: own(f.decision),
+            grpc_status: own(f.grpc_status),
+            prev: own(f.prev).unwrap_or_default(),
             hash,
             hash_ok,
             subjects,
@@ -220,7 +236,7 @@ pub(crate) async fn insert(
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        for table in ["xgate_audit_records", "xgate_audit_subjects"] {
+        for table in ["xgate_audit_records"] {
             let stmt = format!(
                 "CREATE TABLE IF NOT EXISTS {table}_{name} PARTITION OF {table} FOR VALUES FROM ('{from}') TO ('{to}')"
             );
@@ -231,8 +247,10 @@ pub(crate) async fn insert(
     if !rows.is_empty() {
         let col = |f: fn(&Row) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
-            "INSERT INTO xgate_audit_records (replica, seq, time, kind, trace_id, consumer_dept, consumer_system, dataset, purpose, decision, grpc_status, prev, hash, line) \
-             SELECT $1, * FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
+            "INSERT INTO xgate_audit_records (replica, seq, time, kind, trace_id, consumer_dept, consumer_system, dataset, purpose, decision, grpc_status, prev, hash, line, subjects) \
+             SELECT $1, q, t, k, tr, cd, cs, ds, pu, de, gs, pr, h, l, string_to_array(su, ' ') \
+             FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) \
+               AS u(q, t, k, tr, cd, cs, ds, pu, de, gs, pr, h, l, su) \
              ON CONFLICT DO NOTHING",
         )
         .bind(replica)
@@ -249,31 +267,11 @@ pub(crate) async fn insert(
         .bind(rows.iter().map(|r| r.prev.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.hash.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.line.clone()).collect::<Vec<_>>())
+        // (Hashes hold no spaces: one string per record, split in the database.)
+        .bind(rows.iter().map(|r| r.subjects.join(" ")).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let (mut subj, mut seqs, mut times) = (Vec::new(), Vec::new(), Vec::new());
-        for r in rows {
-            for s in &r.subjects {
-                subj.push(s.clone());
-                seqs.push(r.seq as i64);
-                times.push(r.time);
-            }
-        }
-        if !subj.is_empty() {
-            sqlx::query(
-                "INSERT INTO xgate_audit_subjects (subject, replica, seq, time) \
-                 SELECT s, $1, q, t FROM UNNEST($2::text[], $3::int8[], $4::timestamptz[]) AS u(s, q, t) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(replica)
-            .bind(subj)
-            .bind(seqs)
-            .bind(times)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
     }
     if !checkpoints.is_empty() {
         sqlx::query(
@@ -450,8 +448,7 @@ pub async fn search(
          WHERE r.time >= $1 AND r.time < $2 \
            AND ($3::text IS NULL OR r.consumer_dept = $3) \
            AND ($4::text IS NULL OR r.dataset = $4) \
-           AND (cardinality($5::text[]) = 0 OR EXISTS (SELECT 1 FROM xgate_audit_subjects s \
-                WHERE s.subject = ANY($5) AND s.replica = r.replica AND s.seq = r.seq AND s.time = r.time)) \
+           AND (cardinality($5::text[]) = 0 OR r.subjects && $5::text[]) \
          ORDER BY r.time, r.replica, r.seq";
     let mut rows = sqlx::query_as::<_, (String, String)>(sql)
         .bind(since)

@@ -200,7 +200,11 @@ async fn audit_search(
     let (since, until) = match (time("since"), time("until")) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
-            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e }))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": e })),
+            )
+                .into_response();
         }
     };
     let q = crate::audit::read::Query {
@@ -210,7 +214,10 @@ async fn audit_search(
         until,
         ..Default::default()
     };
-    let subject = p.get("subject").map(String::as_str).filter(|v| !v.is_empty());
+    let subject = p
+        .get("subject")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
     let result = gw.search_trail(q, subject).await;
     if let Some(id) = subject {
         let hash = gw.subject_hash(id).unwrap_or_default();
