@@ -265,32 +265,7 @@ async fn ship_session(
     loop {
         let durable = state.durable.load(Ordering::Acquire);
         // Read up to the durable record, no further: keep what is past it for later.
-        while lines.len() < s.batch_records {
-            let mut got = tail
-                .read(4 << 20)
-                .map_err(|e| format!("reading the trail: {e}"))?;
-            if got.is_empty() {
-                break;
-            }
-            for text in got.drain(..) {
-                match parse_line(&text)? {
-                    Line::Record(r) if r.seq <= seq => {
-                        // Already shipped: the first one after a restart must be the one the
-                        // database ends with.
-                        if r.seq == seq && r.hash != hash {
-                            return Err(stopped(
-                                state,
-                                format!(
-                                    "replica {}: record {} in the database differs from the local trail; shipping stopped (run `xgate audit verify --db`)",
-                                    s.replica, r.seq
-                                ),
-                            ));
-                        }
-                    }
-                    l => lines.push(l),
-                }
-            }
-        }
+        fill(&mut tail, &mut lines, s, state, seq, &hash)?;
         let upto = lines
             .iter()
             .position(|l| matches!(l, Line::Record(r) if r.seq > durable))
@@ -328,18 +303,36 @@ async fn ship_session(
                 Line::Checkpoint { seq, text } => checkpoints.push((seq, text)),
             }
         }
+        let shipped_rows = rows.len();
+        let mut last_time = None;
         if !rows.is_empty() || !checkpoints.is_empty() {
-            db::insert(&pool, &s.replica, &rows, &checkpoints, &mut months).await?;
-            metrics::counter!("xgate_audit_shipped_records_total").increment(rows.len() as u64);
+            last_time = rows.last().map(|r| r.time);
+            // The database works on this batch while the next one is read and parsed here
+            // (one batch in flight: a batch is sent only once the one before committed, so
+            // the database never holds a record without every one before it).
+            let insert = {
+                let (pool, replica) = (pool.clone(), s.replica.clone());
+                let mut m = std::mem::take(&mut months);
+                tokio::spawn(async move {
+                    let r = db::insert(&pool, &replica, &rows, &checkpoints, &mut m).await;
+                    (r, m)
+                })
+            };
+            let ahead = fill(&mut tail, &mut lines, s, state, next_seq, &next_hash);
+            let (r, m) = insert.await.map_err(|e| format!("audit shipping: {e}"))?;
+            months = m;
+            r?;
+            ahead?;
+            metrics::counter!("xgate_audit_shipped_records_total").increment(shipped_rows as u64);
             seq = next_seq;
             hash = next_hash;
             state.shipped.store(seq, Ordering::Relaxed);
             state.ok();
         }
         // Behind by the time between the newest durable record read and the last shipped.
-        let lag = match (lines.first(), rows.last()) {
+        let lag = match (lines.first(), last_time) {
             (Some(Line::Record(pending)), Some(done)) => {
-                (pending.time - done.time).whole_seconds().max(0) as u64
+                (pending.time - done).whole_seconds().max(0) as u64
             }
             (Some(Line::Record(pending)), None) => (OffsetDateTime::now_utc() - pending.time)
                 .whole_seconds()
@@ -352,13 +345,52 @@ async fn ship_session(
         if *stop.borrow() && caught_up {
             return Ok(());
         }
-        if caught_up || lines.len() < s.batch_records && rows.is_empty() {
+        if caught_up || lines.len() < s.batch_records && shipped_rows == 0 {
             tokio::select! {
                 _ = tokio::time::sleep(s.interval) => {}
                 _ = stop.changed() => {}
             }
         }
     }
+}
+
+/// Read whole lines from `tail` into `lines` until a batch is there (or nothing more is),
+/// skipping what the database already holds (up to `seq`, whose hash must be `hash`).
+fn fill(
+    tail: &mut Tail,
+    lines: &mut Vec<Line>,
+    s: &ShipSettings,
+    state: &ShipState,
+    seq: u64,
+    hash: &str,
+) -> Result<(), String> {
+    while lines.len() < s.batch_records {
+        let mut got = tail
+            .read(4 << 20)
+            .map_err(|e| format!("reading the trail: {e}"))?;
+        if got.is_empty() {
+            break;
+        }
+        for text in got.drain(..) {
+            match parse_line(&text)? {
+                Line::Record(r) if r.seq <= seq => {
+                    // Already shipped: the first one after a restart must be the one the
+                    // database ends with.
+                    if r.seq == seq && r.hash != hash {
+                        return Err(stopped(
+                            state,
+                            format!(
+                                "replica {}: record {} in the database differs from the local trail; shipping stopped (run `xgate audit verify --db`)",
+                                s.replica, r.seq
+                            ),
+                        ));
+                    }
+                }
+                l => lines.push(l),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A fault shipping must not paper over: said, and held until the operators look.
