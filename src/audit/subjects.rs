@@ -11,7 +11,7 @@
 //! negatives, and a false positive only if two of the province's ids collide in 64 bits
 //! (about n² / 2⁶⁵: for 100 million ids, one chance in 3,700 that any pair does at all).
 //!
-//! Cost per returned row: decoding the subject cell, one SipHash of the id (tens of ns), 8
+//! Cost per returned row: decoding the subject cell, one SipHash of the id, 8
 //! bytes while the call runs and 16 bytes in the record. A stream hands its hashes to the
 //! trail in chunks of [`CHUNK`] distinct subjects (a record of kind `returned_subjects` with
 //! the call's trace id), so neither its memory nor any one record grows with its length.
