@@ -300,6 +300,18 @@ fn default_ship_interval() -> u64 {
 }
 
 impl Ship {
+    /// The database password from `password_file`, if one is given.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        self.password_file
+            .as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| format!("audit.ship.password_file {}: {e}", p.display()))
+            })
+            .transpose()
+    }
+
     /// The replica id: configured, `XGATE_REPLICA_ID`, or the host name.
     pub fn replica(&self) -> String {
         self.replica_id

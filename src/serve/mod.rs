@@ -267,20 +267,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let shipping = match &cfg.audit.ship {
         None => None,
         Some(sh) => {
-            let password = match &sh.password_file {
-                None => None,
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .map_err(|e| {
-                            StartError(vec![format!(
-                                "audit.ship.password_file {}: {e}",
-                                p.display()
-                            )])
-                        })?
-                        .trim()
-                        .to_owned(),
-                ),
-            };
+            let password = sh.password().map_err(|e| StartError(vec![e]))?;
             let settings = audit::ship::ShipSettings {
                 url: sh.url.clone(),
                 password,
@@ -450,20 +437,7 @@ async fn build_gateway(
     gateway = gateway.usage_source(match &cfg.audit.ship {
         Some(sh) => crate::pipeline::usage::UsageSource::Db {
             url: sh.url.clone(),
-            password: match &sh.password_file {
-                None => None,
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .map_err(|e| {
-                            StartError(vec![format!(
-                                "audit.ship.password_file {}: {e}",
-                                p.display()
-                            )])
-                        })?
-                        .trim()
-                        .to_owned(),
-                ),
-            },
+            password: sh.password().map_err(|e| StartError(vec![e]))?,
             pool: tokio::sync::OnceCell::new(),
         },
         None => crate::pipeline::usage::UsageSource::Dir(cfg.audit.dir.clone()),
