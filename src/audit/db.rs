@@ -236,12 +236,10 @@ pub(crate) async fn insert(
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        for table in ["xgate_audit_records"] {
-            let stmt = format!(
-                "CREATE TABLE IF NOT EXISTS {table}_{name} PARTITION OF {table} FOR VALUES FROM ('{from}') TO ('{to}')"
-            );
-            sqlx::query(&stmt).execute(&mut *tx).await.map_err(db_err)?;
-        }
+        let stmt = format!(
+            "CREATE TABLE IF NOT EXISTS xgate_audit_records_{name} PARTITION OF xgate_audit_records FOR VALUES FROM ('{from}') TO ('{to}')"
+        );
+        sqlx::query(&stmt).execute(&mut *tx).await.map_err(db_err)?;
         months.insert(name);
     }
     if !rows.is_empty() {

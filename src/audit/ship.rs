@@ -265,7 +265,7 @@ async fn ship_session(
     loop {
         let durable = state.durable.load(Ordering::Acquire);
         // Read up to the durable record, no further: keep what is past it for later.
-        fill(&mut tail, &mut lines, s, state, seq, &hash)?;
+        fill(&mut tail, &mut lines, s, seq, &hash)?;
         let upto = lines
             .iter()
             .position(|l| matches!(l, Line::Record(r) if r.seq > durable))
@@ -279,22 +279,16 @@ async fn ship_session(
             match l {
                 Line::Record(r) => {
                     if r.seq != next_seq + 1 || (next_seq > 0 && r.prev != next_hash) {
-                        return Err(stopped(
-                            state,
-                            format!(
-                                "replica {}: the local trail does not continue at record {} (after {}); shipping stopped (run `xgate audit verify`)",
-                                s.replica, r.seq, next_seq
-                            ),
-                        ));
+                        return Err(stopped(format!(
+                            "replica {}: the local trail does not continue at record {} (after {}); shipping stopped (run `xgate audit verify`)",
+                            s.replica, r.seq, next_seq
+                        )));
                     }
                     if !r.hash_ok {
-                        return Err(stopped(
-                            state,
-                            format!(
-                                "replica {}: record {}'s hash does not match its line; shipping stopped",
-                                s.replica, r.seq
-                            ),
-                        ));
+                        return Err(stopped(format!(
+                            "replica {}: record {}'s hash does not match its line; shipping stopped",
+                            s.replica, r.seq
+                        )));
                     }
                     next_seq = r.seq;
                     next_hash = r.hash.clone();
@@ -318,7 +312,7 @@ async fn ship_session(
                     (r, m)
                 })
             };
-            let ahead = fill(&mut tail, &mut lines, s, state, next_seq, &next_hash);
+            let ahead = fill(&mut tail, &mut lines, s, next_seq, &next_hash);
             let (r, m) = insert.await.map_err(|e| format!("audit shipping: {e}"))?;
             months = m;
             r?;
@@ -360,7 +354,6 @@ fn fill(
     tail: &mut Tail,
     lines: &mut Vec<Line>,
     s: &ShipSettings,
-    state: &ShipState,
     seq: u64,
     hash: &str,
 ) -> Result<(), String> {
@@ -377,13 +370,10 @@ fn fill(
                     // Already shipped: the first one after a restart must be the one the
                     // database ends with.
                     if r.seq == seq && r.hash != hash {
-                        return Err(stopped(
-                            state,
-                            format!(
-                                "replica {}: record {} in the database differs from the local trail; shipping stopped (run `xgate audit verify --db`)",
-                                s.replica, r.seq
-                            ),
-                        ));
+                        return Err(stopped(format!(
+                            "replica {}: record {} in the database differs from the local trail; shipping stopped (run `xgate audit verify --db`)",
+                            s.replica, r.seq
+                        )));
                     }
                 }
                 l => lines.push(l),
@@ -394,9 +384,9 @@ fn fill(
 }
 
 /// A fault shipping must not paper over: said, and held until the operators look.
-fn stopped(state: &ShipState, why: String) -> String {
+/// (`run` records it as the last error, shown in `/ready`.)
+fn stopped(why: String) -> String {
     tracing::error!(error = %why, "audit shipping stopped");
     metrics::counter!("xgate_audit_ship_chain_errors_total").increment(1);
-    let _ = state;
     why
 }

@@ -9,7 +9,7 @@
 //! record cannot be cut from the middle or the end of a checkpointed stretch unnoticed.
 //! Segments are plain JSON lines: any log shipper can tail them.
 //!
-//! Size: ~640 lines: one append-only file format (segments, checkpoints, rotation,
+//! Size: ~700 lines and 60 of tests: one append-only file format (segments, checkpoints, rotation,
 //! retention, torn-tail recovery) whose parts must agree byte for byte; its reader is `read`.
 
 use std::{

@@ -3,7 +3,7 @@
 //! Shutdown order: stop accepting; let in-flight calls finish (bounded by the drain timeout);
 //! drop the gateway so the audit channel closes; wait for the writer to drain, flush and fsync.
 //!
-//! Size: ~620 lines, `check` (everything that can be wrong, before anything binds), `start`
+//! Size: ~680 lines, `check` (everything that can be wrong, before anything binds), `start`
 //! (its steps, each a function below it) and `stop_in_order`, kept together so the start and
 //! the stop can be read against each other; the parts they wire are the submodules.
 
