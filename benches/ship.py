@@ -37,6 +37,29 @@ import compare  # noqa: E402
 
 CERTS = REPO / "certs-dev"
 XGATE = compare.XGATE
+BATCH = 1000
+
+
+def proc_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (user + system)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pg_cpu() -> float:
+    """Every postgres process's CPU seconds so far (its own and its reaped children's)."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if open(f"/proc/{d}/comm").read().strip() != "postgres":
+                continue
+            f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
 
 
 class Postgres:
@@ -80,7 +103,7 @@ class Postgres:
 
 def config(work: Path, name: str, port: int, admin: int, policy: Path, audit: Path,
            ship_url: str | None, subjects: bool = True) -> Path:
-    ship = (f"\n  ship: {{ url: \"{ship_url}\", replica_id: bench, batch_records: 1000, interval_ms: 200 }}"
+    ship = (f"\n  ship: {{ url: \"{ship_url}\", replica_id: bench, batch_records: {BATCH}, interval_ms: 200 }}"
             if ship_url else "")
     subject_key = f"\n  subject_key_file: {CERTS}/audit-subject.key" if subjects else ""
     cfg = work / f"xgate-{name}.yaml"
@@ -126,7 +149,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only part 1 (call rate, shipping rate, PostgreSQL's own floor)")
+    ap.add_argument("--perf", metavar="FILE",
+                    help="record the gateway's profile while it ships (perf record -g -o FILE)")
+    ap.add_argument("--batch", type=int, default=1000, help="audit.ship.batch_records")
     a = ap.parse_args()
+    global BATCH
+    BATCH = a.batch
     if not a.no_build:
         compare.build()
     work = Path(tempfile.mkdtemp(prefix="xgate-ship-"))
@@ -153,20 +183,44 @@ def main() -> int:
         t0 = time.monotonic()
         p = start(config(work, "ship", port, admin, pol, trail, pg.url), port, work / "xgate.log")
         procs.append(p)
+        # From the first answer in which the shipper is connected (the gateway's start and the
+        # schema behind it) to nothing behind.
+        t_conn = None
+        pg_cpu0 = pg_cpu()
+        perf = (subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(p.pid), "-o", a.perf],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if a.perf else None)
         while True:
             s = shipping(admin)
+            if s.get("connected") and t_conn is None:
+                t_conn = time.monotonic()
             if s.get("connected") and s.get("lag_records") == 0 and s.get("shipped_seq", 0) >= records:
                 break
             if time.monotonic() - t0 > 600:
                 raise SystemExit(f"shipping did not catch up: {s}")
             time.sleep(0.05)
         took = time.monotonic() - t0
+        took_conn = time.monotonic() - (t_conn or t0)
+        ship_cpu = {"gateway": proc_cpu(p.pid), "postgres": pg_cpu() - pg_cpu0}
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
         envoy.stop(p)
         in_db = int(pg.psql("SELECT count(*) FROM xgate_audit_records").strip())
         ship_rate = records / took
+        ship_rate_conn = records / took_conn
+        # PostgreSQL's own floor on this machine: the same rows, the same table and indexes,
+        # put in again by one INSERT … SELECT inside the server (no client, no network).
+        pg.psql("CREATE TABLE bench_copy AS SELECT * FROM xgate_audit_records; "
+                "TRUNCATE xgate_audit_records; CHECKPOINT;")
+        t1 = time.monotonic()
+        pg.psql("INSERT INTO xgate_audit_records SELECT * FROM bench_copy;")
+        floor_rate = records / (time.monotonic() - t1)
+        pg.psql("DROP TABLE bench_copy;")
         # 2. CPU per call, shipping on and off, interleaved.
         cpu: dict[str, list[float]] = {"off": [], "on": []}
-        for rep in range(a.repeat):
+        per_row: dict[str, list[float]] = {"on": [], "off": []}
+        for rep in range(0 if a.throughput_only else a.repeat):
             for mode in (["off", "on"] if rep % 2 == 0 else ["on", "off"]):
                 port, admin = envoy.free_ports(2)
                 audit = work / f"audit-{mode}-{rep}"
@@ -180,8 +234,7 @@ def main() -> int:
                 envoy.stop(p)
         # 3. What recording returned subjects costs per row: bulk QueryStream (batches of 200
         # rows), the subject key on (every returned row's subject hashed) and off.
-        per_row: dict[str, list[float]] = {"on": [], "off": []}
-        for rep in range(a.repeat):
+        for rep in range(0 if a.throughput_only else a.repeat):
             for mode in (["off", "on"] if rep % 2 == 0 else ["on", "off"]):
                 port, admin = envoy.free_ports(2)
                 cfg = config(work, f"subj-{mode}-{rep}", port, admin, pol,
@@ -207,7 +260,12 @@ def main() -> int:
     print("| figure | value |\n|---|---|")
     print(f"| gateway, closed loop {a.concurrency} in flight (no shipping) | {closed['rate']:,.0f} calls/s |")
     print(f"| shipping {records:,} records from scratch (rows in the database: {in_db:,}) | {took:.1f} s: **{ship_rate:,.0f} records/s** |")
+    print(f"| the same, from the shipper's connection (the gateway's start left out) | {took_conn:.1f} s: {ship_rate_conn:,.0f} records/s |")
+    print(f"| CPU while shipping: gateway / PostgreSQL | {ship_cpu['gateway']:.1f} s / {ship_cpu['postgres']:.1f} s |")
     print(f"| **shipping / call rate** | **{ship_rate / closed['rate']:.1f} ×** (goal ≥ 5) |")
+    print(f"| PostgreSQL alone: the same rows again by one INSERT … SELECT in the server | {floor_rate:,.0f} rows/s = {floor_rate / closed['rate']:.1f} × the call rate |")
+    if a.throughput_only:
+        return 0
     ratios = [on / off for on, off in zip(cpu["on"], cpu["off"])]
     print(f"| CPU µs per call at {a.rate:.0f}/s, shipping off, per run | {', '.join(f'{x:.0f}' for x in cpu['off'])} |")
     print(f"| CPU µs per call at {a.rate:.0f}/s, shipping on, per run | {', '.join(f'{x:.0f}' for x in cpu['on'])} |")

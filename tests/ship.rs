@@ -415,6 +415,35 @@ async fn verify_db_names_an_edited_a_deleted_and_a_moved_row() {
     h.stop().await;
     let (code, out) = audit_db(&url, &["verify"]);
     assert_eq!(code, 0, "before any change: {out}");
+    // The whole trail shipped again (as a second shipper under the same replica id would):
+    // the rows already there fail `COPY` on the key, the batch goes in by `ON CONFLICT DO
+    // NOTHING`, and nothing is doubled.
+    let before = pg.psql("SELECT count(*) FROM xgate_audit_records");
+    let mut segments: Vec<_> = std::fs::read_dir(&h.audit_path)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    segments.sort();
+    let rows: Vec<_> = segments
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("{\"seq\""))
+                .map(|l| xgate::audit::db::Row::from_line(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(rows.len() >= 40, "{} records read back", rows.len());
+    let pool = xgate::audit::db::connect(&url, None, 1).await.unwrap();
+    xgate::audit::db::insert(&pool, "xgate-a", &rows, &[], &mut Default::default())
+        .await
+        .unwrap();
+    assert_eq!(pg.psql("SELECT count(*) FROM xgate_audit_records"), before);
+    let (code, out) = audit_db(&url, &["verify"]);
+    assert_eq!(code, 0, "after shipping it all twice: {out}");
     // An edit (a refusal made to look allowed), a deletion, and two rows' lines swapped.
     pg.psql(
         "UPDATE xgate_audit_records SET line = replace(line, '\"rows\":5', '\"rows\":0') WHERE seq = 10; \
@@ -435,6 +464,139 @@ async fn verify_db_names_an_edited_a_deleted_and_a_moved_row() {
     );
     assert!(
         out.contains("record 31: the row holds the line of record 30"),
+        "{out}"
+    );
+}
+
+/// A replica's chain of `n` records written at `times` (RFC 3339), as the gateway writes them.
+fn chain(times: &[String]) -> Vec<xgate::audit::db::Row> {
+    use sha2::Digest;
+    let mut prev = String::new();
+    times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let body = format!(
+                "{{\"seq\":{},\"prev\":\"{prev}\",\"time\":\"{t}\",\"consumer_dept\":\"civil-affairs\",\"dataset\":\"hukou.person_basic\",\"decision\":\"allow\"}}",
+                i + 1
+            );
+            let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+            let line = format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]);
+            prev = hash;
+            xgate::audit::db::Row::from_line(&line).unwrap()
+        })
+        .collect()
+}
+
+/// Retention in the database: `audit prune` drops whole months only once every replica has
+/// shipped past them (a retired one named), keeps where each chain now starts, and `verify
+/// --db` holds the first remaining row to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_drops_shipped_months_and_verify_holds_the_new_start() {
+    if !Postgres::available() {
+        eprintln!("skipped: PostgreSQL is not installed (bash .ci/deps)");
+        return;
+    }
+    let pg = Postgres::start();
+    let url = pg.url();
+    let pool = xgate::audit::db::connect(&url, None, 1).await.unwrap();
+    xgate::audit::db::ensure_schema(&pool).await.unwrap();
+    let at =
+        |month: u32, i: usize| format!("2026-{month:02}-{:02}T{:02}:00:00Z", 1 + i % 28, i % 24);
+    let a: Vec<String> = (0..30)
+        .map(|i| at(9, i))
+        .chain((0..30).map(|i| at(10, i)))
+        .chain((0..10).map(|i| at(11, i)))
+        .collect();
+    let b: Vec<String> = (0..10).map(|i| at(9, i)).collect();
+    for (replica, times) in [("xgate-a", &a), ("xgate-b", &b)] {
+        xgate::audit::db::insert(&pool, replica, &chain(times), &[], &mut Default::default())
+            .await
+            .unwrap();
+    }
+    let count = || {
+        pg.psql("SELECT count(*) FROM xgate_audit_records")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(count(), "80");
+    let (code, out) = audit_db(&url, &["verify"]);
+    assert_eq!(code, 0, "{out}");
+
+    // xgate-b shipped nothing after September: it could still ship into it.
+    let (code, out) = audit_db(&url, &["prune", "--before", "2026-10"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("replica xgate-b has shipped only up to 2026-09"),
+        "{out}"
+    );
+    assert_eq!(count(), "80");
+    let (code, out) = audit_db(&url, &["prune", "--before", "2026-10-05"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("expected a month, YYYY-MM"), "{out}");
+
+    let (code, out) = audit_db(
+        &url,
+        &[
+            "prune",
+            "--before",
+            "2026-10",
+            "--retired",
+            "xgate-b",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("would drop 1 partition(s), 40 record(s)"),
+        "{out}"
+    );
+    assert_eq!(count(), "80");
+
+    let (code, out) = audit_db(
+        &url,
+        &[
+            "prune",
+            "--before",
+            "2026-10",
+            "--retired",
+            "xgate-b",
+            "--by",
+            "officer-li",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("dropped 1 partition(s), 40 record(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("replica xgate-a: chain now starts at record 31"),
+        "{out}"
+    );
+    assert_eq!(count(), "40");
+    assert_eq!(
+        pg.psql("SELECT through_seq || ' ' || pruned_by FROM xgate_audit_pruned WHERE replica = 'xgate-a'")
+            .trim(),
+        "30 officer-li"
+    );
+    let (code, out) = audit_db(&url, &["verify"]);
+    assert_eq!(code, 0, "after the prune: {out}");
+    assert!(
+        out.contains("replica xgate-a: OK — 40 records (seq 31..70)"),
+        "{out}"
+    );
+    // Nothing older is left to drop.
+    let (code, out) = audit_db(&url, &["prune", "--before", "2026-10"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no partition dropped"), "{out}");
+
+    // The first remaining row deleted: named, though no row before it is left.
+    pg.psql("DELETE FROM xgate_audit_records WHERE replica = 'xgate-a' AND seq = 31");
+    let (code, out) = audit_db(&url, &["verify"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("replica xgate-a: record 32: records 31..31 are missing"),
         "{out}"
     );
 }

@@ -10,6 +10,9 @@
 //!   Its `subjects` column holds every subject the record asked about (`s:…`) or returned
 //!   (`r:<16 hex>`), under a GIN index: "who looked at this person" is an index look-up.
 //! - `xgate_audit_checkpoints`: each replica's signed checkpoint lines.
+//! - `xgate_audit_pruned`: where each replica's chain starts after `xgate audit prune` dropped
+//!   old months (the last dropped record's seq and hash, when, by whom): `verify` holds the
+//!   first remaining row to it, so a row deleted at the start is named like any other.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -44,18 +47,27 @@ CREATE TABLE IF NOT EXISTS xgate_audit_records (
 CREATE INDEX IF NOT EXISTS xgate_audit_records_subjects ON xgate_audit_records USING gin (subjects);
 CREATE INDEX IF NOT EXISTS xgate_audit_records_consumer ON xgate_audit_records (consumer_dept, time);
 CREATE INDEX IF NOT EXISTS xgate_audit_records_dataset ON xgate_audit_records (dataset, time);
-CREATE INDEX IF NOT EXISTS xgate_audit_records_trace ON xgate_audit_records (trace_id);
+-- (No trace-id index: no search uses one, and each index costs every insert.)
+DROP INDEX IF EXISTS xgate_audit_records_trace;
 CREATE TABLE IF NOT EXISTS xgate_audit_checkpoints (
     replica text   NOT NULL,
     seq     bigint NOT NULL,
     line    text   NOT NULL,
     PRIMARY KEY (replica, seq)
 );
+CREATE TABLE IF NOT EXISTS xgate_audit_pruned (
+    replica      text        PRIMARY KEY,
+    through_seq  bigint      NOT NULL,
+    through_hash text        NOT NULL,
+    before       timestamptz NOT NULL,
+    pruned_at    timestamptz NOT NULL DEFAULT now(),
+    pruned_by    text        NOT NULL
+);
 "#;
 
 /// A record as the database keeps it.
 #[derive(Debug, Clone)]
-pub(crate) struct Row {
+pub struct Row {
     pub seq: u64,
     pub time: OffsetDateTime,
     pub kind: String,
@@ -206,7 +218,8 @@ pub async fn last_shipped(pool: &PgPool, replica: &str) -> Result<(u64, String),
     })
 }
 
-/// The monthly partition holding `t`: (name suffix, from, to).
+/// The monthly partition holding `t`: (name suffix, from, to), months in UTC (the bounds
+/// are written with `+00`, whatever the server's `TimeZone`).
 fn month_of(t: OffsetDateTime) -> (String, String, String) {
     let (y, m) = (t.year(), t.month() as u8);
     let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
@@ -219,14 +232,54 @@ fn month_of(t: OffsetDateTime) -> (String, String, String) {
 
 /// Insert a batch in one transaction, idempotently (a row already there stays as it is),
 /// creating the month partitions it needs.
-pub(crate) async fn insert(
+///
+/// Rows go in by `COPY`, in pieces the server inserts while the next is formatted
+/// (docs/benchmarks.md#shipping-the-trail-to-postgresql-issue-21). `COPY` has no `ON
+/// CONFLICT`, so a batch holding a row already there (a second shipper under the same replica
+/// id, or a commit whose acknowledgement was lost) fails on the key and is inserted again,
+/// in a new transaction, by the `INSERT … ON CONFLICT DO NOTHING` path.
+pub async fn insert(
     pool: &PgPool,
     replica: &str,
     rows: &[Row],
     checkpoints: &[(u64, String)],
     months: &mut HashSet<String>,
 ) -> Result<(), String> {
-    let mut tx = pool.begin().await.map_err(db_err)?;
+    let created = months.clone();
+    match insert_with(pool, replica, rows, checkpoints, months, Rows::Copy).await {
+        Err(e) if is_unique_violation(&e) => {
+            *months = created;
+            insert_with(pool, replica, rows, checkpoints, months, Rows::OnConflict)
+                .await
+                .map_err(db_err)
+        }
+        r => r.map_err(db_err),
+    }
+}
+
+/// Rows per `COPY` data message.
+const COPY_PIECE: usize = 200;
+
+/// How a batch's rows go in.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    Copy,
+    OnConflict,
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+async fn insert_with(
+    pool: &PgPool,
+    replica: &str,
+    rows: &[Row],
+    checkpoints: &[(u64, String)],
+    months: &mut HashSet<String>,
+    how: Rows,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
     for r in rows {
         let (name, from, to) = month_of(r.time);
         if months.contains(&name) {
@@ -234,15 +287,25 @@ pub(crate) async fn insert(
         }
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('xgate_audit_partitions'))")
             .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
         let stmt = format!(
-            "CREATE TABLE IF NOT EXISTS xgate_audit_records_{name} PARTITION OF xgate_audit_records FOR VALUES FROM ('{from}') TO ('{to}')"
+            "CREATE TABLE IF NOT EXISTS xgate_audit_records_{name} PARTITION OF xgate_audit_records FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')"
         );
-        sqlx::query(&stmt).execute(&mut *tx).await.map_err(db_err)?;
+        sqlx::query(&stmt).execute(&mut *tx).await?;
         months.insert(name);
     }
-    if !rows.is_empty() {
+    if !rows.is_empty() && how == Rows::Copy {
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY xgate_audit_records (replica, seq, time, kind, trace_id, consumer_dept, consumer_system, dataset, purpose, decision, grpc_status, prev, hash, line, subjects) FROM STDIN",
+            )
+            .await?;
+        // In pieces: the server inserts one while the next is formatted here.
+        for piece in rows.chunks(COPY_PIECE) {
+            copy.send(copy_text(replica, piece)).await?;
+        }
+        copy.finish().await?;
+    } else if !rows.is_empty() {
         let col = |f: fn(&Row) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO xgate_audit_records (replica, seq, time, kind, trace_id, consumer_dept, consumer_system, dataset, purpose, decision, grpc_status, prev, hash, line, subjects) \
@@ -268,8 +331,7 @@ pub(crate) async fn insert(
         // (Hashes hold no spaces: one string per record, split in the database.)
         .bind(rows.iter().map(|r| r.subjects.join(" ")).collect::<Vec<_>>())
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     if !checkpoints.is_empty() {
         sqlx::query(
@@ -280,10 +342,202 @@ pub(crate) async fn insert(
         .bind(checkpoints.iter().map(|c| c.0 as i64).collect::<Vec<_>>())
         .bind(checkpoints.iter().map(|c| c.1.clone()).collect::<Vec<_>>())
         .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// `rows` in `COPY … FROM STDIN`'s text format: a line per row, columns split by tabs, `\N`
+/// for none, and backslash, tab, newline and carriage return escaped in every value.
+fn copy_text(replica: &str, rows: &[Row]) -> Vec<u8> {
+    fn put(out: &mut Vec<u8>, v: &str) {
+        for &b in v.as_bytes() {
+            match b {
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                _ => out.push(b),
+            }
+        }
+    }
+    fn opt(out: &mut Vec<u8>, v: &Option<String>) {
+        out.push(b'\t');
+        match v {
+            Some(v) => put(out, v),
+            None => out.extend_from_slice(b"\\N"),
+        }
+    }
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.line.len() + 400).sum());
+    for r in rows {
+        put(&mut out, replica);
+        out.push(b'\t');
+        out.extend_from_slice(r.seq.to_string().as_bytes());
+        out.push(b'\t');
+        put(&mut out, &r.time.format(&Rfc3339).unwrap_or_default());
+        out.push(b'\t');
+        put(&mut out, &r.kind);
+        for v in [
+            &r.trace_id,
+            &r.consumer_dept,
+            &r.consumer_system,
+            &r.dataset,
+            &r.purpose,
+            &r.decision,
+            &r.grpc_status,
+        ] {
+            opt(&mut out, v);
+        }
+        for v in [&r.prev, &r.hash, &r.line] {
+            out.push(b'\t');
+            put(&mut out, v);
+        }
+        // An array literal, each element quoted (`"` and `\` escaped inside).
+        out.push(b'\t');
+        out.push(b'{');
+        for (i, sub) in r.subjects.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let quoted = format!("\"{}\"", sub.replace('\\', "\\\\").replace('"', "\\\""));
+            put(&mut out, &quoted);
+        }
+        out.push(b'}');
+        out.push(b'\n');
+    }
+    out
+}
+
+/// What `prune` dropped, or would drop.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Pruned {
+    /// The monthly partitions (`xgate_audit_records_y2026m01`, …).
+    pub months: Vec<String>,
+    /// Per replica: the last record dropped (seq), so its chain now starts one after.
+    pub through: BTreeMap<String, u64>,
+    pub records: u64,
+}
+
+/// Drop the monthly partitions wholly before `before` (the first of a month, UTC), in one
+/// transaction, once every replica has shipped past it: a replica whose newest shipped
+/// record is older than `before` could still ship into a dropped month, so it refuses
+/// (naming it) unless the replica is listed in `retired` (taken out of service). Each
+/// replica's new chain start is kept in `xgate_audit_pruned`, with `by`. With `dry_run`, says
+/// what it would drop and changes nothing.
+pub async fn prune(
+    pool: &PgPool,
+    before: OffsetDateTime,
+    retired: &[String],
+    by: &str,
+    dry_run: bool,
+) -> Result<Pruned, String> {
+    if before.day() != 1 || before.time() != time::Time::MIDNIGHT {
+        return Err("prune: --before must be the first of a month (partitions are months)".into());
+    }
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('xgate_audit_partitions'))")
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+    let parts: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'xgate_audit_records' ORDER BY 1",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    let mut out = Pruned::default();
+    // `yYYYYmMM` sorts as its month does: a partition is dropped when it ends by `before`.
+    let (first_kept, _, _) = month_of(before);
+    for name in parts {
+        if let Some(month) = name.strip_prefix("xgate_audit_records_")
+            && month < first_kept.as_str()
+        {
+            out.months.push(name);
+        }
     }
-    tx.commit().await.map_err(db_err)
+    if out.months.is_empty() {
+        return Ok(out);
+    }
+    // Every replica's newest record, its last before `before`, and its first from `before`.
+    type Split = (
+        String,
+        OffsetDateTime,
+        Option<i64>,
+        Option<String>,
+        Option<i64>,
+    );
+    let reps: Vec<Split> = sqlx::query_as(
+        "SELECT r.replica, max(r.time), \
+               max(r.seq) FILTER (WHERE r.time < $1), \
+               (array_agg(r.hash ORDER BY r.seq DESC) FILTER (WHERE r.time < $1))[1], \
+               min(r.seq) FILTER (WHERE r.time >= $1) \
+             FROM xgate_audit_records r GROUP BY r.replica ORDER BY 1",
+    )
+    .bind(before)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    for (replica, newest, last_before, hash, first_after) in reps {
+        if newest < before && !retired.contains(&replica) {
+            return Err(format!(
+                "prune: replica {replica} has shipped only up to {} (before {}): it could still ship into a month to be dropped; wait, or name it with --retired if it is out of service",
+                newest.format(&Rfc3339).unwrap_or_default(),
+                before.format(&Rfc3339).unwrap_or_default()
+            ));
+        }
+        let (Some(last), Some(hash)) = (last_before, hash) else {
+            continue;
+        };
+        if let Some(first) = first_after
+            && first != last + 1
+        {
+            return Err(format!(
+                "prune: replica {replica}'s records do not split at {} by seq (record {first} is the first after it, {last} the last before): its clock stepped back; nothing dropped",
+                before.format(&Rfc3339).unwrap_or_default()
+            ));
+        }
+        out.through.insert(replica.clone(), last as u64);
+        if !dry_run {
+            sqlx::query(
+                "INSERT INTO xgate_audit_pruned (replica, through_seq, through_hash, before, pruned_by) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (replica) DO UPDATE SET \
+                 through_seq = EXCLUDED.through_seq, through_hash = EXCLUDED.through_hash, \
+                 before = EXCLUDED.before, pruned_at = now(), pruned_by = EXCLUDED.pruned_by",
+            )
+            .bind(&replica)
+            .bind(last)
+            .bind(&hash)
+            .bind(before)
+            .bind(by)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            sqlx::query("DELETE FROM xgate_audit_checkpoints WHERE replica = $1 AND seq <= $2")
+                .bind(&replica)
+                .bind(last)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    for name in &out.months {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {name}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        out.records += n as u64;
+        if !dry_run {
+            sqlx::query(&format!("DROP TABLE {name}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    if !dry_run {
+        tx.commit().await.map_err(db_err)?;
+    }
+    Ok(out)
 }
 
 /// One replica's chain in the database, as `verify --db` found it.
@@ -313,8 +567,19 @@ pub async fn verify(pool: &PgPool, public_key: &[u8]) -> Result<Vec<ReplicaRepor
     .fetch_all(pool)
     .await
     .map_err(db_err)?;
+    let pruned: BTreeMap<String, (i64, String)> = sqlx::query_as::<_, (String, i64, String)>(
+        "SELECT replica, through_seq, through_hash FROM xgate_audit_pruned",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db_err)?
+    .into_iter()
+    .map(|(r, s, h)| (r, (s, h)))
+    .collect();
     let mut out = Vec::new();
     for replica in replicas {
+        // Where the chain must start: record 1, or just after what `prune` dropped.
+        let start = pruned.get(&replica).map(|(s, h)| (*s as u64, h.clone()));
         let mut rep = ReplicaReport {
             replica: replica.clone(),
             ..ReplicaReport::default()
@@ -349,7 +614,22 @@ pub async fn verify(pool: &PgPool, public_key: &[u8]) -> Result<Vec<ReplicaRepor
                 Ok(_) => {}
             }
             match &prev {
-                None => rep.first_seq = seq,
+                None => {
+                    rep.first_seq = seq;
+                    let (after, link) = start.clone().unwrap_or((0, String::new()));
+                    if seq > after + 1 {
+                        bad(format!(
+                            "records {}..{} are missing (deleted, or never shipped)",
+                            after + 1,
+                            seq - 1
+                        ));
+                    } else if after > 0
+                        && let Ok(row) = &parsed
+                        && row.prev != link
+                    {
+                        bad("does not link to the last record `audit prune` dropped".into());
+                    }
+                }
                 Some((p, _)) if seq == *p => bad("appears twice".into()),
                 Some((p, _)) if seq != p + 1 => bad(format!(
                     "records {}..{} are missing (deleted)",
@@ -479,4 +759,44 @@ pub async fn search(
         each(v);
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_as_syntax() {
+        let line = "{\"seq\":7,\"detail\":\"a\\\"b\\\\c\"}\tx\ny\rz";
+        let row = Row {
+            seq: 7,
+            time: OffsetDateTime::UNIX_EPOCH,
+            kind: "call".into(),
+            trace_id: None,
+            consumer_dept: Some("civil\taffairs".into()),
+            consumer_system: None,
+            dataset: None,
+            purpose: None,
+            decision: None,
+            grpc_status: None,
+            prev: "p".into(),
+            hash: "h".into(),
+            hash_ok: true,
+            subjects: vec!["s:ab".into(), "r:odd\"one".into()],
+            line: line.into(),
+        };
+        let text = String::from_utf8(copy_text("r\\1", &[row])).unwrap();
+        let cols: Vec<&str> = text.strip_suffix('\n').unwrap().split('\t').collect();
+        assert_eq!(cols.len(), 15, "{text}");
+        assert_eq!(cols[0], "r\\\\1");
+        assert_eq!(cols[1], "7");
+        assert_eq!(cols[2], "1970-01-01T00:00:00Z");
+        assert_eq!(cols[4], "\\N");
+        assert_eq!(cols[5], "civil\\taffairs");
+        assert_eq!(
+            cols[13],
+            "{\"seq\":7,\"detail\":\"a\\\\\"b\\\\\\\\c\"}\\tx\\ny\\rz"
+        );
+        assert_eq!(cols[14], "{\"s:ab\",\"r:odd\\\\\"one\"}");
+    }
 }

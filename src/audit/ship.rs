@@ -182,10 +182,16 @@ impl Tail {
             let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
             self.offset += end as u64;
             self.partial.extend_from_slice(&buf[..end]);
-            while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.partial.drain(..=nl).collect();
-                out.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            // Whole lines out, the unfinished one kept: one pass, and one move of what is
+            // left (draining line by line moved the rest of a 4 MiB read once per line: it
+            // was three quarters of the shipper's CPU).
+            let mut start = 0;
+            while let Some(nl) = self.partial[start..].iter().position(|b| *b == b'\n') {
+                let line = &self.partial[start..start + nl];
+                out.push(String::from_utf8_lossy(line).into_owned());
+                start += nl + 1;
             }
+            self.partial.drain(..start);
             if !out.is_empty() || end == max {
                 return Ok(out);
             }

@@ -122,6 +122,26 @@ pub(crate) enum AuditCmd {
         #[arg(long)]
         no_head: bool,
     },
+    /// Drop the province trail's monthly partitions before a month, once every replica has
+    /// shipped past it (docs/audit.md#retention); each replica's chain then starts after the
+    /// last record dropped, and `verify --db` holds it to that.
+    Prune {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The first month kept, `YYYY-MM` (UTC): every month before it is dropped.
+        #[arg(long)]
+        before: String,
+        /// A replica taken out of service, whose last records are older than `--before`:
+        /// without it, such a replica stops the prune (it could still ship into those months).
+        #[arg(long)]
+        retired: Vec<String>,
+        /// Who prunes, kept with the new chain starts (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Say what would be dropped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the trail's signed head (its last checkpoint), to save for a later
     /// `verify --expect-head`.
     Head { dir: PathBuf },
@@ -280,6 +300,45 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             xgate::out!("{text}");
+            Ok(())
+        }
+        AuditCmd::Prune {
+            db,
+            before,
+            retired,
+            by,
+            dry_run,
+        } => {
+            let start = time::Date::parse(
+                &format!("{before}-01"),
+                time::macros::format_description!("[year]-[month]-[day]"),
+            )
+            .map_err(|_| format!("--before {before:?}: expected a month, YYYY-MM"))?
+            .midnight()
+            .assume_utc();
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let Some((rt, pool)) = db.open()? else {
+                return Err("audit prune needs --db".into());
+            };
+            let p = rt.block_on(xgate::audit::db::prune(
+                &pool, start, &retired, &by, dry_run,
+            ))?;
+            let verb = if dry_run { "would drop" } else { "dropped" };
+            if p.months.is_empty() {
+                xgate::outln!("nothing before {before}: no partition dropped");
+            } else {
+                xgate::outln!(
+                    "{verb} {} partition(s), {} record(s): {}",
+                    p.months.len(),
+                    p.records,
+                    p.months.join(", ")
+                );
+                for (replica, seq) in &p.through {
+                    xgate::outln!("replica {replica}: chain now starts at record {}", seq + 1);
+                }
+            }
             Ok(())
         }
         AuditCmd::Verify {
