@@ -293,6 +293,15 @@ async fn three_replicas_ship_one_trail_through_a_kill_9() {
         replicas.contains(&"xgate-a".to_owned()) && replicas.contains(&"xgate-b".to_owned()),
         "{out}"
     );
+    // The search by subject was noted first: who, as which database user, the hash only.
+    let noted =
+        pg.psql("SELECT by_user || ' ' || db_user || ' ' || subject FROM xgate_audit_searches");
+    assert_eq!(noted.lines().count(), 1, "{noted}");
+    assert!(noted.contains(" postgres s:"), "{noted}");
+    assert!(
+        !noted.contains(id),
+        "the id itself is never written: {noted}"
+    );
     let (code, out) = audit_db(&url, &["search", "--consumer", "civil-affairs"]);
     assert_eq!(code, 0);
     assert!(out.contains("every replica"), "{out}");

@@ -10,6 +10,8 @@
 //!   Its `subjects` column holds every subject the record asked about (`s:…`) or returned
 //!   (`r:<16 hex>`), under a GIN index: "who looked at this person" is an index look-up.
 //! - `xgate_audit_checkpoints`: each replica's signed checkpoint lines.
+//! - `xgate_audit_searches`: every `xgate audit search --db --subject` (who, as which database
+//!   user, the subject's keyed hash), written before the search runs.
 //! - `xgate_audit_pruned`: where each replica's chain starts after `xgate audit prune` dropped
 //!   old months (the last dropped record's seq and hash, when, by whom): `verify` holds the
 //!   first remaining row to it, so a row deleted at the start is named like any other.
@@ -54,6 +56,12 @@ CREATE TABLE IF NOT EXISTS xgate_audit_checkpoints (
     seq     bigint NOT NULL,
     line    text   NOT NULL,
     PRIMARY KEY (replica, seq)
+);
+CREATE TABLE IF NOT EXISTS xgate_audit_searches (
+    at       timestamptz NOT NULL DEFAULT now(),
+    by_user  text        NOT NULL,
+    db_user  text        NOT NULL DEFAULT current_user,
+    subject  text        NOT NULL
 );
 CREATE TABLE IF NOT EXISTS xgate_audit_pruned (
     replica      text        PRIMARY KEY,
@@ -703,6 +711,20 @@ pub async fn verify(pool: &PgPool, public_key: &[u8]) -> Result<Vec<ReplicaRepor
         out.push(rep);
     }
     Ok(out)
+}
+
+/// Note a search by data subject in `xgate_audit_searches` before it runs (a search that
+/// cannot be noted does not run): looking for who read a citizen's record is an access too.
+/// The console and the admin API record theirs on the gateway's own chain instead.
+pub async fn note_subject_search(pool: &PgPool, by: &str, subject: &str) -> Result<(), String> {
+    ensure_schema(pool).await?;
+    sqlx::query("INSERT INTO xgate_audit_searches (by_user, subject) VALUES ($1, $2)")
+        .bind(by)
+        .bind(subject)
+        .execute(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// Records across replicas that match `q`, oldest first, each with a `replica` field added:

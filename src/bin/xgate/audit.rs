@@ -536,6 +536,11 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
             };
             match source {
                 Source::Dir(dir) => {
+                    if q.subject.is_some() {
+                        eprintln!(
+                            "note: a search by subject over the files is recorded nowhere (whoever can read them can read them); the console, the admin API and `--db` record theirs"
+                        );
+                    }
                     let read = xgate::audit::read::search(&dir, &q, show)
                         .map_err(|e| format!("{}: {e}", dir.display()))?;
                     if format == "table" {
@@ -544,6 +549,17 @@ pub(crate) fn audit_run(cmd: AuditCmd) -> Result<(), String> {
                     damaged_lines(&read, strict)
                 }
                 Source::Db((rt, pool)) => {
+                    if let Some(sub) = &q.subject {
+                        let by = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+                        rt.block_on(xgate::audit::db::note_subject_search(
+                            &pool, &by, &sub.asked,
+                        ))
+                        .map_err(|e| {
+                            format!(
+                                "a search by subject is noted before it runs, and could not be: {e}"
+                            )
+                        })?;
+                    }
                     let n = rt.block_on(xgate::audit::db::search(&pool, &q, show))?;
                     if format == "table" {
                         xgate::outln!("({n} records, every replica)");
