@@ -25,6 +25,9 @@ pub struct Config {
     /// Admin HTTP endpoint (policy status and reload, metrics, health); absent: off.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// The bureau's console and the admin API (HTTPS, officers' certificates); absent: off.
+    #[serde(default)]
+    pub console: Option<Console>,
     /// Reload the policy when its file changes (SIGHUP and the admin endpoint always work).
     #[serde(default = "yes")]
     pub watch_policy: bool,
@@ -58,6 +61,70 @@ pub struct Config {
 
 fn yes() -> bool {
     true
+}
+
+/// The console (`src/console`): HTTPS on its own port, officers signed in by client
+/// certificate, roles from this list.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Console {
+    pub listen: SocketAddr,
+    /// Server certificate and key (default: `tls.cert` / `tls.key`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The CA officers' certificates chain to (default: `tls.client_ca`).
+    #[serde(default)]
+    pub officer_ca: Option<PathBuf>,
+    /// Who may sign in, by certificate subject CN, with which role.
+    pub officers: Vec<crate::console::auth::Officer>,
+    /// `zh-CN` (default) or `en`; each officer can switch.
+    #[serde(default = "default_console_lang")]
+    pub lang: String,
+    /// A session idle this long ends.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_minutes: u64,
+}
+
+impl Console {
+    /// The demo's console: on `listen`, the dev PKI's officers (certs-dev/officer-*.pem).
+    pub fn demo(listen: SocketAddr) -> Console {
+        use crate::console::auth::{Officer, Role};
+        let o = |name: &str, subject: &str, role: Role, department: Option<&str>| Officer {
+            name: name.into(),
+            subject: subject.into(),
+            role,
+            department: department.map(str::to_owned),
+        };
+        Console {
+            listen,
+            cert: None,
+            key: None,
+            officer_ca: None,
+            officers: vec![
+                o("李明", "bureau-officer-li", Role::Bureau, None),
+                o("陈静", "bureau-officer-chen", Role::Bureau, None),
+                o(
+                    "王芳",
+                    "civil-affairs-admin-wang",
+                    Role::DeptAdmin,
+                    Some("civil-affairs"),
+                ),
+                o("赵强", "auditor-zhao", Role::Auditor, None),
+            ],
+            lang: default_console_lang(),
+            session_idle_minutes: default_session_idle(),
+        }
+    }
+}
+
+fn default_console_lang() -> String {
+    "zh-CN".into()
+}
+
+fn default_session_idle() -> u64 {
+    30
 }
 
 fn default_listen() -> SocketAddr {
@@ -729,6 +796,14 @@ impl Config {
             fix(p);
         }
         fix(&mut self.policy);
+        if let Some(c) = self.console.as_mut() {
+            for p in [&mut c.cert, &mut c.key, &mut c.officer_ca]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
         if let Some(p) = self
             .limits
             .shared
@@ -943,6 +1018,7 @@ impl Config {
         Config {
             listen,
             admin_listen: None,
+            console: None,
             watch_policy: true,
             trust_domain: crate::dev::pki::TRUST_DOMAIN.into(),
             tls: ServerTls {

@@ -37,6 +37,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod error;
 pub mod limits;

@@ -1,6 +1,7 @@
 //! What administrators do is on the audit trail, in the calls' chain: every policy reload
 //! (who or what triggered it, from which version to which, accepted or refused and why) and
-//! every call to the admin endpoint; the probes and the metrics scrape are not.
+//! every call to the admin API (on the console's HTTPS listener, signed in with an
+//! officer's certificate); the probes and the metrics scrape are not.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,8 +20,12 @@ async fn reloads_and_admin_calls_are_recorded() {
     })
     .await;
     let admin = h.admin.unwrap();
+    // An API client: a certificate, no cookie, and `x-requested-by` on what changes things.
+    let api = [("x-requested-by", "ops-script")];
+    let mut officer = h.officer(Some("officer-bureau"));
     let before = std::fs::read_to_string(&h.policy_path).unwrap();
-    let (code, body) = http(admin, "GET", "/admin/policy").await;
+    let r = officer.send("GET", "/admin/policy", &api, None).await;
+    let (code, body) = (r.status, r.body);
     assert_eq!(code, 200, "{body}");
     let v1: serde_json::Value = serde_json::from_str(&body).unwrap();
     let v1 = v1["version"].as_str().unwrap().to_owned();
@@ -33,15 +38,23 @@ async fn reloads_and_admin_calls_are_recorded() {
             "approval_ref: ZJ-DSB-2026-099",
         ),
     );
-    let (code, body) = http(admin, "POST", "/admin/policy/reload").await;
+    // (A fresh client each time: no cookie, an API client's way.)
+    let r = h
+        .officer(Some("officer-bureau"))
+        .send("POST", "/admin/policy/reload", &api, None)
+        .await;
+    let (code, body) = (r.status, r.body);
     assert_eq!(code, 200, "{body}");
     let v2: serde_json::Value = serde_json::from_str(&body).unwrap();
     let v2 = v2["version"].as_str().unwrap().to_owned();
     assert_ne!(v1, v2);
     // A broken one: refused, the old policy keeps serving.
     replace_file(&h.policy_path, &before.replace("grants:", "grants: [oops"));
-    let (code, _) = http(admin, "POST", "/admin/policy/reload").await;
-    assert_eq!(code, 422);
+    let r = h
+        .officer(Some("officer-bureau"))
+        .send("POST", "/admin/policy/reload", &api, None)
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
     // Probes and scrapes are not administrators' actions.
     let _ = http(admin, "GET", "/metrics").await;
     let _ = http(admin, "GET", "/ready").await;
@@ -62,7 +75,7 @@ async fn reloads_and_admin_calls_are_recorded() {
         ok["actor"]
             .as_str()
             .unwrap()
-            .starts_with("admin endpoint from 127.0.0.1:"),
+            .starts_with("officer 李明 (bureau, certificate bureau-officer-li) from 127.0.0.1:"),
         "{ok}"
     );
     let refused = reloads[1];
@@ -75,7 +88,7 @@ async fn reloads_and_admin_calls_are_recorded() {
     );
     let calls: Vec<&str> = admin_recs
         .iter()
-        .filter(|r| r["action"] == "admin.http")
+        .filter(|r| r["action"] == "console.http")
         .map(|r| r["detail"].as_str().unwrap())
         .collect();
     assert_eq!(
@@ -141,7 +154,6 @@ async fn a_search_by_subject_is_recorded() {
         ..Opts::default()
     })
     .await;
-    let admin = h.admin.unwrap();
     let id = "330106199001010011";
     let mut c = h.data("civil-affairs").await;
     c.query(req(
@@ -155,13 +167,17 @@ async fn a_search_by_subject_is_recorded() {
     ))
     .await
     .unwrap();
-    let (code, body) = http(admin, "GET", &format!("/admin/audit/search?subject={id}")).await;
+    let mut auditor = h.officer(Some("officer-auditor"));
+    let r = auditor
+        .get(&format!("/admin/audit/search?subject={id}"))
+        .await;
+    let (code, body) = (r.status, r.body);
     assert_eq!(code, 200, "{body}");
     let found: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(found.len(), 1, "{body}");
     assert_eq!(found[0]["consumer_dept"], "civil-affairs");
-    let (code, _) = http(admin, "GET", "/admin/audit/search?since=yesterday").await;
-    assert_eq!(code, 400);
+    let r = auditor.get("/admin/audit/search?since=yesterday").await;
+    assert_eq!(r.status, 400, "{}", r.body);
     let recs = h.stop_all().await;
     let hash = xgate::audit::subject_hash(
         &xgate::audit::load_subject_key(&certs().join("audit-subject.key")).unwrap(),
@@ -177,7 +193,8 @@ async fn a_search_by_subject_is_recorded() {
         search["actor"]
             .as_str()
             .unwrap()
-            .starts_with("admin endpoint from 127.0.0.1:")
+            .starts_with("officer 赵强 (auditor, certificate auditor-zhao) from 127.0.0.1:"),
+        "{search}"
     );
     assert!(
         !serde_json::to_string(search).unwrap().contains(id),

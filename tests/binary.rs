@@ -1,5 +1,5 @@
 //! `xgate serve` as the real binary: config file, JSON logs, OTLP switched on, SIGHUP reload,
-//! admin endpoint, graceful SIGTERM.
+//! probes and the console's admin API, graceful SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,12 +31,16 @@ async fn serve_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
     let (ports, _provs) = start_providers(&Default::default(), stop_rx).await;
     let policy_text = policy_with_ports(ports["public-security"], ports["market-supervision"]);
     std::fs::write(&policy, &policy_text).unwrap();
-    let (port, admin_port, otlp_port) = (free_port(), free_port(), free_port());
+    let (port, admin_port, otlp_port, console_port) =
+        (free_port(), free_port(), free_port(), free_port());
     let cfg = serve_yaml(
         port,
         "audit",
         &format!(
             r#"admin_listen: 127.0.0.1:{admin_port}
+console:
+  listen: 127.0.0.1:{console_port}
+  officers: [{{ name: ops, subject: bureau-officer-li, role: bureau }}]
 log: {{ format: json, level: info }}
 otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sample_ratio: 1.0 }}"#
         ),
@@ -88,7 +92,13 @@ otlp: {{ endpoint: "http://127.0.0.1:{otlp_port}", service_name: xgate-test, sam
     kill("-HUP", pid);
     let t0 = Instant::now();
     loop {
-        let (_, body) = http(admin, "GET", "/admin/policy").await;
+        let body = console::Officer::new(
+            format!("127.0.0.1:{console_port}").parse().unwrap(),
+            Some("officer-bureau"),
+        )
+        .get("/admin/policy")
+        .await
+        .body;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         if v["loaded_by"] == "sighup" {
             assert_eq!(v["reloads_ok"], 1);
@@ -173,6 +183,8 @@ fn a_second_demo_moves_its_providers() {
         .args([
             "demo",
             "--listen",
+            "127.0.0.1:0",
+            "--console",
             "127.0.0.1:0",
             "--providers-port-base",
             "0",
@@ -279,6 +291,8 @@ fn the_cli_behaves_in_pipes_and_names_what_is_missing() {
         .args([
             "demo",
             "--listen",
+            "127.0.0.1:0",
+            "--console",
             "127.0.0.1:0",
             "--providers-port-base",
             "0",

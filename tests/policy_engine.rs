@@ -242,7 +242,16 @@ async fn invalid_reload_keeps_the_old_policy_and_shows_every_error() {
             "fields: [id_number, name, phone]",
         );
     std::fs::write(&h.policy_path, &broken).unwrap();
-    let (code, body) = http(admin, "POST", "/admin/policy/reload").await;
+    let r = h
+        .officer(Some("officer-bureau"))
+        .send(
+            "POST",
+            "/admin/policy/reload",
+            &[("x-requested-by", "test")],
+            None,
+        )
+        .await;
+    let (code, body) = (r.status, r.body);
     assert_eq!(code, 422, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["version"], v0.as_str(), "old policy still serving");
@@ -261,7 +270,11 @@ async fn invalid_reload_keeps_the_old_policy_and_shows_every_error() {
             .all(|e| e.as_str().unwrap().contains("policy.yaml:")),
         "located: {errors:?}"
     );
-    let (_, status) = http(admin, "GET", "/admin/policy").await;
+    let status = h
+        .officer(Some("officer-bureau"))
+        .get("/admin/policy")
+        .await
+        .body;
     let s: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(s["reloads_failed"], 1);
     assert_eq!(s["last_error"]["errors"].as_array().unwrap().len(), 2);
@@ -296,7 +309,11 @@ async fn invalid_reload_keeps_the_old_policy_and_shows_every_error() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (_, status) = http(admin, "GET", "/admin/policy").await;
+    let status = h
+        .officer(Some("officer-bureau"))
+        .get("/admin/policy")
+        .await
+        .body;
     let s: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(s["loaded_by"], "file-change");
     assert!(s["last_error"].is_null());

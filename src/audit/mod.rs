@@ -27,6 +27,7 @@
 pub mod db;
 pub mod head;
 pub mod read;
+pub mod recent;
 pub mod ship;
 pub mod store;
 pub mod subjects;
@@ -116,6 +117,15 @@ pub struct AuditRecord {
     /// Extra detail for refusals outside a call (e.g. why a TLS handshake failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The fields the caller asked for (none: every field it may read), as asked: what
+    /// `xgate policy impact` re-decides the call with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields_requested: Vec<String>,
+    /// The shape of the caller's filter, one `field test` per condition (`eq`, `in`,
+    /// `prefix`), with the values only for the dataset's region field (`region_code in
+    /// 330106,330108`): enough to re-decide the call, nothing about a person.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<String>,
     pub fields_returned: Vec<String>,
     pub fields_masked: Vec<String>,
     pub rows: u64,
@@ -321,6 +331,8 @@ pub struct AuditLog {
     subject: Option<Arc<ring::hmac::Key>>,
     /// Keys the returned-subject hashes (derived from `subject`).
     returned: Option<subjects::ReturnedKey>,
+    /// The last hour's calls, counted by the writer (the console's overview).
+    recent: Arc<recent::Recent>,
 }
 
 /// The running writer (thread or task); [`AuditWriter::join`] waits for it to drain and sync.
@@ -371,13 +383,15 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
     let h = healthy.clone();
     let s = settings.clone();
     let ta = tally.clone();
+    let recent = Arc::new(recent::Recent::default());
+    let re = recent.clone();
     let handle = match (settings.placement, tokio::runtime::Handle::try_current()) {
         (Placement::Thread, rt) => {
             let acker = rt.map_or(writer::Acker::Direct, |rt| writer::Acker::on(&rt));
             Writer::Thread(
                 std::thread::Builder::new()
                     .name("xgate-audit".into())
-                    .spawn(move || writer::run(store, rx, h, s, acker, ta))?,
+                    .spawn(move || writer::run(store, rx, h, s, acker, ta, re))?,
             )
         }
         (Placement::Inline, Ok(rt)) => {
@@ -389,6 +403,7 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
                 s,
                 writer::Acker::Direct,
                 ta,
+                re,
             )))
         }
         (Placement::Inline, Err(_)) => {
@@ -403,6 +418,7 @@ pub fn start(settings: AuditSettings, keys: AuditKeys) -> std::io::Result<(Audit
             tx,
             tally,
             healthy,
+            recent,
             durability: settings.durability,
             returned: keys.subject.as_ref().map(subjects::ReturnedKey::derive),
             subject: keys.subject.map(Arc::new),
@@ -419,6 +435,11 @@ impl AuditLog {
     /// Whether the trail takes records now (fail-closed: calls are refused when not).
     pub fn is_open(&self) -> bool {
         !self.tx.is_closed() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The last hour's calls, as written.
+    pub fn recent(&self) -> recent::Hour {
+        self.recent.last_hour()
     }
 
     /// Records waiting for the writer.
@@ -800,11 +821,14 @@ mod writer {
         settings: AuditSettings,
         acker: Acker,
         tally: Arc<Tally>,
+        recent: Arc<recent::Recent>,
     ) -> std::io::Result<u64> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
-        rt.block_on(commit_loop(store, rx, healthy, settings, acker, tally))
+        rt.block_on(commit_loop(
+            store, rx, healthy, settings, acker, tally, recent,
+        ))
     }
 
     /// Who tells a durable batch's callers that their records are on disk.
@@ -858,6 +882,7 @@ mod writer {
         settings: AuditSettings,
         acker: Acker,
         tally: Arc<Tally>,
+        recent: Arc<recent::Recent>,
     ) -> std::io::Result<u64> {
         let sync = settings.durability == Durability::Sync;
         let held = Held {
@@ -926,6 +951,7 @@ mod writer {
                 }
                 match store.append(backlog.iter(), true) {
                     Ok(()) => {
+                        recent.add(backlog.iter());
                         written += backlog.len() as u64;
                         backlog.clear();
                         if failed {
@@ -958,7 +984,10 @@ mod writer {
                     && backlog.is_empty()
                     && {
                         match store.append(batch.iter().map(|(r, _)| r), sync) {
-                            Ok(()) => true,
+                            Ok(()) => {
+                                recent.add(batch.iter().map(|(r, _)| r));
+                                true
+                            }
                             Err(e) => {
                                 tracing::error!(error = %e, "audit write failed: refusing calls until it works again");
                                 metrics::counter!("xgate_audit_write_errors_total").increment(1);
@@ -1061,6 +1090,7 @@ mod tests {
         let log = AuditLog {
             tx,
             tally: Arc::default(),
+            recent: Arc::default(),
             healthy: Arc::new(AtomicBool::new(true)),
             durability: Durability::Sync,
             subject: None,

@@ -33,6 +33,25 @@ pub const CONSUMERS: &[(&str, &str)] = &[
     ("market-supervision", "registry-portal"),
 ];
 
+/// Console officers in the dev PKI: (file stem, certificate CN). Their roles are in
+/// `deploy/dev/xgate.yaml` (`console.officers`); `officer-visitor` is on no list.
+pub const OFFICERS: &[(&str, &str)] = &[
+    ("officer-bureau", "bureau-officer-li"),
+    ("officer-bureau-2", "bureau-officer-chen"),
+    ("officer-civil-affairs", "civil-affairs-admin-wang"),
+    ("officer-auditor", "auditor-zhao"),
+    ("officer-visitor", "visitor-sun"),
+];
+
+/// A console officer's client certificate (a person: a CN, no SPIFFE URI).
+pub fn officer_leaf(cn: &str) -> Leaf {
+    Leaf {
+        common_name: cn.to_owned(),
+        client: true,
+        ..Leaf::default()
+    }
+}
+
 /// Sample providers in the dev PKI.
 pub const PROVIDERS: &[&str] = &["public-security", "market-supervision"];
 
@@ -251,6 +270,12 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
         put(&format!("{dept}.key"), &k)?;
     }
 
+    for (stem, cn) in OFFICERS {
+        let (c, k) = ca.issue(&officer_leaf(cn))?;
+        put(&format!("{stem}.pem"), &c)?;
+        put(&format!("{stem}.key"), &k)?;
+    }
+
     let (audit_key, audit_pub) = audit_keypair()?;
     put("audit-signing.key", &audit_key)?;
     put("audit-signing.pub", &audit_pub)?;
@@ -293,6 +318,7 @@ pub fn generate(out: &Path) -> Result<Vec<PathBuf>, Error> {
          | `gateway-client.pem/.key` | gateway's client certificate towards providers |\n\
          | `provider-<id>.pem/.key` | sample providers' server certificates |\n\
          | `<dept>.pem/.key` | consumer system certificates, SAN URI `spiffe://zj.gov.example/dept/<dept>/sys/<system>` |\n\
+         | `officer-<who>.pem/.key` | console officers' certificates (CN only; roles in `deploy/dev/xgate.yaml`; `officer-visitor` is no officer) |\n\
          | `jwt-signing.key` | ES256 key that signs dev tokens (`xgate token`) |\n\
          | `jwks.json` | the matching JWKS the gateway verifies against |\n\
          | `pseudonym.key` | the bureau's key for `hash` masks (keyed pseudonyms) |\n\

@@ -307,6 +307,17 @@ impl Quotas {
         Ok(())
     }
 
+    /// (calls, rows) counted today under `grant` by this process (the console's quota use).
+    pub fn used_today(&self, grant: &str) -> (u64, u64) {
+        let (day, _) = self.today();
+        let Ok(used) = self.used.lock() else {
+            return (0, 0);
+        };
+        used.get(grant)
+            .filter(|u| u.day == day)
+            .map_or((0, 0), |u| (u.calls, u.rows))
+    }
+
     /// Count rows delivered under the grant today.
     pub fn add_rows(&self, grant: &str, rows: u64) {
         let (day, _) = self.today();

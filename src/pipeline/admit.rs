@@ -35,6 +35,40 @@ pub(super) fn policy_request(req: &QueryRequest) -> policy::Request<'_> {
     }
 }
 
+/// The filter as the audit record keeps it ([`audit::AuditRecord::filter`]): each
+/// condition's field and test, and the values of the dataset's region field only.
+pub(super) fn filter_shape(policy: &policy::Policy, req: &QueryRequest) -> Vec<String> {
+    use crate::pb::{condition::Test, value::Kind};
+    let region = policy
+        .dataset(&req.dataset)
+        .and_then(|d| d.region_field.as_deref());
+    conditions(req)
+        .iter()
+        .map(|c| {
+            let test = match &c.test {
+                Some(Test::Eq(_)) => "eq",
+                Some(Test::In(_)) => "in",
+                Some(Test::Prefix(_)) => "prefix",
+                None => "none",
+            };
+            if Some(c.field.as_str()) != region {
+                return format!("{} {test}", c.field);
+            }
+            let text = |v: &crate::pb::Value| match &v.kind {
+                Some(Kind::StringValue(s)) => s.clone(),
+                _ => String::new(),
+            };
+            let values = match &c.test {
+                Some(Test::Eq(v)) => text(v),
+                Some(Test::In(l)) => l.values.iter().map(text).collect::<Vec<_>>().join(","),
+                Some(Test::Prefix(p)) => p.clone(),
+                None => String::new(),
+            };
+            format!("{} {test} {values}", c.field)
+        })
+        .collect()
+}
+
 /// Longest dataset id, purpose or field name accepted.
 pub(super) const MAX_NAME_BYTES: usize = 128;
 
@@ -127,6 +161,8 @@ impl Gateway {
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
+        rec.fields_requested = req.fields.clone();
+        rec.filter = filter_shape(&snap.policy, req);
         let caller = who.caller();
         let permit = policy::evaluate(&snap.policy, caller, policy_request(req))?;
         if let Some(scope) = &permit.scope {

@@ -311,6 +311,16 @@ impl Gateway {
         self.inner.audit.queue_depth()
     }
 
+    /// (calls, rows) counted today against `grant`'s daily quota (this process's count).
+    pub fn quota_used(&self, grant: &str) -> (u64, u64) {
+        self.inner.quotas.used_today(grant)
+    }
+
+    /// The last hour's calls, as the writer wrote them (the console's overview).
+    pub fn audit_recent(&self) -> audit::recent::Hour {
+        self.inner.audit.recent()
+    }
+
     /// Whether the audit trail still takes records.
     pub fn audit_open(&self) -> bool {
         self.inner.audit.is_open()

@@ -17,6 +17,7 @@
 
 pub mod diff;
 pub mod eval;
+pub mod impact;
 pub mod locate;
 pub mod mask;
 pub mod model;

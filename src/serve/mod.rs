@@ -41,6 +41,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The bound admin address, when the admin endpoint is on.
     pub admin_addr: Option<SocketAddr>,
+    /// The bound console address (HTTPS), when the console is on.
+    pub console_addr: Option<SocketAddr>,
     /// Reload the policy by hand (tests, embedding).
     pub reloader: Arc<Reloader>,
     pub policy_version: String,
@@ -333,7 +335,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     let reloader = Arc::new(Reloader::new(&cfg.policy, gateway.clone(), up, &mask_key));
     let live_tls: tls::LiveServerConfig = Arc::new(arc_swap::ArcSwap::new(server_tls));
     let watchers = spawn_watchers(cfg, &tls_files, &live_tls, &revocations, &reloader)?;
-    let (admin_addr, admin_stop) = spawn_admin(cfg, &reloader, &gateway).await?;
+    let (admin_addr, admin_stop) = spawn_admin(cfg, &gateway).await?;
+    let (console_addr, console_stop) = spawn_console(cfg, &reloader, &gateway).await?;
     // 5. Serve: TLS ▸ HTTP/2 ▸ edge ▸ the gRPC services.
     // Refusals anyone on the network can cause (handshakes, oversized metadata): one
     // rate-limited recorder.
@@ -374,6 +377,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
             gateway,
             jwks_refresher,
             admin_stop,
+            console_stop,
             watchers,
             sweeper,
             prober,
@@ -386,6 +390,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     Ok(Running {
         addr,
         admin_addr,
+        console_addr,
         reloader,
         policy_version,
         audit_path,
@@ -575,7 +580,6 @@ fn spawn_watchers(
 /// The admin endpoint (`admin_listen`), if configured: its address, and what stops it.
 async fn spawn_admin(
     cfg: &Config,
-    reloader: &Arc<Reloader>,
     gateway: &Gateway,
 ) -> Result<(Option<SocketAddr>, oneshot::Sender<()>), StartError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -585,16 +589,44 @@ async fn spawn_admin(
     let (l, bound) = admin::bind(a)
         .await
         .map_err(|e| StartError(vec![format!("admin_listen {a}: {e}")]))?;
-    let (r, g) = (reloader.clone(), gateway.downgrade());
+    let g = gateway.downgrade();
     tokio::spawn(async move {
         let stop = async move {
             let _ = stop_rx.await;
         };
-        if let Err(e) = admin::serve(l, r, g, stop).await {
+        if let Err(e) = admin::serve(l, g, stop).await {
             tracing::error!(error = %e, "admin endpoint stopped");
         }
     });
     tracing::info!(addr = %bound, "admin endpoint listening");
+    Ok((Some(bound), stop_tx))
+}
+
+/// The console (`console.listen`, HTTPS), if configured: its address, and what stops it.
+async fn spawn_console(
+    cfg: &Config,
+    reloader: &Arc<Reloader>,
+    gateway: &Gateway,
+) -> Result<(Option<SocketAddr>, oneshot::Sender<()>), StartError> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let Some(c) = &cfg.console else {
+        return Ok((None, stop_tx));
+    };
+    let tls = crate::console::tls_config(
+        c.cert.as_deref().unwrap_or(&cfg.tls.cert),
+        c.key.as_deref().unwrap_or(&cfg.tls.key),
+        c.officer_ca.as_deref().unwrap_or(&cfg.tls.client_ca),
+    )
+    .map_err(|e| StartError(vec![format!("console: {e}")]))?;
+    let state = crate::console::ConsoleState::new(gateway.downgrade(), reloader.clone(), cfg, c)
+        .map_err(StartError)?;
+    let (l, bound) = crate::console::bind(c.listen)
+        .await
+        .map_err(|e| StartError(vec![format!("console.listen {}: {e}", c.listen)]))?;
+    tokio::spawn(crate::console::serve(l, tls, state, async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(addr = %bound, "console listening (https)");
     Ok((Some(bound), stop_tx))
 }
 
@@ -603,6 +635,7 @@ struct Background {
     gateway: Gateway,
     jwks_refresher: JoinHandle<()>,
     admin_stop: oneshot::Sender<()>,
+    console_stop: oneshot::Sender<()>,
     watchers: Watchers,
     sweeper: JoinHandle<()>,
     prober: JoinHandle<()>,
@@ -638,6 +671,7 @@ async fn stop_in_order(
         gateway,
         jwks_refresher,
         admin_stop,
+        console_stop,
         watchers,
         sweeper,
         prober,
@@ -648,6 +682,7 @@ async fn stop_in_order(
     drop(gateway);
     jwks_refresher.abort();
     let _ = admin_stop.send(());
+    let _ = console_stop.send(());
     #[cfg(unix)]
     if let Some(h) = &watchers.sighup {
         h.abort();

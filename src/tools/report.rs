@@ -755,14 +755,23 @@ svg{max-width:100%;height:auto}svg text{font-family:inherit;font-size:12px}code{
 /// One self-contained HTML page: explanation, then per period the ranking table and three
 /// charts (calls provided/consumed, denial rate by reason, availability).
 pub fn render_html(rep: &Report) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>Data sharing league table</title><style>{CSS}</style></head><body>\n\
+<h1>Data sharing league table</h1>\n{}</body></html>\n",
+        render_html_body(rep)
+    )
+}
+
+/// The page's content without the document around it and its style (the console embeds it
+/// under its own stylesheet: no inline style there).
+pub fn render_html_body(rep: &Report) -> String {
     let mut o = String::new();
     let (wc, wd, wa) = WEIGHTS;
     let _ = write!(
         o,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>Data sharing league table</title><style>{CSS}</style></head><body>\n\
-<h1>Data sharing league table</h1>\n<p class=\"note\">{}</p>\n\
+        "<p class=\"note\">{}</p>\n\
 <div class=\"box\"><p><b>How to read this page.</b> Every call between departments passes the \
 exchange gateway and leaves one record in its audit trail; this page counts them. A department \
 <b>provides</b> a call when the data asked for is one of its datasets, and <b>consumes</b> a call \
@@ -810,7 +819,6 @@ e.g. refused connections without a valid certificate: {}.</p>",
             );
         }
     }
-    o.push_str("</body></html>\n");
     o
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod console;
 pub mod db;
 pub mod delay;
 pub mod netns;
@@ -100,7 +101,7 @@ pub struct Opts {
     pub provider_silent: bool,
     pub drain_ms: Option<u64>,
     pub max_timeout_ms: Option<u64>,
-    /// Turn on the admin endpoint (on 127.0.0.1:0).
+    /// Turn on the probe port and the console (each on 127.0.0.1:0).
     pub admin: bool,
     /// Rewrite the final policy text before it is written.
     pub edit_policy: Option<fn(String) -> String>,
@@ -113,6 +114,8 @@ pub struct Harness {
     /// Where the gateway keeps its audit trail.
     pub audit_path: PathBuf,
     pub admin: Option<SocketAddr>,
+    /// The console (HTTPS), with `Opts::admin`.
+    pub console: Option<SocketAddr>,
     pub policy_path: PathBuf,
     pub reloader: std::sync::Arc<xgate::serve::reload::Reloader>,
     pub audit_dir: tempfile::TempDir,
@@ -165,6 +168,7 @@ impl Harness {
         );
         if opts.admin {
             cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            cfg.console = Some(xgate::config::Console::demo("127.0.0.1:0".parse().unwrap()));
         }
         if let Some(f) = &opts.config {
             f(&mut cfg);
@@ -180,6 +184,7 @@ impl Harness {
             audit_path: cfg.audit.dir.clone(),
             addr: running.addr,
             admin: running.admin_addr,
+            console: running.console_addr,
             policy_path,
             reloader: running.reloader.clone(),
             audit_dir,
@@ -193,6 +198,15 @@ impl Harness {
 
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// A console client signed in (on its first request) with a dev officer's certificate
+    /// (`officer-bureau`, …), or none. Needs `Opts::admin`.
+    pub fn officer(&self, stem: Option<&str>) -> console::Officer {
+        console::Officer::new(
+            self.console.expect("Opts::admin turns the console on"),
+            stem,
+        )
     }
 
     /// Channel authenticated with `dept`'s dev certificate.

@@ -194,7 +194,7 @@ class Gateway:
         self.addr: str | None = None
 
     def start(self):
-        cmd = [str(xgate_bin()), "demo", "--listen", "127.0.0.1:0", "--policy", str(self.policy),
+        cmd = [str(xgate_bin()), "demo", "--listen", "127.0.0.1:0", "--console", "127.0.0.1:0", "--policy", str(self.policy),
                "--audit-dir", str(self.audit_dir), "--certs", "certs-dev"]
         env = dict(os.environ, NO_COLOR="1")
         self._stderr = open(self.stderr_path, "wb")

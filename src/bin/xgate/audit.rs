@@ -77,7 +77,7 @@ pub(crate) struct DbArgs {
 
 impl DbArgs {
     /// A runtime and a pool, for one command.
-    fn open(&self) -> Result<Option<(tokio::runtime::Runtime, sqlx::PgPool)>, String> {
+    pub(crate) fn open(&self) -> Result<Option<(tokio::runtime::Runtime, sqlx::PgPool)>, String> {
         let Some(url) = &self.db else {
             return Ok(None);
         };

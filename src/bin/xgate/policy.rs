@@ -15,6 +15,33 @@ pub(crate) enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// What a candidate policy would do to recorded traffic: the calls of the last days
+    /// re-decided under the policy serving and under the candidate, per consumer and dataset
+    /// (now refused and why, newly allowed, fields newly masked or shown). Exit 1 if the
+    /// candidate does not pass `policy check`.
+    Impact {
+        /// The candidate policy file.
+        candidate: PathBuf,
+        /// The policy serving (default, with a warning: the demo's deploy/dev/policy.yaml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// An audit trail directory (or `--db`).
+        #[arg(long, required_unless_present = "db", conflicts_with = "db")]
+        audit: Option<PathBuf>,
+        #[command(flatten)]
+        db: super::audit::DbArgs,
+        /// From: `7d` (days back from now), a date (midnight in --zone) or RFC 3339.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Until (exclusive), as `--since`; default: now.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        zone: super::audit::ZoneArgs,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// The decision for one consumer and dataset, and the chain of rules behind it.
     Explain {
         /// The policy (default, with a warning: the demo's deploy/dev/policy.yaml).
@@ -65,6 +92,60 @@ pub(crate) fn policy_cmd(cmd: PolicyCmd) -> Result<(), String> {
                 p.file.negative_list.len(),
                 p.version
             );
+            Ok(())
+        }
+        PolicyCmd::Impact {
+            candidate,
+            policy,
+            audit,
+            db,
+            since,
+            until,
+            zone,
+            format,
+        } => {
+            if format != "table" && format != "json" {
+                return Err(format!("--format `{format}`: use table or json"));
+            }
+            let current = load_policy(&dev_default(policy, "--policy", "deploy/dev/policy.yaml"))?;
+            let next = load_policy(&candidate)?;
+            let bound = |v: &str| -> Result<Option<String>, String> {
+                match v.strip_suffix('d').and_then(|n| n.parse::<i64>().ok()) {
+                    Some(days) => Ok(Some(
+                        (time::OffsetDateTime::now_utc() - time::Duration::days(days))
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .map_err(|e| e.to_string())?,
+                    )),
+                    None => Ok(Some(v.to_owned())),
+                }
+            };
+            let from = bound(&since)?;
+            let to = until.as_deref().map(bound).transpose()?.flatten();
+            let range = xgate::tools::report::Range::parse(
+                from.as_deref(),
+                to.as_deref(),
+                &zone.resolve()?,
+            )?;
+            let impact = match (db.open()?, audit) {
+                (Some((rt, pool)), _) => rt.block_on(xgate::policy::impact::over_db(
+                    &pool, &current, &next, range.from, range.to,
+                ))?,
+                (None, Some(dir)) => {
+                    if !dir.is_dir() {
+                        return Err(format!("{}: not an audit trail directory", dir.display()));
+                    }
+                    xgate::policy::impact::over_dir(&dir, &current, &next, range.from, range.to)?
+                }
+                (None, None) => return Err("give --audit DIR or --db URL".into()),
+            };
+            if format == "json" {
+                xgate::outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&impact).map_err(|e| e.to_string())?
+                );
+            } else {
+                xgate::out!("{}", xgate::policy::impact::render_table(&impact));
+            }
             Ok(())
         }
         PolicyCmd::Diff { old, new, json } => {

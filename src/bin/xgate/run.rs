@@ -19,9 +19,12 @@ pub(crate) struct DemoArgs {
     /// Log as JSON.
     #[arg(long)]
     pub(crate) json_logs: bool,
-    /// Also serve the admin endpoint (policy status/reload, metrics) here, e.g. 127.0.0.1:9443.
+    /// Also serve the probes and metrics (`/live`, `/ready`, `/metrics`) here, e.g. 127.0.0.1:9443.
     #[arg(long, visible_alias = "admin-listen")]
     pub(crate) admin: Option<SocketAddr>,
+    /// The bureau's console and admin API (HTTPS, the dev officers' certificates), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9444")]
+    pub(crate) console: String,
     /// Audit durability: sync (record fsync'd before each response) or async.
     #[arg(long, default_value = "sync")]
     pub(crate) audit_mode: String,
@@ -205,6 +208,7 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         certs,
         json_logs,
         admin,
+        console,
         audit_mode,
         providers_only,
         providers_port_base,
@@ -214,6 +218,12 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
     let policy_path = policy.unwrap_or_else(|| locate("deploy/dev/policy.yaml"));
     let mut cfg = Config::demo(&certs, policy_path.clone(), listen, audit_dir);
     cfg.admin_listen = admin;
+    cfg.console = match console.as_str() {
+        "off" => None,
+        a => Some(xgate::config::Console::demo(a.parse().map_err(|_| {
+            format!("--console `{a}`: an address like 127.0.0.1:9444, or off")
+        })?)),
+    };
     cfg.audit.mode = match audit_mode.as_str() {
         "sync" => xgate::audit::Durability::Sync,
         "async" => xgate::audit::Durability::Async,
@@ -298,9 +308,15 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         xgate::outln!("xgate demo listening on {addr}");
         xgate::outln!("policy {} ({})", policy_path.display(), running.policy_version);
         xgate::outln!("audit trail {}", running.audit_path.display());
-        match running.admin_addr {
-            Some(a) => xgate::outln!("admin endpoint http://{a}/admin/policy (reload: POST /admin/policy/reload)"),
-            None => xgate::outln!("policy reloads when {} changes (admin endpoint: --admin 127.0.0.1:9443)", policy_path.display()),
+        if let Some(a) = running.admin_addr {
+            xgate::outln!("probes and metrics http://{a}/ready, http://{a}/metrics");
+        }
+        match running.console_addr {
+            Some(a) => xgate::outln!(
+                "console https://localhost:{}/ (sign in with certs-dev/officer-bureau.pem; docs/console.md)",
+                a.port()
+            ),
+            None => xgate::outln!("policy reloads when {} changes", policy_path.display()),
         }
         xgate::outln!();
         xgate::outln!("Try it (another terminal, from the repository root):");

@@ -1,0 +1,246 @@
+//! The console's words in Chinese (zh-CN, the default) and English, and dates in the
+//! province's zone.
+//!
+//! One table: each key with its two texts. Templates read them as `t.<key>`; a key missing
+//! from the table is a test failure (`every_template_key_is_in_the_table`), not an empty
+//! label.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Lang {
+    #[default]
+    #[serde(rename = "zh-CN")]
+    Zh,
+    #[serde(rename = "en")]
+    En,
+}
+
+impl Lang {
+    pub fn parse(s: &str) -> Option<Lang> {
+        match s {
+            "zh-CN" | "zh" => Some(Lang::Zh),
+            "en" => Some(Lang::En),
+            _ => None,
+        }
+    }
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            Lang::Zh => "zh-CN",
+            Lang::En => "en",
+        }
+    }
+}
+
+/// (key, zh-CN, en).
+pub const WORDS: &[(&str, &str, &str)] = &[
+    (
+        "console",
+        "数据共享网关 · 管理控制台",
+        "xgate · bureau console",
+    ),
+    ("overview", "概览", "Overview"),
+    ("catalogue", "资源目录", "Catalogue"),
+    ("departments", "部门", "Departments"),
+    ("department", "部门", "Department"),
+    ("explain", "决策解释", "Explain"),
+    ("preview", "变更预演", "Change preview"),
+    ("audit", "审计查询", "Audit search"),
+    ("league", "共享排行", "League table"),
+    ("signout", "退出", "Sign out"),
+    ("signed_in_as", "当前用户", "Signed in as"),
+    ("role_bureau", "数据局", "Data bureau"),
+    (
+        "role_dept_admin",
+        "部门数据管理员",
+        "Department data administrator",
+    ),
+    ("role_auditor", "审计员", "Auditor"),
+    ("other_lang", "English", "中文"),
+    ("policy_version", "策略版本", "Policy version"),
+    ("loaded_at", "加载时间", "Loaded at"),
+    ("loaded_by", "触发方式", "Triggered by"),
+    (
+        "last_failed_reload",
+        "最近一次失败的重载",
+        "Last failed reload",
+    ),
+    ("no_failed_reload", "无失败的重载", "No failed reload"),
+    ("providers", "数据提供方", "Providers"),
+    ("provider", "提供方", "Provider"),
+    ("healthy", "正常", "healthy"),
+    ("down", "不可用", "down"),
+    ("last_hour", "最近一小时", "Last hour"),
+    ("calls", "调用", "Calls"),
+    ("allowed", "允许", "Allowed"),
+    ("denied", "拒绝", "Denied"),
+    ("rate_limited", "限流拒绝", "Rate-limited"),
+    ("denials_by_reason", "按原因的拒绝", "Denials by reason"),
+    ("reason", "原因", "Reason"),
+    ("count", "次数", "Count"),
+    ("audit_trail", "审计日志", "Audit trail"),
+    ("writable", "可写", "writable"),
+    (
+        "not_writable",
+        "不可写（调用被拒绝）",
+        "not writable (calls refused)",
+    ),
+    ("queue", "待写队列", "Queue"),
+    (
+        "shipping",
+        "汇集到全省库",
+        "Shipping to the province database",
+    ),
+    (
+        "not_shipping",
+        "未配置（仅本地文件）",
+        "not configured (local files only)",
+    ),
+    ("lag", "延迟", "Behind"),
+    ("records", "条记录", "records"),
+    ("seconds", "秒", "seconds"),
+    ("search", "搜索", "Search"),
+    ("dataset", "数据集", "Dataset"),
+    ("datasets", "数据集", "Datasets"),
+    ("owner", "所属部门", "Owner"),
+    ("share_type", "共享类型", "Share type"),
+    ("fields", "字段", "Fields"),
+    ("field", "字段", "Field"),
+    ("sensitivity", "敏感级别", "Sensitivity"),
+    ("default_mask", "默认脱敏", "Default mask"),
+    ("grant_holders", "授权使用方", "Grant holders"),
+    ("negative_list", "负面清单", "Negative list"),
+    ("none", "无", "none"),
+    ("provides", "提供的数据集", "Datasets it provides"),
+    ("consumes", "使用的数据集", "Datasets it consumes"),
+    ("grants_in", "他人对其数据的授权", "Grants on its datasets"),
+    ("grants_out", "其获得的授权", "Its own grants"),
+    ("grant", "授权", "Grant"),
+    ("consumer", "使用部门", "Consumer"),
+    ("system", "系统", "System"),
+    ("purposes", "用途", "Purposes"),
+    ("purpose", "用途", "Purpose"),
+    ("masks", "脱敏", "Masks"),
+    ("row_scope", "行范围", "Row scope"),
+    ("validity", "有效期", "Validity"),
+    ("approval_ref", "审批文号", "Approval reference"),
+    ("limits", "限额", "Limits"),
+    ("quota_use", "今日配额用量", "Quota use today"),
+    ("league_row", "排行榜中的位置", "League-table row"),
+    ("decision", "决定", "Decision"),
+    ("rules", "规则链", "Chain of rules"),
+    ("step", "步骤", "Step"),
+    ("result", "结果", "Result"),
+    ("explain_go", "解释", "Explain"),
+    ("allow", "允许", "allow"),
+    ("deny", "拒绝", "deny"),
+    (
+        "fields_hint",
+        "逗号分隔；留空表示全部",
+        "comma-separated; empty for all",
+    ),
+    ("since", "起始", "Since"),
+    ("until", "截止", "Until"),
+    ("status", "状态", "Status"),
+    (
+        "subject",
+        "数据主体（身份证号等）",
+        "Data subject (id number etc.)",
+    ),
+    (
+        "subject_recorded",
+        "按数据主体查询本身会被记录在审计日志中。",
+        "A search by data subject is itself recorded on the audit trail.",
+    ),
+    ("export_csv", "导出 CSV", "Export CSV"),
+    ("time", "时间", "Time"),
+    ("rows", "行数", "Rows"),
+    ("source", "数据来源", "Source"),
+    ("source_db", "全省审计库", "the province database"),
+    (
+        "source_dir",
+        "本网关的本地日志",
+        "this gateway's local trail",
+    ),
+    ("matches", "条匹配", "matches"),
+    ("shown_first", "仅显示前", "showing the first"),
+    ("candidate", "候选策略（YAML）", "Candidate policy (YAML)"),
+    ("upload", "或上传文件", "or upload a file"),
+    ("days", "回放天数", "Days of traffic"),
+    ("preview_go", "预演", "Preview"),
+    ("check_errors", "策略检查错误", "Policy check errors"),
+    (
+        "check_ok",
+        "策略检查通过",
+        "The candidate passes the policy check",
+    ),
+    ("changes", "变更内容", "What changes"),
+    ("no_changes", "与当前策略相同", "Same as the policy serving"),
+    ("impact", "对已记录流量的影响", "Impact on recorded traffic"),
+    ("replayed", "回放的调用", "calls replayed"),
+    ("now_refused", "将被拒绝", "Now refused"),
+    ("newly_allowed", "新允许", "Newly allowed"),
+    ("newly_masked", "新脱敏字段", "Fields newly masked"),
+    ("newly_shown", "新显示字段", "Fields newly shown"),
+    ("new_reason", "新的拒绝原因", "New reason"),
+    (
+        "no_impact",
+        "回放的调用结果不变",
+        "No replayed call changes",
+    ),
+    ("forbidden", "无权访问", "Not allowed"),
+    (
+        "forbidden_why",
+        "您的角色不能使用此页面。此次访问已记录。",
+        "Your role may not use this page. The attempt is recorded.",
+    ),
+    (
+        "unauthenticated",
+        "需要官员证书",
+        "An officer certificate is needed",
+    ),
+    (
+        "unauthenticated_why",
+        "请使用政务 CA 签发的官员证书登录。此次访问已记录。",
+        "Sign in with your officer certificate from the government CA. The attempt is recorded.",
+    ),
+    (
+        "not_officer",
+        "此证书未登记为控制台官员",
+        "This certificate is not registered as a console officer",
+    ),
+    ("not_found", "未找到", "Not found"),
+    ("score", "得分", "Score"),
+    ("period", "周期", "Period"),
+    ("back", "返回", "Back"),
+    ("bad_request", "请求有误", "Bad request"),
+    (
+        "session_expired",
+        "会话已失效，请刷新页面后重试。",
+        "The form is stale (its session ended): reload the page and try again.",
+    ),
+];
+
+/// The words of `lang`, by key.
+pub fn words(lang: Lang) -> BTreeMap<&'static str, &'static str> {
+    WORDS
+        .iter()
+        .map(|(k, zh, en)| (*k, if lang == Lang::Zh { *zh } else { *en }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (k, _, _) in WORDS {
+            assert!(seen.insert(k), "{k} twice");
+        }
+    }
+}
