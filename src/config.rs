@@ -860,6 +860,25 @@ impl Config {
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
             errs.push("trust_domain: must be a host-like name such as `zj.gov.example`".into());
         }
+        if let Some(c) = &self.console {
+            for (name, p) in [
+                ("console.cert", &c.cert),
+                ("console.key", &c.key),
+                ("console.officer_ca", &c.officer_ca),
+            ] {
+                if let Some(p) = p
+                    && let Err(e) = std::fs::metadata(p)
+                {
+                    errs.push(format!("{name}: {}: {e}", p.display()));
+                }
+            }
+            if let Err(e) = crate::console::auth::Officers::new(&c.officers) {
+                errs.extend(e);
+            }
+            if crate::console::i18n::Lang::parse(&c.lang).is_none() {
+                errs.push(format!("console.lang `{}`: zh-CN or en", c.lang));
+            }
+        }
         if let Some(p) = &self.jwt.jwks
             && let Err(e) = std::fs::metadata(p)
         {

@@ -163,6 +163,15 @@ fn config_check_validates_everything_the_config_names() {
         .replace(
             "pseudonym_key_file: ../../certs-dev/pseudonym.key",
             "pseudonym_key_file: ../../certs-dev/no-such.key",
+        )
+        // A department administrator of no department, and an auditor with one.
+        .replace(
+            "role: dept_admin, department: civil-affairs }",
+            "role: dept_admin }",
+        )
+        .replace(
+            "subject: auditor-zhao, role: auditor }",
+            "subject: auditor-zhao, role: auditor, department: health }",
         );
     let path = root.join(format!("deploy/dev/check-{}.yaml", std::process::id()));
     std::fs::write(&path, bad).unwrap();
@@ -171,6 +180,14 @@ fn config_check_validates_everything_the_config_names() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such.pem"), "{err}");
+    assert!(
+        err.contains("(civil-affairs-admin-wang): a dept_admin needs `department`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(auditor-zhao): only a dept_admin has a `department`"),
+        "{err}"
+    );
 }
 
 /// Two demos side by side: `--providers-port-base 0` moves the second one's sample providers

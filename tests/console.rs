@@ -555,3 +555,26 @@ async fn audit_search_by_subject_is_for_auditors_recorded_and_exports_csv() {
     }));
     assert!(!serde_json::to_string(&recs).unwrap().contains(id));
 }
+
+/// What the policy says is shown escaped: a title with markup is text, not markup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_text_is_escaped_on_the_page() {
+    fn hostile(p: String) -> String {
+        p.replacen(
+            "title: ",
+            "title: \"<script>alert('x')</script><b>bold</b>\" # ",
+            1,
+        )
+    }
+    let h = Harness::start(Opts {
+        admin: true,
+        edit_policy: Some(hostile),
+        ..Opts::default()
+    })
+    .await;
+    let r = h.officer(Some("officer-bureau")).get("/catalogue").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("<script>alert"), "{}", r.body);
+    assert!(r.body.contains("&lt;script&gt;alert("), "{}", r.body);
+    assert!(!r.body.contains("<b>bold</b>"));
+}

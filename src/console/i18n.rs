@@ -71,6 +71,7 @@ pub const WORDS: &[(&str, &str, &str)] = &[
     ("no_failed_reload", "无失败的重载", "No failed reload"),
     ("providers", "数据提供方", "Providers"),
     ("provider", "提供方", "Provider"),
+    ("endpoints", "端点", "Endpoints"),
     ("healthy", "正常", "healthy"),
     ("down", "不可用", "down"),
     ("last_hour", "最近一小时", "Last hour"),
@@ -235,6 +236,33 @@ pub fn words(lang: Lang) -> BTreeMap<&'static str, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `t.key` a template reads is in the table (a missing one would render as an
+    /// error page under strict undefined behaviour).
+    #[test]
+    fn every_template_key_is_in_the_table() {
+        let keys: std::collections::HashSet<&str> = WORDS.iter().map(|w| w.0).collect();
+        for (name, body) in super::super::templates::TEMPLATES {
+            let mut rest = *body;
+            while let Some(at) = rest.find("t.") {
+                let before = rest[..at].chars().last();
+                rest = &rest[at + 2..];
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue;
+                }
+                let key: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !key.is_empty() {
+                    assert!(
+                        keys.contains(key.as_str()),
+                        "{name}: t.{key} is not in WORDS"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn keys_are_unique() {

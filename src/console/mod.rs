@@ -20,7 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod i18n;
 pub mod pages;
-mod templates;
+pub(crate) mod templates;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -183,6 +183,15 @@ pub async fn check(cfg: &Config) -> Result<Checked, StartError> {
     let up = UpstreamTls::load(&cfg.upstream, cfg.limits.max_message_bytes)
         .map_err(|e| errs.push(format!("upstream: {e}")))
         .ok();
+    if let Some(c) = &cfg.console
+        && let Err(e) = crate::console::tls_config(
+            c.cert.as_deref().unwrap_or(&cfg.tls.cert),
+            c.key.as_deref().unwrap_or(&cfg.tls.key),
+            c.officer_ca.as_deref().unwrap_or(&cfg.tls.client_ca),
+        )
+    {
+        errs.push(format!("console: {e}"));
+    }
     let mask_key = match &cfg.pseudonym_key_file {
         None => MaskKey::none(),
         Some(p) => MaskKey::load(p).unwrap_or_else(|e| {
