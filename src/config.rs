@@ -85,6 +85,11 @@ pub struct Console {
     /// A session idle this long ends.
     #[serde(default = "default_session_idle")]
     pub session_idle_minutes: u64,
+    /// The console may replace the policy file: a change one bureau officer proposes and a
+    /// second approves (docs/console.md). Off: the file's source of truth is elsewhere
+    /// (GitOps, a ConfigMap) and the console only previews.
+    #[serde(default)]
+    pub policy_managed: bool,
 }
 
 impl Console {
@@ -96,6 +101,7 @@ impl Console {
             subject: subject.into(),
             role,
             department: department.map(str::to_owned),
+            fingerprint: None,
         };
         Console {
             listen,
@@ -115,6 +121,7 @@ impl Console {
             ],
             lang: default_console_lang(),
             session_idle_minutes: default_session_idle(),
+            policy_managed: false,
         }
     }
 }

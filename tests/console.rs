@@ -42,6 +42,12 @@ async fn each_role_sees_what_it_may_and_is_refused_elsewhere_on_the_record() {
     // A consumer system's certificate is no officer either.
     let r = h.officer(Some("civil-affairs")).get("/overview").await;
     assert_eq!(r.status, 403);
+    // An unknown path is a 404 page for anyone (not an error naming internals).
+    for who in [None, Some("officer-bureau")] {
+        let r = h.officer(who).get("/no/such/page").await;
+        assert_eq!(r.status, 404, "{}", r.body);
+        assert!(r.body.contains("未找到"), "{}", r.body);
+    }
 
     let cases: &[(&str, &[(&str, u16)])] = &[
         (
@@ -225,6 +231,16 @@ async fn cookies_headers_and_csrf() {
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_ne!(chen.cookie, li.cookie, "a new session, not Li's");
+    // An API client (no cookie, `x-requested-by`) keeps no session.
+    let mut api = h.officer(Some("officer-bureau"));
+    let r = api
+        .send("GET", "/admin/policy", &[("x-requested-by", "ops")], None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("set-cookie").is_none(),
+        "no session for an API call"
+    );
     // Signing out ends the session.
     let r = li.post_form("/signout", &[("csrf", &token)]).await;
     assert_eq!(r.status, 200);
@@ -577,4 +593,184 @@ async fn policy_text_is_escaped_on_the_page() {
     assert!(!r.body.contains("<script>alert"), "{}", r.body);
     assert!(r.body.contains("&lt;script&gt;alert("), "{}", r.body);
     assert!(!r.body.contains("<b>bold</b>"));
+}
+
+/// Where the console manages the policy file: one bureau officer proposes, a second approves,
+/// the file is replaced and reloaded, and both names are on the trail. The proposer cannot
+/// approve; a proposal made against a policy no longer serving cannot be approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_needs_a_second_bureau_officer() {
+    let mut h = Harness::start(Opts {
+        admin: true,
+        config: Some(std::sync::Arc::new(|c: &mut xgate::config::Config| {
+            c.watch_policy = false;
+            if let Some(console) = c.console.as_mut() {
+                console.policy_managed = true;
+            }
+        })),
+        ..Opts::default()
+    })
+    .await;
+    let current = std::fs::read_to_string(&h.policy_path).unwrap();
+    let v0 = h.reloader.status().version;
+    let tighter = current.replacen(
+        "purposes: [subsidy-eligibility, minimum-living-allowance]",
+        "purposes: [subsidy-eligibility]",
+        1,
+    );
+    assert_ne!(tighter, current);
+    let mut li = h.officer(Some("officer-bureau"));
+    let token = li.get("/preview").await.csrf();
+    // The preview offers the proposal; proposing lists it.
+    let r = li
+        .post_form(
+            "/preview",
+            &[("csrf", &token), ("candidate", &tighter), ("days", "1")],
+        )
+        .await;
+    assert!(r.body.contains("id=\"propose\""), "{}", r.body);
+    let r = li
+        .post_form("/proposals", &[("csrf", &token), ("candidate", &tighter)])
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let list = li.get("/proposals").await.body;
+    let id = between(&list, "id=\"proposal-", "\"").to_owned();
+    assert!(
+        list.contains("minimum-living-allowance"),
+        "the change in words: {list}"
+    );
+    // The proposer cannot approve it.
+    let r = li
+        .post_form(&format!("/proposals/{id}/approve"), &[("csrf", &token)])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(std::fs::read_to_string(&h.policy_path).unwrap(), current);
+    // A department administrator cannot even see the list.
+    assert_eq!(
+        h.officer(Some("officer-civil-affairs"))
+            .get("/proposals")
+            .await
+            .status,
+        403
+    );
+    // A second bureau officer approves: the file is the candidate, and it serves.
+    let mut chen = h.officer(Some("officer-bureau-2"));
+    let token2 = chen.get("/proposals").await.csrf();
+    let r = chen
+        .post_form(&format!("/proposals/{id}/approve"), &[("csrf", &token2)])
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(std::fs::read_to_string(&h.policy_path).unwrap(), tighter);
+    let v1 = h.reloader.status().version;
+    assert_ne!(v1, v0);
+    // A proposal made against v0 before that: stale now, refused.
+    let other = current.replacen(
+        "approval_ref: ZJ-DSB-2026-014",
+        "approval_ref: ZJ-DSB-2026-777",
+        1,
+    );
+    let token = li.get("/proposals").await.csrf();
+    li.post_form("/proposals", &[("csrf", &token), ("candidate", &other)])
+        .await;
+    // (Proposed against v1, which serves: make it stale by approving another first.)
+    let third = tighter.replacen(
+        "approval_ref: ZJ-DSB-2026-014",
+        "approval_ref: ZJ-DSB-2026-888",
+        1,
+    );
+    let mut chen_list = chen.get("/proposals").await.body;
+    let stale_id = between(&chen_list, "id=\"proposal-", "\"").to_owned();
+    chen.post_form("/proposals", &[("csrf", &token2), ("candidate", &third)])
+        .await;
+    chen_list = li.get("/proposals").await.body;
+    let third_id = chen_list
+        .split("id=\"proposal-")
+        .skip(1)
+        .map(|s| s[..s.find('"').unwrap()].to_owned())
+        .find(|x| *x != stale_id)
+        .unwrap();
+    let r = li
+        .post_form(
+            &format!("/proposals/{third_id}/approve"),
+            &[("csrf", &token)],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let r = chen
+        .post_form(
+            &format!("/proposals/{stale_id}/approve"),
+            &[("csrf", &token2)],
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(std::fs::read_to_string(&h.policy_path).unwrap(), third);
+
+    let recs = h.stop_all().await;
+    let approved = admin_records(&recs, "policy.approved");
+    assert_eq!(approved.len(), 2, "{approved:#?}");
+    let d = approved[0]["detail"].as_str().unwrap();
+    assert!(
+        d.contains("by 李明 (certificate bureau-officer-li) approved by 陈静 (certificate bureau-officer-chen)"),
+        "{d}"
+    );
+    assert_eq!(approved[0]["from_version"], v0.as_str());
+    assert_eq!(approved[0]["policy_version"], v1.as_str());
+    assert_eq!(admin_records(&recs, "policy.proposed").len(), 3);
+    let reload = admin_records(&recs, "policy.reload");
+    assert!(
+        reload[0]["actor"]
+            .as_str()
+            .unwrap()
+            .contains("approving proposal"),
+        "{reload:#?}"
+    );
+    let denied = admin_records(&recs, "console.denied");
+    assert!(denied.iter().any(|r| {
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the proposer cannot approve their own proposal")
+    }));
+    assert!(denied.iter().any(|r| {
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("-> 409: proposed against")
+    }));
+}
+
+/// Anyone can knock without a certificate: those refusals are recorded up to a rate, and the
+/// rest counted into the next record, so the console cannot be used to flood the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_strangers_are_rate_limited_on_the_trail() {
+    let mut h = console().await;
+    let t0 = std::time::Instant::now();
+    let long = format!("/departments/{}", "x".repeat(5000));
+    for _ in 0..250 {
+        assert_eq!(h.officer(None).get(&long).await.status, 401);
+    }
+    let took = t0.elapsed();
+    let recs = h.stop_all().await;
+    let denied = admin_records(&recs, "console.denied");
+    let counted: u64 = denied
+        .iter()
+        .filter_map(|r| {
+            let d = r["detail"].as_str()?;
+            let (_, rest) = d.split_once("(+")?;
+            rest.split_once(' ')?.0.parse::<u64>().ok()
+        })
+        .sum();
+    let cap = 100.0 + 20.0 * took.as_secs_f64() + 1.0;
+    assert!(
+        denied.len() as f64 <= cap,
+        "{} records in {took:?}",
+        denied.len()
+    );
+    assert!(denied.len() as u64 + counted <= 250);
+    assert!(
+        denied
+            .iter()
+            .all(|r| r["detail"].as_str().unwrap().len() < 400),
+        "the caller's path is cut short"
+    );
 }

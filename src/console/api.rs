@@ -15,6 +15,9 @@ use axum::{
 
 use super::{Actor, ConsoleState, auth::Session};
 
+/// Records one answer holds at most (`x-xgate-truncated: N of M` says when there were more).
+const API_MAX: usize = 10_000;
+
 pub async fn policy_status(State(s): State<ConsoleState>) -> Response {
     Json(s.reloader.status()).into_response()
 }
@@ -57,8 +60,16 @@ pub async fn audit_search(
     Extension(actor): Extension<Actor>,
     Query(q): Query<super::pages::AuditQuery>,
 ) -> Response {
-    match super::pages::search(&s, &session, &actor, &q).await {
-        Ok(records) => Json(records).into_response(),
+    match super::pages::search(&s, &session, &actor, &q, API_MAX).await {
+        Ok((records, matched)) => {
+            let mut r = Json(&records).into_response();
+            if matched > records.len() as u64
+                && let Ok(v) = format!("{} of {matched}", records.len()).parse()
+            {
+                r.headers_mut().insert("x-xgate-truncated", v);
+            }
+            r
+        }
         Err(e) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({ "error": e })),

@@ -56,6 +56,10 @@ pub struct Officer {
     /// The department a `dept_admin` administers.
     #[serde(default)]
     pub department: Option<String>,
+    /// `sha256:` + hex of the officer's certificate (DER): when set, only that certificate
+    /// signs in as this officer, whatever else the CA issued with the same CN.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// The configured officers, by certificate subject.
@@ -92,8 +96,13 @@ impl Officers {
         }
     }
 
-    pub fn get(&self, subject: &str) -> Option<&Officer> {
-        self.0.get(subject)
+    /// The officer a certificate with this CN and fingerprint signs in as.
+    pub fn get(&self, subject: &str, fingerprint: &str) -> Option<&Officer> {
+        self.0.get(subject).filter(|o| {
+            o.fingerprint
+                .as_deref()
+                .is_none_or(|f| f.eq_ignore_ascii_case(fingerprint))
+        })
     }
 }
 
@@ -156,6 +165,23 @@ fn random_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+impl Session {
+    /// A session for one request of an API client (no cookie): not kept, no CSRF token.
+    pub fn transient(officer: Officer, fingerprint: String, lang: super::i18n::Lang) -> Session {
+        Session {
+            id: String::new(),
+            officer,
+            fingerprint,
+            csrf: String::new(),
+            lang,
+            last_seen: Instant::now(),
+        }
+    }
+}
+
+/// Sessions kept at most; past it, the longest idle goes.
+const MAX_SESSIONS: usize = 10_000;
+
 impl Sessions {
     pub fn new(idle: Duration) -> Sessions {
         Sessions {
@@ -187,10 +213,18 @@ impl Sessions {
             lang,
             last_seen: Instant::now(),
         };
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(s.id.clone(), s.clone());
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        map.retain(|_, x| now.duration_since(x.last_seen) < self.idle);
+        if map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, x)| x.last_seen)
+                .map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(s.id.clone(), s.clone());
         s
     }
 
@@ -272,7 +306,7 @@ pub fn csrf_ok(
     had_cookie: bool,
 ) -> bool {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Some(s) = session {
+    if let Some(s) = session.filter(|s| !s.csrf.is_empty()) {
         let given = form_token.or_else(|| header("x-csrf-token"));
         if given.is_some_and(|g| constant_eq(g.as_bytes(), s.csrf.as_bytes())) {
             return true;
@@ -325,6 +359,7 @@ mod tests {
             subject: "li".into(),
             role: Role::Bureau,
             department: None,
+            fingerprint: None,
         };
         let open = s.open(o, "sha256:aa".into(), Default::default());
         assert!(s.get(&open.id, "sha256:aa").is_some());
@@ -345,6 +380,7 @@ mod tests {
                 subject: "li".into(),
                 role: Role::Bureau,
                 department: None,
+                fingerprint: None,
             },
             "sha256:aa".into(),
             Default::default(),

@@ -218,6 +218,51 @@ pub const WORDS: &[(&str, &str, &str)] = &[
     ("period", "周期", "Period"),
     ("back", "返回", "Back"),
     ("bad_request", "请求有误", "Bad request"),
+    ("proposals", "待审批变更", "Proposals"),
+    (
+        "propose",
+        "提交审批（需另一位数据局官员批准）",
+        "Propose (a second bureau officer approves)",
+    ),
+    ("approve", "批准并生效", "Approve and apply"),
+    ("withdraw", "撤回", "Withdraw"),
+    ("proposed_by", "提出人", "Proposed by"),
+    ("no_proposals", "没有待审批的变更", "No open proposals"),
+    (
+        "own_proposal",
+        "您本人提出的变更须由另一位官员批准",
+        "Your own proposal: another officer approves it",
+    ),
+    (
+        "stale",
+        "已过期：当前生效的策略已变化",
+        "Stale: another policy is serving now",
+    ),
+    (
+        "not_managed",
+        "此部署的策略文件不由控制台管理（GitOps / ConfigMap），控制台只做预演。",
+        "This deployment's policy file is not managed by the console (GitOps / ConfigMap): the console previews only.",
+    ),
+    (
+        "too_many_proposals",
+        "待审批变更过多，请先处理已有的。",
+        "Too many open proposals: decide the ones there first.",
+    ),
+    (
+        "second_officer",
+        "变更须由提出人以外的另一位数据局官员批准。此次尝试已记录。",
+        "A change is approved by a bureau officer other than its proposer. The attempt is recorded.",
+    ),
+    (
+        "stale_proposal",
+        "该变更基于旧版本策略提出，而当前生效的策略已不同：请重新预演并提交。",
+        "The proposal was made against another policy version than the one serving: preview and propose it again.",
+    ),
+    (
+        "write_failed",
+        "策略文件写入失败（已记录），未做任何更改。",
+        "The policy file could not be written (logged); nothing changed.",
+    ),
     (
         "session_expired",
         "会话已失效，请刷新页面后重试。",

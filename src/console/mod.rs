@@ -20,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod i18n;
 pub mod pages;
+pub mod proposals;
 pub(crate) mod templates;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -54,6 +55,14 @@ pub struct ConsoleState {
     pub audit_dir: std::path::PathBuf,
     /// The policy file (the change preview compares the candidate with it).
     pub policy_path: std::path::PathBuf,
+    /// Whether a proposal approved by a second bureau officer may replace the policy file.
+    pub policy_managed: bool,
+    pub proposals: Arc<proposals::Proposals>,
+    /// The rate of refusal records for callers not signed in, and the count past it.
+    refusals: Arc<(
+        governor::DefaultDirectRateLimiter,
+        std::sync::atomic::AtomicU64,
+    )>,
 }
 
 impl ConsoleState {
@@ -80,6 +89,15 @@ impl ConsoleState {
             default_lang,
             audit_dir: cfg.audit.dir.clone(),
             policy_path: cfg.policy.clone(),
+            policy_managed: console.policy_managed,
+            proposals: proposals::new(),
+            refusals: Arc::new((
+                governor::RateLimiter::direct(
+                    governor::Quota::per_second(crate::limits::nonzero(20))
+                        .allow_burst(crate::limits::nonzero(100)),
+                ),
+                std::sync::atomic::AtomicU64::new(0),
+            )),
         })
     }
 }
@@ -97,17 +115,22 @@ pub fn app(state: ConsoleState) -> Router {
         .route("/audit", get(pages::audit))
         .route("/audit/export.csv", get(pages::audit_csv))
         .route("/league", get(pages::league))
+        .route("/proposals", get(proposals::list).post(proposals::propose))
+        .route("/proposals/{id}/approve", post(proposals::approve))
+        .route("/proposals/{id}/withdraw", post(proposals::withdraw))
         .route("/lang", post(pages::set_lang))
         .route("/signout", post(pages::signout))
         .route("/admin/policy", get(api::policy_status))
         .route("/admin/policy/reload", post(api::policy_reload))
         .route("/admin/audit/search", get(api::audit_search))
-        .fallback(pages::not_found)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM));
     Router::new()
         .route("/static/console.css", get(templates::css))
         .route("/static/console.js", get(templates::js))
         .merge(guarded)
+        // (Outside the guard: an unknown path says 404 to anyone, signed in or not.)
+        .fallback(pages::not_found)
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -124,24 +147,21 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
         .unwrap_or_default();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let what = format!("{method} {path}");
+    // (The path is the caller's: bounded before it goes anywhere.)
+    let what = format!("{method} {}", truncate(&path, 200));
     let from = peer.addr.map(|a| format!(" from {a}")).unwrap_or_default();
     let lang = s.default_lang;
     let (Some(fingerprint), Some(subject)) = (peer.fingerprint.clone(), peer.subject.clone())
     else {
-        s.record(
-            "console.denied",
+        s.record_refusal(
             &format!("no certificate{from}"),
-            false,
             format!("{what} -> 401: no officer certificate"),
         );
         return pages::refusal(&s, lang, StatusCode::UNAUTHORIZED, "unauthenticated_why");
     };
-    let Some(officer) = s.officers.get(&subject).cloned() else {
-        s.record(
-            "console.denied",
+    let Some(officer) = s.officers.get(&subject, &fingerprint).cloned() else {
+        s.record_refusal(
             &format!("certificate {subject} ({fingerprint}){from}"),
-            false,
             format!("{what} -> 403: not a console officer"),
         );
         return pages::refusal(&s, lang, StatusCode::FORBIDDEN, "not_officer");
@@ -149,8 +169,14 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
     let cookie_id = auth::session_id(req.headers());
     let had_cookie = cookie_id.is_some();
     let existing = cookie_id.and_then(|id| s.sessions.get(&id, &fingerprint));
+    // An API client (no cookie, `x-requested-by`) is signed in per request: no session kept.
+    let api_client = !had_cookie && req.headers().contains_key("x-requested-by");
     let (session, opened) = match existing {
         Some(x) => (x, false),
+        None if api_client => (
+            auth::Session::transient(officer, fingerprint, s.default_lang),
+            false,
+        ),
         None => (s.sessions.open(officer, fingerprint, s.default_lang), true),
     };
     let actor = actor(&session, &from);
@@ -264,7 +290,34 @@ fn form_field(headers: &axum::http::HeaderMap, body: &[u8], name: &str) -> Optio
         .map(|(_, v)| v.into_owned())
 }
 
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 impl ConsoleState {
+    /// A refusal of someone not signed in (anyone on the network can cause one): recorded up
+    /// to 20 a second (bursts of 100); past that counted, and the count added to the next one
+    /// recorded. The trail cannot be flooded through the console.
+    fn record_refusal(&self, actor: &str, detail: String) {
+        use std::sync::atomic::Ordering;
+        if self.refusals.0.check().is_err() {
+            self.refusals.1.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let n = self.refusals.1.swap(0, Ordering::Relaxed);
+        let detail = if n > 0 {
+            format!(
+                "{detail} (+{n} similar refusals since the last record, not recorded one by one)"
+            )
+        } else {
+            detail
+        };
+        self.record("console.denied", actor, false, detail);
+    }
+
     /// An admin record on the gateway's trail.
     fn record(&self, action: &str, actor: &str, done: bool, detail: String) {
         if let Some(gw) = self.gateway.upgrade() {

@@ -26,7 +26,7 @@ use crate::policy::{
 };
 
 /// A rendered page (or, if the template fails — a defect — a plain 500 that says so).
-fn render(s: &ConsoleState, name: &str, lang: Lang, ctx: Value) -> Response {
+pub(super) fn render(s: &ConsoleState, name: &str, lang: Lang, ctx: Value) -> Response {
     match s.templates.get_template(name).and_then(|t| t.render(ctx)) {
         Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
         Err(e) => {
@@ -72,11 +72,15 @@ fn nav(session: &Session, current: &str) -> Vec<Value> {
 }
 
 /// The context every page has: words, who is signed in, the CSRF token, the navigation.
-fn base(s: &ConsoleState, session: &Session, current: &str) -> Value {
+pub(super) fn base(s: &ConsoleState, session: &Session, current: &str) -> Value {
     let policy_version = s
         .gateway
         .upgrade()
         .map(|g| g.snapshot().policy.version.clone());
+    let mut nav = nav(session, current);
+    if s.policy_managed && session.officer.role == Role::Bureau {
+        nav.push(context! { current => current == "/proposals", href => "/proposals", key => "proposals" });
+    }
     context! {
         lang => session.lang.tag(),
         other_lang => if session.lang == Lang::Zh { "en" } else { "zh-CN" },
@@ -87,7 +91,7 @@ fn base(s: &ConsoleState, session: &Session, current: &str) -> Value {
             department => session.officer.department,
         },
         csrf => session.csrf,
-        nav => nav(session, current),
+        nav => nav,
         zone => zone_label(s),
         policy_version,
     }
@@ -147,17 +151,23 @@ pub async fn home(Extension(session): Extension<Session>) -> Redirect {
         Role::Bureau => Redirect::to("/overview"),
         Role::DeptAdmin => Redirect::to(&format!(
             "/departments/{}",
-            session.officer.department.as_deref().unwrap_or("")
+            form_urlencoded::byte_serialize(
+                session
+                    .officer
+                    .department
+                    .as_deref()
+                    .unwrap_or("")
+                    .as_bytes()
+            )
+            .collect::<String>()
         )),
         Role::Auditor => Redirect::to("/audit"),
     }
 }
 
-pub async fn not_found(
-    State(s): State<ConsoleState>,
-    Extension(session): Extension<Session>,
-) -> Response {
-    refusal(&s, session.lang, StatusCode::NOT_FOUND, "not_found")
+/// Any path the console does not have (outside the guard: the same 404 for everyone).
+pub async fn not_found(State(s): State<ConsoleState>) -> Response {
+    refusal(&s, s.default_lang, StatusCode::NOT_FOUND, "not_found")
 }
 
 pub async fn set_lang(
@@ -261,7 +271,7 @@ pub async fn overview(
 }
 
 /// An RFC 3339 time shown in the province's zone (`2026-12-01 20:41:55`).
-fn local_time(s: &ConsoleState, t: &str) -> String {
+pub(super) fn local_time(s: &ConsoleState, t: &str) -> String {
     use time::format_description::well_known::Rfc3339;
     match time::OffsetDateTime::parse(t, &Rfc3339) {
         Ok(x) => {
@@ -351,8 +361,14 @@ pub async fn catalogue(
                 id => owner,
                 name => p.department(owner).map_or(owner.to_owned(), |d| d.name.clone()),
                 datasets => ds.iter().map(|d| {
+                    // Who holds grants on a dataset is its owner's (and the bureau's) to see;
+                    // a consumer sees its own.
+                    let sees_all = session.officer.role == Role::Bureau
+                        || session.officer.department.as_deref() == Some(d.owner.as_str());
                     let holders: BTreeSet<&str> = p.file.grants.iter()
-                        .filter(|g| g.dataset == d.id).map(|g| g.consumer.as_str()).collect();
+                        .filter(|g| g.dataset == d.id)
+                        .filter(|g| sees_all || session.officer.department.as_deref() == Some(g.consumer.as_str()))
+                        .map(|g| g.consumer.as_str()).collect();
                     context! {
                         id => d.id, title => d.title, description => d.description,
                         share_type => named(&d.share_type),
@@ -477,7 +493,12 @@ pub async fn department(
         .filter(|g| g.consumer == id)
         .map(|g| grant_row(&gw, g))
         .collect();
-    let league = league_row(&s, p, &id);
+    let league = {
+        let (s2, p2, id2) = (s.clone(), snap.policy.clone(), id.clone());
+        tokio::task::spawn_blocking(move || league_row(&s2, &p2, &id2))
+            .await
+            .unwrap_or_default()
+    };
     let ctx = context! {
         ..base(&s, &session, &format!("/departments/{id}")),
         ..context! {
@@ -611,15 +632,25 @@ pub async fn explain(
     let own = session.officer.department.clone();
     let asked = !q.dataset.is_empty() && !q.consumer.is_empty();
     // A department administrator explains its own calls, or calls to its own datasets.
+    // (For its own calls, only on datasets the catalogue shows it: an explanation names the
+    // dataset's fields and masks.)
     if session.officer.role == Role::DeptAdmin && asked {
         let own = own.as_deref().unwrap_or("");
-        let owner = p.dataset(&q.dataset).map(|d| d.owner.as_str());
-        if q.consumer != own && owner != Some(own) {
+        let ds = p.dataset(&q.dataset);
+        let owns = ds.is_some_and(|d| d.owner == own);
+        let its_call = q.consumer == own && ds.is_none_or(|d| visible(p, &session, d));
+        if !owns && !its_call {
             return refuse_here(&s, &session, &actor, "GET /explain");
         }
     }
     let consumers: Vec<String> = p.file.departments.iter().map(|d| d.id.clone()).collect();
-    let datasets: Vec<String> = p.file.datasets.iter().map(|d| d.id.clone()).collect();
+    let datasets: Vec<String> = p
+        .file
+        .datasets
+        .iter()
+        .filter(|d| visible(p, &session, d))
+        .map(|d| d.id.clone())
+        .collect();
     let now = i64::try_from(crate::token::now_secs()).unwrap_or(i64::MAX);
     let result = asked.then(|| explain_decision(p, &q, now));
     let ctx = context! {
@@ -692,7 +723,7 @@ pub async fn preview(
     };
     let ctx = context! {
         ..base(&s, &session, "/preview"),
-        ..context! { candidate, days, checked => true, errors, changes, impact }
+        ..context! { candidate, days, checked => true, errors, changes, impact, managed => s.policy_managed }
     };
     render(&s, "preview.html", session.lang, ctx)
 }
@@ -742,7 +773,8 @@ pub(super) async fn search(
     session: &Session,
     actor: &Actor,
     q: &AuditQuery,
-) -> Result<Vec<serde_json::Value>, String> {
+    limit: usize,
+) -> Result<(Vec<serde_json::Value>, u64), String> {
     let gw = s.gateway.upgrade().ok_or("shutting down")?;
     let opt = |v: &str| (!v.trim().is_empty()).then(|| v.trim().to_owned());
     let range = crate::tools::report::Range::parse(
@@ -763,9 +795,34 @@ pub(super) async fn search(
         decision: opt(&q.decision),
         ..Default::default()
     };
-    let result = gw.search_trail(query, subject.as_deref()).await;
-    if let Some(id) = &subject {
-        let hash = gw.subject_hash(id).unwrap_or_default();
+    // A department administrator's cut, while reading (never more held than is shown): its
+    // calls, and calls to its datasets, with only the fields of the call itself.
+    let dept = (session.officer.role == Role::DeptAdmin).then(|| {
+        let own = session.officer.department.clone().unwrap_or_default();
+        let snap = gw.snapshot();
+        let owned: std::collections::HashSet<String> = snap
+            .policy
+            .file
+            .datasets
+            .iter()
+            .filter(|d| d.owner == own)
+            .map(|d| d.id.clone())
+            .collect();
+        (own, owned)
+    });
+    let keep = move |r: &serde_json::Value| match &dept {
+        None => true,
+        Some((own, owned)) => {
+            r["consumer_dept"] == own.as_str()
+                || r["dataset"].as_str().is_some_and(|d| owned.contains(d))
+        }
+    };
+    let result = gw
+        .search_trail_limited(query, subject.as_deref(), limit, keep)
+        .await;
+    if let Some(id) = &subject
+        && let Some(hash) = gw.subject_hash(id)
+    {
         let mut rec = crate::audit::admin_record(
             "audit.search",
             &actor.0,
@@ -775,20 +832,37 @@ pub(super) async fn search(
         rec.subjects = vec![hash];
         gw.record_admin(rec);
     }
-    let mut records = result?;
+    let (mut records, n) = result?;
     if session.officer.role == Role::DeptAdmin {
-        let own = session.officer.department.clone().unwrap_or_default();
-        let snap = gw.snapshot();
-        records.retain(|r| {
-            r["consumer_dept"] == own.as_str()
-                || r["dataset"]
-                    .as_str()
-                    .and_then(|d| snap.policy.dataset(d))
-                    .is_some_and(|d| d.owner == own)
-        });
+        for r in &mut records {
+            if let Some(o) = r.as_object_mut() {
+                o.retain(|k, _| DEPT_ADMIN_FIELDS.contains(&k.as_str()));
+            }
+        }
     }
-    Ok(records)
+    Ok((records, n))
 }
+
+/// What a department administrator sees of a record: the call, not whom it was about.
+const DEPT_ADMIN_FIELDS: &[&str] = &[
+    "time",
+    "trace_id",
+    "method",
+    "consumer_dept",
+    "consumer_system",
+    "dataset",
+    "purpose",
+    "decision",
+    "rule",
+    "reason",
+    "grpc_status",
+    "rows",
+    "latency_us",
+    "replica",
+];
+
+/// Rows a CSV export holds at most (the answer says when there were more).
+const CSV_MAX: usize = 100_000;
 
 fn zone_arg(s: &ConsoleState) -> String {
     zone_label(s).trim_start_matches("UTC").to_owned()
@@ -810,13 +884,13 @@ pub async fn audit(
     uri: axum::http::Uri,
 ) -> Response {
     let searched = uri.query().is_some_and(|x| !x.is_empty());
-    let (records, error) = if searched {
-        match search(&s, &session, &actor, &q).await {
-            Ok(r) => (r, None),
-            Err(e) => (Vec::new(), Some(e)),
+    let (records, matched, error) = if searched {
+        match search(&s, &session, &actor, &q, SHOWN).await {
+            Ok((r, n)) => (r, n, None),
+            Err(e) => (Vec::new(), 0, Some(e)),
         }
     } else {
-        (Vec::new(), None)
+        (Vec::new(), 0, None)
     };
     let source = if s.gateway.upgrade().is_some_and(|g| g.shipping().is_some()) {
         "source_db"
@@ -844,7 +918,7 @@ pub async fn audit(
             locked_consumer => false,
             searched => searched && error.is_none(),
             error, source,
-            matched => records.len(), truncated => records.len() > SHOWN,
+            matched, truncated => matched > records.len() as u64,
             records => shown,
             query => uri.query().unwrap_or(""),
         }
@@ -876,7 +950,7 @@ pub async fn audit_csv(
     Extension(actor): Extension<Actor>,
     Query(q): Query<AuditQuery>,
 ) -> Response {
-    let records = match search(&s, &session, &actor, &q).await {
+    let (records, matched) = match search(&s, &session, &actor, &q, CSV_MAX).await {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
@@ -889,7 +963,7 @@ pub async fn audit_csv(
             .map(|k| {
                 let c = cell(r, k);
                 // Quoted when needed; a leading = + - @ is neutralised (spreadsheet formulas).
-                let c = if c.starts_with(['=', '+', '-', '@']) {
+                let c = if c.starts_with(['=', '+', '-', '@', '\t', '\r']) {
                     format!("'{c}")
                 } else {
                     c
@@ -904,7 +978,7 @@ pub async fn audit_csv(
         out.push_str(&row.join(","));
         out.push('\n');
     }
-    (
+    let mut r = (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
             (
@@ -914,7 +988,14 @@ pub async fn audit_csv(
         ],
         out,
     )
-        .into_response()
+        .into_response();
+    // More matched than an export holds: said in a header (a CSV has no place for it).
+    if matched > records.len() as u64
+        && let Ok(v) = format!("{} of {matched}", records.len()).parse()
+    {
+        r.headers_mut().insert("x-xgate-truncated", v);
+    }
+    r
 }
 
 // ---------------------------------------------------------------- league table

@@ -20,6 +20,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("preview.html", include_str!("templates/preview.html")),
     ("audit.html", include_str!("templates/audit.html")),
     ("league.html", include_str!("templates/league.html")),
+    ("proposals.html", include_str!("templates/proposals.html")),
 ];
 
 pub fn environment() -> minijinja::Environment<'static> {

@@ -29,15 +29,47 @@ impl UsageSource {
         &self,
         q: audit::read::Query,
     ) -> Result<Vec<serde_json::Value>, String> {
-        let mut out = Vec::new();
+        self.search_limited(q, usize::MAX, |_| true)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// The first `limit` records `q` finds that `keep` keeps, oldest first, and how many
+    /// it kept in all (the rest are counted, not held).
+    pub(crate) async fn search_limited(
+        &self,
+        q: audit::read::Query,
+        limit: usize,
+        keep: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+    ) -> Result<(Vec<serde_json::Value>, u64), String> {
+        struct Kept<F> {
+            out: Vec<serde_json::Value>,
+            n: u64,
+            limit: usize,
+            keep: F,
+        }
+        impl<F: Fn(&serde_json::Value) -> bool> Kept<F> {
+            fn push(&mut self, v: serde_json::Value) {
+                if (self.keep)(&v) {
+                    self.n += 1;
+                    if self.out.len() < self.limit {
+                        self.out.push(v);
+                    }
+                }
+            }
+        }
+        let mut kept = Kept {
+            out: Vec::new(),
+            n: 0,
+            limit,
+            keep,
+        };
         match self {
             UsageSource::Dir(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || {
-                    let mut out = Vec::new();
-                    audit::read::search(&dir, &q, |v| out.push(v))
-                        .map(|_| out)
-                        .map_err(|e| e.to_string())
+                    audit::read::search(&dir, &q, |v| kept.push(v)).map_err(|e| e.to_string())?;
+                    Ok((kept.out, kept.n))
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -50,8 +82,8 @@ impl UsageSource {
                 let pool = pool
                     .get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
                     .await?;
-                audit::db::search(pool, &q, |v| out.push(v)).await?;
-                Ok(out)
+                audit::db::search(pool, &q, |v| kept.push(v)).await?;
+                Ok((kept.out, kept.n))
             }
         }
     }
@@ -89,6 +121,26 @@ impl Gateway {
             );
         }
         self.inner.usage.search(q).await
+    }
+
+    /// [`Gateway::search_trail`], holding at most `limit` of the records `keep` keeps:
+    /// (those, how many it kept in all).
+    pub async fn search_trail_limited(
+        &self,
+        mut q: audit::read::Query,
+        subject_id: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+    ) -> Result<(Vec<serde_json::Value>, u64), String> {
+        if let Some(id) = subject_id {
+            q.subject = Some(
+                self.inner
+                    .audit
+                    .subject_lookup(id)
+                    .ok_or("the trail records no data subjects (audit.subject_key_file)")?,
+            );
+        }
+        self.inner.usage.search_limited(q, limit, keep).await
     }
 
     /// The keyed hash a subject's id is recorded as (for an admin record of a search).

@@ -30,7 +30,8 @@ pub struct ImpactRow {
     pub new_reasons: BTreeMap<String, u64>,
     /// Refused under the policy serving, allowed under the candidate.
     pub newly_allowed: u64,
-    /// Fields returned in clear today and masked (or no longer returned) under the candidate.
+    /// Fields returned in clear today and masked (or no longer returned) under the candidate,
+    /// or masked another way: `name (mask)`, `name (old → new)`, `name (withheld)`.
     pub newly_masked: BTreeSet<String>,
     /// Fields masked (or not returned) today and in clear under the candidate.
     pub newly_shown: BTreeSet<String>,
@@ -100,7 +101,7 @@ fn decide(
     fields: &[String],
     filter: &[Condition],
     now: i64,
-) -> Result<BTreeMap<String, bool>, String> {
+) -> Result<BTreeMap<String, Option<String>>, String> {
     let text = |k: &str| rec[k].as_str().unwrap_or_default();
     let permit = eval::evaluate(
         p,
@@ -123,11 +124,16 @@ fn decide(
         let mut conds = filter.to_vec();
         scope::narrow(&mut conds, sc, &permit.rule).map_err(|r| r.reason.to_string())?;
     }
-    // field -> masked?
+    // field -> its mask (`None`: in clear).
     Ok(permit
         .fields
         .iter()
-        .map(|f| (f.name.clone(), !f.mask.is_none()))
+        .map(|f| {
+            (
+                f.name.clone(),
+                (!f.mask.is_none()).then(|| f.mask.describe()),
+            )
+        })
         .collect())
 }
 
@@ -209,19 +215,24 @@ impl Impact {
             }
             (Err(_), Ok(_)) => row.newly_allowed += 1,
             (Ok(old), Ok(new)) => {
-                for (f, masked) in &old {
-                    match new.get(f) {
-                        Some(true) if !masked => {
-                            row.newly_masked.insert(f.clone());
+                for (f, was) in &old {
+                    match (was, new.get(f)) {
+                        // In clear, now masked; or masked another way.
+                        (None, Some(Some(m))) => {
+                            row.newly_masked.insert(format!("{f} ({m})"));
                         }
-                        None => {
+                        (Some(a), Some(Some(b))) if a != b => {
+                            row.newly_masked.insert(format!("{f} ({a} → {b})"));
+                        }
+                        // In clear, now not returned.
+                        (None, None) => {
                             row.newly_masked.insert(format!("{f} (withheld)"));
                         }
                         _ => {}
                     }
                 }
-                for (f, masked) in &new {
-                    if !masked && old.get(f).is_none_or(|m| *m) {
+                for (f, now) in &new {
+                    if now.is_none() && old.get(f).is_none_or(|m| m.is_some()) {
                         row.newly_shown.insert(f.clone());
                     }
                 }
