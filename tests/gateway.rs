@@ -587,7 +587,13 @@ async fn slow_provider_hits_the_callers_deadline_or_the_cap() {
         .insert("grpc-timeout", "400m".parse().unwrap());
     let t0 = Instant::now();
     let st = c.query(r).await.unwrap_err();
-    assert_reject(&st, Code::DeadlineExceeded, "PROVIDER_TIMEOUT");
+    // tonic's client keeps the same deadline itself: on a loaded machine its timer can fire
+    // before the gateway's answer (80 ms earlier) arrives. Then the gateway's own answer is
+    // still on its record (checked below), which is what this test is about.
+    let client_gave_up = st.code() == Code::Cancelled && st.message() == "Timeout expired";
+    if !client_gave_up {
+        assert_reject(&st, Code::DeadlineExceeded, "PROVIDER_TIMEOUT");
+    }
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // No caller deadline: the configured cap applies.
     let st2 = c
@@ -600,9 +606,19 @@ async fn slow_provider_hits_the_callers_deadline_or_the_cap() {
     assert_reject(&st2, Code::DeadlineExceeded, "PROVIDER_TIMEOUT");
     let recs = h.stop().await;
     assert_eq!(recs.len(), 2);
-    assert_eq!(
-        one_record(&recs, &trace_of(&st))["grpc_status"],
-        "DEADLINE_EXCEEDED"
+    // The first call's record (by trace id, or the one that is not the second's).
+    let first = if client_gave_up {
+        recs.iter()
+            .find(|r| r["trace_id"] != trace_of(&st2).as_str())
+            .unwrap()
+    } else {
+        one_record(&recs, &trace_of(&st))
+    };
+    assert_eq!(first["grpc_status"], "DEADLINE_EXCEEDED", "{first}");
+    assert_eq!(first["reason"], "PROVIDER_TIMEOUT", "{first}");
+    assert!(
+        first["latency_us"].as_u64().unwrap() < 400_000,
+        "answered before the caller's deadline: {first}"
     );
 }
 
