@@ -216,6 +216,10 @@ pub struct DeptRow {
     /// The department's name from the policy.
     pub name: Option<String>,
     pub score: f64,
+    /// 100 × the share of the calls it made that were let through, when it made any: what a
+    /// department that only consumes is measured on (asking only for what its grants allow).
+    /// Not part of the ranking.
+    pub consumer_score: Option<f64>,
     /// Calls to its datasets.
     pub provided: Side,
     /// Calls it made.
@@ -413,6 +417,7 @@ pub fn build(
                     name: policy.department(&id).map(|d| d.name.clone()),
                     department: id,
                     score: 0.0,
+                    consumer_score: None,
                     provided: prov.finish(),
                     consumed: cons.finish(),
                 })
@@ -462,6 +467,8 @@ fn rank(rows: &mut [DeptRow]) {
         .unwrap_or(0);
     for r in rows.iter_mut().filter(|r| ranked(r)) {
         r.score = score(&r.provided, max_allowed, max_ds);
+        r.consumer_score =
+            ratio(r.consumed.allowed, r.consumed.calls).map(|x| (x * 1000.0).round() / 10.0);
     }
     rows.sort_by(|a, b| {
         ranked(b)
@@ -551,10 +558,11 @@ pub fn render_table(rep: &Report) -> String {
         let _ = writeln!(o, "\n== {} ({} records) ==", p.period, p.records);
         let _ = writeln!(
             o,
-            "{:>4}  {:<22} {:>5}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
+            "{:>4}  {:<22} {:>5} {:>5}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
             "rank",
             "department",
             "score",
+            "cons.",
             "provided",
             "ds",
             "avail",
@@ -570,10 +578,12 @@ pub fn render_table(rep: &Report) -> String {
         for r in &p.departments {
             let _ = writeln!(
                 o,
-                "{:>4}  {:<22} {:>5.1}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
+                "{:>4}  {:<22} {:>5.1} {:>5}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
                 rank_label(r),
                 term(&r.department),
                 r.score,
+                r.consumer_score
+                    .map_or("-".to_owned(), |x| format!("{x:.1}")),
                 r.provided.calls,
                 r.provided.datasets,
                 pct(r.provided.availability),
@@ -619,7 +629,7 @@ pub fn render_table(rep: &Report) -> String {
 }
 
 /// The CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 25] = [
+pub const CSV_COLUMNS: [&str; 26] = [
     "period",
     "rank",
     "department",
@@ -645,6 +655,7 @@ pub const CSV_COLUMNS: [&str; 25] = [
     "consumed_p99_us",
     "name",
     "policy_version",
+    "consumer_score",
 ];
 
 fn csv_cell(s: &str) -> String {
@@ -690,6 +701,8 @@ pub fn render_csv(rep: &Report) -> String {
                 opt(c.p99_us),
                 r.name.clone().unwrap_or_default(),
                 rep.policy_version.clone(),
+                r.consumer_score
+                    .map_or(String::new(), |x| format!("{x:.1}")),
             ];
             o += &cells
                 .iter()
@@ -750,7 +763,9 @@ h1{font-size:1.6rem}h2{margin-top:2.5rem;border-bottom:2px solid #ddd;padding-bo
 table{border-collapse:collapse;width:100%;font-size:.92rem}th,td{padding:.35rem .5rem;border-bottom:1px solid #e3e3e3;text-align:right}\
 th{background:#f4f6f8;vertical-align:bottom}td.l,th.l{text-align:left}tr.top td{background:#eef8ee}\
 .note{color:#555;font-size:.9rem}.box{background:#f8f9fb;border:1px solid #e1e4e8;border-radius:6px;padding:.8rem 1rem}\
-svg{max-width:100%;height:auto}svg text{font-family:inherit;font-size:12px}code{background:#f1f1f1;padding:0 .2rem}";
+svg{max-width:100%;height:auto}svg text{font-family:inherit;font-size:12px}code{background:#f1f1f1;padding:0 .2rem}\
+.wide{overflow-x:auto}table.league{font-size:.85rem}table.league th{font-size:.8rem}\
+td.reasons{min-width:11rem;max-width:16rem;word-break:break-word;font-size:.8rem}";
 
 /// One self-contained HTML page: explanation, then per period the ranking table and three
 /// charts (calls provided/consumed, denial rate by reason, availability).
@@ -781,7 +796,9 @@ let-through calls to a department's datasets that its system answered without fa
 times are the median (p50) and the slowest 1% (p99) of let-through calls.</p>\
 <p><b>Score</b> (0 to 100) = {:.0} × calls served ÷ the most served by any department in the \
 period + {:.0} × datasets served ÷ the most served by any department + {:.0} × availability \
-(0 for a department that served no calls). Departments with equal scores share a rank.</p></div>\n",
+(0 for a department that served no calls). Departments with equal scores share a rank. \
+The <b>consumer score</b> (not part of the ranking) is the share of the calls a department made \
+that were let through: what a department that only consumes is measured on.</p></div>\n",
         esc(&range_line(rep)),
         wc * 100.0,
         wd * 100.0,
@@ -824,7 +841,7 @@ e.g. refused connections without a valid certificate: {}.</p>",
 
 fn html_table(o: &mut String, p: &PeriodReport) {
     o.push_str(
-        "<table><thead><tr><th>Rank</th><th class=\"l\">Department</th><th>Score</th>\
+        "<div class=\"wide\"><table class=\"league\"><thead><tr><th>Rank</th><th class=\"l\">Department</th><th>Score</th><th>Consumer score</th>\
 <th>Calls provided</th><th>Datasets provided</th><th>Availability</th><th>Refused (to it)</th>\
 <th>p50 / p99 ms (provided)</th><th>Calls made</th><th>Datasets used</th><th>Refused (its calls)</th>\
 <th>p50 / p99 ms (made)</th><th class=\"l\">Refusal reasons (its calls)</th></tr></thead><tbody>\n",
@@ -840,8 +857,8 @@ fn html_table(o: &mut String, p: &PeriodReport) {
         };
         let _ = writeln!(
             o,
-            "<tr{}><td>{}</td><td class=\"l\">{}</td><td><b>{:.1}</b></td><td>{}</td><td>{}</td>\
-<td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td class=\"l\">{}</td></tr>",
+            "<tr{}><td>{}</td><td class=\"l\">{}</td><td><b>{:.1}</b></td><td>{}</td><td>{}</td><td>{}</td>\
+<td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td class=\"l reasons\">{}</td></tr>",
             if r.rank == Some(1) {
                 " class=\"top\""
             } else {
@@ -850,6 +867,8 @@ fn html_table(o: &mut String, p: &PeriodReport) {
             esc(&rank_label(r)),
             name,
             r.score,
+            r.consumer_score
+                .map_or("–".to_owned(), |x| format!("{x:.1}")),
             r.provided.calls,
             r.provided.datasets,
             pct(r.provided.availability),
@@ -861,10 +880,15 @@ fn html_table(o: &mut String, p: &PeriodReport) {
             pct(r.consumed.denial_rate),
             ms(r.consumed.p50_us),
             ms(r.consumed.p99_us),
-            esc(&reasons(&r.consumed.denials_by_reason, ", ", " × ")),
+            // One reason per line: the column stays narrow (it ran off a 1,300 px page).
+            reasons(&r.consumed.denials_by_reason, "\n", " × ")
+                .lines()
+                .map(esc)
+                .collect::<Vec<_>>()
+                .join("<br>"),
         );
     }
-    o.push_str("</tbody></table>\n");
+    o.push_str("</tbody></table></div>\n");
 }
 
 const LABEL_W: f64 = 190.0;
@@ -1404,6 +1428,14 @@ mod tests {
         assert_eq!(row(p, "public-security").score, 94.0);
         // market-supervision: 2/5 served, 1 dataset (max), availability 1.
         assert_eq!(row(p, "market-supervision").score, 76.0);
+        // civil-affairs only consumes: 0 on the ranking, but its calls all got through.
+        assert_eq!(row(p, "civil-affairs").score, 0.0);
+        assert_eq!(row(p, "civil-affairs").consumer_score, Some(100.0));
+        assert_eq!(
+            row(p, "public-security").consumer_score,
+            None,
+            "made no calls"
+        );
         assert_eq!(p.departments[0].department, "public-security");
         assert_eq!(p.departments[0].rank, Some(1));
         assert_eq!(p.departments[1].rank, Some(2));
