@@ -481,6 +481,30 @@ pub struct Query {
     pub subject: Option<Subject>,
 }
 
+impl Query {
+    /// Byte strings a record's line must hold to match: per filter, any one of its strings
+    /// (records are written compactly by serde_json, so `"consumer_dept":"x"` is exact). A
+    /// line that holds them all may still not match ([`Query::matches`] decides); one that
+    /// does not, cannot.
+    fn needles(&self) -> Vec<Vec<Vec<u8>>> {
+        let json = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let mut out = Vec::new();
+        if let Some(c) = &self.consumer {
+            out.push(vec![format!("\"consumer_dept\":{}", json(c)).into_bytes()]);
+        }
+        if let Some(d) = &self.dataset {
+            out.push(vec![format!("\"dataset\":{}", json(d)).into_bytes()]);
+        }
+        if let Some(s) = &self.subject {
+            out.push(vec![
+                json(&s.asked).into_bytes(),
+                format!("{:016x}", s.returned).into_bytes(),
+            ]);
+        }
+        out
+    }
+}
+
 /// A data subject as the trail knows them, without their id: the keyed hash a filter on them
 /// is recorded as, and the hash their returned rows are ([`super::subjects`]).
 #[derive(Debug, Clone)]
@@ -579,6 +603,16 @@ pub fn search(
 ) -> io::Result<Searched> {
     let mut out = Searched::default();
     let mut calls = std::collections::HashSet::new();
+    let needles: Vec<Vec<memchr::memmem::Finder<'_>>> = q
+        .needles()
+        .iter()
+        .map(|group| {
+            group
+                .iter()
+                .map(|n| memchr::memmem::Finder::new(n).into_owned())
+                .collect()
+        })
+        .collect();
     let damaged = |out: &mut Searched, d: Damage| {
         out.damaged += 1;
         out.first_damage.get_or_insert(d);
@@ -596,6 +630,20 @@ pub fn search(
                         damaged(
                             &mut out,
                             Damage::at(segment, line, None, "unreadable checkpoint"),
+                        );
+                    }
+                } else if !needles
+                    .iter()
+                    .all(|g| g.iter().any(|f| f.find(text).is_some()))
+                {
+                    // Cannot match: only checked to be a record line (damage is still
+                    // counted), without building it.
+                    if !text.starts_with(b"{\"seq\":")
+                        || serde_json::from_slice::<serde::de::IgnoredAny>(text).is_err()
+                    {
+                        damaged(
+                            &mut out,
+                            Damage::at(segment, line, None, "not an audit record line"),
                         );
                     }
                 } else {
@@ -624,6 +672,22 @@ pub fn search(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Lines a filter rules out are not built, but still checked: damage among them counts.
+    #[test]
+    fn a_filtered_search_still_counts_damage_in_lines_it_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = b"{\"seq\":1,\"consumer_dept\":\"health\"}\n{\"seq\":2,\"consumer_dept\":\"civil-affairs\"}\nnot a record\n{\"seq\":4,\"consumer_dept\":\"health\",oops}\n{\"seq\":5}\n";
+        std::fs::write(dir.path().join("audit-00000001.jsonl"), bytes).unwrap();
+        let q = Query {
+            consumer: Some("civil-affairs".into()),
+            ..Query::default()
+        };
+        let mut seen = Vec::new();
+        let n = search(dir.path(), &q, |v| seen.push(v)).unwrap();
+        assert_eq!((n.matched, n.damaged), (1, 2));
+        assert_eq!(seen[0]["seq"], 2);
+    }
 
     #[test]
     fn a_half_written_last_line_is_skipped_even_cut_inside_a_character() {

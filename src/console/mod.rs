@@ -39,6 +39,13 @@ use crate::{pipeline::WeakGateway, serve::reload::Reloader};
 use auth::{Officers, PeerCert, Session, Sessions};
 use i18n::Lang;
 
+/// A league table, when it was computed, and for which (period, policy version).
+pub(crate) type ReportCache = (
+    std::time::Instant,
+    (String, String),
+    Arc<crate::tools::report::Report>,
+);
+
 /// What every console handler shares.
 #[derive(Clone)]
 pub struct ConsoleState {
@@ -58,6 +65,8 @@ pub struct ConsoleState {
     /// Whether a proposal approved by a second bureau officer may replace the policy file.
     pub policy_managed: bool,
     pub proposals: Arc<proposals::Proposals>,
+    /// The last league table computed (period, policy version), reused for a minute.
+    pub(crate) reports: Arc<std::sync::Mutex<Option<ReportCache>>>,
     /// The rate of refusal records for callers not signed in, and the count past it.
     refusals: Arc<(
         governor::DefaultDirectRateLimiter,
@@ -91,6 +100,7 @@ impl ConsoleState {
             policy_path: cfg.policy.clone(),
             policy_managed: console.policy_managed,
             proposals: proposals::new(),
+            reports: Arc::default(),
             refusals: Arc::new((
                 governor::RateLimiter::direct(
                     governor::Quota::per_second(crate::limits::nonzero(20))

@@ -530,11 +530,22 @@ fn league_row(s: &ConsoleState, p: &Policy, id: &str) -> Vec<Value> {
     ]
 }
 
+/// How long a league table is reused before it is computed again (it reads the whole trail).
+const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn build_report(
     s: &ConsoleState,
     p: &Policy,
     period: crate::tools::report::Period,
-) -> Result<crate::tools::report::Report, String> {
+) -> Result<std::sync::Arc<crate::tools::report::Report>, String> {
+    let key = (format!("{period:?}"), p.version.clone());
+    if let Ok(cache) = s.reports.lock()
+        && let Some((at, k, rep)) = cache.as_ref()
+        && *k == key
+        && at.elapsed() < REPORT_TTL
+    {
+        return Ok(rep.clone());
+    }
     let range = crate::tools::report::Range {
         offset: s.zone,
         ..Default::default()
@@ -542,7 +553,11 @@ fn build_report(
     let mut records = Vec::new();
     crate::audit::read::search(&s.audit_dir, &Default::default(), |v| records.push(v))
         .map_err(|e| format!("{}: {e}", s.audit_dir.display()))?;
-    Ok(crate::tools::report::build(&records, p, period, range))
+    let rep = std::sync::Arc::new(crate::tools::report::build(&records, p, period, range));
+    if let Ok(mut cache) = s.reports.lock() {
+        *cache = Some((std::time::Instant::now(), key, rep.clone()));
+    }
+    Ok(rep)
 }
 
 // ---------------------------------------------------------------- explain
