@@ -1,0 +1,162 @@
+//! A department's page: what it provides, grants in and out with today's quota use, and its
+//! league-table row (the league table, reused for a minute, is built here).
+
+use super::*;
+
+pub(crate) fn grant_row(gw: &crate::pipeline::Gateway, g: &Grant) -> Value {
+    let limits = [
+        g.rate_limit
+            .as_ref()
+            .map(|r| format!("{}/s burst {}", r.per_second, r.burst)),
+        g.daily_quota.as_ref().map(|q| {
+            let mut v = Vec::new();
+            if let Some(c) = q.calls {
+                v.push(format!("{c} calls/day"));
+            }
+            if let Some(r) = q.rows {
+                v.push(format!("{r} rows/day"));
+            }
+            v.join(", ")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("; ");
+    let quota = g.daily_quota.as_ref().map(|q| {
+        let (calls, rows) = gw.quota_used(&g.id);
+        let mut v = Vec::new();
+        if let Some(c) = q.calls {
+            v.push(format!("{calls} / {c} calls"));
+        }
+        if let Some(r) = q.rows {
+            v.push(format!("{rows} / {r} rows"));
+        }
+        v.join(", ")
+    });
+    context! {
+        id => g.id, consumer => g.consumer, system => g.system, dataset => g.dataset,
+        purposes => g.purposes.join(", "),
+        fields => if g.fields.is_empty() { "*".to_owned() } else { g.fields.join(", ") },
+        masks => g.masks.iter().map(|(f, m)| format!("{f}: {}", m.describe())).collect::<Vec<_>>().join("; "),
+        row_scope => named(&g.row_scope),
+        validity => format!("{} – {}", g.valid_from.as_deref().unwrap_or(""), g.expires.as_deref().unwrap_or("")),
+        approval_ref => g.approval_ref,
+        limits => limits,
+        quota => quota.unwrap_or_default(),
+    }
+}
+
+pub async fn department(
+    State(s): State<ConsoleState>,
+    Extension(session): Extension<Session>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Response {
+    if session.officer.role == Role::DeptAdmin
+        && session.officer.department.as_deref() != Some(id.as_str())
+    {
+        return refuse_here(&s, &session, &actor, &format!("GET /departments/{id}"));
+    }
+    let Some(gw) = s.gateway.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    };
+    let snap = gw.snapshot();
+    let p = &snap.policy;
+    let Some(dept) = p.department(&id) else {
+        return refusal(&s, session.lang, StatusCode::NOT_FOUND, "not_found");
+    };
+    let provides: Vec<Value> = p
+        .file
+        .datasets
+        .iter()
+        .filter(|d| d.owner == id)
+        .map(|d| context! { id => d.id, title => d.title, share_type => named(&d.share_type) })
+        .collect();
+    let owned: BTreeSet<&str> = p
+        .file
+        .datasets
+        .iter()
+        .filter(|d| d.owner == id)
+        .map(|d| d.id.as_str())
+        .collect();
+    let grants_in: Vec<Value> = p
+        .file
+        .grants
+        .iter()
+        .filter(|g| owned.contains(g.dataset.as_str()))
+        .map(|g| grant_row(&gw, g))
+        .collect();
+    let grants_out: Vec<Value> = p
+        .file
+        .grants
+        .iter()
+        .filter(|g| g.consumer == id)
+        .map(|g| grant_row(&gw, g))
+        .collect();
+    let league = {
+        let (s2, p2, id2) = (s.clone(), snap.policy.clone(), id.clone());
+        tokio::task::spawn_blocking(move || league_row(&s2, &p2, &id2))
+            .await
+            .unwrap_or_default()
+    };
+    let ctx = context! {
+        ..base(&s, &session, &format!("/departments/{id}")),
+        ..context! {
+            dept => context! { id => dept.id, name => dept.name, level => named(&dept.level), region => dept.region },
+            provides, grants_in, grants_out, league,
+        }
+    };
+    render(&s, "department.html", session.lang, ctx)
+}
+
+/// The department's row in this month's league table, from the local trail.
+pub(crate) fn league_row(s: &ConsoleState, p: &Policy, id: &str) -> Vec<Value> {
+    let Ok(rep) = build_report(s, p, crate::tools::report::Period::Month) else {
+        return Vec::new();
+    };
+    let Some(period) = rep.periods.last() else {
+        return Vec::new();
+    };
+    let Some(r) = period.departments.iter().find(|r| r.department == id) else {
+        return Vec::new();
+    };
+    vec![
+        context! { label => "period", value => period.period },
+        context! { label => "rank", value => r.rank },
+        context! { label => "score", value => format!("{:.1}", r.score) },
+        context! { label => "calls provided (allowed)", value => r.provided.allowed },
+        context! { label => "calls consumed", value => r.consumed.calls },
+        context! { label => "consumed, refused", value => r.consumed.calls.saturating_sub(r.consumed.allowed) },
+    ]
+}
+
+/// How long a league table is reused before it is computed again (it reads the whole trail).
+pub(crate) const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub(crate) fn build_report(
+    s: &ConsoleState,
+    p: &Policy,
+    period: crate::tools::report::Period,
+) -> Result<std::sync::Arc<crate::tools::report::Report>, String> {
+    let key = (format!("{period:?}"), p.version.clone());
+    if let Ok(cache) = s.reports.lock()
+        && let Some((at, k, rep)) = cache.as_ref()
+        && *k == key
+        && at.elapsed() < REPORT_TTL
+    {
+        return Ok(rep.clone());
+    }
+    let range = crate::tools::report::Range {
+        offset: s.zone,
+        ..Default::default()
+    };
+    let mut records = Vec::new();
+    crate::audit::read::search(&s.audit_dir, &Default::default(), |v| records.push(v))
+        .map_err(|e| format!("{}: {e}", s.audit_dir.display()))?;
+    let rep = std::sync::Arc::new(crate::tools::report::build(&records, p, period, range));
+    if let Ok(mut cache) = s.reports.lock() {
+        *cache = Some((std::time::Instant::now(), key, rep.clone()));
+    }
+    Ok(rep)
+}

@@ -1,0 +1,82 @@
+//! The change preview: a candidate's check errors, its diff in words, and its impact on
+//! recorded traffic ([`crate::policy::impact`]).
+
+use super::*;
+
+pub async fn preview_form(
+    State(s): State<ConsoleState>,
+    Extension(session): Extension<Session>,
+) -> Response {
+    let candidate = std::fs::read_to_string(&s.policy_path).unwrap_or_default();
+    let ctx = context! {
+        ..base(&s, &session, "/preview"),
+        ..context! { candidate, days => 7, checked => false }
+    };
+    render(&s, "preview.html", session.lang, ctx)
+}
+
+pub async fn preview(
+    State(s): State<ConsoleState>,
+    Extension(session): Extension<Session>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let Some(gw) = s.gateway.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    };
+    let candidate = form.get("candidate").cloned().unwrap_or_default();
+    let days: i64 = form
+        .get("days")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(7)
+        .clamp(1, 90);
+    let current = gw.snapshot().policy.clone();
+    let (errors, changes, impact) = match Policy::from_yaml(candidate.as_bytes()) {
+        Err(errs) => (
+            errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            Vec::new(),
+            Value::from(()),
+        ),
+        Ok(next) => {
+            let changes: Vec<Value> = crate::policy::diff::diff(&current, &next)
+                .iter()
+                .map(|c| context! { direction => named(&c.direction), text => c.to_string() })
+                .collect();
+            let dir = s.audit_dir.clone();
+            let since = time::OffsetDateTime::now_utc() - time::Duration::days(days);
+            let (cur, nxt) = (current.clone(), std::sync::Arc::new(next));
+            let impact = tokio::task::spawn_blocking(move || {
+                crate::policy::impact::over_dir(&dir, &cur, &nxt, Some(since), None)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let impact = match impact {
+                Ok(i) => impact_value(&s, &i),
+                Err(e) => {
+                    context! { error => e, replayed => 0, rows => Vec::<Value>::new(), since => "", until => "" }
+                }
+            };
+            (Vec::new(), changes, impact)
+        }
+    };
+    let ctx = context! {
+        ..base(&s, &session, "/preview"),
+        ..context! { candidate, days, checked => true, errors, changes, impact, managed => s.policy_managed }
+    };
+    render(&s, "preview.html", session.lang, ctx)
+}
+
+pub(crate) fn impact_value(s: &ConsoleState, i: &crate::policy::impact::Impact) -> Value {
+    context! {
+        replayed => i.replayed,
+        since => i.since.as_deref().map(|t| local_time(s, t)).unwrap_or_default(),
+        until => i.until.as_deref().map(|t| local_time(s, t)).unwrap_or_default(),
+        rows => i.rows.iter().map(|r| context! {
+            consumer => r.consumer, dataset => r.dataset,
+            now_refused => r.now_refused, newly_allowed => r.newly_allowed,
+            reasons => r.new_reasons.iter().map(|(k, v)| context! { reason => k, count => v }).collect::<Vec<_>>(),
+            newly_masked => r.newly_masked.iter().cloned().collect::<Vec<_>>().join(", "),
+            newly_shown => r.newly_shown.iter().cloned().collect::<Vec<_>>().join(", "),
+        }).collect::<Vec<_>>(),
+    }
+}
