@@ -402,8 +402,9 @@ async fn wait_listening(port: u16) {
         .await
         .is_err()
     {
+        // (The binary may run under strace on a loaded 2-core machine: CI once took over 20 s.)
         assert!(
-            t0.elapsed() < Duration::from_secs(20),
+            t0.elapsed() < Duration::from_secs(90),
             "gateway did not start"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
