@@ -143,13 +143,11 @@ pub fn replay<'a>(
     current: &Policy,
     candidate: &Policy,
 ) -> Impact {
-    let mut out = Impact::default();
-    let mut rows: BTreeMap<(String, String), ImpactRow> = BTreeMap::new();
+    let mut r = Replay::new(current, candidate);
     for rec in records {
-        out.observe(rec, current, candidate, &mut rows);
+        r.push(rec);
     }
-    out.rows = rows.into_values().filter(ImpactRow::changed).collect();
-    out
+    r.finish()
 }
 
 impl Impact {
@@ -242,6 +240,47 @@ impl Impact {
     }
 }
 
+/// A replay in progress: the totals, and the rows by (consumer, dataset).
+struct Replay<'p> {
+    out: Impact,
+    rows: BTreeMap<(String, String), ImpactRow>,
+    current: &'p Policy,
+    candidate: &'p Policy,
+}
+
+impl<'p> Replay<'p> {
+    fn new(current: &'p Policy, candidate: &'p Policy) -> Self {
+        Replay {
+            out: Impact::default(),
+            rows: BTreeMap::new(),
+            current,
+            candidate,
+        }
+    }
+
+    fn push(&mut self, rec: &serde_json::Value) {
+        self.out
+            .observe(rec, self.current, self.candidate, &mut self.rows);
+    }
+
+    /// The totals, with only the pairs that changed.
+    fn finish(mut self) -> Impact {
+        self.out.rows = self.rows.into_values().filter(ImpactRow::changed).collect();
+        self.out
+    }
+}
+
+fn window(
+    since: Option<time::OffsetDateTime>,
+    until: Option<time::OffsetDateTime>,
+) -> crate::audit::read::Query {
+    crate::audit::read::Query {
+        since,
+        until,
+        ..Default::default()
+    }
+}
+
 /// Replay the calls of an audit directory between `since` and `until`.
 pub fn over_dir(
     dir: &std::path::Path,
@@ -250,17 +289,10 @@ pub fn over_dir(
     since: Option<time::OffsetDateTime>,
     until: Option<time::OffsetDateTime>,
 ) -> Result<Impact, String> {
-    let q = crate::audit::read::Query {
-        since,
-        until,
-        ..Default::default()
-    };
-    let mut out = Impact::default();
-    let mut rows = BTreeMap::new();
-    crate::audit::read::search(dir, &q, |v| out.observe(&v, current, candidate, &mut rows))
+    let mut r = Replay::new(current, candidate);
+    crate::audit::read::search(dir, &window(since, until), |v| r.push(&v))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    out.rows = rows.into_values().filter(ImpactRow::changed).collect();
-    Ok(out)
+    Ok(r.finish())
 }
 
 /// The same over the province database.
@@ -271,18 +303,10 @@ pub async fn over_db(
     since: Option<time::OffsetDateTime>,
     until: Option<time::OffsetDateTime>,
 ) -> Result<Impact, String> {
-    let q = crate::audit::read::Query {
-        since,
-        until,
-        ..Default::default()
-    };
-    let mut out = Impact::default();
-    let mut rows = BTreeMap::new();
-    crate::audit::db::search(pool, &q, |v| out.observe(&v, current, candidate, &mut rows)).await?;
-    out.rows = rows.into_values().filter(ImpactRow::changed).collect();
-    Ok(out)
+    let mut r = Replay::new(current, candidate);
+    crate::audit::db::search(pool, &window(since, until), |v| r.push(&v)).await?;
+    Ok(r.finish())
 }
-
 /// The replay as a table for the terminal.
 pub fn render_table(i: &Impact) -> String {
     use std::fmt::Write;
