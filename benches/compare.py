@@ -11,6 +11,9 @@ Targets
   envoy   Envoy 1.40 with two workers (its default here: one per core): mTLS, jwt_authn (local JWKS, JWT cache on), RBAC on department
           identities, local_ratelimit, JSON access log, HTTP/2 mTLS upstream
           (benches/envoy/envoy.yaml.tmpl)
+  envoy-2 the same Envoy (two workers) with public-security served by the same two replicas as
+          `xgate-2`, with least-request balancing, health checks, outlier detection and a retry
+          budget matching xgate's; reported against `envoy` (one endpoint) in the same run
   envoy-1 the same Envoy with one worker (`--concurrency 1`), the runtime shape xgate and the
           floor use on two cores; each ratio is taken against the better Envoy for that figure
   xgate   the full pipeline: mTLS, JWT, policy with field filtering and masking, rate limits,
@@ -173,6 +176,16 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
         proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / f"{t}.log",
                                  concurrency=1 if t == "envoy-1" else 2)
         url = f"https://127.0.0.1:{port}"
+    elif t == "envoy-2":
+        # Envoy (two workers) with the same two replicas as `xgate-2` and the resilience
+        # settings that match xgate's (least-request, health checks, outlier detection, retry
+        # budget): what a second upstream costs Envoy, beside what it costs xgate.
+        admin = envoy.free_ports(1)[0]
+        cfg = envoy.render(work / f"{t}.yaml", listen_port=port, admin_port=admin,
+                           upstream_port=ps, access_log=work / f"{t}-access.log",
+                           upstream_ports=[("127.0.0.1", ps), ("127.0.0.1", ps2)])
+        proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / f"{t}.log", concurrency=2)
+        url = f"https://127.0.0.1:{port}"
     elif t in XGATES:
         if t == "xgate-2":
             pol = two_replica_policy(work, pol, ps, ps2)
@@ -261,7 +274,7 @@ def main() -> int:
         pports = providers.start()
         ps = pports["public-security"]
         ps2 = None
-        if "xgate-2" in targets:
+        if "xgate-2" in targets or "envoy-2" in targets:
             pol2 = policy_for_bench(work, "policy-second-replica.yaml")
             providers2 = envoy.Providers(pol2, work / "providers-2.log")
             ps2 = providers2.start()["public-security"]
@@ -327,17 +340,18 @@ def main() -> int:
             med = sorted(vs)[len(vs) // 2] if len(vs) % 2 else sum(sorted(vs)[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
             print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vs)
                   + f" | {med:.2f} | {'yes' if met(label, med) else 'no'} |")
-    if "xgate-2" in runs[0] and "xgate" in runs[0]:
-        print("\n### two replicas (balancing, health checks on) over one endpoint\n")
+    for two, one in (("xgate-2", "xgate"), ("envoy-2", "envoy")):
+        if two not in runs[0] or one not in runs[0]:
+            continue
+        print(f"\n### {two}: two replicas (balancing, health checks on) over {one}'s one endpoint\n")
         print("| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1))
               + " | median | met (≤ 1.03 ×)? |")
         print("|---|" + "---|" * (len(runs) + 2))
         for load, label in (("open", f"CPU per call at {a.rate:.0f}/s"),
                             ("closed", f"CPU per call, {a.concurrency} in flight")):
-            vs = sorted(figure(r["xgate-2"][load], "cpu") / figure(r["xgate"][load], "cpu")
-                        for r in runs)
+            per = [figure(r[two][load], "cpu") / figure(r[one][load], "cpu") for r in runs]
+            vs = sorted(per)
             med = vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
-            per = [figure(r["xgate-2"][load], "cpu") / figure(r["xgate"][load], "cpu") for r in runs]
             print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per)
                   + f" | {med:.3f} | {'yes' if med <= 1.03 else 'no'} |")
     if a.json:
