@@ -329,12 +329,29 @@ async fn league_table_from_a_real_run_in_every_format() {
         "{ps_line}"
     );
     assert!(table.contains("GRANT_MISSING 2"), "{table}");
+    // In Chinese by default, the columns lined up in terminal cells (CJK takes two).
+    assert!(table.starts_with("数据共享排行榜："), "{table}");
     assert!(
-        table.contains(
-            "unattributed (no consumer department, not ranked): 1 record(s): TLS_HANDSHAKE_FAILED 1"
-        ),
+        table.contains("未归属任何部门（不参与排名）：1 条记录：TLS_HANDSHAKE_FAILED 1"),
         "{table}"
     );
+    let head = table.lines().find(|l| l.contains("名次")).unwrap();
+    let head_cells: usize = head
+        .chars()
+        .map(|c| if c as u32 >= 0x3000 { 2 } else { 1 })
+        .sum();
+    assert_eq!(head_cells, ps_line.chars().count(), "{head}\n{ps_line}");
+    let en = xgate(&["report", dir, "--period", "all", "--lang", "en"]);
+    let en = String::from_utf8(en.stdout).unwrap();
+    assert!(
+        en.contains(
+            "unattributed (no consumer department, not ranked): 1 record(s): TLS_HANDSHAKE_FAILED 1"
+        ),
+        "{en}"
+    );
+    let bad_lang = xgate(&["report", dir, "--lang", "fr"]);
+    assert_eq!(bad_lang.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_lang.stderr).contains("--lang `fr`: zh-CN or en"));
 
     // HTML to a file: self-contained, with charts and the ranking explained.
     let html_path = run.h.audit_dir.path().join("league.html");
@@ -360,7 +377,21 @@ async fn league_table_from_a_real_run_in_every_format() {
     );
     assert!(html.contains("Provincial Public Security Department"));
     assert!(html.contains("GRANT_MISSING"));
+    assert!(html.contains("<html lang=\"zh-CN\">"), "Chinese by default");
+    assert!(html.contains("<b>得分</b>（0 至 100）= 40 ×"));
+    assert!(html.contains("<th>使用方得分</th>"));
+    assert_eq!(
+        report(
+            &run,
+            &[
+                "--format", "html", "--period", "all", "--lang", "en", "--out", out_arg
+            ]
+        ),
+        ""
+    );
+    let html = std::fs::read_to_string(&html_path).unwrap();
     assert!(html.contains("Score</b> (0 to 100) = 40 ×"));
+    assert!(html.contains("<th>Consumer score</th>"));
 
     // Filters and periods: nothing before the run; everything by month; a clear error.
     let none: serde_json::Value =

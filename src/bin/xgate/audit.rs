@@ -28,6 +28,10 @@ pub(crate) struct ReportArgs {
     /// table, csv, json or html.
     #[arg(long, default_value = "table")]
     pub(crate) format: String,
+    /// The language of the table and the HTML page: zh-CN or en (CSV and JSON field names
+    /// stay English).
+    #[arg(long, default_value = "zh-CN")]
+    pub(crate) lang: String,
     /// Write here instead of stdout.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -194,6 +198,8 @@ pub(crate) fn report(a: ReportArgs) -> Result<(), CliError> {
     // Bounds the command cannot understand are a usage error (exit 2), before any work.
     xgate::tools::report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)
         .map_err(CliError::Usage)?;
+    xgate::tools::report::Lang::parse(&a.lang)
+        .ok_or_else(|| CliError::Usage(format!("--lang `{}`: zh-CN or en", a.lang)))?;
     report_run(a).map_err(CliError::Failed)
 }
 
@@ -201,11 +207,13 @@ pub(crate) fn report_run(a: ReportArgs) -> Result<(), String> {
     use xgate::tools::report;
     let period: report::Period = a.period.parse()?;
     let range = report::Range::parse(a.from.as_deref(), a.to.as_deref(), &a.zone.resolve()?)?;
-    let render = match a.format.as_str() {
-        "table" => report::render_table,
-        "csv" => report::render_csv,
-        "json" => report::render_json,
-        "html" => report::render_html,
+    let lang =
+        report::Lang::parse(&a.lang).ok_or_else(|| format!("--lang `{}`: zh-CN or en", a.lang))?;
+    let render: Box<dyn Fn(&report::Report) -> String> = match a.format.as_str() {
+        "table" => Box::new(move |r| report::render_table(r, lang)),
+        "csv" => Box::new(report::render_csv),
+        "json" => Box::new(report::render_json),
+        "html" => Box::new(move |r| report::render_html(r, lang)),
         f => return Err(format!("--format `{f}`: use table, csv, json or html")),
     };
     let policy = load_policy(&dev_default(

@@ -22,9 +22,9 @@ pub async fn league(
         _ => crate::tools::report::Period::Month,
     };
     let p = gw.snapshot().policy.clone();
-    let s2 = s.clone();
+    let (s2, lang) = (s.clone(), session.lang);
     let html = tokio::task::spawn_blocking(move || {
-        build_report(&s2, &p, period).map(|r| crate::tools::report::render_html_body(&r))
+        build_report(&s2, &p, period).map(|r| crate::tools::report::render_html_body(&r, lang))
     })
     .await
     .map_err(|e| e.to_string())

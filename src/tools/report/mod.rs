@@ -37,7 +37,11 @@ use std::{
 use serde::Serialize;
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 
+pub use crate::console::i18n::Lang;
 use crate::policy::Policy;
+
+mod words;
+use words::{Words, fill, pad, words};
 
 /// The provider of records whose dataset the policy does not know.
 pub const UNKNOWN: &str = "(unknown)";
@@ -519,99 +523,99 @@ fn rank_label(r: &DeptRow) -> String {
     r.rank.map_or("-".into(), |n| n.to_string())
 }
 
-fn range_line(rep: &Report) -> String {
-    format!(
-        "{} record(s), by {}{} (UTC{}), owners from policy {}{}{}",
-        rep.records,
-        serde_json::to_value(rep.period)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        match (&rep.from, &rep.to) {
-            (None, None) => String::new(),
-            (f, t) => format!(
-                ", from {} to {}",
-                f.as_deref().unwrap_or("the start"),
-                t.as_deref().unwrap_or("the end")
-            ),
-        },
-        rep.utc_offset,
-        rep.policy_version,
-        if rep.unreadable > 0 {
-            format!(", {} unreadable record(s) skipped", rep.unreadable)
-        } else {
-            String::new()
-        },
-        if rep.periods.is_empty() {
-            "; no records in range"
-        } else {
-            ""
-        },
-    )
+fn range_line(rep: &Report, w: &Words) -> String {
+    let period = serde_json::to_value(rep.period)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let period = w
+        .periods
+        .iter()
+        .find(|(k, _)| *k == period)
+        .map_or(period.clone(), |(_, v)| (*v).to_owned());
+    let mut o = fill(w.range_records, &[&rep.records, &period]);
+    if rep.from.is_some() || rep.to.is_some() {
+        o += &fill(
+            w.range_from_to,
+            &[
+                &rep.from.as_deref().unwrap_or(w.range_start),
+                &rep.to.as_deref().unwrap_or(w.range_end),
+            ],
+        );
+    }
+    o += &fill(w.range_zone_policy, &[&rep.utc_offset, &rep.policy_version]);
+    if rep.unreadable > 0 {
+        o += &fill(w.range_unreadable, &[&rep.unreadable]);
+    }
+    if rep.periods.is_empty() {
+        o += w.range_none;
+    }
+    o
 }
 
 /// A terminal table per period, denial reasons and the unattributed summary below each.
-pub fn render_table(rep: &Report) -> String {
+pub fn render_table(rep: &Report, lang: Lang) -> String {
+    let w = words(lang);
     let mut o = String::new();
-    let _ = writeln!(o, "Sharing league table: {}", range_line(rep));
+    let _ = writeln!(o, "{}", fill(w.table_title, &[&range_line(rep, w)]));
+    // (column widths in terminal cells; the department column left-aligned)
+    const WIDTHS: [usize; 15] = [4, 22, 5, 6, 8, 6, 7, 8, 8, 7, 8, 4, 8, 8, 7];
+    let line = |cells: [String; 15]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 4 || i == 10 {
+                l.push_str(" |");
+            }
+            l.push_str(if i == 0 { "" } else { " " });
+            if i == 2 {
+                l.push(' ');
+            }
+            l.push_str(&pad(c, WIDTHS[i], i == 1));
+        }
+        l
+    };
     for p in &rep.periods {
-        let _ = writeln!(o, "\n== {} ({} records) ==", p.period, p.records);
-        let _ = writeln!(
-            o,
-            "{:>4}  {:<22} {:>5} {:>5}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
-            "rank",
-            "department",
-            "score",
-            "cons.",
-            "provided",
-            "ds",
-            "avail",
-            "p50 ms",
-            "p99 ms",
-            "denied",
-            "consumed",
-            "used",
-            "p50 ms",
-            "p99 ms",
-            "denied"
-        );
+        let _ = writeln!(o, "\n{}", fill(w.period_line, &[&p.period, &p.records]));
+        let _ = writeln!(o, "{}", line(w.cols.map(str::to_owned)));
         for r in &p.departments {
             let _ = writeln!(
                 o,
-                "{:>4}  {:<22} {:>5.1} {:>5}  | {:>8} {:>4} {:>7} {:>8} {:>8} {:>7} | {:>8} {:>4} {:>8} {:>8} {:>7}",
-                rank_label(r),
-                term(&r.department),
-                r.score,
-                r.consumer_score
-                    .map_or("-".to_owned(), |x| format!("{x:.1}")),
-                r.provided.calls,
-                r.provided.datasets,
-                pct(r.provided.availability),
-                ms(r.provided.p50_us),
-                ms(r.provided.p99_us),
-                pct(r.provided.denial_rate),
-                r.consumed.calls,
-                r.consumed.datasets,
-                ms(r.consumed.p50_us),
-                ms(r.consumed.p99_us),
-                pct(r.consumed.denial_rate),
+                "{}",
+                line([
+                    rank_label(r),
+                    term(&r.department),
+                    format!("{:.1}", r.score),
+                    r.consumer_score
+                        .map_or("-".to_owned(), |x| format!("{x:.1}")),
+                    r.provided.calls.to_string(),
+                    r.provided.datasets.to_string(),
+                    pct(r.provided.availability),
+                    ms(r.provided.p50_us),
+                    ms(r.provided.p99_us),
+                    pct(r.provided.denial_rate),
+                    r.consumed.calls.to_string(),
+                    r.consumed.datasets.to_string(),
+                    ms(r.consumed.p50_us),
+                    ms(r.consumed.p99_us),
+                    pct(r.consumed.denial_rate),
+                ])
             );
         }
         let mut lines = Vec::new();
         for r in &p.departments {
-            for (side, s) in [("its calls", &r.consumed), ("calls to it", &r.provided)] {
+            for (side, s) in [(w.its_calls, &r.consumed), (w.calls_to_it, &r.provided)] {
                 if !s.denials_by_reason.is_empty() {
                     lines.push(format!(
-                        "  {:<22} {:<12} {}",
-                        term(&r.department),
-                        side,
+                        "  {} {} {}",
+                        pad(&term(&r.department), 22, true),
+                        pad(side, 12, true),
                         term(&reasons(&s.denials_by_reason, ", ", " "))
                     ));
                 }
             }
         }
         if !lines.is_empty() {
-            let _ = writeln!(o, "denials by reason:");
+            let _ = writeln!(o, "{}", w.denials_by_reason);
             for l in lines {
                 let _ = writeln!(o, "{l}");
             }
@@ -619,9 +623,14 @@ pub fn render_table(rep: &Report) -> String {
         if p.unattributed.records > 0 {
             let _ = writeln!(
                 o,
-                "unattributed (no consumer department, not ranked): {} record(s): {}",
-                p.unattributed.records,
-                term(&reasons(&p.unattributed.by_reason, ", ", " "))
+                "{}",
+                fill(
+                    w.unattributed_text,
+                    &[
+                        &p.unattributed.records,
+                        &term(&reasons(&p.unattributed.by_reason, ", ", " "))
+                    ]
+                )
             );
         }
     }
@@ -769,83 +778,84 @@ td.reasons{min-width:11rem;max-width:16rem;word-break:break-word;font-size:.8rem
 
 /// One self-contained HTML page: explanation, then per period the ranking table and three
 /// charts (calls provided/consumed, denial rate by reason, availability).
-pub fn render_html(rep: &Report) -> String {
+pub fn render_html(rep: &Report, lang: Lang) -> String {
+    let w = words(lang);
     format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+        "<!DOCTYPE html>\n<html lang=\"{}\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>Data sharing league table</title><style>{CSS}</style></head><body>\n\
-<h1>Data sharing league table</h1>\n{}</body></html>\n",
-        render_html_body(rep)
+<title>{}</title><style>{CSS}</style></head><body>\n\
+<h1>{}</h1>\n{}</body></html>\n",
+        w.html_lang,
+        w.title,
+        w.title,
+        render_html_body(rep, lang)
     )
 }
 
 /// The page's content without the document around it and its style (the console embeds it
 /// under its own stylesheet: no inline style there).
-pub fn render_html_body(rep: &Report) -> String {
+pub fn render_html_body(rep: &Report, lang: Lang) -> String {
+    let w = words(lang);
     let mut o = String::new();
     let (wc, wd, wa) = WEIGHTS;
-    let _ = write!(
-        o,
-        "<p class=\"note\">{}</p>\n\
-<div class=\"box\"><p><b>How to read this page.</b> Every call between departments passes the \
-exchange gateway and leaves one record in its audit trail; this page counts them. A department \
-<b>provides</b> a call when the data asked for is one of its datasets, and <b>consumes</b> a call \
-when it made it. A call is <b>refused</b> when the gateway did not let it through (no sharing \
-agreement, a field or purpose not agreed, a rate limit, ...). <b>Availability</b> is the share of \
-let-through calls to a department's datasets that its system answered without failing. Response \
-times are the median (p50) and the slowest 1% (p99) of let-through calls.</p>\
-<p><b>Score</b> (0 to 100) = {:.0} × calls served ÷ the most served by any department in the \
-period + {:.0} × datasets served ÷ the most served by any department + {:.0} × availability \
-(0 for a department that served no calls). Departments with equal scores share a rank. \
-The <b>consumer score</b> (not part of the ranking) is the share of the calls a department made \
-that were let through: what a department that only consumes is measured on.</p></div>\n",
-        esc(&range_line(rep)),
-        wc * 100.0,
-        wd * 100.0,
-        wa * 100.0,
-    );
+    let _ = writeln!(o, "<p class=\"note\">{}</p>", esc(&range_line(rep, w)));
+    o.push_str(&fill(
+        w.how,
+        &[
+            &format!("{:.0}", wc * 100.0),
+            &format!("{:.0}", wd * 100.0),
+            &format!("{:.0}", wa * 100.0),
+        ],
+    ));
     if rep.periods.is_empty() {
-        o.push_str("<p>No records in the selected time range.</p>\n");
+        let _ = writeln!(o, "<p>{}</p>", w.no_records);
     }
     for p in &rep.periods {
         let _ = writeln!(
             o,
-            "<h2>Period {} <span class=\"note\">({} calls)</span></h2>",
-            esc(&p.period),
-            p.records
+            "<h2>{}</h2>",
+            fill(w.period, &[&esc(&p.period), &p.records])
         );
-        html_table(&mut o, p);
+        html_table(&mut o, p, w);
         let depts: Vec<&DeptRow> = p
             .departments
             .iter()
             .filter(|r| r.provided.calls + r.consumed.calls > 0)
             .collect();
-        o.push_str("<h3>Calls provided and consumed</h3>\n");
-        chart_calls(&mut o, &depts);
-        o.push_str("<h3>Refused calls, by reason (share of the calls each department made)</h3>\n");
-        chart_denials(&mut o, &depts);
-        o.push_str("<h3>Availability of each department's datasets</h3>\n");
-        chart_availability(&mut o, &depts);
+        let _ = writeln!(o, "<h3>{}</h3>", w.h_calls);
+        chart_calls(&mut o, &depts, w);
+        let _ = writeln!(o, "<h3>{}</h3>", w.h_refused);
+        chart_denials(&mut o, &depts, w);
+        let _ = writeln!(o, "<h3>{}</h3>", w.h_avail);
+        chart_availability(&mut o, &depts, w);
         if p.unattributed.records > 0 {
             let _ = writeln!(
                 o,
-                "<p class=\"note\">Not attributed to any department (not ranked): {} record(s), \
-e.g. refused connections without a valid certificate: {}.</p>",
-                p.unattributed.records,
-                esc(&reasons(&p.unattributed.by_reason, ", ", " × "))
+                "<p class=\"note\">{}</p>",
+                fill(
+                    w.unattributed_html,
+                    &[
+                        &p.unattributed.records,
+                        &esc(&reasons(&p.unattributed.by_reason, ", ", " × "))
+                    ]
+                )
             );
         }
     }
     o
 }
 
-fn html_table(o: &mut String, p: &PeriodReport) {
-    o.push_str(
-        "<div class=\"wide\"><table class=\"league\"><thead><tr><th>Rank</th><th class=\"l\">Department</th><th>Score</th><th>Consumer score</th>\
-<th>Calls provided</th><th>Datasets provided</th><th>Availability</th><th>Refused (to it)</th>\
-<th>p50 / p99 ms (provided)</th><th>Calls made</th><th>Datasets used</th><th>Refused (its calls)</th>\
-<th>p50 / p99 ms (made)</th><th class=\"l\">Refusal reasons (its calls)</th></tr></thead><tbody>\n",
-    );
+fn html_table(o: &mut String, p: &PeriodReport, w: &Words) {
+    o.push_str("<div class=\"wide\"><table class=\"league\"><thead><tr>");
+    for (i, h) in w.th.iter().enumerate() {
+        let class = if i == 1 || i == 13 {
+            " class=\"l\""
+        } else {
+            ""
+        };
+        let _ = write!(o, "<th{class}>{h}</th>");
+    }
+    o.push_str("</tr></thead><tbody>\n");
     for r in &p.departments {
         let name = match &r.name {
             Some(n) => format!(
@@ -939,13 +949,13 @@ fn legend(o: &mut String, y: f64, items: &[(&str, String)]) {
             x + 16.0,
             esc(text)
         );
-        x += 40.0 + 8.0 * text.chars().count() as f64;
+        x += 40.0 + 7.0 * words::width(text) as f64;
     }
 }
 
-fn chart_calls(o: &mut String, depts: &[&DeptRow]) {
+fn chart_calls(o: &mut String, depts: &[&DeptRow], w: &Words) {
     if depts.is_empty() {
-        o.push_str("<p class=\"note\">No calls.</p>\n");
+        let _ = writeln!(o, "<p class=\"note\">{}</p>", w.no_calls);
         return;
     }
     let max = depts
@@ -956,50 +966,50 @@ fn chart_calls(o: &mut String, depts: &[&DeptRow]) {
         .max(1) as f64;
     let row = 40.0;
     let h = 30.0 + row * depts.len() as f64;
-    svg_open(o, h, "Calls provided and consumed per department");
+    svg_open(o, h, w.chart_calls);
     legend(
         o,
         12.0,
         &[
-            ("#2e7d32", "calls provided (to its datasets)".into()),
-            ("#1565c0", "calls consumed (made by it)".into()),
+            ("#2e7d32", w.legend_provided.into()),
+            ("#1565c0", w.legend_consumed.into()),
         ],
     );
     for (i, r) in depts.iter().enumerate() {
         let y = 28.0 + row * i as f64;
         svg_label(o, y + row / 2.0 - 2.0, &r.department);
         for (k, (n, color, what)) in [
-            (r.provided.calls, "#2e7d32", "provided"),
-            (r.consumed.calls, "#1565c0", "consumed"),
+            (r.provided.calls, "#2e7d32", w.bar_provided),
+            (r.consumed.calls, "#1565c0", w.bar_consumed),
         ]
         .into_iter()
         .enumerate()
         {
-            let w = BAR_W * n as f64 / max;
+            let len = BAR_W * n as f64 / max;
             let by = y + 2.0 + 17.0 * k as f64;
             svg_bar(
                 o,
                 LABEL_W,
                 by,
-                w,
+                len,
                 15.0,
                 color,
-                &format!("{}: {n} calls {what}", r.department),
+                &fill(what, &[&r.department, &n]),
             );
-            svg_value(o, LABEL_W + w, by + 8.0, &n.to_string());
+            svg_value(o, LABEL_W + len, by + 8.0, &n.to_string());
         }
     }
     o.push_str("</svg>\n");
 }
 
-fn chart_denials(o: &mut String, depts: &[&DeptRow]) {
+fn chart_denials(o: &mut String, depts: &[&DeptRow], w: &Words) {
     let depts: Vec<_> = depts.iter().filter(|r| r.consumed.calls > 0).collect();
     let all: BTreeSet<&String> = depts
         .iter()
         .flat_map(|r| r.consumed.denials_by_reason.keys())
         .collect();
     if all.is_empty() {
-        o.push_str("<p class=\"note\">No call was refused.</p>\n");
+        let _ = writeln!(o, "<p class=\"note\">{}</p>", w.no_refused);
         return;
     }
     let color = |reason: &String| {
@@ -1010,11 +1020,7 @@ fn chart_denials(o: &mut String, depts: &[&DeptRow]) {
     let legend_rows = all.len().div_ceil(2);
     let top = 20.0 * legend_rows as f64 + 8.0;
     let h = top + row * depts.len() as f64 + 6.0;
-    svg_open(
-        o,
-        h,
-        "Share of each department's calls that were refused, by reason",
-    );
+    svg_open(o, h, w.chart_refused);
     let reasons_v: Vec<_> = all.iter().collect();
     for (li, chunk) in reasons_v.chunks(2).enumerate() {
         let items: Vec<(&str, String)> = chunk.iter().map(|r| (color(r), (**r).clone())).collect();
@@ -1030,68 +1036,74 @@ fn chart_denials(o: &mut String, depts: &[&DeptRow]) {
             BAR_W,
             row - 10.0,
             "#eceff1",
-            "100% of its calls",
+            w.all_its_calls,
         );
         let mut x = LABEL_W;
         for (reason, n) in &r.consumed.denials_by_reason {
             let share = *n as f64 / r.consumed.calls as f64;
-            let w = BAR_W * share;
+            let len = BAR_W * share;
             svg_bar(
                 o,
                 x,
                 y + 3.0,
-                w,
+                len,
                 row - 10.0,
                 color(reason),
-                &format!(
-                    "{}: {n} of {} calls refused with {reason} ({:.1}%)",
-                    r.department,
-                    r.consumed.calls,
-                    share * 100.0
+                &fill(
+                    w.bar_refused,
+                    &[
+                        &r.department,
+                        &r.consumed.calls,
+                        n,
+                        reason,
+                        &pct(Some(share)),
+                    ],
                 ),
             );
-            x += w;
+            x += len;
         }
         svg_value(
             o,
             LABEL_W + BAR_W,
             y + row / 2.0 - 2.0,
-            &format!(
-                "{} ({} of {})",
-                pct(r.consumed.denial_rate),
-                r.consumed.denied,
-                r.consumed.calls
+            &fill(
+                w.refused_value,
+                &[
+                    &pct(r.consumed.denial_rate),
+                    &r.consumed.denied,
+                    &r.consumed.calls,
+                ],
             ),
         );
     }
     o.push_str("</svg>\n");
 }
 
-fn chart_availability(o: &mut String, depts: &[&DeptRow]) {
+fn chart_availability(o: &mut String, depts: &[&DeptRow], w: &Words) {
     let depts: Vec<_> = depts
         .iter()
         .filter(|r| r.provided.availability.is_some())
         .collect();
     if depts.is_empty() {
-        o.push_str("<p class=\"note\">No department served a call in this period.</p>\n");
+        let _ = writeln!(o, "<p class=\"note\">{}</p>", w.no_served);
         return;
     }
     let row = 26.0;
     let h = 30.0 + row * depts.len() as f64;
-    svg_open(o, h, "Availability of each department's datasets");
+    svg_open(o, h, w.chart_avail);
     legend(
         o,
         12.0,
         &[
-            ("#2e7d32", "99% or more".into()),
-            ("#f0ad4e", "95% to 99%".into()),
-            ("#d9534f", "below 95%".into()),
+            ("#2e7d32", w.avail_legend[0].into()),
+            ("#f0ad4e", w.avail_legend[1].into()),
+            ("#d9534f", w.avail_legend[2].into()),
         ],
     );
     for (i, r) in depts.iter().enumerate() {
         let y = 26.0 + row * i as f64;
         let a = r.provided.availability.unwrap_or(0.0);
-        let fill = if a >= 0.99 {
+        let shade = if a >= 0.99 {
             "#2e7d32"
         } else if a >= 0.95 {
             "#f0ad4e"
@@ -1106,27 +1118,26 @@ fn chart_availability(o: &mut String, depts: &[&DeptRow]) {
             y + 3.0,
             BAR_W * a,
             row - 10.0,
-            fill,
-            &format!(
-                "{}: {} of {} calls served without a provider error",
-                r.department,
-                r.provided.allowed - r.provided.provider_errors,
-                r.provided.allowed
+            shade,
+            &fill(
+                w.bar_avail,
+                &[
+                    &r.department as &dyn std::fmt::Display,
+                    &r.provided.allowed,
+                    &(r.provided.allowed - r.provided.provider_errors),
+                ],
             ),
         );
         svg_value(
             o,
             LABEL_W + BAR_W,
             y + row / 2.0 - 2.0,
-            &format!(
-                "{} ({} provider error{})",
-                pct(Some(a)),
-                r.provided.provider_errors,
-                if r.provided.provider_errors == 1 {
-                    ""
-                } else {
-                    "s"
-                }
+            &fill(
+                w.avail_value,
+                &[
+                    &pct(Some(a)) as &dyn std::fmt::Display,
+                    &r.provided.provider_errors,
+                ],
             ),
         );
     }
@@ -1461,7 +1472,7 @@ mod tests {
             rec(T, None, None, "deny", Some("<b>TLS</b>"), 0),
         ];
         let rep = build(&recs, &policy(), Period::Day, Range::default());
-        let html = render_html(&rep);
+        let html = render_html(&rep, Lang::En);
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<b>TLS</b>"));
         assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"));
@@ -1477,7 +1488,7 @@ mod tests {
 
         let csv = render_csv(&rep);
         assert!(csv.contains(&format!("\"{}\"", evil.replace('"', "\"\""))));
-        let table = render_table(&rep);
+        let table = render_table(&rep, Lang::En);
         assert!(table.contains("unattributed"));
     }
 
@@ -1485,9 +1496,15 @@ mod tests {
     fn empty_trail_renders_in_every_format() {
         let rep = build(&[], &policy(), Period::Month, Range::default());
         assert!(rep.periods.is_empty());
-        assert!(render_table(&rep).contains("no records in range"));
+        assert!(render_table(&rep, Lang::En).contains("no records in range"));
+        assert!(render_table(&rep, Lang::Zh).contains("范围内没有记录"));
         assert_eq!(render_csv(&rep).lines().count(), 1);
-        assert!(render_html(&rep).contains("No records"));
+        assert!(render_html(&rep, Lang::En).contains("No records"));
+        let zh = render_html(&rep, Lang::Zh);
+        assert!(
+            zh.contains("<html lang=\"zh-CN\">") && zh.contains("所选时间范围内没有记录"),
+            "{zh}"
+        );
         let v: serde_json::Value = serde_json::from_str(&render_json(&rep)).unwrap();
         assert_eq!(v["records"], 0);
     }
