@@ -609,3 +609,84 @@ async fn prune_drops_shipped_months_and_verify_holds_the_new_start() {
         "{out}"
     );
 }
+
+/// With shipping on, the console's change preview re-decides the province's calls (every
+/// replica's, from the database), not only this replica's own files: calls another replica
+/// shipped count too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_preview_replays_the_province_trail() {
+    if !Postgres::available() {
+        eprintln!("skipped: PostgreSQL is not installed (bash .ci/deps)");
+        return;
+    }
+    let pg = Postgres::start();
+    let url = pg.url();
+    let mut h = Harness::start(Opts {
+        admin: true,
+        config: Some(ship_hook(url.clone(), "xgate-a")),
+        ..Opts::default()
+    })
+    .await;
+    let mut ca = h.data("civil-affairs").await;
+    for _ in 0..3 {
+        ca.query(req(
+            query(
+                "hukou.person_basic",
+                "subsidy-eligibility",
+                &["region_code = 330106"],
+                1,
+            ),
+            &token("civil-affairs"),
+        ))
+        .await
+        .unwrap();
+    }
+    let count = |q: &str| pg.psql(q).trim().parse::<u64>().unwrap_or(0);
+    let calls = "SELECT count(*) FROM xgate_audit_records WHERE kind = 'call' AND consumer_dept = 'civil-affairs'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(calls) < 3 {
+        assert!(Instant::now() < deadline, "the calls were not shipped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another replica's calls: in the database, not in this replica's files.
+    pg.psql(
+        "INSERT INTO xgate_audit_records (replica, seq, time, kind, trace_id, consumer_dept, consumer_system, \
+           dataset, purpose, decision, grpc_status, prev, hash, line, subjects) \
+         SELECT 'xgate-b', seq, time, kind, trace_id, consumer_dept, consumer_system, dataset, purpose, \
+           decision, grpc_status, prev, hash, line, subjects \
+         FROM xgate_audit_records WHERE replica = 'xgate-a'",
+    );
+    assert_eq!(count(calls), 6);
+    let current = std::fs::read_to_string(&h.policy_path).unwrap();
+    let candidate = current.replacen(
+        "purposes: [subsidy-eligibility",
+        "purposes: [subsidy-review",
+        1,
+    );
+    assert_ne!(candidate, current);
+    let mut li = h.officer(Some("officer-bureau"));
+    let token = li.get("/preview").await.csrf();
+    let r = li
+        .post_form(
+            "/preview",
+            &[("csrf", &token), ("candidate", &candidate), ("days", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body
+            .contains("<span id=\"impact-source\">全省审计库</span>"),
+        "{}",
+        r.body
+    );
+    let row = r
+        .body
+        .split("<tr>")
+        .find(|row| row.contains("<td>civil-affairs</td>"))
+        .unwrap_or_else(|| panic!("no civil-affairs row: {}", r.body));
+    assert!(
+        row.contains("<td class=\"num refused\">6</td>"),
+        "both replicas' calls: {row}"
+    );
+    h.stop().await;
+}

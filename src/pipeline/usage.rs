@@ -89,6 +89,44 @@ impl UsageSource {
     }
 }
 
+impl UsageSource {
+    /// Whether this reads the province database (every replica's records).
+    pub fn is_db(&self) -> bool {
+        matches!(self, UsageSource::Db { .. })
+    }
+
+    /// The recorded calls since `since` re-decided under `candidate`, from the same trail a
+    /// search reads: the province database where the replicas ship to one, else this
+    /// gateway's own files ([`crate::policy::impact`]).
+    pub(crate) async fn impact(
+        &self,
+        current: Arc<Policy>,
+        candidate: Arc<Policy>,
+        since: time::OffsetDateTime,
+    ) -> Result<crate::policy::impact::Impact, String> {
+        match self {
+            UsageSource::Dir(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::policy::impact::over_dir(&dir, &current, &candidate, Some(since), None)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            UsageSource::Db {
+                url,
+                password,
+                pool,
+            } => {
+                let pool = pool
+                    .get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
+                    .await?;
+                crate::policy::impact::over_db(pool, &current, &candidate, Some(since), None).await
+            }
+        }
+    }
+}
+
 /// An RFC 3339 bound of the request, if given.
 fn bound(v: &str, name: &str) -> Result<Option<time::OffsetDateTime>, Reject> {
     if v.is_empty() {
@@ -141,6 +179,19 @@ impl Gateway {
             );
         }
         self.inner.usage.search_limited(q, limit, keep).await
+    }
+
+    /// A candidate policy's impact on the recorded calls since `since` (the change preview),
+    /// read from where searches read (see [`UsageSource::impact`]); and whether that was the
+    /// province database.
+    pub async fn impact_of(
+        &self,
+        candidate: Arc<Policy>,
+        since: time::OffsetDateTime,
+    ) -> (Result<crate::policy::impact::Impact, String>, bool) {
+        let current = self.snapshot().policy.clone();
+        let usage = &self.inner.usage;
+        (usage.impact(current, candidate, since).await, usage.is_db())
     }
 
     /// The keyed hash a subject's id is recorded as (for an admin record of a search).

@@ -41,19 +41,15 @@ pub async fn preview(
                 .iter()
                 .map(|c| context! { direction => named(&c.direction), text => c.to_string() })
                 .collect();
-            let dir = s.audit_dir.clone();
             let since = time::OffsetDateTime::now_utc() - time::Duration::days(days);
-            let (cur, nxt) = (current.clone(), std::sync::Arc::new(next));
-            let impact = tokio::task::spawn_blocking(move || {
-                crate::policy::impact::over_dir(&dir, &cur, &nxt, Some(since), None)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+            // The same trail audit search reads: the province database when this replica
+            // ships to one (every replica's calls), else its own files.
+            let (impact, from_db) = gw.impact_of(std::sync::Arc::new(next), since).await;
+            let source = if from_db { "source_db" } else { "source_dir" };
             let impact = match impact {
-                Ok(i) => impact_value(&s, &i),
+                Ok(i) => context! { ..impact_value(&s, &i), ..context! { source } },
                 Err(e) => {
-                    context! { error => e, replayed => 0, rows => Vec::<Value>::new(), since => "", until => "" }
+                    context! { error => e, replayed => 0, rows => Vec::<Value>::new(), since => "", until => "", source }
                 }
             };
             (Vec::new(), changes, impact)
