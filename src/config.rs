@@ -90,18 +90,25 @@ pub struct Console {
     /// (GitOps, a ConfigMap) and the console only previews.
     #[serde(default)]
     pub policy_managed: bool,
+    /// Sign-in with the province's identity provider (OpenID Connect), beside certificates.
+    #[serde(default)]
+    pub oidc: Option<crate::console::oidc::OidcConfig>,
 }
 
 impl Console {
     /// The demo's console: on `listen`, the dev PKI's officers (certs-dev/officer-*.pem).
     pub fn demo(listen: SocketAddr) -> Console {
         use crate::console::auth::{Officer, Role};
-        let o = |name: &str, subject: &str, role: Role, department: Option<&str>| Officer {
-            name: name.into(),
-            subject: subject.into(),
-            role,
-            department: department.map(str::to_owned),
-            fingerprint: None,
+        // (name, certificate CN, name at an IdP for `xgate demo --console-oidc`, role…)
+        let o = |name: &str, (subject, idp): (&str, &str), role: Role, department: Option<&str>| {
+            Officer {
+                name: name.into(),
+                subject: subject.into(),
+                role,
+                department: department.map(str::to_owned),
+                fingerprint: None,
+                oidc: Some(idp.into()),
+            }
         };
         Console {
             listen,
@@ -109,19 +116,25 @@ impl Console {
             key: None,
             officer_ca: None,
             officers: vec![
-                o("李明", "bureau-officer-li", Role::Bureau, None),
-                o("陈静", "bureau-officer-chen", Role::Bureau, None),
+                o("李明", ("bureau-officer-li", "li.ming"), Role::Bureau, None),
+                o(
+                    "陈静",
+                    ("bureau-officer-chen", "chen.jing"),
+                    Role::Bureau,
+                    None,
+                ),
                 o(
                     "王芳",
-                    "civil-affairs-admin-wang",
+                    ("civil-affairs-admin-wang", "wang.fang"),
                     Role::DeptAdmin,
                     Some("civil-affairs"),
                 ),
-                o("赵强", "auditor-zhao", Role::Auditor, None),
+                o("赵强", ("auditor-zhao", "zhao.qiang"), Role::Auditor, None),
             ],
             lang: default_console_lang(),
             session_idle_minutes: default_session_idle(),
             policy_managed: false,
+            oidc: None,
         }
     }
 }

@@ -50,8 +50,14 @@ impl Role {
 pub struct Officer {
     /// The name shown and written on the audit trail.
     pub name: String,
-    /// The subject CN of the officer's certificate.
+    /// The subject CN of the officer's certificate (empty: the officer signs in only with
+    /// the IdP).
+    #[serde(default)]
     pub subject: String,
+    /// The officer's identity at the province's IdP (the value of `console.oidc.claim` in
+    /// their ID token), when they may sign in there.
+    #[serde(default)]
+    pub oidc: Option<String>,
     pub role: Role,
     /// The department a `dept_admin` administers.
     #[serde(default)]
@@ -62,17 +68,33 @@ pub struct Officer {
     pub fingerprint: Option<String>,
 }
 
-/// The configured officers, by certificate subject.
+impl Officer {
+    /// What tells this officer apart from every other (a proposal's second approver must not
+    /// be its first): the certificate subject, or the IdP identity for an officer with none.
+    pub fn key(&self) -> String {
+        match (&self.oidc, self.subject.is_empty()) {
+            (Some(id), true) => format!("oidc:{id}"),
+            _ => self.subject.clone(),
+        }
+    }
+}
+
+/// The configured officers, by certificate subject and by IdP identity.
 #[derive(Debug, Default)]
-pub struct Officers(HashMap<String, Officer>);
+pub struct Officers {
+    by_subject: HashMap<String, Officer>,
+    by_oidc: HashMap<String, Officer>,
+}
 
 impl Officers {
     /// Every problem with the list, or the map.
     pub fn new(list: &[Officer]) -> Result<Officers, Vec<String>> {
         let mut errs = Vec::new();
         let mut map = HashMap::new();
+        let mut by_oidc = HashMap::new();
+        let mut names = std::collections::HashSet::new();
         for (i, o) in list.iter().enumerate() {
-            let at = format!("console.officers[{i}] ({})", o.subject);
+            let at = format!("console.officers[{i}] ({})", o.name);
             match (o.role, &o.department) {
                 (Role::DeptAdmin, None) => errs.push(format!(
                     "{at}: a dept_admin needs `department` (the one it administers)"
@@ -82,15 +104,33 @@ impl Officers {
                 }
                 _ => {}
             }
-            if o.subject.trim().is_empty() {
-                errs.push(format!("{at}: `subject` (the certificate's CN) is empty"));
+            if !names.insert(o.name.trim()) || o.name.trim().is_empty() {
+                errs.push(format!(
+                    "{at}: `name` empty or given twice (the trail names officers by it)"
+                ));
             }
-            if map.insert(o.subject.clone(), o.clone()).is_some() {
+            let oidc = o.oidc.as_deref().map(str::trim);
+            match (o.subject.trim().is_empty(), oidc) {
+                (true, None) => errs.push(format!(
+                    "{at}: neither `subject` (the certificate's CN) nor `oidc` (the IdP identity)"
+                )),
+                (_, Some("")) => errs.push(format!("{at}: `oidc` is empty")),
+                _ => {}
+            }
+            if !o.subject.is_empty() && map.insert(o.subject.clone(), o.clone()).is_some() {
                 errs.push(format!("{at}: the same certificate subject twice"));
+            }
+            if let Some(id) = &o.oidc
+                && by_oidc.insert(id.clone(), o.clone()).is_some()
+            {
+                errs.push(format!("{at}: the same IdP identity twice"));
             }
         }
         if errs.is_empty() {
-            Ok(Officers(map))
+            Ok(Officers {
+                by_subject: map,
+                by_oidc,
+            })
         } else {
             Err(errs)
         }
@@ -98,11 +138,16 @@ impl Officers {
 
     /// The officer a certificate with this CN and fingerprint signs in as.
     pub fn get(&self, subject: &str, fingerprint: &str) -> Option<&Officer> {
-        self.0.get(subject).filter(|o| {
+        self.by_subject.get(subject).filter(|o| {
             o.fingerprint
                 .as_deref()
                 .is_none_or(|f| f.eq_ignore_ascii_case(fingerprint))
         })
+    }
+
+    /// The officer the IdP identity `id` signs in as.
+    pub fn by_oidc(&self, id: &str) -> Option<&Officer> {
+        self.by_oidc.get(id)
     }
 }
 
@@ -142,7 +187,8 @@ impl PeerCert {
 pub struct Session {
     pub id: String,
     pub officer: Officer,
-    /// The certificate the session was opened with.
+    /// The certificate the session was opened with, or [`super::oidc::OIDC_BINDING`] for a
+    /// session opened by signing in with the IdP.
     pub fingerprint: String,
     pub csrf: String,
     pub lang: super::i18n::Lang,
@@ -360,6 +406,7 @@ mod tests {
             role: Role::Bureau,
             department: None,
             fingerprint: None,
+            oidc: None,
         };
         let open = s.open(o, "sha256:aa".into(), Default::default());
         assert!(s.get(&open.id, "sha256:aa").is_some());
@@ -368,8 +415,49 @@ mod tests {
             "another certificate"
         );
         assert!(s.get("forged", "sha256:aa").is_none());
+        assert!(
+            s.get(&open.id, crate::console::oidc::OIDC_BINDING)
+                .is_none(),
+            "a connection with no certificate"
+        );
         s.close(&open.id);
         assert!(s.get(&open.id, "sha256:aa").is_none());
+    }
+
+    #[test]
+    fn officers_sign_in_by_certificate_or_idp_and_are_told_apart() {
+        let o = |name: &str, subject: &str, oidc: Option<&str>| Officer {
+            name: name.into(),
+            subject: subject.into(),
+            role: Role::Bureau,
+            department: None,
+            fingerprint: None,
+            oidc: oidc.map(str::to_owned),
+        };
+        let list = [
+            o("Li", "li", Some("li.ming")),
+            o("Chen", "", Some("chen.jing")),
+            o("Wang", "", Some("wang.fang")),
+        ];
+        let os = Officers::new(&list).unwrap();
+        assert_eq!(
+            os.by_oidc("chen.jing").map(|x| x.name.as_str()),
+            Some("Chen")
+        );
+        assert_eq!(
+            os.get("li", "sha256:x").map(|x| x.name.as_str()),
+            Some("Li")
+        );
+        assert!(os.get("", "sha256:x").is_none(), "no CN is no officer");
+        assert_ne!(list[1].key(), list[2].key(), "two IdP-only officers");
+        let errs = Officers::new(&[
+            o("Li", "", None),
+            o("Li", "x", Some("")),
+            o("Z", "y", Some("z")),
+            o("Y", "y", Some("z")),
+        ])
+        .unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
     }
 
     #[test]
@@ -381,6 +469,7 @@ mod tests {
                 role: Role::Bureau,
                 department: None,
                 fingerprint: None,
+                oidc: None,
             },
             "sha256:aa".into(),
             Default::default(),

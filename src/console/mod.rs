@@ -4,7 +4,9 @@
 //! A request goes, top-down:
 //! 1. TLS ([`serve`]): the officer's client certificate, verified against `console.officer_ca`,
 //!    is put on the request ([`auth::PeerCert`]);
-//! 2. [`guard`]: certificate → officer → session (opened on first use) → the role may use
+//!    (an officer without one signs in with the province's IdP first, [`oidc`]: that opens a
+//!    session bound to no certificate);
+//! 2. [`guard`]: the session, or certificate → officer → session (opened on first use) → the role may use
 //!    this route ([`auth::may`]) → a state-changing request carries the CSRF token; every
 //!    refusal is a page with the reason and an audit record;
 //! 3. the page or API handler ([`pages`], [`api`]), server-side rendered from named `.html`
@@ -19,6 +21,7 @@
 pub mod api;
 pub mod auth;
 pub mod i18n;
+pub mod oidc;
 pub mod pages;
 pub mod proposals;
 pub(crate) mod templates;
@@ -53,6 +56,8 @@ pub struct ConsoleState {
     pub reloader: Arc<Reloader>,
     pub officers: Arc<Officers>,
     pub sessions: Arc<Sessions>,
+    /// Sign-in with the province's IdP, where `console.oidc` is configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
     pub templates: Arc<minijinja::Environment<'static>>,
     /// The province's zone: every date shown is in it.
     pub zone: UtcOffset,
@@ -82,6 +87,12 @@ impl ConsoleState {
         console: &crate::config::Console,
     ) -> Result<ConsoleState, Vec<String>> {
         let officers = Officers::new(&console.officers)?;
+        let oidc = console
+            .oidc
+            .as_ref()
+            .map(oidc::Oidc::new)
+            .transpose()?
+            .map(Arc::new);
         let zone = crate::tools::report::parse_zone(&cfg.limits.quota_timezone)
             .map_err(|e| vec![format!("limits.quota_timezone: {e}")])?;
         let default_lang = Lang::parse(&console.lang)
@@ -90,6 +101,7 @@ impl ConsoleState {
             gateway,
             reloader,
             officers: Arc::new(officers),
+            oidc,
             sessions: Arc::new(Sessions::new(Duration::from_secs(
                 console.session_idle_minutes.max(1) * 60,
             ))),
@@ -138,6 +150,9 @@ pub fn app(state: ConsoleState) -> Router {
     Router::new()
         .route("/static/console.css", get(templates::css))
         .route("/static/console.js", get(templates::js))
+        // (Outside the guard: these are how an officer without a certificate signs in.)
+        .route("/signin/oidc", get(pages::signin::begin))
+        .route("/signin/oidc/callback", get(pages::signin::callback))
         .merge(guarded)
         // (Outside the guard: an unknown path says 404 to anyone, signed in or not.)
         .fallback(pages::not_found)
@@ -161,33 +176,40 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
     let what = format!("{method} {}", truncate(&path, 200));
     let from = peer.addr.map(|a| format!(" from {a}")).unwrap_or_default();
     let lang = s.default_lang;
-    let (Some(fingerprint), Some(subject)) = (peer.fingerprint.clone(), peer.subject.clone())
-    else {
-        s.record_refusal(
-            &format!("no certificate{from}"),
-            format!("{what} -> 401: no officer certificate"),
-        );
-        return pages::refusal(&s, lang, StatusCode::UNAUTHORIZED, "unauthenticated_why");
-    };
-    let Some(officer) = s.officers.get(&subject, &fingerprint).cloned() else {
-        s.record_refusal(
-            &format!("certificate {subject} ({fingerprint}){from}"),
-            format!("{what} -> 403: not a console officer"),
-        );
-        return pages::refusal(&s, lang, StatusCode::FORBIDDEN, "not_officer");
-    };
+    // A session is bound to the connection's certificate, or (none) to the IdP sign-in.
+    let binding = peer
+        .fingerprint
+        .clone()
+        .unwrap_or_else(|| oidc::OIDC_BINDING.to_owned());
     let cookie_id = auth::session_id(req.headers());
     let had_cookie = cookie_id.is_some();
-    let existing = cookie_id.and_then(|id| s.sessions.get(&id, &fingerprint));
+    let existing = cookie_id.and_then(|id| s.sessions.get(&id, &binding));
     // An API client (no cookie, `x-requested-by`) is signed in per request: no session kept.
     let api_client = !had_cookie && req.headers().contains_key("x-requested-by");
-    let (session, opened) = match existing {
-        Some(x) => (x, false),
-        None if api_client => (
-            auth::Session::transient(officer, fingerprint, s.default_lang),
-            false,
-        ),
-        None => (s.sessions.open(officer, fingerprint, s.default_lang), true),
+    let (session, opened) = match (existing, peer.fingerprint.clone(), peer.subject.clone()) {
+        (Some(x), _, _) => (x, false),
+        (None, Some(fingerprint), Some(subject)) => {
+            let Some(officer) = s.officers.get(&subject, &fingerprint).cloned() else {
+                s.record_refusal(
+                    &format!("certificate {subject} ({fingerprint}){from}"),
+                    format!("{what} -> 403: not a console officer"),
+                );
+                return pages::refusal(&s, lang, StatusCode::FORBIDDEN, "not_officer");
+            };
+            if api_client {
+                let t = auth::Session::transient(officer, fingerprint, s.default_lang);
+                (t, false)
+            } else {
+                (s.sessions.open(officer, fingerprint, s.default_lang), true)
+            }
+        }
+        _ => {
+            s.record_refusal(
+                &format!("no certificate{from}"),
+                format!("{what} -> 401: no officer certificate or session"),
+            );
+            return pages::refusal(&s, lang, StatusCode::UNAUTHORIZED, "unauthenticated_why");
+        }
     };
     let actor = actor(&session, &from);
     if opened {
@@ -278,11 +300,15 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
 pub struct Actor(pub String);
 
 fn actor(s: &Session, from: &str) -> String {
+    let how = if s.fingerprint == oidc::OIDC_BINDING {
+        format!("IdP {}", s.officer.oidc.as_deref().unwrap_or(""))
+    } else {
+        format!("certificate {}", s.officer.subject)
+    };
     format!(
-        "officer {} ({}, certificate {}){from}",
+        "officer {} ({}, {how}){from}",
         s.officer.name,
         s.officer.role.as_str(),
-        s.officer.subject
     )
 }
 

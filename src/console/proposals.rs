@@ -95,7 +95,7 @@ pub async fn propose(
         base: current.version.clone(),
         candidate,
         by: session.officer.name.clone(),
-        by_subject: session.officer.subject.clone(),
+        by_subject: session.officer.key(),
         at: crate::audit::now_rfc3339(),
         changes,
     };
@@ -143,7 +143,7 @@ pub async fn list(
                 id => p.id, version => p.version, base => p.base, by => p.by,
                 at => pages::local_time(&s, &p.at), changes => p.changes,
                 stale => p.base != serving,
-                own => p.by_subject == session.officer.subject,
+                own => p.by_subject == session.officer.key(),
             }
         })
         .collect();
@@ -176,7 +176,7 @@ pub async fn approve(
         );
         pages::refusal(&s, session.lang, status, key)
     };
-    if p.by_subject == session.officer.subject {
+    if p.by_subject == session.officer.key() {
         return refuse(
             StatusCode::FORBIDDEN,
             "second_officer",
@@ -210,7 +210,12 @@ pub async fn approve(
         ok,
         Some(format!(
             "proposal {id} by {} (certificate {}) approved by {} (certificate {}); {} -> {}",
-            p.by, p.by_subject, session.officer.name, session.officer.subject, p.base, p.version
+            p.by,
+            p.by_subject,
+            session.officer.name,
+            session.officer.key(),
+            p.base,
+            p.version
         )),
     );
     rec.from_version = Some(p.base.clone());

@@ -12,10 +12,15 @@ The test:
     Explain against `xgate policy explain`; a change preview of a tightening (the candidate
     chosen with the page's file input) against the calls made; a form posted without its
     CSRF token is refused;
+  * signs in without a certificate through the province's IdP (OpenID Connect): the real
+    node-oidc-provider (tests/e2e/idp), its login and consent pages in the same browser; an
+    officer lands on their role's page, an identity no officer has and a forged callback are
+    refused and recorded;
   * writes a screenshot of every page under target/console-screenshots/.
 
 Run from the repository root:  python tests/e2e/test_console.py
-Needs: chromium, chromium-driver, libnss3-tools (bash .ci/deps), selenium (requirements.txt).
+Needs: chromium, chromium-driver, libnss3-tools (bash .ci/deps), selenium (requirements.txt),
+node with `npm ci --prefix tests/e2e/idp` for the IdP checks (skipped, saying so, without it).
 Environment: XGATE_BIN (default target/debug/xgate). Exits 0 when every check passed; the
 last line is "console e2e: N passed, M failed". Skips (exit 0, saying so) without Chromium.
 """
@@ -66,17 +71,52 @@ def check(name: str, fn):
         print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
 
 
+IDP = REPO / "tests" / "e2e" / "idp"
+IDP_SECRET = "console-e2e-secret"
+
+
+class Idp:
+    """The province's IdP for the sign-in checks: node-oidc-provider on a free port."""
+
+    def __init__(self, tmp: Path, console_port: int):
+        self.port = free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            ["node", str(IDP / "idp.mjs"), str(self.port), "xgate-console", IDP_SECRET,
+             f"https://localhost:{console_port}/signin/oidc/callback"],
+            cwd=IDP, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=open(tmp / "idp.stderr", "wb"), text=True)
+        for line in self.proc.stdout:
+            if line.startswith("listening"):
+                break
+        else:
+            raise SystemExit("the IdP did not start: " + (tmp / "idp.stderr").read_text())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def idp_available() -> bool:
+    return bool(shutil.which("node")) and (IDP / "node_modules" / "oidc-provider").is_dir()
+
+
 class Demo:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, console: int, oidc_issuer: str | None = None):
         self.tmp = tmp
         self.port = free_port()
-        self.console = free_port()
+        self.console = console
         self.audit = tmp / "audit"
+        oidc = ["--console-oidc", oidc_issuer] if oidc_issuer else []
         self.proc = subprocess.Popen(
             [str(xgate_bin()), "demo", "--listen", f"127.0.0.1:{self.port}", "--console",
              f"127.0.0.1:{self.console}", "--providers-port-base", "0", "--audit-dir",
-             str(self.audit), "--certs", "certs-dev"],
+             str(self.audit), "--certs", "certs-dev", *oidc],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            env=dict(os.environ, XGATE_CONSOLE_OIDC_SECRET=IDP_SECRET),
             stderr=open(tmp / "demo.stderr", "wb"), text=True)
         deadline = time.monotonic() + 60
         for line in self.proc.stdout:
@@ -102,7 +142,9 @@ class Demo:
 
 
 class Browser:
-    """Chromium signed in as one officer: its own HOME (NSS database) and profile."""
+    """Chromium signed in as one officer: its own HOME (NSS database) and profile. With a
+    `stem` that is not a certificate's (`idp-…`), the database holds only the dev CA: a
+    browser with no officer certificate."""
 
     def __init__(self, tmp: Path, stem: str, url: str):
         from selenium import webdriver
@@ -111,14 +153,15 @@ class Browser:
         self.home = tmp / f"home-{stem}"
         nss = self.home / ".pki" / "nssdb"
         nss.mkdir(parents=True)
-        p12 = tmp / f"{stem}.p12"
-        subprocess.run(["openssl", "pkcs12", "-export", "-in", str(CERTS / f"{stem}.pem"), "-inkey",
-                        str(CERTS / f"{stem}.key"), "-certfile", str(CERTS / "ca.pem"), "-out", str(p12),
-                        "-passout", "pass:"], check=True, capture_output=True)
         subprocess.run(["certutil", "-N", "-d", f"sql:{nss}", "--empty-password"], check=True,
                        capture_output=True)
-        subprocess.run(["pk12util", "-i", str(p12), "-d", f"sql:{nss}", "-W", ""], check=True,
-                       capture_output=True)
+        if (CERTS / f"{stem}.pem").exists():
+            p12 = tmp / f"{stem}.p12"
+            subprocess.run(["openssl", "pkcs12", "-export", "-in", str(CERTS / f"{stem}.pem"), "-inkey",
+                            str(CERTS / f"{stem}.key"), "-certfile", str(CERTS / "ca.pem"), "-out",
+                            str(p12), "-passout", "pass:"], check=True, capture_output=True)
+            subprocess.run(["pk12util", "-i", str(p12), "-d", f"sql:{nss}", "-W", ""], check=True,
+                           capture_output=True)
         subprocess.run(["certutil", "-A", "-d", f"sql:{nss}", "-n", "xgate-dev-ca", "-t", "CT,C,C", "-i",
                         str(CERTS / "ca.pem")], check=True, capture_output=True)
         opts = webdriver.ChromeOptions()
@@ -176,7 +219,11 @@ def main() -> int:
         print("console e2e: skipped (selenium missing: tests/e2e/requirements.txt)")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="xgate-console-e2e-"))
-    demo = Demo(tmp)
+    console = free_port()
+    idp = Idp(tmp, console) if idp_available() else None
+    if idp is None:
+        print("console e2e: the IdP sign-in checks are skipped (node, or `npm ci --prefix tests/e2e/idp`, missing)")
+    demo = Demo(tmp, console, idp.issuer if idp else None)
     url = f"https://localhost:{demo.console}"
     # Chromium picks the (only) certificate in the profile's NSS database for this URL.
     POLICY_DIR.mkdir(parents=True, exist_ok=True)
@@ -304,6 +351,83 @@ def main() -> int:
                 assert "403" in zhao.open(path), path
 
         check("auditor: audit search, 403 elsewhere", auditor)
+
+        if idp:
+            def idp_signin(stem: str, login: str) -> Browser:
+                """A browser with no certificate signs in at the IdP as `login`."""
+                from selenium.webdriver.common.by import By
+                b = Browser(tmp, stem, url)
+                browsers.append(b)
+                src = b.open("/overview")
+                assert "401" in src, src[:400]
+                b.shot("unauthenticated")
+                b.driver.find_element(By.CSS_SELECTOR, 'a[href="/signin/oidc"]').click()
+                deadline = time.monotonic() + 15
+                while not b.driver.find_elements(By.NAME, "login"):
+                    assert time.monotonic() < deadline, b.driver.page_source[:400]
+                    time.sleep(0.1)
+                assert b.driver.current_url.startswith(idp.issuer), b.driver.current_url
+                b.driver.find_element(By.NAME, "login").send_keys(login)
+                b.driver.find_element(By.NAME, "password").send_keys("any")
+                b.driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+                # The IdP's consent page, then back to the console.
+                deadline = time.monotonic() + 15
+                while not b.driver.current_url.startswith(url):
+                    assert time.monotonic() < deadline, b.driver.current_url
+                    buttons = b.driver.find_elements(By.CSS_SELECTOR, "button[type=submit]")
+                    try:
+                        if buttons and "interaction" in b.driver.current_url and not b.driver.find_elements(
+                                By.NAME, "login"):
+                            buttons[0].click()
+                    except Exception:  # noqa: BLE001 - the page moved on under the click
+                        pass
+                    time.sleep(0.2)
+                return b
+
+            def idp_bureau():
+                b = idp_signin("idp-li", "li.ming")
+                deadline = time.monotonic() + 10
+                while "/overview" not in b.driver.current_url:
+                    assert time.monotonic() < deadline, (b.driver.current_url, b.driver.page_source[:400])
+                    time.sleep(0.1)
+                src = b.driver.page_source
+                assert "李明" in src and "策略版本" in src, src[:600]
+                b.shot("idp-overview")
+                c = [c for c in b.driver.get_cookies() if c["name"] == "__Host-xgate_session"]
+                assert c and c[0]["secure"] and c[0]["httpOnly"] and c[0]["sameSite"] == "Strict", c
+                assert not [c for c in b.driver.get_cookies() if c["name"] == "__Host-xgate_oidc"]
+
+            check("IdP sign-in: a bureau officer lands on the overview", idp_bureau)
+
+            def idp_dept_admin():
+                b = idp_signin("idp-wang", "wang.fang")
+                deadline = time.monotonic() + 10
+                while "/departments/civil-affairs" not in b.driver.current_url:
+                    assert time.monotonic() < deadline, b.driver.current_url
+                    time.sleep(0.1)
+                assert "403" in b.open("/overview")
+
+            check("IdP sign-in: a department administrator gets its role's pages only", idp_dept_admin)
+
+            def idp_stranger():
+                b = idp_signin("idp-mallory", "mallory")
+                deadline = time.monotonic() + 10
+                while "403" not in b.driver.page_source:
+                    assert time.monotonic() < deadline, b.driver.page_source[:400]
+                    time.sleep(0.1)
+                assert "此身份未登记为控制台官员" in b.driver.page_source, b.driver.page_source[:600]
+                b.shot("idp-not-officer")
+                assert "401" in b.open("/overview"), "no session was opened"
+
+            check("IdP sign-in: an identity no officer has is refused", idp_stranger)
+
+            def forged_callback():
+                b = Browser(tmp, "idp-forged", url)
+                browsers.append(b)
+                src = b.open("/signin/oidc/callback?code=stolen&state=forged")
+                assert "403" in src and "登录未完成" in src, src[:600]
+
+            check("IdP sign-in: a callback this browser did not start is refused", forged_callback)
     finally:
         for b in browsers:
             try:
@@ -312,6 +436,8 @@ def main() -> int:
                 pass
         policy_file.unlink(missing_ok=True)
         demo.stop()
+        if idp:
+            idp.stop()
 
     def recorded():
         recs = []
@@ -321,6 +447,13 @@ def main() -> int:
         assert any("GET /overview -> 403" in r.get("detail", "") and "王芳" in r.get("actor", "")
                    for r in denied), denied
         assert any("no valid CSRF token" in r.get("detail", "") for r in denied), denied
+        if idp:
+            signins = [r for r in recs if r.get("action") == "console.signin"]
+            assert any("李明" in r.get("actor", "") and "IdP li.ming" in r.get("actor", "")
+                       and "with the IdP" in r.get("detail", "") for r in signins), signins
+            assert any("identity mallory" in r.get("actor", "") and "not a console officer" in r.get("detail", "")
+                       for r in denied), denied
+            assert any("callback -> refused: sign-in state" in r.get("detail", "") for r in denied), denied
 
     check("refusals are on the audit trail", recorded)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,11 @@ pub(crate) struct DemoArgs {
     /// The bureau's console and admin API (HTTPS, the dev officers' certificates), or `off`.
     #[arg(long, default_value = "127.0.0.1:9444")]
     pub(crate) console: String,
+    /// Also sign officers in with this OpenID Connect IdP (client `xgate-console`, secret in
+    /// $XGATE_CONSOLE_OIDC_SECRET, redirect https://localhost:PORT/signin/oidc/callback); the
+    /// demo officers are li.ming, chen.jing, wang.fang and zhao.qiang there.
+    #[arg(long, value_name = "ISSUER")]
+    pub(crate) console_oidc: Option<String>,
     /// Audit durability: sync (record fsync'd before each response) or async.
     #[arg(long, default_value = "sync")]
     pub(crate) audit_mode: String,
@@ -209,6 +214,7 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
         json_logs,
         admin,
         console,
+        console_oidc,
         audit_mode,
         providers_only,
         providers_port_base,
@@ -224,6 +230,21 @@ pub(crate) fn demo(d: DemoArgs) -> Result<(), String> {
             format!("--console `{a}`: an address like 127.0.0.1:9444, or off")
         })?)),
     };
+    if let Some(issuer) = console_oidc {
+        let c = cfg
+            .console
+            .as_mut()
+            .ok_or("--console-oidc needs the console (not --console off)")?;
+        c.oidc = Some(xgate::console::oidc::OidcConfig {
+            issuer,
+            client_id: "xgate-console".into(),
+            client_secret_file: None,
+            client_secret_env: Some("XGATE_CONSOLE_OIDC_SECRET".into()),
+            redirect_url: format!("https://localhost:{}/signin/oidc/callback", c.listen.port()),
+            claim: "sub".into(),
+            ca: None,
+        });
+    }
     cfg.audit.mode = match audit_mode.as_str() {
         "sync" => xgate::audit::Durability::Sync,
         "async" => xgate::audit::Durability::Async,

@@ -32,6 +32,7 @@ mod explain;
 mod league;
 mod overview;
 mod preview;
+pub mod signin;
 
 pub use audit::*;
 pub use catalogue::*;
@@ -129,6 +130,9 @@ pub fn refusal(s: &ConsoleState, lang: Lang, status: StatusCode, why: &str) -> R
     let heading = match status {
         StatusCode::UNAUTHORIZED => t["unauthenticated"],
         StatusCode::FORBIDDEN if why == "not_officer" => t["not_officer"],
+        StatusCode::FORBIDDEN if why == "not_officer_idp" => t["not_officer_idp"],
+        StatusCode::FORBIDDEN if why.starts_with("signin_") => t["signin_failed"],
+        StatusCode::BAD_GATEWAY => t["signin_failed"],
         StatusCode::FORBIDDEN if why == "session_expired" => t["bad_request"],
         StatusCode::FORBIDDEN => t["forbidden"],
         _ => t["bad_request"],
@@ -141,6 +145,7 @@ pub fn refusal(s: &ConsoleState, lang: Lang, status: StatusCode, why: &str) -> R
         lang => lang.tag(), t => t, me => Value::from(()), nav => Vec::<Value>::new(),
         csrf => "", zone => zone_label(s), policy_version => Value::from(()),
         other_lang => "", status => status.as_u16(), heading, why => why_text,
+        signin_oidc => status == StatusCode::UNAUTHORIZED && s.oidc.is_some(),
     };
     let mut r = render(s, "refusal.html", lang, ctx);
     *r.status_mut() = status;
