@@ -378,6 +378,56 @@ async fn one_of_two_replicas_killed_under_load() {
     );
 }
 
+/// Provider protection counts the provider, not each replica: with a rate cap of a burst of
+/// 20 (then one call per 100 s) on a provider of two replicas, 100 calls get 20 answers in
+/// all, not 20 from each, and the rest are refused (`UNAVAILABLE`, recorded
+/// `PROVIDER_SATURATED`) before any replica sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_protection_holds_across_its_replicas() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let [pa, pb] = ports();
+    let (dir, cfg) = prepare(&format!(
+        "endpoints: [\"https://127.0.0.1:{pa}\", \"https://127.0.0.1:{pb}\"], max_rate: {{ per_second: 0.01, burst: 20 }}"
+    ))
+    .await;
+    let mut rig = Rig {
+        dir,
+        gateway: Some(xgate::serve::start(&cfg).await.unwrap()),
+    };
+    let _a = Replica::start(rig.dir.path(), &rig.db(), pa);
+    let _b = Replica::start(rig.dir.path(), &rig.db(), pb);
+    let url = format!("https://{}", rig.gw().addr);
+    let (ok, failed) = load(url, 100, 1.0, None).await;
+    assert_eq!(ok, 20, "one burst for the provider: {failed:?}");
+    assert_eq!(failed.len(), 80);
+    assert!(
+        failed
+            .iter()
+            .all(|f| f.starts_with("Unavailable") && f.contains("at its capacity limit")),
+        "{:?}",
+        &failed[..3]
+    );
+    let records = {
+        let g = rig.gateway.take().unwrap();
+        g.shutdown().await.unwrap();
+        xgate::audit::read_all(&rig.dir.path().join("audit")).unwrap()
+    };
+    let answered: Vec<_> = records
+        .iter()
+        .filter(|r| r["grpc_status"] == "OK")
+        .collect();
+    assert_eq!(answered.len(), 20);
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["reason"] == "PROVIDER_SATURATED")
+        .collect();
+    assert_eq!(refused.len(), 80);
+    assert!(
+        refused.iter().all(|r| r["upstream_endpoint"].is_null()),
+        "refused before a replica was chosen"
+    );
+}
+
 /// Endpoints changed by a policy reload under load (a third replica added, the first
 /// removed): no call fails, and the removed one drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
