@@ -161,48 +161,26 @@ def main() -> int:
     ap.add_argument("--grants", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--work", type=Path,
+                    help="keep the policy and trail here, and reuse them when already there (A/B runs)")
+    ap.add_argument("--impact-only", action="store_true", help="time only `xgate policy impact`")
     a = ap.parse_args()
     if not a.no_build:
         compare.build()
-    work = Path(tempfile.mkdtemp(prefix="xgate-console-bench-"))
+    work = a.work or Path(tempfile.mkdtemp(prefix="xgate-console-bench-"))
     try:
         pol = work / "policy.yaml"
-        pol.write_text(policy(a.departments, a.datasets, a.grants))
-        version = "sha256:" + hashlib.sha256(pol.read_bytes()).hexdigest()[:16]
-        t0 = time.monotonic()
-        trail(work / "audit", a.records, a.departments, a.datasets, a.grants, version)
-        print(f"== trail of {a.records:,} records written in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        port, console = envoy.free_ports(2)
-        p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(config(work, port, console, pol, work / "audit"))],
-                             stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
-        compare.wait_port(console, p)
-        c = Client(console)
-        c.req("GET", "/overview")
+        if not (work / "audit").is_dir():
+            work.mkdir(parents=True, exist_ok=True)
+            pol.write_text(policy(a.departments, a.datasets, a.grants))
+            version = "sha256:" + hashlib.sha256(pol.read_bytes()).hexdigest()[:16]
+            t0 = time.monotonic()
+            trail(work / "audit", a.records, a.departments, a.datasets, a.grants, version)
+            print(f"== trail of {a.records:,} records written in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         tighter = pol.read_text().replace("purposes: [p-3]", "purposes: [p-33]")
-        from urllib.parse import urlencode
-        pages = [
-            ("overview", "GET", "/overview", None),
-            ("catalogue", "GET", "/catalogue", None),
-            ("catalogue search", "GET", "/catalogue?q=ds.09", None),
-            ("department", "GET", "/departments/dept-001", None),
-            ("explain", "GET", "/explain?" + urlencode({"consumer": "dept-002", "system": "sys", "dataset": "ds.0001",
-                                                         "purpose": "p-1"}), None),
-            ("audit search, one consumer", "GET", "/audit?consumer=dept-001", None),
-            ("audit search, by subject", "GET", "/audit?subject=330106199001010011", None),
-            ("league table (month)", "GET", "/league", None),
-            ("change preview (7 days)", "POST", "/preview", "candidate"),
-        ]
         rows = []
-        for name, method, path, body in pages:
-            times = []
-            for _ in range(a.repeat if body is None else max(1, a.repeat // 2)):
-                form = urlencode({"csrf": c.csrf, "candidate": tighter, "days": "7"}) if body else None
-                status, took, _ = c.req(method, path, form)
-                assert status == 200, (name, status)
-                times.append(took * 1000)
-            rows.append((name, statistics.median(times)))
-        p.terminate()
-        p.wait(timeout=60)
+        if not a.impact_only:
+            rows = pages(a, work, pol, tighter)
         cand = work / "candidate.yaml"
         cand.write_text(tighter)
         t0 = time.monotonic()
@@ -217,8 +195,44 @@ def main() -> int:
             print(f"| {name} | {ms:,.0f} | {'met' if ms < 200 else 'not met'} |")
         print(f"\n`xgate policy impact` over the whole trail: {impact_s:.1f} s ({replayed:,} calls replayed; goal < 10 s)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float]]:
+    """Each page's median server time, from the gateway serving the console on the trail."""
+    port, console = envoy.free_ports(2)
+    p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(config(work, port, console, pol, work / "audit"))],
+                         stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
+    compare.wait_port(console, p)
+    c = Client(console)
+    c.req("GET", "/overview")
+    from urllib.parse import urlencode
+    pages = [
+        ("overview", "GET", "/overview", None),
+        ("catalogue", "GET", "/catalogue", None),
+        ("catalogue search", "GET", "/catalogue?q=ds.09", None),
+        ("department", "GET", "/departments/dept-001", None),
+        ("explain", "GET", "/explain?" + urlencode({"consumer": "dept-002", "system": "sys", "dataset": "ds.0001",
+                                                     "purpose": "p-1"}), None),
+        ("audit search, one consumer", "GET", "/audit?consumer=dept-001", None),
+        ("audit search, by subject", "GET", "/audit?subject=330106199001010011", None),
+        ("league table (month)", "GET", "/league", None),
+        ("change preview (7 days)", "POST", "/preview", "candidate"),
+    ]
+    rows = []
+    for name, method, path, body in pages:
+        times = []
+        for _ in range(a.repeat if body is None else max(1, a.repeat // 2)):
+            form = urlencode({"csrf": c.csrf, "candidate": tighter, "days": "7"}) if body else None
+            status, took, _ = c.req(method, path, form)
+            assert status == 200, (name, status)
+            times.append(took * 1000)
+        rows.append((name, statistics.median(times)))
+    p.terminate()
+    p.wait(timeout=60)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,7 @@
 //! Reading the trail: `xgate audit verify` (chain and checkpoint signatures) and
 //! `xgate audit search` (by consumer, dataset, time, status, decision and data subject).
 
-use std::{
-    io::{self, BufRead, BufReader},
-    path::Path,
-};
+use std::{io, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::Serialize;
@@ -95,6 +92,9 @@ struct Layout {
 /// damage in between: a gap in the segment numbers, a segment that ends inside a line (only
 /// the newest may: a torn last write, never handed over), an empty segment that is not the
 /// newest, a blank line, NUL bytes. `each` returns `Break` to stop.
+/// How much of a segment one read takes.
+const READ_CHUNK: usize = 4 << 20;
+
 fn walk(
     dir: &Path,
     mut each: impl FnMut(Event<'_>) -> std::ops::ControlFlow<()>,
@@ -125,45 +125,61 @@ fn walk(
             }
         }
         expect_no = Some(no + 1);
-        let mut r = BufReader::new(std::fs::File::open(path)?);
-        let mut buf = Vec::new();
+        // The segment in large reads, split into lines in place (no copy per line).
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; READ_CHUNK];
+        let (mut start, mut filled) = (0usize, 0usize);
         let mut lineno = 0u64;
         loop {
-            buf.clear();
-            let n = r.read_until(b'\n', &mut buf)?;
+            if filled == buf.len() {
+                if start == 0 {
+                    // A line longer than the buffer: make room for it.
+                    buf.resize(buf.len() * 2, 0);
+                } else {
+                    buf.copy_within(start..filled, 0);
+                    filled -= start;
+                    start = 0;
+                }
+            }
+            let n = io::Read::read(&mut f, &mut buf[filled..])?;
             if n == 0 {
+                if start < filled {
+                    // The segment ends inside a line.
+                    lineno += 1;
+                    if newest {
+                        layout.torn_tail = (filled - start) as u64;
+                    } else {
+                        let what = "the segment ends inside a line: only the newest segment may end with a torn write";
+                        if each(Event::Damage(Damage::at(&name, lineno, None, what))) == Break(()) {
+                            return Ok(layout);
+                        }
+                    }
+                }
                 break;
             }
-            lineno += 1;
-            if buf.last() != Some(&b'\n') {
-                if newest {
-                    layout.torn_tail = n as u64;
-                    break;
-                }
-                let what = "the segment ends inside a line: only the newest segment may end with a torn write";
-                if each(Event::Damage(Damage::at(&name, lineno, None, what))) == Break(()) {
+            filled += n;
+            while let Some(i) = memchr::memchr(b'\n', &buf[start..filled]) {
+                let text = &buf[start..start + i];
+                start += i + 1;
+                lineno += 1;
+                let damage = if text.is_empty() {
+                    Some("a blank line: the writer never writes one (lines added or removed)")
+                } else if memchr::memchr(0, text).is_some() {
+                    Some("NUL bytes inside the trail (zeroed or overwritten): not a record")
+                } else {
+                    None
+                };
+                let ev = match damage {
+                    Some(what) => Event::Damage(Damage::at(&name, lineno, None, what)),
+                    None => Event::Line {
+                        segment: &name,
+                        line: lineno,
+                        text,
+                    },
+                };
+                if each(ev) == Break(()) {
                     return Ok(layout);
                 }
-                break;
-            }
-            let text = &buf[..n - 1];
-            let damage = if text.is_empty() {
-                Some("a blank line: the writer never writes one (lines added or removed)")
-            } else if text.contains(&0) {
-                Some("NUL bytes inside the trail (zeroed or overwritten): not a record")
-            } else {
-                None
-            };
-            let ev = match damage {
-                Some(what) => Event::Damage(Damage::at(&name, lineno, None, what)),
-                None => Event::Line {
-                    segment: &name,
-                    line: lineno,
-                    text,
-                },
-            };
-            if each(ev) == Break(()) {
-                return Ok(layout);
             }
         }
         if lineno == 0 || (lineno == 1 && layout.torn_tail > 0 && newest) {
@@ -595,7 +611,9 @@ pub struct Searched {
 /// Every record (not checkpoint) in the trail that matches, oldest first. Only a torn last
 /// write of the newest segment is skipped silently; every other line that is not a record is
 /// counted as damage (the first one named), so a reader never takes a damaged trail for a
-/// whole one. It does not check hashes: that is `verify`.
+/// whole one. A line a filter rules out (by a byte search for the consumer, dataset or
+/// subject) is not parsed: only its record frame is checked ([`record_shaped`]). It does not
+/// check hashes: that is `verify`.
 pub fn search(
     dir: &Path,
     q: &Query,
@@ -636,11 +654,9 @@ pub fn search(
                     .iter()
                     .all(|g| g.iter().any(|f| f.find(text).is_some()))
                 {
-                    // Cannot match: only checked to be a record line (damage is still
-                    // counted), without building it.
-                    if !text.starts_with(b"{\"seq\":")
-                        || serde_json::from_slice::<serde::de::IgnoredAny>(text).is_err()
-                    {
+                    // Cannot match: only checked to be shaped as a record line (damage is
+                    // still counted), without parsing it (`verify` checks every byte).
+                    if !record_shaped(text) {
                         damaged(
                             &mut out,
                             Damage::at(segment, line, None, "not an audit record line"),
@@ -668,6 +684,61 @@ pub fn search(
     Ok(out)
 }
 
+/// Whether a line has a record's frame: `{"seq":` … `,"hash":"<64 hex digits>"}`. What a
+/// search checks of a line it need not read (a torn, truncated, joined or foreign line fails
+/// it); a line's content is `verify`'s to check.
+fn record_shaped(text: &[u8]) -> bool {
+    const TAIL: usize = ",\"hash\":\"".len() + 64 + 2;
+    text.len() > TAIL + 7
+        && text.starts_with(b"{\"seq\":")
+        && text[text.len() - TAIL..].starts_with(b",\"hash\":\"")
+        && text.ends_with(b"\"}")
+        && text[text.len() - 66..text.len() - 2]
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+        // (two records whose newline was removed)
+        && memchr::memmem::find(&text[1..], b"{\"seq\":").is_none()
+}
+
+/// Every record line (not checkpoint) of the trail, oldest first, for a reader that parses
+/// only what it needs: `each` says whether the line was a readable record (if not, it counts
+/// as damage, as in [`search`]). Checkpoint lines are checked here.
+pub fn scan(dir: &Path, mut each: impl FnMut(&[u8]) -> bool) -> io::Result<Searched> {
+    let mut out = Searched::default();
+    let layout = walk(dir, |ev| {
+        match ev {
+            Event::Damage(d) => {
+                out.damaged += 1;
+                out.first_damage.get_or_insert(d);
+            }
+            Event::Line {
+                segment,
+                line,
+                text,
+            } => {
+                let what = if text.starts_with(b"{\"checkpoint\"") {
+                    serde_json::from_slice::<CheckpointLine>(text)
+                        .is_err()
+                        .then_some("unreadable checkpoint")
+                } else if !text.starts_with(b"{\"seq\":") || !each(text) {
+                    Some("not an audit record line")
+                } else {
+                    out.matched += 1;
+                    None
+                };
+                if let Some(what) = what {
+                    out.damaged += 1;
+                    out.first_damage
+                        .get_or_insert(Damage::at(segment, line, None, what));
+                }
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    })?;
+    out.torn_tail_bytes = layout.torn_tail;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -677,15 +748,34 @@ mod tests {
     #[test]
     fn a_filtered_search_still_counts_damage_in_lines_it_skips() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes = b"{\"seq\":1,\"consumer_dept\":\"health\"}\n{\"seq\":2,\"consumer_dept\":\"civil-affairs\"}\nnot a record\n{\"seq\":4,\"consumer_dept\":\"health\",oops}\n{\"seq\":5}\n";
-        std::fs::write(dir.path().join("audit-00000001.jsonl"), bytes).unwrap();
+        let h = "0".repeat(64);
+        let rec = |seq: u32, dept: &str| {
+            format!("{{\"seq\":{seq},\"consumer_dept\":\"{dept}\",\"hash\":\"{h}\"}}")
+        };
+        let lines = [
+            rec(1, "health"),
+            rec(2, "civil-affairs"),
+            "not a record".to_owned(),
+            // Cut short (a hash of 10 digits), and two records joined (a newline lost).
+            format!(
+                "{{\"seq\":4,\"consumer_dept\":\"health\",\"hash\":\"{}\"}}",
+                &h[..10]
+            ),
+            format!("{}{}", rec(5, "health"), rec(6, "health")),
+            rec(7, "health"),
+        ];
+        std::fs::write(
+            dir.path().join("audit-00000001.jsonl"),
+            lines.join("\n") + "\n",
+        )
+        .unwrap();
         let q = Query {
             consumer: Some("civil-affairs".into()),
             ..Query::default()
         };
         let mut seen = Vec::new();
         let n = search(dir.path(), &q, |v| seen.push(v)).unwrap();
-        assert_eq!((n.matched, n.damaged), (1, 2));
+        assert_eq!((n.matched, n.damaged), (1, 3));
         assert_eq!(seen[0]["seq"], 2);
     }
 

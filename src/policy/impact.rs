@@ -10,9 +10,12 @@
 //! and quotas (they are not the policy's sharing rules), and calls whose records predate the
 //! request shape (counted as `skipped`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Caller, Policy, Request, eval, scope};
 use crate::pb::{Condition, Value, ValueList, condition::Test, value::Kind};
@@ -63,13 +66,12 @@ pub struct Impact {
 /// A replayed call's filter, rebuilt from its record's shape: the region field with its
 /// values, every other field with a typeless value (enough for the checks the evaluation
 /// makes: the field exists, is readable, and the test suits a masked field).
-fn conditions(shape: &[serde_json::Value]) -> Vec<Condition> {
+fn conditions(shape: &[Cow<'_, str>]) -> Vec<Condition> {
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.to_owned())),
     };
     shape
         .iter()
-        .filter_map(|c| c.as_str())
         .filter_map(|c| {
             let mut parts = c.splitn(3, ' ');
             let field = parts.next()?.to_owned();
@@ -95,27 +97,30 @@ fn conditions(shape: &[serde_json::Value]) -> Vec<Condition> {
 
 /// A call's decision under `p`: the permitted fields with their masks, or the refusal's
 /// reason.
+#[allow(clippy::too_many_arguments)]
 fn decide(
     p: &Policy,
-    rec: &serde_json::Value,
+    dept: &str,
+    system: &str,
+    dataset: &str,
+    purpose: &str,
     fields: &[String],
     filter: &[Condition],
     now: i64,
 ) -> Result<BTreeMap<String, Option<String>>, String> {
-    let text = |k: &str| rec[k].as_str().unwrap_or_default();
     let permit = eval::evaluate(
         p,
         Caller {
-            dept: text("consumer_dept"),
-            system: text("consumer_system"),
+            dept,
+            system,
             token_purposes: None,
             token_bound: true,
         },
         Request {
-            dataset: text("dataset"),
+            dataset,
             fields,
             filter,
-            purpose: text("purpose"),
+            purpose,
             now: Some(now),
         },
     )
@@ -143,145 +148,276 @@ pub fn replay<'a>(
     current: &Policy,
     candidate: &Policy,
 ) -> Impact {
-    let mut r = Replay::new(current, candidate);
+    let mut r = Replay::new(current, candidate, None, None);
     for rec in records {
         r.push(rec);
     }
     r.finish()
 }
 
-impl Impact {
-    fn observe(
-        &mut self,
-        rec: &serde_json::Value,
-        current: &Policy,
-        candidate: &Policy,
-        rows: &mut BTreeMap<(String, String), ImpactRow>,
-    ) {
-        let is_call = rec.get("kind").is_none_or(|k| k == "call");
-        let method = rec["method"].as_str().unwrap_or_default();
+/// What a record keeps of its call, borrowed from the line (or the JSON value) it came from:
+/// only the fields a re-decision reads (the rest of the line is skipped, not built).
+#[derive(Debug, Default, Deserialize)]
+struct Shape<'a> {
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    consumer_dept: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    consumer_system: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    dataset: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    purpose: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    time: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    fields_requested: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    filter: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    policy_version: Option<serde::de::IgnoredAny>,
+}
+
+/// How a candidate changes one shape of call: decided once per distinct shape (and stretch
+/// of time between the policies' validity bounds), applied to every call of that shape.
+#[derive(Debug, Clone)]
+enum Change {
+    Same,
+    NowRefused(String),
+    NewlyAllowed,
+    Fields {
+        masked: Vec<String>,
+        shown: Vec<String>,
+    },
+}
+
+fn change(
+    before: Result<BTreeMap<String, Option<String>>, String>,
+    after: Result<BTreeMap<String, Option<String>>, String>,
+) -> Change {
+    match (before, after) {
+        (Ok(_), Err(reason)) => Change::NowRefused(reason),
+        (Err(_), Ok(_)) => Change::NewlyAllowed,
+        (Err(_), Err(_)) => Change::Same,
+        (Ok(old), Ok(new)) => {
+            let mut masked = Vec::new();
+            for (f, was) in &old {
+                match (was, new.get(f)) {
+                    // In clear, now masked; or masked another way.
+                    (None, Some(Some(m))) => masked.push(format!("{f} ({m})")),
+                    (Some(a), Some(Some(b))) if a != b => masked.push(format!("{f} ({a} → {b})")),
+                    // In clear, now not returned.
+                    (None, None) => masked.push(format!("{f} (withheld)")),
+                    _ => {}
+                }
+            }
+            let shown: Vec<String> = new
+                .iter()
+                .filter(|(f, now)| now.is_none() && old.get(*f).is_none_or(|m| m.is_some()))
+                .map(|(f, _)| f.clone())
+                .collect();
+            if masked.is_empty() && shown.is_empty() {
+                Change::Same
+            } else {
+                Change::Fields { masked, shown }
+            }
+        }
+    }
+}
+
+/// A replay in progress: the totals, the rows by (consumer, dataset), and the change each
+/// distinct call shape makes.
+struct Replay<'p> {
+    out: Impact,
+    rows: Vec<ImpactRow>,
+    /// (consumer, dataset) → index in `rows`.
+    row_of: HashMap<(String, String), usize>,
+    /// shape key → (its change, its row).
+    decided: HashMap<Vec<u8>, (Change, usize)>,
+    key: Vec<u8>,
+    /// Every validity bound of both policies, sorted: a shape's decision is the same
+    /// between two of them.
+    bounds: Vec<i64>,
+    current: &'p Policy,
+    candidate: &'p Policy,
+    /// The window, in µs since the epoch.
+    since: Option<i64>,
+    until: Option<i64>,
+}
+
+impl<'p> Replay<'p> {
+    fn new(
+        current: &'p Policy,
+        candidate: &'p Policy,
+        since: Option<time::OffsetDateTime>,
+        until: Option<time::OffsetDateTime>,
+    ) -> Self {
+        let mut bounds: Vec<i64> = current
+            .windows
+            .iter()
+            .chain(&candidate.windows)
+            .flat_map(|w| [w.from, w.until])
+            .flatten()
+            .collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let micros = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1000) as i64;
+        Replay {
+            out: Impact::default(),
+            rows: Vec::new(),
+            row_of: HashMap::new(),
+            decided: HashMap::new(),
+            key: Vec::with_capacity(256),
+            bounds,
+            current,
+            candidate,
+            since: since.map(micros),
+            until: until.map(micros),
+        }
+    }
+
+    /// A record as a JSON value (the database, a slice).
+    fn push(&mut self, rec: &serde_json::Value) {
+        if let Ok(shape) = Shape::deserialize(rec) {
+            self.observe(&shape);
+        }
+    }
+
+    /// A record's line (the files): false when it is not a readable record.
+    fn push_line(&mut self, line: &[u8]) -> bool {
+        match serde_json::from_slice::<Shape<'_>>(line) {
+            Ok(shape) => {
+                self.observe(&shape);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn observe(&mut self, rec: &Shape<'_>) {
+        let is_call = rec.kind.as_deref().is_none_or(|k| k == "call");
+        let method = rec.method.as_deref().unwrap_or_default();
         if !is_call || !(method.ends_with("/Query") || method.ends_with("/QueryStream")) {
             return;
         }
+        let time = rec.time.as_deref().unwrap_or_default();
+        let at =
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).ok();
+        if let Some(us) = at.map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+            && (self.since.is_some_and(|s| us < s) || self.until.is_some_and(|u| us >= u))
+        {
+            return;
+        }
         let (Some(consumer), Some(dataset)) =
-            (rec["consumer_dept"].as_str(), rec["dataset"].as_str())
+            (rec.consumer_dept.as_deref(), rec.dataset.as_deref())
         else {
-            self.skipped += 1;
+            self.out.skipped += 1;
             return;
         };
         // Records written before the request's shape was kept: an allowed one names its
         // fields in `fields_returned`, but a refused one cannot be replayed faithfully.
-        if rec.get("fields_requested").is_none()
-            && rec.get("filter").is_none()
-            && rec.get("policy_version").is_none()
-        {
-            self.skipped += 1;
+        if rec.fields_requested.is_none() && rec.filter.is_none() && rec.policy_version.is_none() {
+            self.out.skipped += 1;
             return;
         }
-        let fields: Vec<String> = rec["fields_requested"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let filter = conditions(rec["filter"].as_array().map_or(&[][..], |a| a));
-        let time = rec["time"].as_str().unwrap_or_default();
-        let now = time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
-            .map(|t| t.unix_timestamp())
-            .unwrap_or(0);
-        let before = decide(current, rec, &fields, &filter, now);
-        let after = decide(candidate, rec, &fields, &filter, now);
-        self.replayed += 1;
-        if self.since.is_none() {
-            self.since = Some(time.to_owned());
+        let now = at.map_or(0, |t| t.unix_timestamp());
+        let epoch = self.bounds.partition_point(|b| *b <= now);
+        let system = rec.consumer_system.as_deref().unwrap_or_default();
+        let purpose = rec.purpose.as_deref().unwrap_or_default();
+        let fields = rec.fields_requested.as_deref().unwrap_or_default();
+        let filter = rec.filter.as_deref().unwrap_or_default();
+        // The shape's key: every input of the decision, separated by bytes no value holds.
+        self.key.clear();
+        self.key.extend_from_slice(&(epoch as u64).to_le_bytes());
+        for part in [consumer, system, dataset, purpose] {
+            self.key.extend_from_slice(part.as_bytes());
+            self.key.push(0);
         }
-        self.until = Some(time.to_owned());
-        let row = rows
-            .entry((consumer.to_owned(), dataset.to_owned()))
-            .or_insert_with(|| ImpactRow {
-                consumer: consumer.to_owned(),
-                dataset: dataset.to_owned(),
-                ..ImpactRow::default()
-            });
+        for f in fields {
+            self.key.extend_from_slice(f.as_bytes());
+            self.key.push(1);
+        }
+        self.key.push(0);
+        for c in filter {
+            self.key.extend_from_slice(c.as_bytes());
+            self.key.push(1);
+        }
+        if !self.decided.contains_key(&self.key) {
+            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            let filter = conditions(filter);
+            let d =
+                |p: &Policy| decide(p, consumer, system, dataset, purpose, &fields, &filter, now);
+            let c = change(d(self.current), d(self.candidate));
+            let rows = &mut self.rows;
+            let row = *self
+                .row_of
+                .entry((consumer.to_owned(), dataset.to_owned()))
+                .or_insert_with(|| {
+                    rows.push(ImpactRow {
+                        consumer: consumer.to_owned(),
+                        dataset: dataset.to_owned(),
+                        ..ImpactRow::default()
+                    });
+                    rows.len() - 1
+                });
+            self.decided.insert(self.key.clone(), (c, row));
+        }
+        let Some((change, row)) = self.decided.get(&self.key) else {
+            return;
+        };
+        self.out.replayed += 1;
+        if self.out.since.is_none() {
+            self.out.since = Some(time.to_owned());
+        }
+        let until = self.out.until.get_or_insert_with(String::new);
+        until.clear();
+        until.push_str(time);
+        let Some(row) = self.rows.get_mut(*row) else {
+            return;
+        };
         row.calls += 1;
-        match (before, after) {
-            (Ok(_), Err(reason)) => {
+        match change {
+            Change::Same => {}
+            Change::NowRefused(reason) => {
                 row.now_refused += 1;
-                *row.new_reasons.entry(reason).or_default() += 1;
-            }
-            (Err(_), Ok(_)) => row.newly_allowed += 1,
-            (Ok(old), Ok(new)) => {
-                for (f, was) in &old {
-                    match (was, new.get(f)) {
-                        // In clear, now masked; or masked another way.
-                        (None, Some(Some(m))) => {
-                            row.newly_masked.insert(format!("{f} ({m})"));
-                        }
-                        (Some(a), Some(Some(b))) if a != b => {
-                            row.newly_masked.insert(format!("{f} ({a} → {b})"));
-                        }
-                        // In clear, now not returned.
-                        (None, None) => {
-                            row.newly_masked.insert(format!("{f} (withheld)"));
-                        }
-                        _ => {}
+                match row.new_reasons.get_mut(reason) {
+                    Some(n) => *n += 1,
+                    None => {
+                        row.new_reasons.insert(reason.clone(), 1);
                     }
                 }
-                for (f, now) in &new {
-                    if now.is_none() && old.get(f).is_none_or(|m| m.is_some()) {
+            }
+            Change::NewlyAllowed => row.newly_allowed += 1,
+            Change::Fields { masked, shown } => {
+                for m in masked {
+                    if !row.newly_masked.contains(m) {
+                        row.newly_masked.insert(m.clone());
+                    }
+                }
+                for f in shown {
+                    if !row.newly_shown.contains(f) {
                         row.newly_shown.insert(f.clone());
                     }
                 }
             }
-            (Err(_), Err(_)) => {}
-        }
-    }
-}
-
-/// A replay in progress: the totals, and the rows by (consumer, dataset).
-struct Replay<'p> {
-    out: Impact,
-    rows: BTreeMap<(String, String), ImpactRow>,
-    current: &'p Policy,
-    candidate: &'p Policy,
-}
-
-impl<'p> Replay<'p> {
-    fn new(current: &'p Policy, candidate: &'p Policy) -> Self {
-        Replay {
-            out: Impact::default(),
-            rows: BTreeMap::new(),
-            current,
-            candidate,
         }
     }
 
-    fn push(&mut self, rec: &serde_json::Value) {
-        self.out
-            .observe(rec, self.current, self.candidate, &mut self.rows);
-    }
-
-    /// The totals, with only the pairs that changed.
+    /// The totals, with only the pairs that changed, by consumer then dataset.
     fn finish(mut self) -> Impact {
-        self.out.rows = self.rows.into_values().filter(ImpactRow::changed).collect();
+        let mut rows: Vec<ImpactRow> = self.rows.into_iter().filter(ImpactRow::changed).collect();
+        rows.sort_by(|a, b| (&a.consumer, &a.dataset).cmp(&(&b.consumer, &b.dataset)));
+        self.out.rows = rows;
         self.out
     }
 }
 
-fn window(
-    since: Option<time::OffsetDateTime>,
-    until: Option<time::OffsetDateTime>,
-) -> crate::audit::read::Query {
-    crate::audit::read::Query {
-        since,
-        until,
-        ..Default::default()
-    }
-}
-
-/// Replay the calls of an audit directory between `since` and `until`.
+/// Replay the calls of an audit directory between `since` and `until`. Each line is read
+/// for the fields the replay needs only ([`Shape`]); a line that is not a readable record
+/// counts as damage, as in a search.
 pub fn over_dir(
     dir: &std::path::Path,
     current: &Policy,
@@ -289,8 +425,8 @@ pub fn over_dir(
     since: Option<time::OffsetDateTime>,
     until: Option<time::OffsetDateTime>,
 ) -> Result<Impact, String> {
-    let mut r = Replay::new(current, candidate);
-    crate::audit::read::search(dir, &window(since, until), |v| r.push(&v))
+    let mut r = Replay::new(current, candidate, since, until);
+    crate::audit::read::scan(dir, |line| r.push_line(line))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(r.finish())
 }
@@ -303,10 +439,16 @@ pub async fn over_db(
     since: Option<time::OffsetDateTime>,
     until: Option<time::OffsetDateTime>,
 ) -> Result<Impact, String> {
-    let mut r = Replay::new(current, candidate);
-    crate::audit::db::search(pool, &window(since, until), |v| r.push(&v)).await?;
+    let mut r = Replay::new(current, candidate, since, until);
+    let q = crate::audit::read::Query {
+        since,
+        until,
+        ..Default::default()
+    };
+    crate::audit::db::search(pool, &q, |v| r.push(&v)).await?;
     Ok(r.finish())
 }
+
 /// The replay as a table for the terminal.
 pub fn render_table(i: &Impact) -> String {
     use std::fmt::Write;

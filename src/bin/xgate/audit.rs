@@ -221,8 +221,7 @@ pub(crate) fn report_run(a: ReportArgs) -> Result<(), String> {
         "--policy",
         "deploy/dev/policy.yaml",
     ))?;
-    let mut records = Vec::new();
-    let read = match (a.db.open()?, &a.dir) {
+    let (built, read) = match (a.db.open()?, &a.dir) {
         (Some((rt, pool)), _) => {
             // The same records, every replica's: the database narrows by time first.
             let q = xgate::audit::read::Query {
@@ -230,19 +229,23 @@ pub(crate) fn report_run(a: ReportArgs) -> Result<(), String> {
                 until: range.to,
                 ..Default::default()
             };
+            let mut records = Vec::new();
             rt.block_on(xgate::audit::db::search(&pool, &q, |v| records.push(v)))?;
-            xgate::audit::read::Searched::default()
+            (
+                report::build(&records, &policy, period, range),
+                xgate::audit::read::Searched::default(),
+            )
         }
         (None, Some(dir)) => {
             if !dir.is_dir() {
                 return Err(format!("{}: not an audit trail directory", dir.display()));
             }
-            xgate::audit::read::search(dir, &Default::default(), |v| records.push(v))
+            report::build_from_dir(dir, &policy, period, range)
                 .map_err(|e| format!("{}: {e}", dir.display()))?
         }
         (None, None) => return Err("give the trail's directory, or --db".into()),
     };
-    let text = render(&report::build(&records, &policy, period, range));
+    let text = render(&built);
     match a.out {
         Some(p) => std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?,
         None => {

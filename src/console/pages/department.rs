@@ -151,10 +151,9 @@ pub(crate) fn build_report(
         offset: s.zone,
         ..Default::default()
     };
-    let mut records = Vec::new();
-    crate::audit::read::search(&s.audit_dir, &Default::default(), |v| records.push(v))
+    let (rep, _) = crate::tools::report::build_from_dir(&s.audit_dir, p, period, range)
         .map_err(|e| format!("{}: {e}", s.audit_dir.display()))?;
-    let rep = std::sync::Arc::new(crate::tools::report::build(&records, p, period, range));
+    let rep = std::sync::Arc::new(rep);
     if let Ok(mut cache) = s.reports.lock() {
         *cache = Some((std::time::Instant::now(), key, rep.clone()));
     }

@@ -29,12 +29,13 @@
 //! aggregation and the HTML page would be the first two files to split off.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     str::FromStr,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 
 pub use crate::console::i18n::Lang;
@@ -263,32 +264,62 @@ struct Call<'a> {
     weight: u64,
 }
 
+/// What the league table reads of a record, borrowed from its line or JSON value (the rest
+/// is skipped, not built).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Line<'a> {
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    time: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    consumer_dept: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    dataset: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    decision: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    latency_us: Option<u64>,
+    #[serde(default)]
+    calls: Option<u64>,
+}
+
+/// A record as the league table counts it.
+enum Read<'a> {
+    Call(Call<'a>),
+    /// A record that is not a call (a stream's chunk of returned subjects, an
+    /// administrator's action: their `kind`): not counted, and not damage.
+    Other,
+    /// A call record without a readable time.
+    Unreadable,
+}
+
 impl<'a> Call<'a> {
-    /// A call's record; `None` for records that are not calls (a stream's chunk of returned
-    /// subjects, an administrator's action: their `kind`).
-    fn from_json(v: &'a serde_json::Value) -> Option<Call<'a>> {
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|x| !x.is_empty());
-        if s("kind").is_some_and(|k| k != "call") {
-            return None;
+    fn from_line(l: &'a Line<'a>) -> Read<'a> {
+        let s = |v: &'a Option<Cow<'a, str>>| v.as_deref().filter(|x| !x.is_empty());
+        if s(&l.kind).is_some_and(|k| k != "call") {
+            return Read::Other;
         }
-        let time = OffsetDateTime::parse(s("time")?, &Rfc3339).ok()?;
-        let reason = s("reason");
-        Some(Call {
+        let Some(time) = s(&l.time).and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()) else {
+            return Read::Unreadable;
+        };
+        let reason = s(&l.reason);
+        Read::Call(Call {
             time,
-            consumer: s("consumer_dept"),
-            dataset: s("dataset"),
-            catalog: s("method").is_some_and(|m| m.starts_with("/xgate.v1.Catalog/")),
-            denied: s("decision") != Some("allow")
+            consumer: s(&l.consumer_dept),
+            dataset: s(&l.dataset),
+            catalog: s(&l.method).is_some_and(|m| m.starts_with("/xgate.v1.Catalog/")),
+            denied: s(&l.decision) != Some("allow")
                 || reason.is_some_and(|r| LIMIT_REFUSALS.contains(&r)),
             reason,
-            latency_us: v.get("latency_us").and_then(|x| x.as_u64()).unwrap_or(0),
+            latency_us: l.latency_us.unwrap_or(0),
             // A summary record (refusals counted while the trail could not be written)
             // stands for `calls` calls.
-            weight: v
-                .get("calls")
-                .and_then(|x| x.as_u64())
-                .filter(|n| *n > 0)
-                .unwrap_or(1),
+            weight: l.calls.filter(|n| *n > 0).unwrap_or(1),
         })
     }
 
@@ -361,38 +392,91 @@ pub fn score(side: &Side, max_allowed: u64, max_datasets: u64) -> f64 {
     (s * 1000.0).round() / 10.0
 }
 
-/// Aggregate the records in `range` by period and department.
+/// The league table of `records` (JSON values: the database, tests).
 pub fn build(
     records: &[serde_json::Value],
     policy: &Policy,
     period: Period,
     range: Range,
 ) -> Report {
-    let owner = |ds: &str| {
-        policy
-            .dataset(ds)
-            .map_or(UNKNOWN.to_owned(), |d| d.owner.clone())
-    };
-    #[derive(Default)]
-    struct P {
-        records: u64,
-        depts: BTreeMap<String, (Acc, Acc)>,
-        unattributed: Unattributed,
-    }
-    let mut periods: BTreeMap<String, P> = BTreeMap::new();
-    let (mut total, mut unreadable) = (0, 0);
+    let mut b = Builder::new(policy, period, range);
     for v in records {
-        let Some(c) = Call::from_json(v) else {
-            unreadable += 1;
-            continue;
-        };
-        if !range.contains(c.time) {
-            continue;
+        match Line::deserialize(v) {
+            Ok(l) => b.push(&l),
+            Err(_) => b.unreadable += 1,
         }
-        total += 1;
-        let p = periods
-            .entry(period.label(c.time.to_offset(range.offset)))
-            .or_default();
+    }
+    b.finish()
+}
+
+/// The league table of an audit directory, read line by line for the fields it counts only
+/// (no record is built or held): what the console and `xgate report DIR` use. Also what
+/// the read found of damage.
+pub fn build_from_dir(
+    dir: &std::path::Path,
+    policy: &Policy,
+    period: Period,
+    range: Range,
+) -> std::io::Result<(Report, crate::audit::read::Searched)> {
+    let mut b = Builder::new(policy, period, range);
+    let read =
+        crate::audit::read::scan(dir, |line| match serde_json::from_slice::<Line<'_>>(line) {
+            Ok(l) => {
+                b.push(&l);
+                true
+            }
+            Err(_) => false,
+        })?;
+    Ok((b.finish(), read))
+}
+
+#[derive(Default)]
+struct PeriodAcc {
+    records: u64,
+    depts: BTreeMap<String, (Acc, Acc)>,
+    unattributed: Unattributed,
+}
+
+/// The league table being counted, a record at a time.
+struct Builder<'p> {
+    policy: &'p Policy,
+    period: Period,
+    range: Range,
+    periods: BTreeMap<String, PeriodAcc>,
+    total: u64,
+    unreadable: u64,
+}
+
+impl<'p> Builder<'p> {
+    fn new(policy: &'p Policy, period: Period, range: Range) -> Self {
+        Builder {
+            policy,
+            period,
+            range,
+            periods: BTreeMap::new(),
+            total: 0,
+            unreadable: 0,
+        }
+    }
+
+    fn push(&mut self, l: &Line<'_>) {
+        let c = match Call::from_line(l) {
+            Read::Call(c) => c,
+            Read::Other => return,
+            Read::Unreadable => {
+                self.unreadable += 1;
+                return;
+            }
+        };
+        if !self.range.contains(c.time) {
+            return;
+        }
+        self.total += 1;
+        let label = self.period.label(c.time.to_offset(self.range.offset));
+        let p = match self.periods.get_mut(&label) {
+            Some(p) => p,
+            None => self.periods.entry(label).or_default(),
+        };
         p.records += 1;
         let Some(consumer) = c.consumer else {
             p.unattributed.records += c.weight;
@@ -400,56 +484,77 @@ pub fn build(
                 .by_reason
                 .entry(c.reason_label())
                 .or_default() += c.weight;
-            continue;
+            return;
         };
-        p.depts.entry(consumer.to_owned()).or_default().1.add(&c);
+        match p.depts.get_mut(consumer) {
+            Some(d) => d.1.add(&c),
+            None => p.depts.entry(consumer.to_owned()).or_default().1.add(&c),
+        }
         if let Some(ds) = c.dataset.filter(|_| !c.catalog) {
-            p.depts.entry(owner(ds)).or_default().0.add(&c);
+            let owner = self
+                .policy
+                .dataset(ds)
+                .map_or(UNKNOWN, |d| d.owner.as_str());
+            match p.depts.get_mut(owner) {
+                Some(d) => d.0.add(&c),
+                None => p.depts.entry(owner.to_owned()).or_default().0.add(&c),
+            }
         }
     }
-    let periods = periods
-        .into_iter()
-        .map(|(label, mut p)| {
-            for d in &policy.file.departments {
-                p.depts.entry(d.id.clone()).or_default();
-            }
-            let mut rows: Vec<DeptRow> = p
-                .depts
-                .into_iter()
-                .map(|(id, (prov, cons))| DeptRow {
-                    rank: None,
-                    name: policy.department(&id).map(|d| d.name.clone()),
-                    department: id,
-                    score: 0.0,
-                    consumer_score: None,
-                    provided: prov.finish(),
-                    consumed: cons.finish(),
-                })
-                .collect();
-            rank(&mut rows);
-            PeriodReport {
-                period: label,
-                records: p.records,
-                departments: rows,
-                unattributed: p.unattributed,
-            }
-        })
-        .collect();
-    let fmt = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
-    Report {
-        period,
-        from: fmt(range.from),
-        to: fmt(range.to),
-        utc_offset: format!(
-            "{}{:02}:{:02}",
-            if range.offset.is_negative() { '-' } else { '+' },
-            range.offset.whole_hours().unsigned_abs(),
-            range.offset.minutes_past_hour().unsigned_abs()
-        ),
-        policy_version: policy.version.clone(),
-        records: total,
-        unreadable,
-        periods,
+
+    fn finish(self) -> Report {
+        let Builder {
+            policy,
+            period,
+            range,
+            periods,
+            total,
+            unreadable,
+        } = self;
+        let periods = periods
+            .into_iter()
+            .map(|(label, mut p)| {
+                for d in &policy.file.departments {
+                    p.depts.entry(d.id.clone()).or_default();
+                }
+                let mut rows: Vec<DeptRow> = p
+                    .depts
+                    .into_iter()
+                    .map(|(id, (prov, cons))| DeptRow {
+                        rank: None,
+                        name: policy.department(&id).map(|d| d.name.clone()),
+                        department: id,
+                        score: 0.0,
+                        consumer_score: None,
+                        provided: prov.finish(),
+                        consumed: cons.finish(),
+                    })
+                    .collect();
+                rank(&mut rows);
+                PeriodReport {
+                    period: label,
+                    records: p.records,
+                    departments: rows,
+                    unattributed: p.unattributed,
+                }
+            })
+            .collect();
+        let fmt = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+        Report {
+            period,
+            from: fmt(range.from),
+            to: fmt(range.to),
+            utc_offset: format!(
+                "{}{:02}:{:02}",
+                if range.offset.is_negative() { '-' } else { '+' },
+                range.offset.whole_hours().unsigned_abs(),
+                range.offset.minutes_past_hour().unsigned_abs()
+            ),
+            policy_version: policy.version.clone(),
+            records: total,
+            unreadable,
+            periods,
+        }
     }
 }
 
@@ -1507,5 +1612,49 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&render_json(&rep)).unwrap();
         assert_eq!(v["records"], 0);
+    }
+
+    /// The files, read line by line for the fields counted, give the table the records do;
+    /// an administrator's record is not a call (and not unreadable), a call without a time is.
+    #[test]
+    fn the_files_read_by_line_count_as_the_records() {
+        let mut recs = [
+            rec(
+                T,
+                Some("civil-affairs"),
+                Some("hukou.person_basic"),
+                "allow",
+                None,
+                900,
+            ),
+            rec(
+                T,
+                Some("health"),
+                Some("hukou.person_basic"),
+                "deny",
+                Some("GRANT_MISSING"),
+                10,
+            ),
+            rec(T, None, None, "deny", Some("TLS_HANDSHAKE_FAILED"), 0),
+            json!({"kind": "admin", "time": T, "action": "policy.reload"}),
+            json!({"method": "/xgate.v1.DataExchange/Query", "consumer_dept": "health"}),
+        ];
+        // (As the writer writes them: `seq` first.)
+        let lines: String = recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{{\"seq\":{},{}\n", i + 1, &r.to_string()[1..]))
+            .collect();
+        for (i, r) in recs.iter_mut().enumerate() {
+            r["seq"] = json!(i + 1);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("audit-00000001.jsonl"), lines).unwrap();
+        let (from_dir, read) =
+            build_from_dir(dir.path(), &policy(), Period::Day, Range::default()).unwrap();
+        let from_values = build(&recs, &policy(), Period::Day, Range::default());
+        assert_eq!(render_json(&from_dir), render_json(&from_values));
+        assert_eq!((from_dir.records, from_dir.unreadable), (3, 1));
+        assert_eq!(read.damaged, 0);
     }
 }
