@@ -190,9 +190,9 @@ def main() -> int:
         replayed = json.loads(out.stdout)["replayed"] if out.returncode == 0 else out.stderr
         print(f"\n### The console at province scale\n")
         print(f"{a.datasets:,} datasets, {a.grants:,} grants, {a.records:,} records; median of {a.repeat} per page.\n")
-        print("| page | server time (ms) | goal < 200 ms |\n|---|---|---|")
-        for name, ms in rows:
-            print(f"| {name} | {ms:,.0f} | {'met' if ms < 200 else 'not met'} |")
+        print("| page | server time (ms), median | the first request (ms) | goal < 200 ms |\n|---|---|---|---|")
+        for name, ms, first in rows:
+            print(f"| {name} | {ms:,.0f} | {first:,.0f} | {'met' if max(ms, first) < 200 else 'not met'} |")
         print(f"\n`xgate policy impact` over the whole trail: {impact_s:.1f} s ({replayed:,} calls replayed; goal < 10 s)")
     finally:
         if not a.work:
@@ -200,7 +200,7 @@ def main() -> int:
     return 0
 
 
-def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float]]:
+def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float, float]]:
     """Each page's median server time, from the gateway serving the console on the trail."""
     port, console = envoy.free_ports(2)
     p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(config(work, port, console, pol, work / "audit"))],
@@ -229,7 +229,7 @@ def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float]]:
             status, took, _ = c.req(method, path, form)
             assert status == 200, (name, status)
             times.append(took * 1000)
-        rows.append((name, statistics.median(times)))
+        rows.append((name, statistics.median(times), times[0]))
     p.terminate()
     p.wait(timeout=60)
     return rows
