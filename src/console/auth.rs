@@ -94,7 +94,7 @@ impl Officers {
         let mut by_oidc = HashMap::new();
         let mut names = std::collections::HashSet::new();
         for (i, o) in list.iter().enumerate() {
-            let at = format!("console.officers[{i}] ({})", o.name);
+            let at = format!("console.officers[{i}] ({})", o.key());
             match (o.role, &o.department) {
                 (Role::DeptAdmin, None) => errs.push(format!(
                     "{at}: a dept_admin needs `department` (the one it administers)"
