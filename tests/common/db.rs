@@ -209,6 +209,10 @@ impl Postgres {
     /// Spawn the postmaster and wait until it is ready; if it exits early, try again up
     /// to `attempts` times in all (200 ms apart).
     fn spawn_and_wait(&mut self, attempts: u32) {
+        self.spawn_and_wait_moved(attempts, 0)
+    }
+
+    fn spawn_and_wait_moved(&mut self, attempts: u32, mut moved: u32) {
         let deadline = Instant::now() + READY_TIMEOUT;
         for attempt in 1..=attempts {
             let log = open_append(&self.log_path());
@@ -235,6 +239,12 @@ impl Postgres {
                 Ok(()) => return,
                 Err(_) if attempt < attempts && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
+                }
+                // A first start whose free port another process took first: another port.
+                Err(_) if attempts == 1 && moved < 5 && port_taken(&self.log_path()) => {
+                    moved += 1;
+                    self.port = free_port();
+                    return self.spawn_and_wait_moved(attempts, moved);
                 }
                 Err(status) => panic!(
                     "PostgreSQL on 127.0.0.1:{} exited ({status}) before accepting \
@@ -496,6 +506,10 @@ impl MariaDb {
     /// Spawn mariadbd and wait until it is ready; if it exits early, try again up to
     /// `attempts` times in all (200 ms apart).
     fn spawn_and_wait(&mut self, attempts: u32) {
+        self.spawn_and_wait_moved(attempts, 0)
+    }
+
+    fn spawn_and_wait_moved(&mut self, attempts: u32, mut moved: u32) {
         let deadline = Instant::now() + READY_TIMEOUT;
         for attempt in 1..=attempts {
             let out = open_append(&self.stdout_log());
@@ -534,6 +548,12 @@ impl MariaDb {
                 Ok(()) => return,
                 Err(_) if attempt < attempts && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
+                }
+                // A first start whose free port another process took first: another port.
+                Err(_) if attempts == 1 && moved < 5 && port_taken(&self.error_log()) => {
+                    moved += 1;
+                    self.port = free_port();
+                    return self.spawn_and_wait_moved(attempts, moved);
                 }
                 Err(status) => panic!(
                     "MariaDB on 127.0.0.1:{} exited ({status}) before accepting connections; {}",
@@ -689,6 +709,12 @@ fn temp_dir_for(prefix: &str, owner: Option<&str>) -> TempDir {
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
+/// Whether the server's last words were that its port was taken (a free port handed out,
+/// then bound by another process before the server bound it).
+fn port_taken(log: &std::path::Path) -> bool {
+    tail(log, 10).contains("Address already in use")
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
