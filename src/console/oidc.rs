@@ -197,14 +197,7 @@ pub fn expired_state_cookie() -> String {
 
 /// The pending state in a `Cookie` header, if any.
 pub fn state_from(headers: &axum::http::HeaderMap) -> Option<String> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == STATE_COOKIE)
-        .map(|(_, v)| v.to_owned())
+    super::auth::cookie_value(headers, STATE_COOKIE)
 }
 
 impl Oidc {

@@ -74,15 +74,8 @@ impl UsageSource {
                 .await
                 .map_err(|e| e.to_string())?
             }
-            UsageSource::Db {
-                url,
-                password,
-                pool,
-            } => {
-                let pool = pool
-                    .get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
-                    .await?;
-                audit::db::search(pool, &q, |v| kept.push(v)).await?;
+            UsageSource::Db { .. } => {
+                audit::db::search(self.pool().await?, &q, |v| kept.push(v)).await?;
                 Ok((kept.out, kept.n))
             }
         }
@@ -90,6 +83,21 @@ impl UsageSource {
 }
 
 impl UsageSource {
+    /// The province database's pool, connected at first use.
+    async fn pool(&self) -> Result<&sqlx::PgPool, String> {
+        match self {
+            UsageSource::Db {
+                url,
+                password,
+                pool,
+            } => {
+                pool.get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
+                    .await
+            }
+            UsageSource::Dir(_) => Err("no province database (audit.ship)".into()),
+        }
+    }
+
     /// Whether this reads the province database (every replica's records).
     pub fn is_db(&self) -> bool {
         matches!(self, UsageSource::Db { .. })
@@ -113,14 +121,8 @@ impl UsageSource {
                 .await
                 .map_err(|e| e.to_string())?
             }
-            UsageSource::Db {
-                url,
-                password,
-                pool,
-            } => {
-                let pool = pool
-                    .get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
-                    .await?;
+            UsageSource::Db { .. } => {
+                let pool = self.pool().await?;
                 crate::policy::impact::over_db(pool, &current, &candidate, Some(since), None).await
             }
         }
