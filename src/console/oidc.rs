@@ -15,6 +15,9 @@
 //!    `console.oidc.claim` (default `sub`) is the identity [`super::auth::Officers`] maps to
 //!    an officer (`officers[].oidc`).
 //!
+//! One file over 600 lines: the flow is one concern (its two halves share the pending
+//! sign-ins and the IdP's metadata), and a fifth of it is its tests.
+//!
 //! Roles come from the console's config, never from the IdP's claims: the IdP says who,
 //! the bureau's config says what they may do. Not here: the session that follows
 //! ([`super::auth::Sessions`], bound to [`OIDC_BINDING`] rather than a certificate).

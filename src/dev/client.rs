@@ -202,7 +202,7 @@ pub fn print_table(resp: &QueryResponse) {
         .iter()
         .map(|r| r.values.iter().map(render).collect())
         .collect();
-    let width = display_width;
+    let width = crate::tools::report::width;
     let mut w: Vec<usize> = headers.iter().map(|h| width(h)).collect();
     for row in &cells {
         for (i, c) in row.iter().enumerate() {
@@ -227,21 +227,6 @@ pub fn print_table(resp: &QueryResponse) {
     for row in &cells {
         crate::outln!("{}", line(row));
     }
-}
-
-/// Terminal columns a string takes: East Asian wide characters take two.
-fn display_width(s: &str) -> usize {
-    s.chars()
-        .map(|c| match c as u32 {
-            0x1100..=0x115F
-            | 0x2E80..=0x9FFF
-            | 0xAC00..=0xD7A3
-            | 0xF900..=0xFAFF
-            | 0xFE30..=0xFE4F
-            | 0xFF00..=0xFF60 => 2,
-            _ => 1,
-        })
-        .sum()
 }
 
 /// Load the cert, key and a dev token for department `dept` from a dev-certs directory.
