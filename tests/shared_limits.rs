@@ -153,16 +153,17 @@ async fn two_gateway_processes_hold_one_combined_rate_through_redis() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
     let (pa, pb) = (free_port(), free_port());
-    let _a = serve(
-        dir.path(),
-        "a",
-        &gateway_config(pa, &dir.path().join("audit-a"), &redis.url()),
-    );
-    let _b = serve(
-        dir.path(),
-        "b",
-        &gateway_config(pb, &dir.path().join("audit-b"), &redis.url()),
-    );
+    // Redis decides every call here: on a loaded machine a round trip can pass the default
+    // 50 ms, and the fail-open fallback would then admit on a replica's own bucket, which is
+    // what the fallback tests below measure, not this one.
+    let config = |port: u16, audit: &str| {
+        gateway_config(port, &dir.path().join(audit), &redis.url()).replace(
+            "key_prefix: xgate-e2e }",
+            "key_prefix: xgate-e2e, timeout_ms: 5000 }",
+        )
+    };
+    let _a = serve(dir.path(), "a", &config(pa, "audit-a"));
+    let _b = serve(dir.path(), "b", &config(pb, "audit-b"));
 
     let t = token("civil-affairs");
     let mut clients = Vec::new();
