@@ -644,7 +644,13 @@ async fn the_change_preview_replays_the_province_trail() {
     let count = |q: &str| pg.psql(q).trim().parse::<u64>().unwrap_or(0);
     let calls = "SELECT count(*) FROM xgate_audit_records WHERE kind = 'call' AND consumer_dept = 'civil-affairs'";
     let deadline = Instant::now() + Duration::from_secs(30);
-    while count(calls) < 3 {
+    // (The shipper creates the table when it first connects: until then there is none.)
+    let table = || {
+        pg.psql("SELECT to_regclass('xgate_audit_records') IS NOT NULL")
+            .trim()
+            == "t"
+    };
+    while !table() || count(calls) < 3 {
         assert!(Instant::now() < deadline, "the calls were not shipped");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -26,6 +26,7 @@
 
 pub mod db;
 pub mod head;
+pub mod index;
 pub mod read;
 pub mod recent;
 pub mod ship;

@@ -41,7 +41,12 @@ pub struct Damage {
 }
 
 impl Damage {
-    fn at(segment: &str, line: u64, seq: Option<u64>, what: impl Into<String>) -> Damage {
+    pub(crate) fn at(
+        segment: &str,
+        line: u64,
+        seq: Option<u64>,
+        what: impl Into<String>,
+    ) -> Damage {
         Damage {
             segment: segment.to_owned(),
             line,
@@ -518,6 +523,24 @@ impl Query {
             ]);
         }
         out
+    }
+}
+
+/// A department administrator's cut of the trail: its own calls, and the calls to its
+/// datasets.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    pub dept: String,
+    pub owned: std::collections::HashSet<String>,
+}
+
+impl Cut {
+    /// Whether record `r` is in the cut.
+    pub fn keeps(&self, r: &serde_json::Value) -> bool {
+        r.get("consumer_dept").and_then(|v| v.as_str()) == Some(self.dept.as_str())
+            || r.get("dataset")
+                .and_then(|v| v.as_str())
+                .is_some_and(|d| self.owned.contains(d))
     }
 }
 

@@ -62,9 +62,9 @@ pub struct ConsoleState {
     /// The province's zone: every date shown is in it.
     pub zone: UtcOffset,
     pub default_lang: Lang,
-    /// The local trail (league table and audit search read it when there is no province
-    /// database).
-    pub audit_dir: std::path::PathBuf,
+    /// The local trail, indexed (the league table reads it; audit search and the preview do
+    /// when there is no province database).
+    pub trail: Arc<crate::audit::index::TrailIndex>,
     /// The policy file (the change preview compares the candidate with it).
     pub policy_path: std::path::PathBuf,
     /// Whether a proposal approved by a second bureau officer may replace the policy file.
@@ -97,6 +97,7 @@ impl ConsoleState {
             .map_err(|e| vec![format!("limits.quota_timezone: {e}")])?;
         let default_lang = Lang::parse(&console.lang)
             .ok_or_else(|| vec![format!("console.lang `{}`: zh-CN or en", console.lang)])?;
+        let gateway_now = gateway.upgrade();
         Ok(ConsoleState {
             gateway,
             reloader,
@@ -108,7 +109,9 @@ impl ConsoleState {
             templates: Arc::new(templates::environment()),
             zone,
             default_lang,
-            audit_dir: cfg.audit.dir.clone(),
+            trail: gateway_now
+                .map(|g| g.trail_index())
+                .unwrap_or_else(|| Arc::new(crate::audit::index::TrailIndex::new(&cfg.audit.dir))),
             policy_path: cfg.policy.clone(),
             policy_managed: console.policy_managed,
             proposals: proposals::new(),

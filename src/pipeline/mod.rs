@@ -155,6 +155,9 @@ struct Inner {
     shipping: Option<Arc<audit::ship::ShipState>>,
     /// Where `Usage.FindUsage` reads accesses.
     usage: usage::UsageSource,
+    /// This replica's own trail, indexed for the console (and for `FindUsage` without a
+    /// province database).
+    trail: Arc<audit::index::TrailIndex>,
 }
 
 /// Builds a [`Gateway`]: the parts every gateway needs, then the optional ones, then
@@ -207,6 +210,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// This replica's trail directory: the index the console and local searches read. Without
+    /// a province database, `Usage.FindUsage` reads it too.
+    pub fn trail(mut self, dir: &std::path::Path) -> Self {
+        self.inner.trail = Arc::new(audit::index::TrailIndex::new(dir));
+        self
+    }
+
     pub fn shipping(mut self, state: Arc<audit::ship::ShipState>) -> Self {
         self.inner.shipping = Some(state);
         self
@@ -248,7 +258,8 @@ impl Gateway {
                 auth_failures: crate::limits::failures::AuthFailures::new(10, 50),
                 pages: crate::pipeline::paging::PageSeal::random(),
                 shipping: None,
-                usage: usage::UsageSource::Dir(std::path::PathBuf::new()),
+                usage: usage::UsageSource::Local,
+                trail: Arc::new(audit::index::TrailIndex::new(std::path::PathBuf::new())),
             },
         }
     }

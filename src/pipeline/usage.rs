@@ -13,73 +13,14 @@ pub(super) const METHOD_FIND_USAGE: &str = "/xgate.v1.Usage/FindUsage";
 /// Where the accesses are read from.
 #[derive(Debug)]
 pub enum UsageSource {
-    /// This gateway's own trail (the embedded default).
-    Dir(std::path::PathBuf),
+    /// This gateway's own trail, through its index (the embedded default).
+    Local,
     /// The province database (`audit.ship`), connected at first use.
     Db {
         url: String,
         password: Option<String>,
         pool: tokio::sync::OnceCell<sqlx::PgPool>,
     },
-}
-
-impl UsageSource {
-    /// The records `q` finds, oldest first.
-    pub(crate) async fn search(
-        &self,
-        q: audit::read::Query,
-    ) -> Result<Vec<serde_json::Value>, String> {
-        self.search_limited(q, usize::MAX, |_| true)
-            .await
-            .map(|(v, _)| v)
-    }
-
-    /// The first `limit` records `q` finds that `keep` keeps, oldest first, and how many
-    /// it kept in all (the rest are counted, not held).
-    pub(crate) async fn search_limited(
-        &self,
-        q: audit::read::Query,
-        limit: usize,
-        keep: impl Fn(&serde_json::Value) -> bool + Send + 'static,
-    ) -> Result<(Vec<serde_json::Value>, u64), String> {
-        struct Kept<F> {
-            out: Vec<serde_json::Value>,
-            n: u64,
-            limit: usize,
-            keep: F,
-        }
-        impl<F: Fn(&serde_json::Value) -> bool> Kept<F> {
-            fn push(&mut self, v: serde_json::Value) {
-                if (self.keep)(&v) {
-                    self.n += 1;
-                    if self.out.len() < self.limit {
-                        self.out.push(v);
-                    }
-                }
-            }
-        }
-        let mut kept = Kept {
-            out: Vec::new(),
-            n: 0,
-            limit,
-            keep,
-        };
-        match self {
-            UsageSource::Dir(dir) => {
-                let dir = dir.clone();
-                tokio::task::spawn_blocking(move || {
-                    audit::read::search(&dir, &q, |v| kept.push(v)).map_err(|e| e.to_string())?;
-                    Ok((kept.out, kept.n))
-                })
-                .await
-                .map_err(|e| e.to_string())?
-            }
-            UsageSource::Db { .. } => {
-                audit::db::search(self.pool().await?, &q, |v| kept.push(v)).await?;
-                Ok((kept.out, kept.n))
-            }
-        }
-    }
 }
 
 impl UsageSource {
@@ -94,7 +35,7 @@ impl UsageSource {
                 pool.get_or_try_init(|| audit::db::connect(url, password.as_deref(), 2))
                     .await
             }
-            UsageSource::Dir(_) => Err("no province database (audit.ship)".into()),
+            UsageSource::Local => Err("no province database (audit.ship)".into()),
         }
     }
 
@@ -102,27 +43,88 @@ impl UsageSource {
     pub fn is_db(&self) -> bool {
         matches!(self, UsageSource::Db { .. })
     }
+}
+
+impl Gateway {
+    /// This replica's own trail, indexed (the console's league table reads it whatever the
+    /// usage source).
+    pub fn trail_index(&self) -> Arc<audit::index::TrailIndex> {
+        self.inner.trail.clone()
+    }
+
+    /// The records `q` finds where `FindUsage` reads, oldest first.
+    async fn search_usage(&self, q: audit::read::Query) -> Result<Vec<serde_json::Value>, String> {
+        self.search_limited(q, usize::MAX, None)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// The first `limit` records `q` finds that `cut` keeps (all, without one), oldest
+    /// first, and how many it kept in all (the rest are counted, not held).
+    pub(crate) async fn search_limited(
+        &self,
+        q: audit::read::Query,
+        limit: usize,
+        cut: Option<audit::read::Cut>,
+    ) -> Result<(Vec<serde_json::Value>, u64), String> {
+        match &self.inner.usage {
+            UsageSource::Local => {
+                let trail = self.trail_index();
+                tokio::task::spawn_blocking(move || {
+                    let err = |e: std::io::Error| format!("{}: {e}", trail.dir().display());
+                    let view = trail.view().map_err(err)?;
+                    let (found, read) = view.search(&q, cut.as_ref(), limit).map_err(err)?;
+                    Ok((found, read.matched))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            db @ UsageSource::Db { .. } => {
+                let (mut out, mut n) = (Vec::new(), 0u64);
+                audit::db::search(db.pool().await?, &q, |v| {
+                    if cut.as_ref().is_none_or(|c| c.keeps(&v)) {
+                        n += 1;
+                        if out.len() < limit {
+                            out.push(v);
+                        }
+                    }
+                })
+                .await?;
+                Ok((out, n))
+            }
+        }
+    }
 
     /// The recorded calls since `since` re-decided under `candidate`, from the same trail a
     /// search reads: the province database where the replicas ship to one, else this
-    /// gateway's own files ([`crate::policy::impact`]).
-    pub(crate) async fn impact(
+    /// gateway's own trail ([`crate::policy::impact`]).
+    async fn impact(
         &self,
         current: Arc<Policy>,
         candidate: Arc<Policy>,
         since: time::OffsetDateTime,
     ) -> Result<crate::policy::impact::Impact, String> {
-        match self {
-            UsageSource::Dir(dir) => {
-                let dir = dir.clone();
+        match &self.inner.usage {
+            UsageSource::Local => {
+                let trail = self.trail_index();
                 tokio::task::spawn_blocking(move || {
-                    crate::policy::impact::over_dir(&dir, &current, &candidate, Some(since), None)
+                    let view = trail
+                        .view()
+                        .map_err(|e| format!("{}: {e}", trail.dir().display()))?;
+                    crate::policy::impact::over_index(
+                        &view,
+                        &current,
+                        &candidate,
+                        Some(since),
+                        None,
+                    )
+                    .map_err(|e| format!("{}: {e}", trail.dir().display()))
                 })
                 .await
                 .map_err(|e| e.to_string())?
             }
-            UsageSource::Db { .. } => {
-                let pool = self.pool().await?;
+            db @ UsageSource::Db { .. } => {
+                let pool = db.pool().await?;
                 crate::policy::impact::over_db(pool, &current, &candidate, Some(since), None).await
             }
         }
@@ -160,17 +162,17 @@ impl Gateway {
                     .ok_or("the trail records no data subjects (audit.subject_key_file)")?,
             );
         }
-        self.inner.usage.search(q).await
+        self.search_usage(q).await
     }
 
-    /// [`Gateway::search_trail`], holding at most `limit` of the records `keep` keeps:
-    /// (those, how many it kept in all).
+    /// [`Gateway::search_trail`], holding at most `limit` of the records `cut` keeps (a
+    /// department administrator's): (those, how many it kept in all).
     pub async fn search_trail_limited(
         &self,
         mut q: audit::read::Query,
         subject_id: Option<&str>,
         limit: usize,
-        keep: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+        cut: Option<audit::read::Cut>,
     ) -> Result<(Vec<serde_json::Value>, u64), String> {
         if let Some(id) = subject_id {
             q.subject = Some(
@@ -180,7 +182,7 @@ impl Gateway {
                     .ok_or("the trail records no data subjects (audit.subject_key_file)")?,
             );
         }
-        self.inner.usage.search_limited(q, limit, keep).await
+        self.search_limited(q, limit, cut).await
     }
 
     /// A candidate policy's impact on the recorded calls since `since` (the change preview),
@@ -192,8 +194,10 @@ impl Gateway {
         since: time::OffsetDateTime,
     ) -> (Result<crate::policy::impact::Impact, String>, bool) {
         let current = self.snapshot().policy.clone();
-        let usage = &self.inner.usage;
-        (usage.impact(current, candidate, since).await, usage.is_db())
+        (
+            self.impact(current, candidate, since).await,
+            self.inner.usage.is_db(),
+        )
     }
 
     /// The keyed hash a subject's id is recorded as (for an admin record of a search).
@@ -243,7 +247,7 @@ impl Gateway {
             subject: Some(subject),
             ..Default::default()
         };
-        let found = self.inner.usage.search(q).await.map_err(|e| {
+        let found = self.search_usage(q).await.map_err(|e| {
             tracing::warn!(error = %e, "FindUsage: the trail could not be read");
             Reject::new(
                 Reason::UsageUnavailable,

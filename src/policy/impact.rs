@@ -235,8 +235,10 @@ struct Replay<'p> {
     rows: Vec<ImpactRow>,
     /// (consumer, dataset) → index in `rows`.
     row_of: HashMap<(String, String), usize>,
-    /// shape key → (its change, its row).
-    decided: HashMap<Vec<u8>, (Change, usize)>,
+    /// Each distinct shape's change, and its row.
+    changes: Vec<(Change, usize)>,
+    /// shape key → its index in `changes`.
+    decided: HashMap<Vec<u8>, usize>,
     key: Vec<u8>,
     /// Every validity bound of both policies, sorted: a shape's decision is the same
     /// between two of them.
@@ -269,6 +271,7 @@ impl<'p> Replay<'p> {
             out: Impact::default(),
             rows: Vec::new(),
             row_of: HashMap::new(),
+            changes: Vec::new(),
             decided: HashMap::new(),
             key: Vec::with_capacity(256),
             bounds,
@@ -345,36 +348,61 @@ impl<'p> Replay<'p> {
             self.key.extend_from_slice(c.as_bytes());
             self.key.push(1);
         }
-        if !self.decided.contains_key(&self.key) {
-            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
-            let filter = conditions(filter);
-            let d =
-                |p: &Policy| decide(p, consumer, system, dataset, purpose, &fields, &filter, now);
-            let c = change(d(self.current), d(self.candidate));
-            let rows = &mut self.rows;
-            let row = *self
-                .row_of
-                .entry((consumer.to_owned(), dataset.to_owned()))
-                .or_insert_with(|| {
-                    rows.push(ImpactRow {
-                        consumer: consumer.to_owned(),
-                        dataset: dataset.to_owned(),
-                        ..ImpactRow::default()
-                    });
-                    rows.len() - 1
-                });
-            self.decided.insert(self.key.clone(), (c, row));
-        }
-        let Some((change, row)) = self.decided.get(&self.key) else {
-            return;
+        let d = match self.decided.get(&self.key) {
+            Some(d) => *d,
+            None => {
+                let d = self.decide(consumer, system, dataset, purpose, fields, filter, now);
+                self.decided.insert(self.key.clone(), d);
+                d
+            }
         };
-        self.out.replayed += 1;
+        self.count(d);
         if self.out.since.is_none() {
             self.out.since = Some(time.to_owned());
         }
         let until = self.out.until.get_or_insert_with(String::new);
         until.clear();
         until.push_str(time);
+    }
+
+    /// Decide a new shape under both policies: its index in `changes`.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        consumer: &str,
+        system: &str,
+        dataset: &str,
+        purpose: &str,
+        fields: &[Cow<'_, str>],
+        filter: &[Cow<'_, str>],
+        now: i64,
+    ) -> usize {
+        let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        let filter = conditions(filter);
+        let d = |p: &Policy| decide(p, consumer, system, dataset, purpose, &fields, &filter, now);
+        let c = change(d(self.current), d(self.candidate));
+        let rows = &mut self.rows;
+        let row = *self
+            .row_of
+            .entry((consumer.to_owned(), dataset.to_owned()))
+            .or_insert_with(|| {
+                rows.push(ImpactRow {
+                    consumer: consumer.to_owned(),
+                    dataset: dataset.to_owned(),
+                    ..ImpactRow::default()
+                });
+                rows.len() - 1
+            });
+        self.changes.push((c, row));
+        self.changes.len() - 1
+    }
+
+    /// Count one replayed call of the shape `changes[d]`.
+    fn count(&mut self, d: usize) {
+        let Some((change, row)) = self.changes.get(d) else {
+            return;
+        };
+        self.out.replayed += 1;
         let Some(row) = self.rows.get_mut(*row) else {
             return;
         };
@@ -428,6 +456,80 @@ pub fn over_dir(
     let mut r = Replay::new(current, candidate, since, until);
     crate::audit::read::scan(dir, |line| r.push_line(line))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(r.finish())
+}
+
+/// The same over the trail's index (the console: only what was appended since its last
+/// page is read). Each row's shape is interned, so a call is counted by a look-up of four
+/// numbers; the first and last calls' times are read from their lines.
+pub fn over_index(
+    view: &crate::audit::index::View<'_>,
+    current: &Policy,
+    candidate: &Policy,
+    since: Option<time::OffsetDateTime>,
+    until: Option<time::OffsetDateTime>,
+) -> std::io::Result<Impact> {
+    use crate::audit::index::{NO_SHAPE, split_shape};
+    let mut r = Replay::new(current, candidate, since, until);
+    let mut by_sym: HashMap<(u32, u32, u32, usize), usize> = HashMap::new();
+    let (mut first, mut last) = (None, None);
+    for (at, row) in view.rows() {
+        let kind = view.name(row.kind);
+        let method = view.name(row.method);
+        if !(kind.is_empty() || kind == "call")
+            || !(method.ends_with("/Query") || method.ends_with("/QueryStream"))
+        {
+            continue;
+        }
+        let us = row.time_ns.map(|t| t / 1000);
+        if let Some(us) = us
+            && (r.since.is_some_and(|s| us < s) || r.until.is_some_and(|u| us >= u))
+        {
+            continue;
+        }
+        // (An empty name is no name.)
+        if row.consumer == 0 || row.dataset == 0 || row.shape == NO_SHAPE {
+            r.out.skipped += 1;
+            continue;
+        }
+        let now = us.map_or(0, |us| us.div_euclid(1_000_000));
+        let epoch = r.bounds.partition_point(|b| *b <= now);
+        let key = (row.consumer, row.dataset, row.shape, epoch);
+        let d = match by_sym.get(&key) {
+            Some(d) => *d,
+            None => {
+                let (system, purpose, fields, filter) = split_shape(view.name(row.shape));
+                fn cow(v: Vec<&str>) -> Vec<Cow<'_, str>> {
+                    v.into_iter().map(Cow::Borrowed).collect()
+                }
+                let d = r.decide(
+                    view.name(row.consumer),
+                    system,
+                    view.name(row.dataset),
+                    purpose,
+                    &cow(fields),
+                    &cow(filter),
+                    now,
+                );
+                by_sym.insert(key, d);
+                d
+            }
+        };
+        r.count(d);
+        first.get_or_insert(at);
+        last = Some(at);
+    }
+    let time_of = |at| -> std::io::Result<Option<String>> {
+        let line = view.line(at)?;
+        let v: serde_json::Value = serde_json::from_slice(&line).map_err(std::io::Error::other)?;
+        Ok(v.get("time").and_then(|t| t.as_str()).map(str::to_owned))
+    };
+    if let Some(at) = first {
+        r.out.since = time_of(at)?;
+    }
+    if let Some(at) = last {
+        r.out.until = time_of(at)?;
+    }
     Ok(r.finish())
 }
 

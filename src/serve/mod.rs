@@ -448,13 +448,14 @@ async fn build_gateway(
         gateway = gateway.shipping(s);
     }
     // "Who looked at my data" reads the province trail when there is one.
+    gateway = gateway.trail(&cfg.audit.dir);
     gateway = gateway.usage_source(match &cfg.audit.ship {
         Some(sh) => crate::pipeline::usage::UsageSource::Db {
             url: sh.url.clone(),
             password: sh.password().map_err(|e| StartError(vec![e]))?,
             pool: tokio::sync::OnceCell::new(),
         },
-        None => crate::pipeline::usage::UsageSource::Dir(cfg.audit.dir.clone()),
+        None => crate::pipeline::usage::UsageSource::Local,
     });
     Ok(gateway.build())
 }
@@ -632,10 +633,24 @@ async fn spawn_console(
     let (l, bound) = crate::console::bind(c.listen)
         .await
         .map_err(|e| StartError(vec![format!("console.listen {}: {e}", c.listen)]))?;
+    let trail = state.trail.clone();
     tokio::spawn(crate::console::serve(l, tls, state, async move {
         let _ = stop_rx.await;
     }));
     tracing::info!(addr = %bound, "console listening (https)");
+    // Read the trail into its index now, in the background, so the first page that needs it
+    // does not wait for the whole trail.
+    tokio::task::spawn_blocking(move || {
+        let t0 = std::time::Instant::now();
+        match trail.view() {
+            Ok(v) => tracing::info!(
+                records = v.len(),
+                ms = t0.elapsed().as_millis() as u64,
+                "console: trail indexed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "console: the trail could not be indexed"),
+        }
+    });
     Ok((Some(bound), stop_tx))
 }
 

@@ -55,28 +55,21 @@ pub(crate) async fn search(
     };
     // A department administrator's cut, while reading (never more held than is shown): its
     // calls, and calls to its datasets, with only the fields of the call itself.
-    let dept = (session.officer.role == Role::DeptAdmin).then(|| {
-        let own = session.officer.department.clone().unwrap_or_default();
+    let cut = (session.officer.role == Role::DeptAdmin).then(|| {
+        let dept = session.officer.department.clone().unwrap_or_default();
         let snap = gw.snapshot();
-        let owned: std::collections::HashSet<String> = snap
+        let owned = snap
             .policy
             .file
             .datasets
             .iter()
-            .filter(|d| d.owner == own)
+            .filter(|d| d.owner == dept)
             .map(|d| d.id.clone())
             .collect();
-        (own, owned)
+        crate::audit::read::Cut { dept, owned }
     });
-    let keep = move |r: &serde_json::Value| match &dept {
-        None => true,
-        Some((own, owned)) => {
-            r["consumer_dept"] == own.as_str()
-                || r["dataset"].as_str().is_some_and(|d| owned.contains(d))
-        }
-    };
     let result = gw
-        .search_trail_limited(query, subject.as_deref(), limit, keep)
+        .search_trail_limited(query, subject.as_deref(), limit, cut)
         .await;
     if let Some(id) = &subject
         && let Some(hash) = gw.subject_hash(id)

@@ -151,8 +151,12 @@ pub(crate) fn build_report(
         offset: s.zone,
         ..Default::default()
     };
-    let (rep, _) = crate::tools::report::build_from_dir(&s.audit_dir, p, period, range)
-        .map_err(|e| format!("{}: {e}", s.audit_dir.display()))?;
+    let view = s
+        .trail
+        .view()
+        .map_err(|e| format!("{}: {e}", s.trail.dir().display()))?;
+    let (rep, _) = crate::tools::report::build_from_index(&view, p, period, range);
+    drop(view);
     let rep = std::sync::Arc::new(rep);
     if let Ok(mut cache) = s.reports.lock() {
         *cache = Some((std::time::Instant::now(), key, rep.clone()));

@@ -48,6 +48,8 @@ use words::{Words, fill, pad, words};
 
 /// The provider of records whose dataset the policy does not know.
 pub const UNKNOWN: &str = "(unknown)";
+/// How a refusal without a reason is counted.
+const NO_REASON: &str = "(no reason)";
 /// Reasons that count against the provider's availability.
 pub const PROVIDER_FAILURES: [&str; 4] = [
     "PROVIDER_UNAVAILABLE",
@@ -325,8 +327,34 @@ impl<'a> Call<'a> {
         })
     }
 
+    /// A row of the trail's index, read as [`Call::from_line`] reads a line.
+    fn from_row(view: &'a crate::audit::index::View<'_>, r: &crate::audit::index::Row) -> Read<'a> {
+        let s = |sym| Some(view.name(sym)).filter(|x| !x.is_empty());
+        if s(r.kind).is_some_and(|k| k != "call") {
+            return Read::Other;
+        }
+        let Some(time) = r
+            .time_ns
+            .and_then(|t| OffsetDateTime::from_unix_timestamp_nanos(i128::from(t)).ok())
+        else {
+            return Read::Unreadable;
+        };
+        let reason = s(r.reason);
+        Read::Call(Call {
+            time,
+            consumer: s(r.consumer),
+            dataset: s(r.dataset),
+            catalog: s(r.method).is_some_and(|m| m.starts_with("/xgate.v1.Catalog/")),
+            denied: s(r.decision) != Some("allow")
+                || reason.is_some_and(|r| LIMIT_REFUSALS.contains(&r)),
+            reason,
+            latency_us: r.latency_us,
+            weight: Some(r.calls).filter(|n| *n > 0).unwrap_or(1),
+        })
+    }
+
     fn reason_label(&self) -> String {
-        self.reason.unwrap_or("(no reason)").to_owned()
+        self.reason.unwrap_or(NO_REASON).to_owned()
     }
 }
 
@@ -343,14 +371,21 @@ impl Acc {
         s.calls += c.weight;
         if c.denied {
             s.denied += c.weight;
-            *s.denials_by_reason.entry(c.reason_label()).or_default() += c.weight;
+            match s.denials_by_reason.get_mut(c.reason.unwrap_or(NO_REASON)) {
+                Some(n) => *n += c.weight,
+                None => {
+                    s.denials_by_reason.insert(c.reason_label(), c.weight);
+                }
+            }
             return;
         }
         s.allowed += 1;
         if c.reason.is_some_and(|r| PROVIDER_FAILURES.contains(&r)) {
             s.provider_errors += 1;
         }
-        if let Some(d) = c.dataset {
+        if let Some(d) = c.dataset
+            && !self.datasets.contains(d)
+        {
             self.datasets.insert(d.to_owned());
         }
         self.latencies.push(c.latency_us);
@@ -411,6 +446,21 @@ pub fn build(
     b.finish()
 }
 
+/// The league table of a trail's index: what the console uses (the index is kept between
+/// pages, so only what was appended since the last page is read). Also the trail's damage.
+pub fn build_from_index(
+    view: &crate::audit::index::View<'_>,
+    policy: &Policy,
+    period: Period,
+    range: Range,
+) -> (Report, crate::audit::read::Searched) {
+    let mut b = Builder::new(policy, period, range);
+    for (_, r) in view.rows() {
+        b.push_read(Call::from_row(view, r));
+    }
+    (b.finish(), view.searched())
+}
+
 /// The league table of an audit directory, read line by line for the fields it counts only
 /// (no record is built or held): what the console and `xgate report DIR` use. Also what
 /// the read found of damage.
@@ -447,6 +497,8 @@ struct Builder<'p> {
     periods: BTreeMap<String, PeriodAcc>,
     total: u64,
     unreadable: u64,
+    /// The last record's local date and its period's label.
+    last_label: Option<(time::Date, String)>,
 }
 
 impl<'p> Builder<'p> {
@@ -458,11 +510,16 @@ impl<'p> Builder<'p> {
             periods: BTreeMap::new(),
             total: 0,
             unreadable: 0,
+            last_label: None,
         }
     }
 
     fn push(&mut self, l: &Line<'_>) {
-        let c = match Call::from_line(l) {
+        self.push_read(Call::from_line(l));
+    }
+
+    fn push_read(&mut self, read: Read<'_>) {
+        let c = match read {
             Read::Call(c) => c,
             Read::Other => return,
             Read::Unreadable => {
@@ -474,10 +531,16 @@ impl<'p> Builder<'p> {
             return;
         }
         self.total += 1;
-        let label = self.period.label(c.time.to_offset(self.range.offset));
-        let p = match self.periods.get_mut(&label) {
+        // Consecutive records mostly share a day: its label is made once.
+        let date = c.time.to_offset(self.range.offset).date();
+        if self.last_label.as_ref().is_none_or(|(d, _)| *d != date) {
+            let label = self.period.label(c.time.to_offset(self.range.offset));
+            self.last_label = Some((date, label));
+        }
+        let label = self.last_label.as_ref().map_or("", |(_, l)| l.as_str());
+        let p = match self.periods.get_mut(label) {
             Some(p) => p,
-            None => self.periods.entry(label).or_default(),
+            None => self.periods.entry(label.to_owned()).or_default(),
         };
         p.records += 1;
         let Some(consumer) = c.consumer else {
@@ -512,6 +575,7 @@ impl<'p> Builder<'p> {
             periods,
             total,
             unreadable,
+            last_label: _,
         } = self;
         let periods = periods
             .into_iter()
