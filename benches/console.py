@@ -124,7 +124,7 @@ upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/
 console:
   listen: 127.0.0.1:{console}
   officers: [{{ name: bench, subject: bureau-officer-li, role: bureau }}]
-log: {{ format: text, level: warn }}
+log: {{ format: text, level: info }}
 """)
     return cfg
 
@@ -205,7 +205,16 @@ def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float, floa
     port, console = envoy.free_ports(2)
     p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(config(work, port, console, pol, work / "audit"))],
                          stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
+    t_start = time.monotonic()
     compare.wait_port(console, p)
+    # The console reads the trail into its index in the background from its start; the
+    # pages are timed once it has (the log says when, and how long it took).
+    log = work / "xgate.log"
+    while "trail indexed" not in log.read_text(errors="replace"):
+        assert p.poll() is None, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.05)
+    indexed = next(l for l in log.read_text(errors="replace").splitlines() if "trail indexed" in l)
+    print(f"== index ready {time.monotonic() - t_start:.1f} s after start: {indexed.strip()}", file=sys.stderr)
     c = Client(console)
     c.req("GET", "/overview")
     from urllib.parse import urlencode
@@ -230,6 +239,8 @@ def pages(a, work: Path, pol: Path, tighter: str) -> list[tuple[str, float, floa
             assert status == 200, (name, status)
             times.append(took * 1000)
         rows.append((name, statistics.median(times), times[0]))
+    rss = next((l.split()[1] for l in open(f"/proc/{p.pid}/status") if l.startswith("VmHWM")), "?")
+    print(f"== gateway peak RSS: {int(rss) / 1024:,.0f} MiB", file=sys.stderr)
     p.terminate()
     p.wait(timeout=60)
     return rows

@@ -5,7 +5,7 @@
 //! each policy gives is computed with the same pure evaluation the gateway uses, then
 //! compared aspect by aspect: allowed at all, fields, masks, row scope, rate, validity.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -63,8 +63,89 @@ const OTHER_PURPOSE: &str = "\u{0}other";
 /// A system no grant can name: stands for "any other system".
 const OTHER_SYSTEM: &str = "\u{0}other";
 
+/// What one policy's decisions for a (consumer, dataset) pair read, as text: the
+/// consumer's department, the dataset with its negative-list entries, the defaults, and the
+/// consumer's grants on the dataset with their windows (all `evaluate` reads). Where the
+/// two policies' texts are equal, every system and purpose decides the same, so the pair
+/// holds no change and is not evaluated: with 1,000 datasets and 50 departments, a change
+/// to one grant is 50,000 pairs of which a few differ.
+struct Inputs<'p> {
+    p: &'p Policy,
+    defaults: Option<String>,
+    departments: HashMap<&'p str, Option<String>>,
+    datasets: HashMap<&'p str, Option<String>>,
+}
+
+impl<'p> Inputs<'p> {
+    fn of(p: &'p Policy) -> Self {
+        fn json<T: Serialize>(v: &T) -> Option<String> {
+            serde_json::to_string(v).ok()
+        }
+        Inputs {
+            p,
+            defaults: json(&p.file.defaults),
+            departments: p
+                .file
+                .departments
+                .iter()
+                .map(|d| (d.id.as_str(), json(d)))
+                .collect(),
+            datasets: p
+                .file
+                .datasets
+                .iter()
+                .map(|d| {
+                    let negative: Vec<_> = std::iter::once(p.negative_dataset(&d.id))
+                        .chain((0..d.fields.len()).map(|i| p.negative_field(&d.id, i)))
+                        .collect();
+                    (d.id.as_str(), json(&(d, negative)))
+                })
+                .collect(),
+        }
+    }
+
+    fn grants(&self, dataset: &str, consumer: &str) -> Option<String> {
+        let g: Vec<_> = self
+            .p
+            .grants_for(dataset, consumer)
+            .map(|(g, w)| (g, w.from, w.until))
+            .collect();
+        serde_json::to_string(&g).ok()
+    }
+
+    /// Whether the pair decides the same under both (a text that could not be made never
+    /// counts as the same).
+    fn same(&self, other: &Inputs<'_>, consumer: &str, dataset: &str) -> bool {
+        fn eq(a: Option<&Option<String>>, b: Option<&Option<String>>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(Some(a)), Some(Some(b))) => a == b,
+                _ => false,
+            }
+        }
+        self.defaults.is_some()
+            && self.defaults == other.defaults
+            && eq(
+                self.departments.get(consumer),
+                other.departments.get(consumer),
+            )
+            && eq(self.datasets.get(dataset), other.datasets.get(dataset))
+            && eq(
+                Some(&self.grants(dataset, consumer)),
+                Some(&other.grants(dataset, consumer)),
+            )
+    }
+}
+
 /// Every loosening and tightening from `old` to `new`.
 pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
+    diff_pairs(old, new, true)
+}
+
+/// [`diff`], skipping the pairs whose inputs are the same in both policies (`skip`), or
+/// evaluating every one (what the tests hold the skipping to).
+fn diff_pairs(old: &Policy, new: &Policy, skip: bool) -> Vec<Change> {
+    let (old_in, new_in) = (Inputs::of(old), Inputs::of(new));
     let consumers: BTreeSet<&str> = old
         .file
         .departments
@@ -82,6 +163,9 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
     let mut out = Vec::new();
     for &consumer in &consumers {
         for &dataset in &datasets {
+            if skip && old_in.same(&new_in, consumer, dataset) {
+                continue;
+            }
             let grants = || {
                 old.grants_for(dataset, consumer)
                     .chain(new.grants_for(dataset, consumer))
@@ -378,5 +462,55 @@ fn window_words(w: super::Window) -> String {
         (Some(f), None) => format!("from {}", t(f)),
         (None, Some(u)) => format!("until {}", t(u)),
         (Some(f), Some(u)) => format!("from {} until {}", t(f), t(u)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Skipping the pairs whose inputs are equal changes nothing: every kind of edit, diffed
+    /// both ways, gives what evaluating every pair gives.
+    #[test]
+    fn skipping_unchanged_pairs_finds_every_change() {
+        let base = include_str!("../../deploy/dev/policy.yaml");
+        let edits: &[(&str, &str)] = &[
+            (
+                "purposes: [temporary-relief]",
+                "purposes: [temporary-relief, audit]",
+            ),
+            ("masks: { id_number: none }", "masks: { id_number: hash }"),
+            (
+                "rate_limit: { per_second: 20, burst: 40 }",
+                "rate_limit: { per_second: 2, burst: 4 }",
+            ),
+            (
+                "negative_list:\n",
+                "negative_list:\n  - { dataset: hukou.criminal_record, reason: closed }\n",
+            ),
+            (
+                "fields: [id_number, name, gender, birth_date, region_code, household_head]",
+                "fields: [id_number, name, gender, birth_date, region_code, household_head, address]",
+            ),
+            (
+                "level: county,   region: \"330106\"",
+                "level: county,   region: \"330108\"",
+            ),
+            ("mask: { keep: { first: 3, last: 4 } }", "mask: none"),
+        ];
+        let old = Policy::from_yaml(base.as_bytes()).unwrap();
+        let mut changed = 0;
+        for (from, to) in edits {
+            assert!(base.contains(from), "{from}");
+            let new = Policy::from_yaml(base.replacen(from, to, 1).as_bytes()).unwrap();
+            for (a, b) in [(&old, &new), (&new, &old)] {
+                let text = |v: Vec<Change>| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+                let (fast, full) = (text(diff_pairs(a, b, true)), text(diff_pairs(a, b, false)));
+                assert_eq!(fast, full, "{from} → {to}");
+                changed += usize::from(!full.is_empty());
+            }
+        }
+        assert!(changed >= 8, "{changed} of the diffs found changes");
     }
 }

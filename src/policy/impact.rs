@@ -481,7 +481,7 @@ pub fn over_index(
         {
             continue;
         }
-        let us = row.time_ns.map(|t| t / 1000);
+        let us = row.time_ns().map(|t| t / 1000);
         if let Some(us) = us
             && (r.since.is_some_and(|s| us < s) || r.until.is_some_and(|u| us >= u))
         {

@@ -334,7 +334,7 @@ impl<'a> Call<'a> {
             return Read::Other;
         }
         let Some(time) = r
-            .time_ns
+            .time_ns()
             .and_then(|t| OffsetDateTime::from_unix_timestamp_nanos(i128::from(t)).ok())
         else {
             return Read::Unreadable;
@@ -349,7 +349,7 @@ impl<'a> Call<'a> {
                 || reason.is_some_and(|r| LIMIT_REFUSALS.contains(&r)),
             reason,
             latency_us: r.latency_us,
-            weight: Some(r.calls).filter(|n| *n > 0).unwrap_or(1),
+            weight: Some(u64::from(r.calls)).filter(|n| *n > 0).unwrap_or(1),
         })
     }
 
@@ -366,29 +366,30 @@ struct Acc {
 }
 
 impl Acc {
-    fn add(&mut self, c: &Call) {
+    /// `n` records like `c`, standing for `weight` calls, with the latencies of the allowed.
+    fn add(&mut self, c: &Call, n: u64, weight: u64, latencies: &[u64]) {
         let s = &mut self.side;
-        s.calls += c.weight;
+        s.calls += weight;
         if c.denied {
-            s.denied += c.weight;
+            s.denied += weight;
             match s.denials_by_reason.get_mut(c.reason.unwrap_or(NO_REASON)) {
-                Some(n) => *n += c.weight,
+                Some(x) => *x += weight,
                 None => {
-                    s.denials_by_reason.insert(c.reason_label(), c.weight);
+                    s.denials_by_reason.insert(c.reason_label(), weight);
                 }
             }
             return;
         }
-        s.allowed += 1;
+        s.allowed += n;
         if c.reason.is_some_and(|r| PROVIDER_FAILURES.contains(&r)) {
-            s.provider_errors += 1;
+            s.provider_errors += n;
         }
         if let Some(d) = c.dataset
             && !self.datasets.contains(d)
         {
             self.datasets.insert(d.to_owned());
         }
-        self.latencies.push(c.latency_us);
+        self.latencies.extend_from_slice(latencies);
     }
 
     fn finish(mut self) -> Side {
@@ -396,15 +397,24 @@ impl Acc {
         s.datasets = self.datasets.len() as u64;
         s.denial_rate = ratio(s.denied, s.calls);
         s.availability = ratio(s.allowed - s.provider_errors, s.allowed);
-        self.latencies.sort_unstable();
-        s.p50_us = percentile(&self.latencies, 50.0);
-        s.p99_us = percentile(&self.latencies, 99.0);
+        s.p50_us = nth_percentile(&mut self.latencies, 50.0);
+        s.p99_us = nth_percentile(&mut self.latencies, 99.0);
         s
     }
 }
 
 fn ratio(n: u64, d: u64) -> Option<f64> {
     (d > 0).then(|| n as f64 / d as f64)
+}
+
+/// [`percentile`] of values in any order (reordered in linear time, not sorted).
+fn nth_percentile(values: &mut [u64], p: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, values.len()) - 1;
+    Some(*values.select_nth_unstable(i).1)
 }
 
 /// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of the
@@ -454,9 +464,47 @@ pub fn build_from_index(
     period: Period,
     range: Range,
 ) -> (Report, crate::audit::read::Searched) {
+    // Rows alike for the table (one local day, consumer, dataset, outcome) are counted as
+    // one group: a million records are a few thousand groups.
+    type Key = (time::Date, u32, u32, u32, bool, bool);
+    let mut groups: std::collections::HashMap<Key, (OffsetDateTime, u64, u64, Vec<u64>)> =
+        std::collections::HashMap::new();
     let mut b = Builder::new(policy, period, range);
     for (_, r) in view.rows() {
-        b.push_read(Call::from_row(view, r));
+        let c = match Call::from_row(view, r) {
+            Read::Call(c) => c,
+            other => {
+                b.push_read(other);
+                continue;
+            }
+        };
+        if !range.contains(c.time) {
+            continue;
+        }
+        let day = c.time.to_offset(range.offset).date();
+        let key = (day, r.consumer, r.dataset, r.reason, c.catalog, c.denied);
+        let g = groups
+            .entry(key)
+            .or_insert_with(|| (c.time, 0, 0, Vec::new()));
+        g.1 += 1;
+        g.2 += c.weight;
+        if !c.denied {
+            g.3.push(c.latency_us);
+        }
+    }
+    for ((_, consumer, dataset, reason, catalog, denied), (time, n, weight, lats)) in groups {
+        let s = |sym| Some(view.name(sym)).filter(|x| !x.is_empty());
+        let c = Call {
+            time,
+            consumer: s(consumer),
+            dataset: s(dataset),
+            catalog,
+            denied,
+            reason: s(reason),
+            latency_us: 0,
+            weight,
+        };
+        b.add(&c, n, weight, &lats);
     }
     (b.finish(), view.searched())
 }
@@ -530,7 +578,12 @@ impl<'p> Builder<'p> {
         if !self.range.contains(c.time) {
             return;
         }
-        self.total += 1;
+        self.add(&c, 1, c.weight, &[c.latency_us]);
+    }
+
+    /// `n` records like `c` (in range), standing for `weight` calls.
+    fn add(&mut self, c: &Call<'_>, n: u64, weight: u64, latencies: &[u64]) {
+        self.total += n;
         // Consecutive records mostly share a day: its label is made once.
         let date = c.time.to_offset(self.range.offset).date();
         if self.last_label.as_ref().is_none_or(|(d, _)| *d != date) {
@@ -542,18 +595,23 @@ impl<'p> Builder<'p> {
             Some(p) => p,
             None => self.periods.entry(label.to_owned()).or_default(),
         };
-        p.records += 1;
+        p.records += n;
         let Some(consumer) = c.consumer else {
-            p.unattributed.records += c.weight;
+            p.unattributed.records += weight;
             *p.unattributed
                 .by_reason
                 .entry(c.reason_label())
-                .or_default() += c.weight;
+                .or_default() += weight;
             return;
         };
         match p.depts.get_mut(consumer) {
-            Some(d) => d.1.add(&c),
-            None => p.depts.entry(consumer.to_owned()).or_default().1.add(&c),
+            Some(d) => d.1.add(c, n, weight, latencies),
+            None => p
+                .depts
+                .entry(consumer.to_owned())
+                .or_default()
+                .1
+                .add(c, n, weight, latencies),
         }
         if let Some(ds) = c.dataset.filter(|_| !c.catalog) {
             let owner = self
@@ -561,8 +619,13 @@ impl<'p> Builder<'p> {
                 .dataset(ds)
                 .map_or(UNKNOWN, |d| d.owner.as_str());
             match p.depts.get_mut(owner) {
-                Some(d) => d.0.add(&c),
-                None => p.depts.entry(owner.to_owned()).or_default().0.add(&c),
+                Some(d) => d.0.add(c, n, weight, latencies),
+                None => p
+                    .depts
+                    .entry(owner.to_owned())
+                    .or_default()
+                    .0
+                    .add(c, n, weight, latencies),
             }
         }
     }
