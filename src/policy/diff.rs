@@ -5,7 +5,7 @@
 //! each policy gives is computed with the same pure evaluation the gateway uses, then
 //! compared aspect by aspect: allowed at all, fields, masks, row scope, rate, validity.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 
 use serde::Serialize;
 
@@ -70,70 +70,73 @@ const OTHER_SYSTEM: &str = "\u{0}other";
 /// holds no change and is not evaluated: with 1,000 datasets and 50 departments, a change
 /// to one grant is 50,000 pairs of which a few differ.
 struct Inputs<'p> {
-    p: &'p Policy,
-    defaults: Option<String>,
-    departments: HashMap<&'p str, Option<String>>,
-    datasets: HashMap<&'p str, Option<String>>,
+    old: &'p Policy,
+    new: &'p Policy,
+    defaults: bool,
+    departments: HashSet<&'p str>,
+    datasets: HashSet<&'p str>,
 }
 
 impl<'p> Inputs<'p> {
-    fn of(p: &'p Policy) -> Self {
+    fn of(old: &'p Policy, new: &'p Policy) -> Self {
         fn json<T: Serialize>(v: &T) -> Option<String> {
             serde_json::to_string(v).ok()
         }
+        let same = |a: Option<String>, b: Option<String>| a.is_some() && a == b;
+        let dataset = |p: &Policy, id: &str| {
+            p.dataset(id).and_then(|d| {
+                let negative: Vec<_> = std::iter::once(p.negative_dataset(id))
+                    .chain((0..d.fields.len()).map(|i| p.negative_field(id, i)))
+                    .collect();
+                json(&(d, negative))
+            })
+        };
         Inputs {
-            p,
-            defaults: json(&p.file.defaults),
-            departments: p
+            old,
+            new,
+            defaults: same(json(&old.file.defaults), json(&new.file.defaults)),
+            departments: old
                 .file
                 .departments
                 .iter()
-                .map(|d| (d.id.as_str(), json(d)))
+                .filter(|d| same(json(d), new.department(&d.id).and_then(json)))
+                .map(|d| d.id.as_str())
                 .collect(),
-            datasets: p
+            datasets: old
                 .file
                 .datasets
                 .iter()
-                .map(|d| {
-                    let negative: Vec<_> = std::iter::once(p.negative_dataset(&d.id))
-                        .chain((0..d.fields.len()).map(|i| p.negative_field(&d.id, i)))
-                        .collect();
-                    (d.id.as_str(), json(&(d, negative)))
-                })
+                .filter(|d| same(dataset(old, &d.id), dataset(new, &d.id)))
+                .map(|d| d.id.as_str())
                 .collect(),
         }
-    }
-
-    fn grants(&self, dataset: &str, consumer: &str) -> Option<String> {
-        let g: Vec<_> = self
-            .p
-            .grants_for(dataset, consumer)
-            .map(|(g, w)| (g, w.from, w.until))
-            .collect();
-        serde_json::to_string(&g).ok()
     }
 
     /// Whether the pair decides the same under both (a text that could not be made never
     /// counts as the same).
-    fn same(&self, other: &Inputs<'_>, consumer: &str, dataset: &str) -> bool {
-        fn eq(a: Option<&Option<String>>, b: Option<&Option<String>>) -> bool {
-            match (a, b) {
-                (None, None) => true,
-                (Some(Some(a)), Some(Some(b))) => a == b,
-                _ => false,
+    fn same(&self, consumer: &str, dataset: &str) -> bool {
+        if !(self.defaults
+            && self.departments.contains(consumer)
+            && self.datasets.contains(dataset))
+        {
+            return false;
+        }
+        type Held<'a> = Vec<(&'a super::model::Grant, Option<i64>, Option<i64>)>;
+        fn grants<'a>(p: &'a Policy, dataset: &str, consumer: &str) -> (bool, Held<'a>) {
+            let g: Held<'a> = p
+                .grants_for(dataset, consumer)
+                .map(|(g, w)| (g, w.from, w.until))
+                .collect();
+            (g.is_empty(), g)
+        }
+        let grants = |p: &'p Policy| grants(p, dataset, consumer);
+        match (grants(self.old), grants(self.new)) {
+            ((true, _), (true, _)) => true,
+            ((_, a), (_, b)) => {
+                let a = serde_json::to_string(&a).ok();
+                a.is_some() && a == serde_json::to_string(&b).ok()
             }
         }
-        self.defaults.is_some()
-            && self.defaults == other.defaults
-            && eq(
-                self.departments.get(consumer),
-                other.departments.get(consumer),
-            )
-            && eq(self.datasets.get(dataset), other.datasets.get(dataset))
-            && eq(
-                Some(&self.grants(dataset, consumer)),
-                Some(&other.grants(dataset, consumer)),
-            )
     }
 }
 
@@ -145,7 +148,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
 /// [`diff`], skipping the pairs whose inputs are the same in both policies (`skip`), or
 /// evaluating every one (what the tests hold the skipping to).
 fn diff_pairs(old: &Policy, new: &Policy, skip: bool) -> Vec<Change> {
-    let (old_in, new_in) = (Inputs::of(old), Inputs::of(new));
+    let inputs = Inputs::of(old, new);
     let consumers: BTreeSet<&str> = old
         .file
         .departments
@@ -163,7 +166,7 @@ fn diff_pairs(old: &Policy, new: &Policy, skip: bool) -> Vec<Change> {
     let mut out = Vec::new();
     for &consumer in &consumers {
         for &dataset in &datasets {
-            if skip && old_in.same(&new_in, consumer, dataset) {
+            if skip && inputs.same(consumer, dataset) {
                 continue;
             }
             let grants = || {

@@ -151,12 +151,20 @@ pub(crate) fn build_report(
         offset: s.zone,
         ..Default::default()
     };
+    let t0 = std::time::Instant::now();
     let view = s
         .trail
         .view()
         .map_err(|e| format!("{}: {e}", s.trail.dir().display()))?;
+    let read_ms = t0.elapsed().as_millis() as u64;
     let (rep, _) = crate::tools::report::build_from_index(&view, p, period, range);
     drop(view);
+    tracing::info!(
+        read_ms,
+        ms = t0.elapsed().as_millis() as u64,
+        records = rep.records,
+        "console: league table built"
+    );
     let rep = std::sync::Arc::new(rep);
     if let Ok(mut cache) = s.reports.lock() {
         *cache = Some((std::time::Instant::now(), key, rep.clone()));

@@ -30,21 +30,35 @@ pub async fn preview(
         .unwrap_or(7)
         .clamp(1, 90);
     let current = gw.snapshot().policy.clone();
-    let (errors, changes, impact) = match Policy::from_yaml(candidate.as_bytes()) {
+    let t0 = std::time::Instant::now();
+    let parsed = Policy::from_yaml(candidate.as_bytes());
+    let parse_ms = t0.elapsed().as_millis() as u64;
+    let (errors, changes, impact) = match parsed {
         Err(errs) => (
             errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
             Vec::new(),
             Value::from(()),
         ),
         Ok(next) => {
+            let t1 = std::time::Instant::now();
             let changes: Vec<Value> = crate::policy::diff::diff(&current, &next)
                 .iter()
                 .map(|c| context! { direction => named(&c.direction), text => c.to_string() })
                 .collect();
+            let diff_ms = t1.elapsed().as_millis() as u64;
+            let t2 = std::time::Instant::now();
             let since = time::OffsetDateTime::now_utc() - time::Duration::days(days);
             // The same trail audit search reads: the province database when this replica
             // ships to one (every replica's calls), else its own files.
             let (impact, from_db) = gw.impact_of(std::sync::Arc::new(next), since).await;
+            // What the preview's time went to (a candidate of 10,000 grants is a 2 MB parse).
+            tracing::info!(
+                parse_ms,
+                diff_ms,
+                impact_ms = t2.elapsed().as_millis() as u64,
+                replayed = impact.as_ref().map_or(0, |i| i.replayed),
+                "console: change preview"
+            );
             let source = if from_db { "source_db" } else { "source_dir" };
             let impact = match impact {
                 Ok(i) => context! { ..impact_value(&s, &i), ..context! { source } },
