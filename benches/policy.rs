@@ -86,29 +86,38 @@ fn main() {
     // `cargo test --all-targets` runs bench targets without `--bench`: then a quick pass over
     // the same code at a small size, its checks included (the decision timed is an allow).
     let quick = !std::env::args().any(|a| a == "--bench");
-    let (datasets, grants, iters) = if quick {
-        (50, 500, 100)
+    // (datasets, grants) from 10 grants to 100,000 (issue 23: decisions stay flat).
+    let ladder: &[(usize, usize)] = if quick {
+        &[(10, 10), (50, 500)]
     } else {
-        (1_000, 10_000, 200_000)
+        &[(10, 10), (100, 1_000), (1_000, 10_000), (5_000, 100_000)]
     };
-    let big = policy_yaml(datasets, grants);
-    let t = Instant::now();
-    let big_policy = Policy::from_yaml(big.as_bytes()).expect("valid");
-    let load = t.elapsed();
-    assert_eq!(big_policy.file.grants.len(), grants, "every grant loaded");
-    println!(
-        "load+validate: {datasets} datasets, {grants} grants ({:.1} MiB of YAML): {:.0} ms",
-        big.len() as f64 / 1_048_576.0,
-        load.as_secs_f64() * 1e3
-    );
-    let small_policy = Policy::from_yaml(policy_yaml(10, 10).as_bytes()).expect("valid");
-    // Interleave runs so machine noise hits both alike; report the best of each.
-    let (mut small, mut large) = (f64::MAX, f64::MAX);
-    for _ in 0..5 {
-        small = small.min(decision_ns(&small_policy, iters));
-        large = large.min(decision_ns(&big_policy, iters));
+    let iters = if quick { 100 } else { 200_000 };
+    let mut policies = Vec::new();
+    for &(datasets, grants) in ladder {
+        let yaml = policy_yaml(datasets, grants);
+        let t = Instant::now();
+        let p = Policy::from_yaml(yaml.as_bytes()).expect("valid");
+        let load = t.elapsed();
+        assert_eq!(p.file.grants.len(), grants, "every grant loaded");
+        println!(
+            "load+validate: {datasets} datasets, {grants} grants ({:.1} MiB of YAML): {:.0} ms",
+            yaml.len() as f64 / 1_048_576.0,
+            load.as_secs_f64() * 1e3
+        );
+        policies.push((grants, p));
     }
-    println!("decision, 10 grants:     {small:.0} ns");
-    println!("decision, {grants} grants: {large:.0} ns");
-    println!("ratio {grants} / 10:       {:.2}", large / small);
+    // Interleave runs so machine noise hits every size alike; report the best of each.
+    let mut best = vec![f64::MAX; policies.len()];
+    for _ in 0..5 {
+        for (i, (_, p)) in policies.iter().enumerate() {
+            best[i] = best[i].min(decision_ns(p, iters));
+        }
+    }
+    for ((grants, _), ns) in policies.iter().zip(&best) {
+        println!(
+            "decision, {grants:>7} grants: {ns:>5.0} ns  ({:.2} × 10 grants)",
+            ns / best[0]
+        );
+    }
 }

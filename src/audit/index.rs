@@ -166,6 +166,7 @@ struct IndexLine<'a> {
 
 #[derive(Default)]
 struct Interner {
+    /// (SipHash: the names come from callers, e.g. a dataset id asked for.)
     ids: HashMap<Box<str>, Sym>,
     names: Vec<Box<str>>,
 }
@@ -505,6 +506,11 @@ impl View<'_> {
             .iter()
             .enumerate()
             .flat_map(|(i, s)| s.rows.iter().enumerate().map(move |(j, r)| ((i, j), r)))
+    }
+
+    /// How many names are interned (symbols run from 0 to this).
+    pub fn names(&self) -> usize {
+        self.st.names.names.len()
     }
 
     /// How many rows the index holds.

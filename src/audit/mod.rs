@@ -980,6 +980,8 @@ mod writer {
             }
             if !batch.is_empty() {
                 let n = batch.len() as u64;
+                // Records per write (and, in `sync` mode, per fsync): the group commit's size.
+                metrics::histogram!("xgate_audit_batch_records").record(n as f64);
                 let t0 = Instant::now();
                 let ok = healthy.load(Ordering::Relaxed)
                     && backlog.is_empty()

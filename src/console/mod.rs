@@ -42,12 +42,20 @@ use crate::{pipeline::WeakGateway, serve::reload::Reloader};
 use auth::{Officers, PeerCert, Session, Sessions};
 use i18n::Lang;
 
-/// A league table, when it was computed, and for which (period, policy version).
-pub(crate) type ReportCache = (
-    std::time::Instant,
-    (String, String),
-    Arc<crate::tools::report::Report>,
-);
+/// The league tables computed, by period: when, for which policy version, and whether a
+/// newer one is being computed.
+#[derive(Default)]
+pub(crate) struct ReportCache {
+    pub(crate) tables: std::collections::HashMap<
+        String,
+        (
+            std::time::Instant,
+            String,
+            Arc<crate::tools::report::Report>,
+        ),
+    >,
+    pub(crate) refreshing: std::collections::HashSet<String>,
+}
 
 /// What every console handler shares.
 #[derive(Clone)]
@@ -71,7 +79,7 @@ pub struct ConsoleState {
     pub policy_managed: bool,
     pub proposals: Arc<proposals::Proposals>,
     /// The last league table computed (period, policy version), reused for a minute.
-    pub(crate) reports: Arc<std::sync::Mutex<Option<ReportCache>>>,
+    pub(crate) reports: Arc<std::sync::Mutex<ReportCache>>,
     /// The rate of refusal records for callers not signed in, and the count past it.
     refusals: Arc<(
         governor::DefaultDirectRateLimiter,
@@ -125,6 +133,25 @@ impl ConsoleState {
             )),
         })
     }
+}
+
+/// Read the trail into its index and compute this month's league table (the department
+/// pages show its rows): what the console does when it starts, in the background, so the
+/// first page that needs them does not wait for the whole trail. Blocking.
+pub fn warm_up(state: &ConsoleState, policy: &Arc<crate::policy::Policy>) {
+    let t0 = std::time::Instant::now();
+    match state.trail.view() {
+        Ok(v) => tracing::info!(
+            records = v.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "console: trail indexed"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "console: the trail could not be indexed");
+            return;
+        }
+    }
+    let _ = pages::compute_report(state, policy, crate::tools::report::Period::Month);
 }
 
 /// The whole console as a router: pages, the admin API, the static files, behind the guard.

@@ -471,13 +471,22 @@ pub fn over_index(
 ) -> std::io::Result<Impact> {
     use crate::audit::index::{NO_SHAPE, split_shape};
     let mut r = Replay::new(current, candidate, since, until);
-    let mut by_sym: HashMap<(u32, u32, u32, usize), usize> = HashMap::new();
+    let mut by_sym: rustc_hash::FxHashMap<(u32, u32, u32, usize), usize> = Default::default();
+    // Which names are replayable methods, and the call kind: compared as numbers per row.
+    let replayable: Vec<bool> = (0..view.names())
+        .map(|s| {
+            let m = view.name(s as u32);
+            m.ends_with("/Query") || m.ends_with("/QueryStream")
+        })
+        .collect();
+    let call = view.sym("call");
     let (mut first, mut last) = (None, None);
     for (at, row) in view.rows() {
-        let kind = view.name(row.kind);
-        let method = view.name(row.method);
-        if !(kind.is_empty() || kind == "call")
-            || !(method.ends_with("/Query") || method.ends_with("/QueryStream"))
+        if !(row.kind == 0 || Some(row.kind) == call)
+            || !replayable
+                .get(row.method as usize)
+                .copied()
+                .unwrap_or(false)
         {
             continue;
         }

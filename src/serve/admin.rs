@@ -40,6 +40,12 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                     &buckets,
                 )
                 .ok()?
+                // Group-commit sizes, in records.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("xgate_audit_batch_records".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0],
+                )
+                .ok()?
                 .install_recorder()
                 .ok()
                 .map(start_upkeep)

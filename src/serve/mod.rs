@@ -633,24 +633,14 @@ async fn spawn_console(
     let (l, bound) = crate::console::bind(c.listen)
         .await
         .map_err(|e| StartError(vec![format!("console.listen {}: {e}", c.listen)]))?;
-    let trail = state.trail.clone();
+    let warm = (state.clone(), gateway.snapshot().policy.clone());
     tokio::spawn(crate::console::serve(l, tls, state, async move {
         let _ = stop_rx.await;
     }));
     tracing::info!(addr = %bound, "console listening (https)");
-    // Read the trail into its index now, in the background, so the first page that needs it
-    // does not wait for the whole trail.
-    tokio::task::spawn_blocking(move || {
-        let t0 = std::time::Instant::now();
-        match trail.view() {
-            Ok(v) => tracing::info!(
-                records = v.len(),
-                ms = t0.elapsed().as_millis() as u64,
-                "console: trail indexed"
-            ),
-            Err(e) => tracing::warn!(error = %e, "console: the trail could not be indexed"),
-        }
-    });
+    // Index the trail and compute this month's league table now, in the background, so the
+    // first page that needs them does not wait for the whole trail.
+    tokio::task::spawn_blocking(move || crate::console::warm_up(&warm.0, &warm.1));
     Ok((Some(bound), stop_tx))
 }
 

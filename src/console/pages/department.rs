@@ -111,7 +111,7 @@ pub async fn department(
 }
 
 /// The department's row in this month's league table, from the local trail.
-pub(crate) fn league_row(s: &ConsoleState, p: &Policy, id: &str) -> Vec<Value> {
+pub(crate) fn league_row(s: &ConsoleState, p: &std::sync::Arc<Policy>, id: &str) -> Vec<Value> {
     let Ok(rep) = build_report(s, p, crate::tools::report::Period::Month) else {
         return Vec::new();
     };
@@ -131,22 +131,52 @@ pub(crate) fn league_row(s: &ConsoleState, p: &Policy, id: &str) -> Vec<Value> {
     ]
 }
 
-/// How long a league table is reused before it is computed again (it reads the whole trail).
+/// How long a league table is served before a newer one is computed (in the background: the
+/// page that finds it older is served the one computed, so no page waits for the trail).
 pub(crate) const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// This period's league table for the policy serving: the one computed last for it, if any
+/// (computing a newer one in the background once it is older than [`REPORT_TTL`]); else
+/// computed now. Blocking: call it off the async runtime.
 pub(crate) fn build_report(
+    s: &ConsoleState,
+    p: &std::sync::Arc<Policy>,
+    period: crate::tools::report::Period,
+) -> Result<std::sync::Arc<crate::tools::report::Report>, String> {
+    let key = format!("{period:?}");
+    let cached = s.reports.lock().ok().and_then(|mut cache| {
+        let (at, version, rep) = cache.tables.get(&key)?.clone();
+        if version != p.version {
+            return None;
+        }
+        if at.elapsed() >= REPORT_TTL && cache.refreshing.insert(key.clone()) {
+            let (s2, p2, key2) = (s.clone(), p.clone(), key.clone());
+            let spawned = std::thread::Builder::new()
+                .name("xgate-league".into())
+                .spawn(move || {
+                    let _ = compute_report(&s2, &p2, period);
+                    if let Ok(mut c) = s2.reports.lock() {
+                        c.refreshing.remove(&key2);
+                    }
+                });
+            if spawned.is_err() {
+                cache.refreshing.remove(&key);
+            }
+        }
+        Some(rep)
+    });
+    match cached {
+        Some(rep) => Ok(rep),
+        None => compute_report(s, p, period),
+    }
+}
+
+/// Compute this period's league table from the trail's index, and keep it.
+pub(crate) fn compute_report(
     s: &ConsoleState,
     p: &Policy,
     period: crate::tools::report::Period,
 ) -> Result<std::sync::Arc<crate::tools::report::Report>, String> {
-    let key = (format!("{period:?}"), p.version.clone());
-    if let Ok(cache) = s.reports.lock()
-        && let Some((at, k, rep)) = cache.as_ref()
-        && *k == key
-        && at.elapsed() < REPORT_TTL
-    {
-        return Ok(rep.clone());
-    }
     let range = crate::tools::report::Range {
         offset: s.zone,
         ..Default::default()
@@ -167,7 +197,10 @@ pub(crate) fn build_report(
     );
     let rep = std::sync::Arc::new(rep);
     if let Ok(mut cache) = s.reports.lock() {
-        *cache = Some((std::time::Instant::now(), key, rep.clone()));
+        cache.tables.insert(
+            format!("{period:?}"),
+            (std::time::Instant::now(), p.version.clone(), rep.clone()),
+        );
     }
     Ok(rep)
 }

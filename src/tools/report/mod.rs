@@ -467,8 +467,8 @@ pub fn build_from_index(
     // Rows alike for the table (one local day, consumer, dataset, outcome) are counted as
     // one group: a million records are a few thousand groups.
     type Key = (time::Date, u32, u32, u32, bool, bool);
-    let mut groups: std::collections::HashMap<Key, (OffsetDateTime, u64, u64, Vec<u64>)> =
-        std::collections::HashMap::new();
+    let mut groups: rustc_hash::FxHashMap<Key, (OffsetDateTime, u64, u64, Vec<u64>)> =
+        Default::default();
     let mut b = Builder::new(policy, period, range);
     for (_, r) in view.rows() {
         let c = match Call::from_row(view, r) {
