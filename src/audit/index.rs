@@ -25,7 +25,7 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     hash::{BuildHasher, Hasher},
-    io::{self, Read, Seek},
+    io,
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
@@ -47,9 +47,6 @@ pub const NO_SHAPE: Sym = Sym::MAX;
 
 /// Rows per Bloom filter of data subjects.
 pub const BLOCK_ROWS: usize = 4096;
-
-/// How much of a segment one read takes.
-const READ_CHUNK: usize = 4 << 20;
 
 /// One record line, as the pages read it.
 #[derive(Debug, Clone, Copy)]
@@ -290,35 +287,14 @@ impl Seg {
 
     /// Read what was appended since the last read.
     fn extend(&mut self, names: &mut Interner) -> io::Result<()> {
-        let mut f = std::fs::File::open(&self.path)?;
-        f.seek(io::SeekFrom::Start(self.read_to))?;
-        let mut buf = vec![0u8; READ_CHUNK];
-        // `base`: the file offset of buf[0].
-        let (mut base, mut start, mut filled) = (self.read_to, 0usize, 0usize);
-        loop {
-            if filled == buf.len() {
-                if start == 0 {
-                    buf.resize(buf.len() * 2, 0);
-                } else {
-                    buf.copy_within(start..filled, 0);
-                    filled -= start;
-                    base += start as u64;
-                    start = 0;
-                }
-            }
-            let n = f.read(&mut buf[filled..])?;
-            if n == 0 {
-                self.tail = (filled - start) as u64;
-                return Ok(());
-            }
-            filled += n;
-            while let Some(i) = memchr::memchr(b'\n', &buf[start..filled]) {
-                let off = base + start as u64;
-                self.line(names, off, &buf[start..start + i]);
-                start += i + 1;
-                self.read_to = base + start as u64;
-            }
-        }
+        let mut read_to = self.read_to;
+        self.tail = super::read::lines(&self.path.clone(), self.read_to, |off, text| {
+            self.line(names, off, text);
+            read_to = off + text.len() as u64 + 1;
+            std::ops::ControlFlow::Continue(())
+        })?;
+        self.read_to = read_to;
+        Ok(())
     }
 
     fn line(&mut self, names: &mut Interner, off: u64, text: &[u8]) {

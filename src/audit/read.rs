@@ -93,6 +93,48 @@ struct Layout {
     empty: Vec<u64>,
 }
 
+/// Read a segment from `from` in large reads and hand `each` every complete line (without
+/// its newline) with its offset, split in place (no copy per line); `each` returns `Break` to
+/// stop. Returns the bytes after the last complete line (a torn write, or a line still being
+/// written).
+pub(crate) fn lines(
+    path: &Path,
+    from: u64,
+    mut each: impl FnMut(u64, &[u8]) -> std::ops::ControlFlow<()>,
+) -> io::Result<u64> {
+    let mut f = std::fs::File::open(path)?;
+    io::Seek::seek(&mut f, io::SeekFrom::Start(from))?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    // `base`: the file offset of buf[0].
+    let (mut base, mut start, mut filled) = (from, 0usize, 0usize);
+    loop {
+        if filled == buf.len() {
+            if start == 0 {
+                // A line longer than the buffer: make room for it.
+                buf.resize(buf.len() * 2, 0);
+            } else {
+                buf.copy_within(start..filled, 0);
+                filled -= start;
+                base += start as u64;
+                start = 0;
+            }
+        }
+        let n = io::Read::read(&mut f, &mut buf[filled..])?;
+        if n == 0 {
+            return Ok((filled - start) as u64);
+        }
+        filled += n;
+        while let Some(i) = memchr::memchr(b'\n', &buf[start..filled]) {
+            let off = base + start as u64;
+            let text = &buf[start..start + i];
+            start += i + 1;
+            if each(off, text).is_break() {
+                return Ok(0);
+            }
+        }
+    }
+}
+
 /// Read every segment in order and hand each complete line to `each`, with the layout's
 /// damage in between: a gap in the segment numbers, a segment that ends inside a line (only
 /// the newest may: a torn last write, never handed over), an empty segment that is not the
@@ -130,59 +172,43 @@ fn walk(
             }
         }
         expect_no = Some(no + 1);
-        // The segment in large reads, split into lines in place (no copy per line).
-        let mut f = std::fs::File::open(path)?;
-        let mut buf = vec![0u8; READ_CHUNK];
-        let (mut start, mut filled) = (0usize, 0usize);
         let mut lineno = 0u64;
-        loop {
-            if filled == buf.len() {
-                if start == 0 {
-                    // A line longer than the buffer: make room for it.
-                    buf.resize(buf.len() * 2, 0);
-                } else {
-                    buf.copy_within(start..filled, 0);
-                    filled -= start;
-                    start = 0;
-                }
+        let mut stopped = false;
+        let tail = lines(path, 0, |_, text| {
+            lineno += 1;
+            let damage = if text.is_empty() {
+                Some("a blank line: the writer never writes one (lines added or removed)")
+            } else if memchr::memchr(0, text).is_some() {
+                Some("NUL bytes inside the trail (zeroed or overwritten): not a record")
+            } else {
+                None
+            };
+            let ev = match damage {
+                Some(what) => Event::Damage(Damage::at(&name, lineno, None, what)),
+                None => Event::Line {
+                    segment: &name,
+                    line: lineno,
+                    text,
+                },
+            };
+            stopped = each(ev) == Break(());
+            if stopped {
+                Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
             }
-            let n = io::Read::read(&mut f, &mut buf[filled..])?;
-            if n == 0 {
-                if start < filled {
-                    // The segment ends inside a line.
-                    lineno += 1;
-                    if newest {
-                        layout.torn_tail = (filled - start) as u64;
-                    } else {
-                        let what = "the segment ends inside a line: only the newest segment may end with a torn write";
-                        if each(Event::Damage(Damage::at(&name, lineno, None, what))) == Break(()) {
-                            return Ok(layout);
-                        }
-                    }
-                }
-                break;
-            }
-            filled += n;
-            while let Some(i) = memchr::memchr(b'\n', &buf[start..filled]) {
-                let text = &buf[start..start + i];
-                start += i + 1;
-                lineno += 1;
-                let damage = if text.is_empty() {
-                    Some("a blank line: the writer never writes one (lines added or removed)")
-                } else if memchr::memchr(0, text).is_some() {
-                    Some("NUL bytes inside the trail (zeroed or overwritten): not a record")
-                } else {
-                    None
-                };
-                let ev = match damage {
-                    Some(what) => Event::Damage(Damage::at(&name, lineno, None, what)),
-                    None => Event::Line {
-                        segment: &name,
-                        line: lineno,
-                        text,
-                    },
-                };
-                if each(ev) == Break(()) {
+        })?;
+        if stopped {
+            return Ok(layout);
+        }
+        if tail > 0 {
+            // The segment ends inside a line.
+            lineno += 1;
+            if newest {
+                layout.torn_tail = tail;
+            } else {
+                let what = "the segment ends inside a line: only the newest segment may end with a torn write";
+                if each(Event::Damage(Damage::at(&name, lineno, None, what))) == Break(()) {
                     return Ok(layout);
                 }
             }
