@@ -17,6 +17,9 @@
 //! Cost: 72 bytes of memory per record (and each distinct string once), plus 10 bits per
 //! data subject a record names.
 //!
+//! One file: the rows, how they are read and kept current, and the searches over them are one
+//! structure whose invariants (offsets, blocks, damage) hold only together.
+//!
 //! Not here: checking hashes and signatures (`verify`: the index trusts the bytes it read,
 //! as a search always has), and the province database ([`super::db`]), which has its own
 //! indexes.

@@ -1,5 +1,7 @@
 //! Reading the trail: `xgate audit verify` (chain and checkpoint signatures) and
 //! `xgate audit search` (by consumer, dataset, time, status, decision and data subject).
+//! Both walk the segments with the same layout checks and the same chunked line reader
+//! (`lines`, which the index uses too), so they stay in one file.
 
 use std::{io, path::Path};
 

@@ -9,6 +9,11 @@
 //! own `purposes` claim and whether it was bound (the replay takes it as bound), rate limits
 //! and quotas (they are not the policy's sharing rules), and calls whose records predate the
 //! request shape (counted as `skipped`).
+//!
+//! One file for one replay read three ways: from the files (`over_dir`, the CLI), from the
+//! trail's index (`over_index`, the console) and from the province database (`over_db`).
+//! Each feeds the same `Replay`, which decides each distinct call shape once; its tests make up
+//! about a fifth of the file.
 
 use std::{
     borrow::Cow,
