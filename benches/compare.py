@@ -41,6 +41,9 @@ Usage (from the repository root):
 With --repeat N every target runs N times, interleaved (each run rotates the order by one), and
 the ratios are printed per run with their median: runs on a shared VM differ by more than some of
 the margins.
+With --base BIN (an earlier build of xgate, e.g. a copy of target/dist/xgate made before a
+change), a target named X@base runs BIN in X's configuration, and each pair X, X@base gets a
+table of this build over the base in the same runs: an A/B of a change on a noisy machine.
 It builds target/dist/xgate and the floor example (cargo build --profile dist: fat LTO, as
 deployed; ~10 min from scratch on 2 cores), installs Envoy
 into .venv-bench (benches/envoy/install.sh) and prints a Markdown table.
@@ -65,6 +68,9 @@ import check as envoy  # noqa: E402  (benches/envoy/check.py: render, start_envo
 CERTS = REPO / "certs-dev"
 # The `dist` profile (fat LTO, one codegen unit): what a deployment runs (Cargo.toml).
 XGATE = REPO / "target" / "dist" / "xgate"
+# `--base BIN`: a second xgate binary (an earlier build), run as targets named `xgate@base`,
+# `xgate-async@base`, ...: what a change bought, measured in the same run as the change.
+BASE: Path | None = None
 FLOOR = REPO / "target" / "dist" / "examples" / "floor"
 # The sample providers and tokens (benches/envoy/check.py) come from the same binary.
 os.environ.setdefault("XGATE_BIN", str(XGATE))
@@ -152,6 +158,12 @@ def two_replica_policy(work: Path, pol: Path, ps: int, ps2: int) -> Path:
 def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None):
     """Start one target; returns (process or None, url, pid, TLS server name)."""
     proc, url, name = None, None, "localhost"
+    t, _, which = t.partition("@")
+    binary = XGATE
+    if which:
+        if which != "base" or BASE is None or t not in XGATES:
+            raise SystemExit(f"unknown target {t}@{which} (`@base` needs --base BIN and an xgate target)")
+        binary = BASE
     port = envoy.free_ports(1)[0]
     if t == "direct":
         url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
@@ -193,7 +205,7 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
                            1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
                            1000 if t == "xgate-tuned" else 0,
                            "inline" if t == "xgate-inline" else "thread")
-        proc = subprocess.Popen([str(XGATE), "serve", "--config", str(cfg)],
+        proc = subprocess.Popen([str(binary), "serve", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "ab"))
         wait_port(port, proc)
         url = f"https://127.0.0.1:{port}"
@@ -272,7 +284,11 @@ def main() -> int:
                     help="run every target this many times, interleaved; ratios per run and their median")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--base", type=Path,
+                    help="an earlier xgate binary: targets named X@base run it (e.g. xgate,xgate@base)")
     a = ap.parse_args()
+    global BASE
+    BASE = a.base
     if not a.no_build:
         build()
     targets = a.targets.split(",")
@@ -307,7 +323,7 @@ def main() -> int:
                 print(f"== run {rep + 1}: {t}: closed loop {a.concurrency} in flight", file=sys.stderr, flush=True)
                 r["closed"] = bench(url, pid, concurrency=a.concurrency, seconds=a.seconds, server_name=name,
                                     as_=who)
-                if t == "direct" or t in XGATES:
+                if t == "direct" or t.partition("@")[0] in XGATES:
                     print(f"== run {rep + 1}: {t}: bulk QueryStream", file=sys.stderr, flush=True)
                     r["stream"] = bench(url, pid, concurrency=4, seconds=a.seconds, method="stream",
                                         page_size=200, server_name=name, as_=who)
@@ -360,6 +376,22 @@ def main() -> int:
             goal = f"{'≤' if way == 'le' else '≥'} {lim:g} ×"
             print(f"| {label} | {goal} | " + " | ".join(f"{v:.2f}" for v in vs)
                   + f" | {med:.2f} | {'yes' if met(label, x, med) else 'no'} |")
+    for x in XGATES:
+        base = f"{x}@base"
+        if x not in runs[0] or base not in runs[0]:
+            continue
+        print(f"\n### {x}: this build over the base ({BASE}), same runs\n")
+        print("| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " | median |")
+        print("|---|" + "---|" * (len(runs) + 1))
+        for load, key, label in (("open", "cpu", f"CPU per call at {a.rate:.0f}/s"),
+                                 ("closed", "cpu", f"CPU per call, {a.concurrency} in flight"),
+                                 ("closed", "rate", "closed-loop throughput"),
+                                 ("open", "p99", f"p99 at {a.rate:.0f}/s"),
+                                 ("closed", "rss", "peak RSS")):
+            per = [figure(r[x][load], key) / figure(r[base][load], key) for r in runs]
+            vs = sorted(per)
+            med = vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per) + f" | {med:.3f} |")
     for two, one in (("xgate-2", "xgate"), ("envoy-2", "envoy")):
         if two not in runs[0] or one not in runs[0]:
             continue

@@ -10,6 +10,11 @@ connections are opened and while they are held.
 
 Usage (from the repository root):
     python3 benches/idle_conns.py [--connections 10000] [--rate 500] [--seconds 10] [--no-build]
+                                  [--bin target/dist/xgate] [--heaptrack OUT]
+
+--heaptrack DIR runs the gateway under heaptrack (Debian's `heaptrack`), its data in DIR, and prints
+the allocation sites holding the most memory at the peak: what an idle connection holds. Its
+latency figures are heaptrack's, not the gateway's.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--bin", type=Path, default=compare.XGATE, help="the gateway binary")
+    ap.add_argument("--heaptrack", type=Path, help="run the gateway under heaptrack, its data in this directory")
     a = ap.parse_args()
     if not a.no_build:
         compare.build()
@@ -87,31 +94,47 @@ def main() -> int:
     providers.start()
     port = envoy.free_ports(1)[0]
     cfg = compare.xgate_config(work, port, pol)
-    p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(cfg)],
+    wrap = ["heaptrack"] if a.heaptrack else []
+    if a.heaptrack:
+        a.heaptrack.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen(wrap + [str(a.bin), "serve", "--config", str(cfg)], cwd=a.heaptrack,
                          stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "wb"))
     held: list = []
     try:
-        compare.wait_port(port, p)
+        compare.wait_port(port, p, timeout=60)
+        if a.heaptrack:
+            # heaptrack starts the gateway as its child: the figures are the gateway's.
+            child = subprocess.run(["pgrep", "-P", str(p.pid), "-f", "serve"], capture_output=True, text=True)
+            gw = int(child.stdout.split()[0]) if child.stdout.split() else p.pid
+        else:
+            gw = p.pid
         url = f"https://127.0.0.1:{port}"
-        before = compare.bench(url, p.pid, rate=a.rate, seconds=a.seconds)
-        rss_before = status(p.pid, "VmRSS")
+        before = compare.bench(url, gw, rate=a.rate, seconds=a.seconds)
+        rss_before = status(gw, "VmRSS")
         t0 = time.monotonic()
         loop = asyncio.new_event_loop()
         failed = loop.run_until_complete(open_idle(port, a.connections, held))
         took = time.monotonic() - t0
         time.sleep(2)
-        rss_idle = status(p.pid, "VmRSS")
-        during = compare.bench(url, p.pid, rate=a.rate, seconds=a.seconds)
+        rss_idle = status(gw, "VmRSS")
+        during = compare.bench(url, gw, rate=a.rate, seconds=a.seconds)
         # Still open after the run (the gateway closes none of them while they are quiet).
-        rss_after = status(p.pid, "VmRSS")
-        hwm = status(p.pid, "VmHWM")
-        open_fds = len(list(Path(f"/proc/{p.pid}/fd").iterdir()))
+        rss_after = status(gw, "VmRSS")
+        hwm = status(gw, "VmHWM")
+        open_fds = len(list(Path(f"/proc/{gw}/fd").iterdir()))
         for _, w in held:
             w.close()
         loop.close()
     finally:
         envoy.stop(p)
         providers.stop()
+    if a.heaptrack:
+        trace = next(iter(sorted(a.heaptrack.glob("heaptrack.*"))), None)
+        if trace:
+            out = subprocess.run(["heaptrack_print", "-p", "1", "-n", "15", "-a", "1", "-T", "0",
+                                  "-l", "0", "-f", str(trace)],
+                                 capture_output=True, text=True)
+            print(out.stdout[-12000:])
     p99 = lambda r: r["latency_us"]["p99"] / 1000  # noqa: E731
     print(f"\n### {a.connections:,} idle mTLS connections\n")
     print(f"- opened {len(held):,} ({failed} failed) in {took:.1f} s; the gateway held {open_fds:,} descriptors")

@@ -14,6 +14,14 @@ thread name, the CPU per call by category (the first frame of the stack that bel
 and writes perf.data, the folded stacks and (when `inferno-flamegraph` is on PATH: `cargo install
 inferno`) a flame graph SVG into the work directory it names.
 
+With --allocs it counts calls into the allocator instead (malloc, calloc, realloc,
+posix_memalign, aligned_alloc: uprobes on libc, `perf stat --per-thread` inside the measured
+window) and prints allocations per call for each thread; counts, unlike sampled CPU, repeat from
+run to run, so a cut of a few allocations shows. --allocs --sites also records the malloc calls
+with their stacks and prints the code that made them (the innermost xgate frame, else the
+innermost frame outside the allocator), per call. --bin runs another xgate binary (e.g.
+target/dist/xgate, or a copy of an earlier build).
+
 Needs `perf` (Debian: `apt-get install linux-perf`) and permission to profile another process
 (root, or kernel.perf_event_paranoid <= 1). Sampled µs/call are estimates: compare categories
 within one profile, and whole-process figures with compare.py.
@@ -109,6 +117,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--top", type=int, default=25, help="categories shown per thread")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--allocs", action="store_true", help="count allocations per call instead of sampling CPU")
+    ap.add_argument("--sites", action="store_true", help="with --allocs: where the mallocs come from")
+    ap.add_argument("--bin", type=Path, help="the xgate binary (default: the frame-pointer build)")
     a = ap.parse_args()
     if not shutil.which("perf"):
         raise SystemExit("perf not found: install it (Debian: apt-get install linux-perf)")
@@ -120,7 +131,9 @@ def main() -> int:
     if not a.no_build:
         build()
     # The frame-pointer binaries stand in for the dist ones; everything else is compare.py's.
-    compare.XGATE, compare.FLOOR = FP / "xgate", FP / "examples" / "floor"
+    compare.XGATE, compare.FLOOR = a.bin or FP / "xgate", FP / "examples" / "floor"
+    if a.allocs:
+        return allocs(a)
     os.environ["XGATE_BIN"] = str(compare.XGATE)
     window = a.seconds - 2 * MARGIN
     work = Path(tempfile.mkdtemp(prefix="xgate-profile-"))
@@ -183,6 +196,122 @@ def main() -> int:
                                        capture_output=True, check=True).stdout)
         print(f"\nflame graph: {svg}")
     print(f"perf.data: {data}")
+    return 0
+
+
+ALLOCATORS = ("malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc")
+
+
+def libc() -> str:
+    out = subprocess.run(["ldd", str(compare.XGATE)], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "libc.so" in line and "=>" in line:
+            return line.split("=>")[1].split()[0]
+    raise SystemExit("libc not found among the binary's libraries")
+
+
+def add_probes() -> list[str]:
+    lib = libc()
+    events = []
+    for f in ALLOCATORS:
+        subprocess.run(["perf", "probe", "-q", "-d", f"probe_libc:{f}"], capture_output=True)
+        r = subprocess.run(["perf", "probe", "-q", "-x", lib, f], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"perf probe on {f} failed: {r.stderr.strip()} (uprobes need root)")
+        events.append(f"probe_libc:{f}")
+    return events
+
+
+def site(frames: list[str]) -> str:
+    """The code that asked for memory: the innermost xgate frame, else the innermost frame
+    that is not the allocator's own."""
+    skip = ("malloc", "alloc::", "__rust", "__rdl", "<alloc::", "core::", "<core::", "[unknown]")
+    for f in frames:
+        if f.startswith("xgate::") or f.startswith("<xgate::"):
+            return f
+    for f in frames:
+        if not f.startswith(skip) and "alloc" not in f:
+            return f
+    return frames[0] if frames else "?"
+
+
+def allocs(a) -> int:
+    events = add_probes()
+    window = a.seconds - 2 * MARGIN
+    work = Path(tempfile.mkdtemp(prefix="xgate-allocs-"))
+    pol = compare.policy_for_bench(work)
+    providers = compare.envoy.Providers(pol, work / "providers.log")
+    proc = None
+    try:
+        ps = providers.start()["public-security"]
+        proc, url, pid, name = compare.start_target(a.target, work, pol, ps)
+        result: dict = {}
+
+        def drive():
+            try:
+                result.update(compare.bench(url, pid, rate=a.rate, concurrency=a.concurrency,
+                                            seconds=a.seconds, server_name=name))
+            except Exception as e:
+                result["error"] = e
+
+        t = threading.Thread(target=drive)
+        t.start()
+        time.sleep(WARMUP + MARGIN)
+        stat = work / "stat.csv"
+        cmd = ["perf", "stat", "-x", ",", "--per-thread", "-o", str(stat), "-e", ",".join(events),
+               "-p", str(pid), "--", "sleep", str(window)]
+        data = work / "allocs.data"
+        if a.sites:
+            cmd = ["perf", "record", "-q", "-g", "-e", "probe_libc:malloc", "-p", str(pid),
+                   "-o", str(data), "--", "sleep", str(window)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        if r.returncode != 0:
+            raise SystemExit(f"perf failed: {r.stderr.strip()}")
+    finally:
+        if proc:
+            compare.envoy.stop(proc)
+        providers.stop()
+    calls = result["rate"] * window
+    load = f"{a.rate:.0f} calls/s" if a.rate else f"{a.concurrency} in flight"
+    print(f"{a.target} ({compare.XGATE}), {load}: {result['rate']:,.0f} calls/s, "
+          f"errors {sum(result['errors'].values())}; {calls:,.0f} calls in the {window:.1f} s counted")
+    if a.sites:
+        script = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,tid,ip,sym"],
+                                capture_output=True, text=True, check=True).stdout
+        per: collections.Counter = collections.Counter()
+        total = 0
+        for block in script.split("\n\n"):
+            lines = [ln.strip() for ln in block.strip().splitlines()]
+            if len(lines) < 2:
+                continue
+            frames = [ln.split(None, 1)[1] if " " in ln else ln for ln in lines[1:]]
+            frames = [re.sub(r"\+0x[0-9a-f]+$", "", f) for f in frames]
+            per[(lines[0].split()[0], site(frames))] += 1
+            total += 1
+        print(f"\nmalloc calls by the code that made them, per call ({total / calls:.1f} in all):")
+        for (comm, where), n in per.most_common(a.top):
+            print(f"  {n / calls:6.2f}  {comm}  {where[:150]}")
+        return 0
+    rows: dict = collections.defaultdict(collections.Counter)
+    for line in stat.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) < 4 or not parts[1].strip().isdigit():
+            continue
+        thread = parts[0].rsplit("-", 1)[0]
+        rows[thread][parts[3].split(":")[-1]] += int(parts[1])
+    print("\n| thread | " + " | ".join(ALLOCATORS) + " | all, per call |")
+    print("|---|" + "---|" * (len(ALLOCATORS) + 1))
+    grand = 0
+    for thread, c in sorted(rows.items(), key=lambda kv: -sum(kv[1].values())):
+        n = sum(c.values())
+        grand += n
+        if n / calls < 0.05:
+            continue
+        print(f"| {thread} | " + " | ".join(f"{c[f] / calls:.2f}" for f in ALLOCATORS) + f" | **{n / calls:.1f}** |")
+    print(f"\nallocations per call, every thread: **{grand / calls:.1f}**")
     return 0
 
 

@@ -127,8 +127,9 @@ pub struct AuditRecord {
     /// 330106,330108`): enough to re-decide the call, nothing about a person.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filter: Vec<String>,
-    pub fields_returned: Vec<String>,
-    pub fields_masked: Vec<String>,
+    /// Names shared with the policy snapshot that decided the call (no copy per call).
+    pub fields_returned: Vec<Arc<str>>,
+    pub fields_masked: Vec<Arc<str>>,
     pub rows: u64,
     /// Rows the provider sent outside the caller's row scope, withheld by the gateway.
     #[serde(skip_serializing_if = "is_zero")]

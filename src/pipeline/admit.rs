@@ -179,7 +179,7 @@ impl Gateway {
         // region column (stripped again on the way back) so a row scope can always be checked,
         // including one a policy change adds to an open stream, and its subject-key column
         // (stripped too) so the record says whose rows left.
-        req.fields = permit.fields.iter().map(|f| f.name.clone()).collect();
+        req.fields = permit.fields.iter().map(|f| f.name.to_string()).collect();
         if let Some(ds) = snap.policy.dataset(&req.dataset) {
             let subject = (call.pending.log().returned_key().is_some()
                 && !ds.subject_key.is_empty())

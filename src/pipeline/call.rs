@@ -306,32 +306,33 @@ impl Gateway {
             .consumer_dept
             .as_deref()
             .filter(|d| snap.policy.department(d).is_some())
-            .unwrap_or("(unknown)")
-            .to_owned();
+            .unwrap_or("(unknown)");
         let dataset = match rec.dataset.as_deref() {
             None => "",
             Some(d) if snap.policy.dataset(d).is_some() => d,
             Some(_) => "(unknown)",
-        }
-        .to_owned();
-        let method = rec.method.clone();
+        };
         let code_name = audit::code_name(code);
-        metrics::counter!("xgate_calls_total", "method" => method.clone(), "consumer" => consumer.clone(), "dataset" => dataset.clone(), "code" => code_name).increment(1);
-        metrics::histogram!("xgate_call_duration_seconds", "method" => method, "code" => code_name)
-            .record(elapsed.as_secs_f64());
+        self.inner.call_metrics.record(
+            &rec.method,
+            consumer,
+            dataset,
+            code_name,
+            elapsed.as_secs_f64(),
+        );
         if let Some(r) = reason {
-            metrics::counter!("xgate_denials_total", "reason" => r.as_str(), "consumer" => consumer.clone()).increment(1);
+            metrics::counter!("xgate_denials_total", "reason" => r.as_str(), "consumer" => consumer.to_owned()).increment(1);
             if matches!(
                 r,
                 Reason::RateLimited | Reason::QuotaExhausted | Reason::LimitsUnavailable
             ) {
-                metrics::counter!("xgate_rate_limited_total", "reason" => r.as_str(), "consumer" => consumer.clone(), "dataset" => dataset.clone()).increment(1);
+                metrics::counter!("xgate_rate_limited_total", "reason" => r.as_str(), "consumer" => consumer.to_owned(), "dataset" => dataset.to_owned()).increment(1);
             }
         }
         let span = &call.span;
-        span.record("xgate.consumer", consumer.as_str());
+        span.record("xgate.consumer", consumer);
         if !dataset.is_empty() {
-            span.record("xgate.dataset", dataset.as_str());
+            span.record("xgate.dataset", dataset);
         }
         if let Some(p) = &rec.purpose {
             span.record("xgate.purpose", p.as_str());

@@ -39,14 +39,14 @@ pub(super) fn describe_access(
                 .fields
                 .iter()
                 .filter(|f| f.mask.is_none())
-                .map(|f| f.name.clone())
+                .map(|f| f.name.to_string())
                 .collect(),
             masked_fields: permit
                 .fields
                 .iter()
                 .filter(|f| !f.mask.is_none())
                 .map(|f| pb::MaskedField {
-                    field: f.name.clone(),
+                    field: f.name.to_string(),
                     mask: f.mask.describe(),
                 })
                 .collect(),

@@ -35,6 +35,7 @@
 mod admit;
 mod authenticate;
 mod call;
+mod call_metrics;
 mod catalog;
 pub mod edge;
 mod forward;
@@ -158,6 +159,8 @@ struct Inner {
     /// This replica's own trail, indexed for the console (and for `FindUsage` without a
     /// province database).
     trail: Arc<audit::index::TrailIndex>,
+    /// The per-call metrics' handles, by label set.
+    call_metrics: call_metrics::CallMetrics,
 }
 
 /// Builds a [`Gateway`]: the parts every gateway needs, then the optional ones, then
@@ -260,6 +263,7 @@ impl Gateway {
                 shipping: None,
                 usage: usage::UsageSource::Local,
                 trail: Arc::new(audit::index::TrailIndex::new(std::path::PathBuf::new())),
+                call_metrics: call_metrics::CallMetrics::default(),
             },
         }
     }

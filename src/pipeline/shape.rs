@@ -9,8 +9,8 @@ pub(super) struct Shaped {
     pub(super) response: wire::QueryResponse,
     /// Rows the provider sent outside the caller's row scope, dropped here.
     pub(super) withheld: u64,
-    pub(super) returned: Vec<String>,
-    pub(super) masked: Vec<String>,
+    pub(super) returned: Vec<std::sync::Arc<str>>,
+    pub(super) masked: Vec<std::sync::Arc<str>>,
     /// Returned-subject hashes of the rows kept ([`audit::subjects`]).
     pub(super) subjects: Vec<u64>,
 }
@@ -37,7 +37,7 @@ pub(super) fn shape(
     tap: Option<Tap<'_>>,
 ) -> Result<Shaped, Reject> {
     let wire::QueryResponse {
-        columns,
+        mut columns,
         rows,
         next_page_token,
         ..
@@ -50,25 +50,6 @@ pub(super) fn shape(
             ),
         )
     };
-    // (output position) -> (provider column index, mask)
-    let mut plan: Vec<(usize, Mask)> = Vec::with_capacity(permit.fields.len());
-    let mut out_cols = Vec::with_capacity(permit.fields.len());
-    let mut returned = Vec::with_capacity(permit.fields.len());
-    let mut masked = Vec::new();
-    for f in &permit.fields {
-        if let Some(i) = columns.iter().position(|c| c.name == f.name) {
-            let mut col = columns[i].clone();
-            if let Mask::Keep { .. } | Mask::Hash = f.mask {
-                col.r#type = pb::FieldType::String as i32;
-            }
-            plan.push((i, f.mask));
-            out_cols.push(col);
-            returned.push(f.name.clone());
-            if !f.mask.is_none() {
-                masked.push(f.name.clone());
-            }
-        }
-    }
     let width = columns.len();
     // Row scope: the region column must be there to check every row against the scope.
     let scope = match &permit.scope {
@@ -92,6 +73,27 @@ pub(super) fn shape(
             }
         },
     };
+    // (output position) -> (provider column index, mask). The provider's column descriptors
+    // move into the response (each is named once in `permit.fields`); the names the record
+    // keeps are the policy's own, shared.
+    let mut plan: Vec<(usize, Mask)> = Vec::with_capacity(permit.fields.len());
+    let mut out_cols = Vec::with_capacity(permit.fields.len());
+    let mut returned = Vec::with_capacity(permit.fields.len());
+    let mut masked = Vec::new();
+    for f in &permit.fields {
+        if let Some(i) = columns.iter().position(|c| *c.name == *f.name) {
+            let mut col = std::mem::take(&mut columns[i]);
+            if let Mask::Keep { .. } | Mask::Hash = f.mask {
+                col.r#type = pb::FieldType::String as i32;
+            }
+            plan.push((i, f.mask));
+            out_cols.push(col);
+            returned.push(f.name.clone());
+            if !f.mask.is_none() {
+                masked.push(f.name.clone());
+            }
+        }
+    }
     let rows = match rows {
         wire::Rows::Received(rows) => rows,
         // Only responses decoded from a provider reach here.
@@ -141,7 +143,7 @@ pub(super) fn shape(
         response: wire::QueryResponse {
             columns: out_cols,
             rows: out.finish(),
-            masked_columns: masked.clone(),
+            masked_columns: masked.iter().map(|m| m.to_string()).collect(),
             next_page_token,
         },
         returned,
@@ -245,8 +247,9 @@ mod tests {
         );
         let s = shape(arrives(&provider_reply()), &p, &MaskKey::none(), "ps", None).unwrap();
         assert_eq!(s.withheld, 1);
-        assert_eq!(s.returned, ["name", "id_number"]);
-        assert_eq!(s.masked, ["id_number"]);
+        let names = |v: &[std::sync::Arc<str>]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&s.returned), ["name", "id_number"]);
+        assert_eq!(names(&s.masked), ["id_number"]);
         let got = delivered(s);
         assert_eq!(got.next_page_token, "p2");
         assert_eq!(got.masked_columns, ["id_number"]);

@@ -252,7 +252,7 @@ fn field_list(p: &Permit) -> String {
     p.fields
         .iter()
         .map(|f| match f.mask {
-            Mask::None => f.name.clone(),
+            Mask::None => f.name.to_string(),
             m => format!("{} ({})", f.name, m.describe()),
         })
         .collect::<Vec<_>>()

@@ -71,7 +71,8 @@ pub struct Permit {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PermittedField {
-    pub name: String,
+    /// Shared with the policy snapshot (no copy per call).
+    pub name: std::sync::Arc<str>,
     pub mask: Mask,
 }
 
@@ -402,12 +403,13 @@ pub fn evaluate_traced(
     t.step("fields", || {
         format!("readable under {rule}: {}", fields_trace())
     });
+    let names = policy.field_names(req.dataset);
     let fields = if req.fields.is_empty() {
         (0..ds.fields.len())
             .filter_map(|i| {
-                readable(i).map(|mask| PermittedField {
-                    name: ds.fields[i].name.clone(),
-                    mask,
+                Some(PermittedField {
+                    mask: readable(i)?,
+                    name: names.get(i)?.clone(),
                 })
             })
             .collect()
@@ -415,11 +417,11 @@ pub fn evaluate_traced(
         let mut out = Vec::with_capacity(req.fields.len());
         for name in req.fields {
             let idx = policy.field_index(req.dataset, name);
-            match idx.and_then(readable) {
-                Some(mask) => {
-                    if !out.iter().any(|f: &PermittedField| &f.name == name) {
+            match idx.and_then(|i| Some((names.get(i)?, readable(i)?))) {
+                Some((shared, mask)) => {
+                    if !out.iter().any(|f: &PermittedField| *f.name == **name) {
                         out.push(PermittedField {
-                            name: name.clone(),
+                            name: shared.clone(),
                             mask,
                         });
                     }

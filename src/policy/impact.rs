@@ -140,7 +140,7 @@ fn decide(
         .iter()
         .map(|f| {
             (
-                f.name.clone(),
+                f.name.to_string(),
                 (!f.mask.is_none()).then(|| f.mask.describe()),
             )
         })

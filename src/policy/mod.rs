@@ -150,6 +150,9 @@ struct DatasetIndex {
     fields: HashMap<String, usize>,
     /// per field position: the negative-list entry that forbids it, if any.
     negative_fields: Vec<Option<usize>>,
+    /// per field position: its name, shared, so a decision names its fields without
+    /// copying them.
+    names: Vec<std::sync::Arc<str>>,
 }
 
 /// Largest policy file accepted (a 10,000-grant policy is about 3 MB).
@@ -255,6 +258,13 @@ impl Policy {
 
     pub(crate) fn field_index(&self, dataset: &str, field: &str) -> Option<usize> {
         self.datasets.get(dataset)?.fields.get(field).copied()
+    }
+
+    /// The dataset's field names by position, shared (empty for an unknown dataset).
+    pub(crate) fn field_names(&self, dataset: &str) -> &[std::sync::Arc<str>] {
+        self.datasets
+            .get(dataset)
+            .map_or(&[][..], |d| d.names.as_slice())
     }
 
     pub(crate) fn negative_field(
@@ -590,6 +600,7 @@ fn index_datasets(
                     idx: i,
                     fields,
                     negative_fields: vec![None; n],
+                    names: ds.fields.iter().map(|f| f.name.as_str().into()).collect(),
                 },
             )
             .is_some();

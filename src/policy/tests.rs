@@ -130,7 +130,7 @@ fn decide(
 }
 
 fn names(p: &Permit) -> Vec<(&str, Mask)> {
-    p.fields.iter().map(|f| (f.name.as_str(), f.mask)).collect()
+    p.fields.iter().map(|f| (&*f.name, f.mask)).collect()
 }
 
 #[test]
@@ -569,7 +569,7 @@ fn the_first_grant_in_file_order_decides_among_equals() {
     };
     let decided = |p: &Policy| {
         let permit = decide(p, "nb", "s", "people", "survey", &[], &[]).unwrap();
-        let fields: Vec<String> = permit.fields.iter().map(|f| f.name.clone()).collect();
+        let fields: Vec<String> = permit.fields.iter().map(|f| f.name.to_string()).collect();
         (permit.rule, fields)
     };
     let a = load(&with(&[wide, narrow]));
