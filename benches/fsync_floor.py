@@ -11,9 +11,16 @@
    `sync` costs over `async` per call is set beside the floor's CPU per record at that
    batch size (goal: ≤ 1.3 ×).
 
+3. --variants: the same `sync` − `async` pair for other writer shapes, each against its own
+   floor: `thread` (the default: the writer on a thread of its own), `inline` (the writer a
+   task of the serving runtime: no hop to another thread and back), `prealloc` (the live
+   segment zero-filled ahead, against the preallocated floor), `linger` (`group_commit_us:
+   1000`: larger batches under load, for up to 1 ms more latency).
+
 Usage (from the repository root):
     python3 benches/fsync_floor.py [--seconds 10] [--concurrency 32] [--rate 2000] [--no-build]
                                    [--dir DIR]   (the disk to measure: the audit dir's)
+                                   [--variants thread,inline,prealloc,linger] [--skip-floor]
 """
 
 from __future__ import annotations
@@ -53,12 +60,24 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
-def gateway(work: Path, pol: Path, mode: str, seconds: float, concurrency: int, rate: float) -> dict:
+# variant -> (xgate_config's preallocate_bytes, group_commit_us, writer; the floor's way)
+VARIANTS = {
+    "thread": (0, 0, "thread", "fdatasync"),
+    "inline": (0, 0, "inline", "fdatasync"),
+    "prealloc": (1 << 20, 0, "thread", "prealloc"),
+    "linger": (0, 1000, "thread", "fdatasync"),
+}
+
+
+def gateway(work: Path, pol: Path, mode: str, seconds: float, concurrency: int, rate: float,
+            variant: str = "thread") -> dict:
     port, admin = envoy.free_ports(2)
-    cfg = compare.xgate_config(work, port, pol, audit_mode=mode)
+    prealloc, linger, writer, _ = VARIANTS[variant]
+    cfg = compare.xgate_config(work, port, pol, audit_mode=mode, prealloc=prealloc,
+                               group_commit_us=linger, writer=writer)
     cfg.write_text(cfg.read_text() + f"admin_listen: 127.0.0.1:{admin}\n")
     p = subprocess.Popen([str(compare.XGATE), "serve", "--config", str(cfg)],
-                         stdout=subprocess.DEVNULL, stderr=open(work / f"xgate-{mode}.log", "wb"))
+                         stdout=subprocess.DEVNULL, stderr=open(work / f"xgate-{mode}-{variant}.log", "wb"))
     try:
         compare.wait_port(port, p)
         url = f"https://127.0.0.1:{port}"
@@ -84,7 +103,13 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, help="where the floor writes (default: a temporary directory)")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--floor-only", action="store_true")
+    ap.add_argument("--skip-floor", action="store_true", help="no floor table (the ratios still measure their floor)")
+    ap.add_argument("--variants", default="thread", help=f"writer shapes to measure: {','.join(VARIANTS)}")
     a = ap.parse_args()
+    variants = a.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v}: one of {', '.join(VARIANTS)}")
     if not a.no_build:
         subprocess.run(["cargo", "build", "--profile", "dist", "--locked", "--bin", "xgate",
                         "--example", "fsync_floor"], cwd=REPO, check=True)
@@ -94,7 +119,7 @@ def main() -> int:
     print("| way | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
     print("|---|" + "---|" * len(BATCHES))
     table = {}
-    for way in WAYS:
+    for way in [] if a.skip_floor else WAYS:
         cells = []
         for b in BATCHES:
             r = floor(way, b, a.records, a.bytes, fdir)
@@ -108,21 +133,22 @@ def main() -> int:
     providers = envoy.Providers(pol, work / "providers.log")
     try:
         providers.start()
-        runs = {m: gateway(work, pol, m, a.seconds, a.concurrency, a.rate) for m in ("sync", "async")}
+        runs = {(v, m): gateway(work, pol, m, a.seconds, a.concurrency, a.rate, v)
+                for v in variants for m in ("sync", "async")}
     finally:
         providers.stop()
     print("\n### xgate `sync` over `async`, against the floor at the same batch size\n")
-    print("| load | CPU/call sync | CPU/call async | sync − async | mean batch | floor CPU/record at that batch | ratio (goal ≤ 1.3) |")
-    print("|---|---|---|---|---|---|---|")
-    for load in ("closed", "open"):
-        s, x = runs["sync"][load], runs["async"][load]
-        batch = s["batch"]
-        # The floor at the nearest measured batch at or below the mean (the costlier side).
-        b = max([k for k in BATCHES if k <= max(1, batch)] or [1])
-        f = floor("fdatasync", max(1, round(batch)), a.records, a.bytes, fdir)["cpu_us_per_record"]
-        extra = s["cpu"] - x["cpu"]
-        print(f"| {load} | {s['cpu']:.1f} | {x['cpu']:.1f} | {extra:.1f} | {batch:.1f} | {f:.1f} "
-              f"(table: batch {b}) | {extra / f:.2f} |")
+    print("| writer | load | CPU/call sync | CPU/call async | sync − async | mean batch | floor CPU/record at that batch | ratio (goal ≤ 1.3) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in variants:
+        way = VARIANTS[v][3]
+        for load in ("closed", "open"):
+            s, x = runs[(v, "sync")][load], runs[(v, "async")][load]
+            batch = s["batch"]
+            f = floor(way, max(1, round(batch)), a.records, a.bytes, fdir)["cpu_us_per_record"]
+            extra = s["cpu"] - x["cpu"]
+            print(f"| {v} | {load} | {s['cpu']:.1f} | {x['cpu']:.1f} | {extra:.1f} | {batch:.1f} | {f:.1f} ({way}) "
+                  f"| {extra / f:.2f} |")
     return 0
 
 

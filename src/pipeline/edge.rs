@@ -131,7 +131,8 @@ where
         let handled = Handled::default();
         req.extensions_mut().insert(handled.clone());
         let peer = req.extensions().get::<Peer>().cloned();
-        let path = req.uri().path().to_owned();
+        // The request's URI shares its bytes with the request (a refcount, not a copy).
+        let uri = req.uri().clone();
         // A refusal made here is recorded under the caller's trace id too (a refcount, not a
         // copy; parsed only if the call is refused).
         let traceparent = req.headers().get("traceparent").cloned();
@@ -148,7 +149,8 @@ where
             if status.code() == Code::Ok {
                 return Ok(resp);
             }
-            let rej = classify(&status, &path);
+            let path = uri.path();
+            let rej = classify(&status, path);
             let trace_id = trace_id_from(traceparent.as_ref());
             // Replace tonic's status headers with ours (same response, trailers-only).
             let ours: http::Response<()> = rej.to_status(&trace_id).into_http();

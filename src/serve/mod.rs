@@ -11,6 +11,7 @@ pub mod admin;
 pub mod conn;
 pub mod health;
 pub mod reload;
+pub mod routes;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -481,7 +482,7 @@ fn grpc_routes(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<tonic::service::Routes, StartError> {
+) -> Result<routes::GrpcRoutes, StartError> {
     let max_msg = cfg.limits.max_message_bytes;
     let gzip = tonic::codec::CompressionEncoding::Gzip;
     let data = crate::wire::data_exchange_server::DataExchangeServer::new(gateway.clone())
@@ -507,13 +508,12 @@ fn grpc_routes(
     let usage = pb::usage_server::UsageServer::new(gateway.clone())
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    Ok(tonic::service::Routes::new(data)
-        .add_service(catalog)
-        .add_service(usage)
-        .add_service(health_service)
+    // Health and reflection through tonic's router; the departments' services directly.
+    let rest = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .prepare())
+        .prepare();
+    Ok(routes::GrpcRoutes::new(data, catalog, usage, rest))
 }
 
 /// The HTTP/2 limits of the gRPC port.
