@@ -108,6 +108,30 @@ def samples(script: str):
         yield head[0], int(head[-1]), frames
 
 
+def under_load(a, target: str, pid: int, url: str, name: str, perf: list[str]):
+    """Drive the target with `xgate bench` for --seconds and run `perf` (its arguments before
+    `-p`, recording for the measured window) inside the measured part only: the client warms
+    up for a second, one call at a time, first. Returns the bench result and perf's run."""
+    result: dict = {}
+
+    def drive():
+        try:
+            result.update(compare.bench(url, pid, rate=a.rate, concurrency=a.concurrency,
+                                        seconds=a.seconds, server_name=name))
+        except Exception as e:  # re-raised below, after perf has stopped
+            result["error"] = e
+
+    t = threading.Thread(target=drive)
+    t.start()
+    time.sleep(WARMUP + MARGIN)
+    window = a.seconds - 2 * MARGIN
+    rec = subprocess.run(perf + ["-p", str(pid), "--", "sleep", str(window)], capture_output=True, text=True)
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result, rec
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="xgate", choices=("floor",) + compare.XGATES)
@@ -144,25 +168,9 @@ def main() -> int:
         ps = providers.start()["public-security"]
         proc, url, pid, name = compare.start_target(a.target, work, pol, ps)
         data = work / "perf.data"
-        result: dict = {}
-
-        def drive():
-            try:
-                result.update(compare.bench(url, pid, rate=a.rate, concurrency=a.concurrency,
-                                            seconds=a.seconds, server_name=name))
-            except Exception as e:  # re-raised below, after perf has stopped
-                result["error"] = e
-
-        t = threading.Thread(target=drive)
-        t.start()
-        # The client warms up for a second (one call at a time) and then measures for
-        # --seconds; perf records inside the measured part only.
-        time.sleep(WARMUP + MARGIN)
-        rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(HZ), "-g", "-p", str(pid),
-                              "-o", str(data), "--", "sleep", str(window)], capture_output=True, text=True)
-        t.join()
-        if "error" in result:
-            raise result["error"]
+        result, rec = under_load(a, a.target, pid, url, name,
+                                 ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(HZ), "-g",
+                                  "-o", str(data)])
         if rec.returncode != 0 or not data.exists():
             raise SystemExit(f"perf record failed ({rec.returncode}): {rec.stderr.strip()}\n"
                              "(profiling another process needs root or kernel.perf_event_paranoid <= 1)")
@@ -245,29 +253,11 @@ def allocs(a) -> int:
     try:
         ps = providers.start()["public-security"]
         proc, url, pid, name = compare.start_target(a.target, work, pol, ps)
-        result: dict = {}
-
-        def drive():
-            try:
-                result.update(compare.bench(url, pid, rate=a.rate, concurrency=a.concurrency,
-                                            seconds=a.seconds, server_name=name))
-            except Exception as e:
-                result["error"] = e
-
-        t = threading.Thread(target=drive)
-        t.start()
-        time.sleep(WARMUP + MARGIN)
         stat = work / "stat.csv"
-        cmd = ["perf", "stat", "-x", ",", "--per-thread", "-o", str(stat), "-e", ",".join(events),
-               "-p", str(pid), "--", "sleep", str(window)]
         data = work / "allocs.data"
-        if a.sites:
-            cmd = ["perf", "record", "-q", "-g", "-e", "probe_libc:malloc", "-p", str(pid),
-                   "-o", str(data), "--", "sleep", str(window)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        t.join()
-        if "error" in result:
-            raise result["error"]
+        cmd = (["perf", "record", "-q", "-g", "-e", "probe_libc:malloc", "-o", str(data)] if a.sites
+               else ["perf", "stat", "-x", ",", "--per-thread", "-o", str(stat), "-e", ",".join(events)])
+        result, r = under_load(a, a.target, pid, url, name, cmd)
         if r.returncode != 0:
             raise SystemExit(f"perf failed: {r.stderr.strip()}")
     finally:
