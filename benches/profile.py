@@ -108,7 +108,7 @@ def samples(script: str):
         yield head[0], int(head[-1]), frames
 
 
-def under_load(a, target: str, pid: int, url: str, name: str, perf: list[str]):
+def under_load(a, pid: int, url: str, name: str, perf: list[str]):
     """Drive the target with `xgate bench` for --seconds and run `perf` (its arguments before
     `-p`, recording for the measured window) inside the measured part only: the client warms
     up for a second, one call at a time, first. Returns the bench result and perf's run."""
@@ -168,7 +168,7 @@ def main() -> int:
         ps = providers.start()["public-security"]
         proc, url, pid, name = compare.start_target(a.target, work, pol, ps)
         data = work / "perf.data"
-        result, rec = under_load(a, a.target, pid, url, name,
+        result, rec = under_load(a, pid, url, name,
                                  ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(HZ), "-g",
                                   "-o", str(data)])
         if rec.returncode != 0 or not data.exists():
@@ -257,7 +257,7 @@ def allocs(a) -> int:
         data = work / "allocs.data"
         cmd = (["perf", "record", "-q", "-g", "-e", "probe_libc:malloc", "-o", str(data)] if a.sites
                else ["perf", "stat", "-x", ",", "--per-thread", "-o", str(stat), "-e", ",".join(events)])
-        result, r = under_load(a, a.target, pid, url, name, cmd)
+        result, r = under_load(a, pid, url, name, cmd)
         if r.returncode != 0:
             raise SystemExit(f"perf failed: {r.stderr.strip()}")
     finally:

@@ -18,7 +18,7 @@
 //! it finishes (client cancelled, drain timeout), the record is still written, with status
 //! `CANCELLED`. Shutdown closes the channel; the writer drains it, checkpoints and fsyncs.
 //!
-//! Size: ~980 lines, kept together because the record, the handle calls submit to, the
+//! Size: ~1,130 lines, kept together because the record, the handle calls submit to, the
 //! held refusals and the writer loop share one protocol (submit ▸ batch ▸ write ▸ fsync ▸
 //! acknowledge, or hand the record back): splitting them would spread one invariant — no
 //! acknowledged record is lost — over several files. The disk format is in `store`, reading
