@@ -22,6 +22,13 @@ pub struct Config {
     /// gRPC listen address (mTLS).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Bind `listen` with `SO_REUSEPORT`: several gateway processes on one host share the
+    /// port and the kernel spreads connections over them (one single-threaded process per
+    /// core, or a new binary started beside the old one so a restart refuses no connection).
+    /// Each process needs an audit directory of its own. Default off: a second process on
+    /// the port is refused, as a mistake usually is.
+    #[serde(default)]
+    pub listen_reuse_port: bool,
     /// Admin HTTP endpoint (policy status and reload, metrics, health); absent: off.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
@@ -210,8 +217,8 @@ impl ServerTls {
                 (
                     m.fingerprint.to_ascii_lowercase(),
                     crate::tls::identity::SystemId {
-                        dept: m.dept.clone(),
-                        system: m.system.clone(),
+                        dept: m.dept.as_str().into(),
+                        system: m.system.as_str().into(),
                     },
                 )
             })
@@ -1056,6 +1063,7 @@ impl Config {
     pub fn demo(certs: &Path, policy: PathBuf, listen: SocketAddr, audit_dir: PathBuf) -> Config {
         Config {
             listen,
+            listen_reuse_port: false,
             admin_listen: None,
             console: None,
             watch_policy: true,

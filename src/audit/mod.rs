@@ -80,20 +80,20 @@ pub struct AuditRecord {
     pub trace_id: String,
     /// `/xgate.v1.DataExchange/Query`, ...
     pub method: String,
-    pub consumer_dept: Option<String>,
-    pub consumer_system: Option<String>,
-    pub cert_fingerprint: Option<String>,
-    pub remote_addr: Option<String>,
+    pub consumer_dept: Option<Arc<str>>,
+    pub consumer_system: Option<Arc<str>>,
+    pub cert_fingerprint: Option<Arc<str>>,
+    pub remote_addr: Option<Arc<str>>,
     pub token_subject: Option<String>,
     pub purpose: Option<String>,
     pub dataset: Option<String>,
     /// `allow` or `deny`.
     pub decision: Decision,
     /// The rule that decided (grant id, share type, negative-list entry, ...).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// `ErrorInfo.reason` when the call failed.
     pub reason: Option<String>,
-    pub approval_ref: Option<String>,
+    pub approval_ref: Option<Arc<str>>,
     /// Keyed hashes of the data subjects the call asked about (ids from the filter on the
     /// dataset's subject key), so "who looked at this person" is answerable without ids here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -121,7 +121,7 @@ pub struct AuditRecord {
     /// The fields the caller asked for (none: every field it may read), as asked: what
     /// `xgate policy impact` re-decides the call with.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub fields_requested: Vec<String>,
+    pub fields_requested: Vec<Arc<str>>,
     /// The shape of the caller's filter, one `field test` per condition (`eq`, `in`,
     /// `prefix`), with the values only for the dataset's region field (`region_code in
     /// 330106,330108`): enough to re-decide the call, nothing about a person.
@@ -162,7 +162,7 @@ pub struct AuditRecord {
     /// answer reached the caller at the very end of its time, or after it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_us: Option<u64>,
-    pub policy_version: String,
+    pub policy_version: Arc<str>,
 }
 
 /// What a record stands for.
@@ -617,7 +617,7 @@ impl Tally {
 
     fn add(&self, rec: &AuditRecord) {
         let key = (
-            rec.consumer_dept.clone().unwrap_or_default(),
+            rec.consumer_dept.as_deref().unwrap_or_default().to_owned(),
             rec.reason.clone().unwrap_or_default(),
         );
         let Ok(mut counts) = self.counts.lock() else {

@@ -91,8 +91,8 @@ pub async fn propose(
         .collect::<Vec<_>>();
     let p = Proposal {
         id: hex::encode(rand::random::<[u8; 8]>()),
-        version: next.version.clone(),
-        base: current.version.clone(),
+        version: next.version.to_string(),
+        base: current.version.to_string(),
         candidate,
         by: session.officer.name.clone(),
         by_subject: session.officer.key(),
@@ -119,7 +119,7 @@ pub async fn propose(
         )),
     );
     rec.from_version = Some(p.base.clone());
-    rec.policy_version = p.version.clone();
+    rec.policy_version = p.version.as_str().into();
     gw.record_admin(rec);
     Redirect::to("/proposals").into_response()
 }
@@ -142,7 +142,7 @@ pub async fn list(
             context! {
                 id => p.id, version => p.version, base => p.base, by => p.by,
                 at => pages::local_time(&s, &p.at), changes => p.changes,
-                stale => p.base != serving,
+                stale => *p.base != *serving,
                 own => p.by_subject == session.officer.key(),
             }
         })
@@ -184,7 +184,7 @@ pub async fn approve(
         );
     }
     let serving = gw.snapshot().policy.version.clone();
-    if p.base != serving {
+    if *p.base != *serving {
         return refuse(
             StatusCode::CONFLICT,
             "stale_proposal",
@@ -219,7 +219,7 @@ pub async fn approve(
         )),
     );
     rec.from_version = Some(p.base.clone());
-    rec.policy_version = p.version.clone();
+    rec.policy_version = p.version.as_str().into();
     gw.record_admin(rec);
     Redirect::to("/overview").into_response()
 }

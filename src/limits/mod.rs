@@ -209,7 +209,7 @@ impl RateLimits {
         };
         out.push(shared::Bucket {
             kind: shared::BucketKind::Grant {
-                rule: permit.rule.clone(),
+                rule: permit.rule.to_string(),
                 dataset: dataset.to_owned(),
             },
             key,

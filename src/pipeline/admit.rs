@@ -35,6 +35,23 @@ pub(super) fn policy_request(req: &QueryRequest) -> policy::Request<'_> {
     }
 }
 
+/// The fields the caller asked for, as the record names them: a field of the dataset by the
+/// snapshot's shared name (no copy), anything else (refused later) as sent.
+fn requested_fields(policy: &policy::Policy, req: &QueryRequest) -> Vec<Arc<str>> {
+    let names = policy.field_names(&req.dataset);
+    (req.fields.iter())
+        .map(|f| {
+            match policy
+                .field_index(&req.dataset, f)
+                .and_then(|i| names.get(i))
+            {
+                Some(shared) => shared.clone(),
+                None => Arc::from(f.as_str()),
+            }
+        })
+        .collect()
+}
+
 /// The filter as the audit record keeps it ([`audit::AuditRecord::filter`]): each
 /// condition's field and test, and the values of the dataset's region field only.
 pub(super) fn filter_shape(policy: &policy::Policy, req: &QueryRequest) -> Vec<String> {
@@ -161,7 +178,7 @@ impl Gateway {
         let rec = call.pending.rec();
         rec.dataset = Some(req.dataset.clone());
         rec.purpose = Some(req.purpose.clone()).filter(|p| !p.is_empty());
-        rec.fields_requested = req.fields.clone();
+        rec.fields_requested = requested_fields(&snap.policy, req);
         rec.filter = filter_shape(&snap.policy, req);
         let caller = who.caller();
         let permit = policy::evaluate(&snap.policy, caller, policy_request(req))?;
@@ -178,8 +195,13 @@ impl Gateway {
         // What the provider is asked for: exactly the permitted columns, plus the dataset's
         // region column (stripped again on the way back) so a row scope can always be checked,
         // including one a policy change adds to an open stream, and its subject-key column
-        // (stripped too) so the record says whose rows left.
-        req.fields = permit.fields.iter().map(|f| f.name.to_string()).collect();
+        // (stripped too) so the record says whose rows left. A request that already names
+        // exactly the permitted columns, in order, is sent as it came.
+        let as_permitted = req.fields.len() == permit.fields.len()
+            && (req.fields.iter().zip(&permit.fields)).all(|(a, p)| **a == *p.name);
+        if !as_permitted {
+            req.fields = permit.fields.iter().map(|f| f.name.to_string()).collect();
+        }
         if let Some(ds) = snap.policy.dataset(&req.dataset) {
             let subject = (call.pending.log().returned_key().is_some()
                 && !ds.subject_key.is_empty())

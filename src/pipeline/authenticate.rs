@@ -91,7 +91,7 @@ impl Gateway {
             r.with_rule("identity:token")
         })?;
         call.pending.rec().token_subject = Some(claims.sub.clone());
-        if claims.dept != system.dept {
+        if *claims.dept != *system.dept {
             return Err(Reject::new(
                 Reason::TokenDeptMismatch,
                 format!(

@@ -37,7 +37,7 @@ pub(crate) fn record_from_peer(
         consumer_dept: system.map(|s| s.dept.clone()),
         consumer_system: system.map(|s| s.system.clone()),
         cert_fingerprint: peer.map(|p| p.fingerprint.clone()),
-        remote_addr: peer.map(|p| p.remote.to_string()),
+        remote_addr: peer.map(|p| p.remote_text.clone()),
         ..AuditRecord::default()
     }
 }
@@ -160,7 +160,7 @@ pub(super) fn refused_for_audit(mut rec: AuditRecord, rej: &Reject, withheld: bo
 pub(super) fn record_reject(rec: &mut AuditRecord, rej: &Reject) {
     rec.reason = Some(rej.reason.as_str().to_owned());
     if rej.rule.is_some() {
-        rec.rule = rej.rule.clone();
+        rec.rule = rej.rule.as_deref().map(Arc::from);
     }
     if rec.decision == audit::Decision::Undecided {
         rec.decision = audit::Decision::Deny;

@@ -50,7 +50,7 @@ pub(super) fn describe_access(
                     mask: f.mask.describe(),
                 })
                 .collect(),
-            allowed_purposes: permit.purposes.clone(),
+            allowed_purposes: permit.purposes.to_vec(),
             evaluated_purpose: purpose,
             row_scope: permit
                 .scope
@@ -62,7 +62,7 @@ pub(super) fn describe_access(
             }),
             denial_reason: String::new(),
             denial_message: String::new(),
-            deciding_rule: permit.rule,
+            deciding_rule: permit.rule.to_string(),
         },
         Err(rej) => pb::Access {
             allowed: false,
@@ -131,7 +131,7 @@ impl Gateway {
         rec.rows = datasets.len() as u64;
         Ok(pb::ListDatasetsResponse {
             datasets,
-            policy_version: snap.policy.version.clone(),
+            policy_version: snap.policy.version.to_string(),
         })
     }
 
@@ -168,12 +168,12 @@ impl Gateway {
         };
         let access = describe_access(p, &who, &body.dataset, &body.purpose);
         rec.decision = audit::Decision::Allow;
-        rec.rule = Some(access.deciding_rule.clone());
+        rec.rule = Some(access.deciding_rule.as_str().into());
         rec.purpose = Some(body.purpose.clone()).filter(|s| !s.is_empty());
         Ok(pb::DescribeDatasetResponse {
             dataset: Some(catalog_entry(ds)),
             access: Some(access),
-            policy_version: p.version.clone(),
+            policy_version: p.version.to_string(),
         })
     }
 }

@@ -168,7 +168,7 @@ where
             tracing::info!(%trace_id, %path, reason = %rej.reason, detail = %status.message(), "request refused before the pipeline");
             let rec = AuditRecord {
                 decision: crate::audit::Decision::Deny,
-                rule: rej.rule.clone(),
+                rule: rej.rule.as_deref().map(Arc::from),
                 reason: Some(rej.reason.as_str().to_owned()),
                 detail: Some(status.message().chars().take(200).collect()),
                 policy_version: layer
@@ -281,7 +281,7 @@ pub fn refusal_record(
 ) -> AuditRecord {
     AuditRecord {
         decision: crate::audit::Decision::Deny,
-        rule: rej.rule.clone(),
+        rule: rej.rule.as_deref().map(Arc::from),
         reason: Some(rej.reason.as_str().to_owned()),
         detail: Some(detail),
         grpc_status: audit::code_name(rej.code()),

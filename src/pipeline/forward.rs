@@ -7,7 +7,7 @@ use super::*;
 /// A data request ready for the provider (see [`Gateway::prepare`]).
 pub(super) struct Prepared {
     /// The policy version it was decided under.
-    pub(super) version: String,
+    pub(super) version: Arc<str>,
     /// The request as the provider will see it (fields and filter narrowed).
     pub(super) body: QueryRequest,
     pub(super) permit: Permit,

@@ -49,7 +49,7 @@ impl Gateway {
                 (Some(g), Some(q)) => {
                     let (day, left) = self.inner.quotas.today();
                     Some(crate::limits::shared::DayQuota {
-                        grant: g.clone(),
+                        grant: g.to_string(),
                         calls: q.calls,
                         rows: q.rows,
                         day,

@@ -190,8 +190,8 @@ mod tests {
                 per_second: 1.0,
                 burst: 1,
             },
-            purposes: vec![],
-            scope,
+            purposes: Arc::from([]),
+            scope: scope.map(Arc::new),
             daily_quota: None,
         }
     }

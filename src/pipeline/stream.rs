@@ -14,7 +14,7 @@ pub(super) struct OpenStream {
     pub(super) upstream: tonic::Streaming<wire::QueryResponse>,
     pub(super) permit: Permit,
     /// The policy version `permit` was decided under.
-    pub(super) version: String,
+    pub(super) version: Arc<str>,
     pub(super) provider: String,
     pub(super) caller_deadline: Option<Duration>,
     pub(super) who: Authenticated,

@@ -125,7 +125,7 @@ impl<'p> Inputs<'p> {
         fn grants<'a>(p: &'a Policy, dataset: &str, consumer: &str) -> (bool, Held<'a>) {
             let g: Held<'a> = p
                 .grants_for(dataset, consumer)
-                .map(|(g, w)| (g, w.from, w.until))
+                .map(|(g, w, _)| (g, w.from, w.until))
                 .collect();
             (g.is_empty(), g)
         }
@@ -172,7 +172,7 @@ fn diff_pairs(old: &Policy, new: &Policy, skip: bool) -> Vec<Change> {
             let grants = || {
                 old.grants_for(dataset, consumer)
                     .chain(new.grants_for(dataset, consumer))
-                    .map(|(g, _)| g)
+                    .map(|(g, _, _)| g)
             };
             let mut systems: BTreeSet<Option<&str>> = grants()
                 .filter_map(|g| g.system.as_deref())
@@ -317,15 +317,15 @@ fn compare(
             );
         }
     }
-    let (wider, narrower) = scope_change(a.scope.as_ref(), b.scope.as_ref());
+    let (wider, narrower) = scope_change(a.scope.as_deref(), b.scope.as_deref());
     if wider {
         push(
             Loosens,
             "row_scope",
             format!(
                 "rows: {} (was {})",
-                scope_words(b.scope.as_ref()),
-                scope_words(a.scope.as_ref())
+                scope_words(b.scope.as_deref()),
+                scope_words(a.scope.as_deref())
             ),
         );
     }
@@ -335,8 +335,8 @@ fn compare(
             "row_scope",
             format!(
                 "rows: {} (was {})",
-                scope_words(b.scope.as_ref()),
-                scope_words(a.scope.as_ref())
+                scope_words(b.scope.as_deref()),
+                scope_words(a.scope.as_deref())
             ),
         );
     }

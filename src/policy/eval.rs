@@ -15,8 +15,10 @@
 //!    filter fits its field's type (and, on masked fields, is an exact match: a prefix search
 //!    would reveal the hidden characters one by one).
 
+use std::sync::Arc;
+
 use super::{
-    Policy,
+    GrantNames, Policy,
     model::{Department, Grant, Mask, RateLimit, RowScope, Sensitivity, ShareType},
     scope::Scope,
 };
@@ -53,18 +55,19 @@ pub struct Request<'a> {
 /// The caller may proceed, receiving exactly these fields with these masks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Permit {
-    /// The rule that allowed the call: `grant:<id>` or `share-type:unconditional`.
-    pub rule: String,
-    pub grant_id: Option<String>,
-    pub approval_ref: Option<String>,
+    /// The rule that allowed the call: `grant:<id>` or `share-type:unconditional`. This and
+    /// the other names are shared with the policy snapshot (no copy per call).
+    pub rule: Arc<str>,
+    pub grant_id: Option<Arc<str>>,
+    pub approval_ref: Option<Arc<str>>,
     /// Output columns, in the order they will be returned.
     pub fields: Vec<PermittedField>,
     /// The rate limit that applies to this caller on this dataset.
     pub rate_limit: RateLimit,
     /// Purposes the rule allows (empty: any declared purpose).
-    pub purposes: Vec<String>,
+    pub purposes: Arc<[String]>,
     /// Which rows the caller may receive; `None`: every row.
-    pub scope: Option<Scope>,
+    pub scope: Option<Arc<Scope>>,
     /// The grant's daily quota, if it has one.
     pub daily_quota: Option<super::model::DailyQuota>,
 }
@@ -72,13 +75,13 @@ pub struct Permit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PermittedField {
     /// Shared with the policy snapshot (no copy per call).
-    pub name: std::sync::Arc<str>,
+    pub name: Arc<str>,
     pub mask: Mask,
 }
 
 /// The access rule chosen for a caller on a dataset, before fields are checked.
 enum Basis<'p> {
-    Grant(&'p Grant),
+    Grant(&'p Grant, &'p GrantNames),
     Unconditional,
 }
 
@@ -247,11 +250,11 @@ pub fn evaluate_traced(
     let applicable = || {
         policy
             .grants_for(req.dataset, caller.dept)
-            .filter(|(g, _)| g.system.as_deref().is_none_or(|s| s == caller.system))
+            .filter(|(g, _, _)| g.system.as_deref().is_none_or(|s| s == caller.system))
     };
     let mut chosen = None;
     let mut out_of_window = None;
-    for (g, window) in policy.grants_for(req.dataset, caller.dept) {
+    for (g, window, names) in policy.grants_for(req.dataset, caller.dept) {
         if let Some(sys) = g.system.as_deref().filter(|s| *s != caller.system) {
             t.step(format_args!("grant:{}", g.id), || {
                 format!("skipped: only for system `{sys}`")
@@ -277,7 +280,7 @@ pub fn evaluate_traced(
                         req.purpose
                     )
                 });
-                chosen = Some(g);
+                chosen = Some((g, names));
                 break;
             }
             Err(reason) => {
@@ -289,7 +292,7 @@ pub fn evaluate_traced(
         }
     }
     let basis = match (chosen, ds.share_type, out_of_window) {
-        (Some(g), _, _) => Basis::Grant(g),
+        (Some((g, names)), _, _) => Basis::Grant(g, names),
         // Open data stays open to a consumer whose grant lapsed (without its sensitive fields).
         (None, ShareType::Unconditional, _) => Basis::Unconditional,
         (None, _, Some((g, reason))) => {
@@ -308,9 +311,9 @@ pub fn evaluate_traced(
             .with_rule(format!("grant:{}", g.id)));
         }
         (None, _, None) => {
-            if let Some((first, _)) = applicable().next() {
+            if let Some((first, _, _)) = applicable().next() {
                 let mut allowed: Vec<&str> = applicable()
-                    .flat_map(|(g, _)| g.purposes.iter().map(String::as_str))
+                    .flat_map(|(g, _, _)| g.purposes.iter().map(String::as_str))
                     .collect();
                 // Sorted: the message says the same whatever order the grants are written in.
                 allowed.sort_unstable();
@@ -344,7 +347,7 @@ pub fn evaluate_traced(
             return None;
         }
         match basis {
-            Basis::Grant(g) => {
+            Basis::Grant(g, _) => {
                 let listed = g.fields.iter().any(|x| x == "*" || x == &f.name);
                 let open = ds.share_type == ShareType::Unconditional
                     && f.sensitivity < Sensitivity::Sensitive;
@@ -354,8 +357,8 @@ pub fn evaluate_traced(
         }
     };
     let rule = match basis {
-        Basis::Grant(g) => format!("grant:{}", g.id),
-        Basis::Unconditional => "share-type:unconditional".to_owned(),
+        Basis::Grant(_, names) => names.rule.clone(),
+        Basis::Unconditional => policy.unconditional_rule.clone(),
     };
     let field_reject = |name: &str, idx: Option<usize>, what: &str| -> Reject {
         match idx {
@@ -377,7 +380,7 @@ pub fn evaluate_traced(
                         ds.id
                     ),
                 )
-                .with_rule(rule.clone()),
+                .with_rule(rule.to_string()),
             },
         }
     };
@@ -433,15 +436,15 @@ pub fn evaluate_traced(
     };
 
     Ok(match basis {
-        Basis::Grant(g) => Permit {
-            scope: row_scope(policy, ds, g, caller.dept),
+        Basis::Grant(g, names) => Permit {
+            scope: names.scope.clone(),
             daily_quota: g.daily_quota,
             rule,
-            grant_id: Some(g.id.clone()),
-            approval_ref: g.approval_ref.clone(),
+            grant_id: Some(names.id.clone()),
+            approval_ref: names.approval_ref.clone(),
             fields,
             rate_limit: g.rate_limit.unwrap_or(policy.file.defaults.rate_limit),
-            purposes: g.purposes.clone(),
+            purposes: names.purposes.clone(),
         },
         Basis::Unconditional => Permit {
             rule,
@@ -449,7 +452,7 @@ pub fn evaluate_traced(
             approval_ref: None,
             fields,
             rate_limit: policy.file.defaults.rate_limit,
-            purposes: Vec::new(),
+            purposes: Arc::from([]),
             scope: None,
             daily_quota: None,
         },
@@ -457,7 +460,12 @@ pub fn evaluate_traced(
 }
 
 /// The grant's row scope, resolved against the consumer's region.
-fn row_scope(policy: &Policy, ds: &super::model::Dataset, g: &Grant, dept: &str) -> Option<Scope> {
+pub(super) fn row_scope(
+    policy: &Policy,
+    ds: &super::model::Dataset,
+    g: &Grant,
+    dept: &str,
+) -> Option<Scope> {
     let field = ds.region_field.as_deref()?;
     match &g.row_scope {
         RowScope::All => None,
@@ -532,9 +540,9 @@ fn check_condition(
 /// The purposes a caller could declare on a dataset (union over its applicable grants).
 pub fn granted_purposes(policy: &Policy, dept: &str, system: &str, dataset: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for (g, _) in policy
+    for (g, _, _) in policy
         .grants_for(dataset, dept)
-        .filter(|(g, _)| g.system.as_deref().is_none_or(|s| s == system))
+        .filter(|(g, _, _)| g.system.as_deref().is_none_or(|s| s == system))
     {
         for p in &g.purposes {
             if !out.contains(p) {

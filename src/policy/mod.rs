@@ -28,6 +28,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     path::Path,
+    sync::Arc,
 };
 
 use sha2::{Digest, Sha256};
@@ -93,7 +94,7 @@ impl std::error::Error for PolicyErrors {}
 #[derive(Debug)]
 pub struct Policy {
     /// `sha256:` + the first 16 hex digits of the file's SHA-256: names the exact file.
-    pub version: String,
+    pub version: Arc<str>,
     pub file: PolicyFile,
     departments: HashMap<String, usize>,
     datasets: HashMap<String, DatasetIndex>,
@@ -104,6 +105,10 @@ pub struct Policy {
     negative_datasets: HashMap<String, usize>,
     /// Per grant (same index as `file.grants`): its validity window.
     windows: Vec<Window>,
+    /// Per grant (same index as `file.grants`): the names a permit carries, built once.
+    grant_names: Vec<GrantNames>,
+    /// `share-type:unconditional`, the rule of a permit no grant gave.
+    pub(crate) unconditional_rule: Arc<str>,
 }
 
 /// A grant's validity window, in seconds since the Unix epoch.
@@ -153,6 +158,34 @@ struct DatasetIndex {
     /// per field position: its name, shared, so a decision names its fields without
     /// copying them.
     names: Vec<std::sync::Arc<str>>,
+}
+
+/// What a permit under one grant carries (its rule, id, approval, purposes and resolved row
+/// scope), built when the policy loads and shared by every call the grant allows: a decision
+/// copies no string.
+#[derive(Debug, Clone)]
+pub(crate) struct GrantNames {
+    /// `grant:<id>`.
+    pub rule: Arc<str>,
+    pub id: Arc<str>,
+    pub approval_ref: Option<Arc<str>>,
+    pub purposes: Arc<[String]>,
+    /// The grant's row scope against its consumer's region (`None`: every row).
+    pub scope: Option<Arc<scope::Scope>>,
+}
+
+impl GrantNames {
+    fn of(policy: &Policy, g: &model::Grant) -> Self {
+        Self {
+            rule: format!("grant:{}", g.id).into(),
+            id: g.id.as_str().into(),
+            approval_ref: g.approval_ref.as_deref().map(Arc::from),
+            purposes: g.purposes.as_slice().into(),
+            scope: (policy.dataset(&g.dataset))
+                .and_then(|ds| eval::row_scope(policy, ds, g, &g.consumer))
+                .map(Arc::new),
+        }
+    }
 }
 
 /// Largest policy file accepted (a 10,000-grant policy is about 3 MB).
@@ -217,16 +250,23 @@ impl Policy {
         if !errs.list.is_empty() {
             return Err(PolicyErrors(errs.list));
         }
-        Ok(Policy {
-            version,
+        let mut policy = Policy {
+            version: version.into(),
             file,
             departments,
             datasets,
             providers,
             grants,
             negative_datasets,
+            grant_names: Vec::new(),
+            unconditional_rule: Arc::from("share-type:unconditional"),
             windows,
-        })
+        };
+        let names = (policy.file.grants.iter())
+            .map(|g| GrantNames::of(&policy, g))
+            .collect();
+        policy.grant_names = names;
+        Ok(policy)
     }
 
     /// Whether any field or grant uses the keyed-hash mask (which needs the bureau's key).
@@ -287,13 +327,13 @@ impl Policy {
         &'a self,
         dataset: &str,
         consumer: &str,
-    ) -> impl Iterator<Item = (&'a model::Grant, Window)> + 'a {
+    ) -> impl Iterator<Item = (&'a model::Grant, Window, &'a GrantNames)> + 'a {
         self.grants
             .get(dataset)
             .and_then(|m| m.get(consumer))
             .into_iter()
             .flatten()
-            .map(|&i| (&self.file.grants[i], self.windows[i]))
+            .map(|&i| (&self.file.grants[i], self.windows[i], &self.grant_names[i]))
     }
 }
 

@@ -125,7 +125,7 @@ impl Catalogue {
         Ok(Catalogue {
             datasets,
             sources: sources.into_values().collect(),
-            catalogue_version: policy.version.clone(),
+            catalogue_version: policy.version.to_string(),
         })
     }
 

@@ -58,7 +58,7 @@ pub fn readiness(gw: &Gateway) -> Readiness {
     Readiness {
         version: env!("CARGO_PKG_VERSION"),
         ready: why_not.is_none(),
-        policy_version: snap.policy.version.clone(),
+        policy_version: snap.policy.version.to_string(),
         audit_writable: audit,
         providers,
         why_not,
@@ -157,7 +157,7 @@ pub fn export_gauges(gw: &Gateway) {
     metrics::gauge!("xgate_audit_queue_depth").set(gw.audit_queue_depth() as f64);
     // `xgate_policy_info{version}`: 1 for the version serving, 0 for the one before.
     static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-    let version = gw.snapshot().policy.version.clone();
+    let version = gw.snapshot().policy.version.to_string();
     if let Ok(mut last) = LAST.lock()
         && *last != version
     {

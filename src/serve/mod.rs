@@ -259,10 +259,9 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         page_seal,
         keys,
     } = check(cfg).await?;
-    let policy_version = snap.policy.version.clone();
+    let policy_version = snap.policy.version.to_string();
     // 2. The port, then the audit trail (its lock says who else writes it).
-    let listener = TcpListener::bind(cfg.listen)
-        .await
+    let listener = bind(cfg.listen, cfg.listen_reuse_port)
         .map_err(|e| StartError(vec![format!("listen {}: {e}", cfg.listen)]))?;
     let addr = listener
         .local_addr()
@@ -407,6 +406,21 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         shutdown: stop_tx,
         task,
     })
+}
+
+/// The gRPC port, as `TcpListener::bind` makes it (`SO_REUSEADDR`, a backlog of 1024), and
+/// with `SO_REUSEPORT` when asked ([`Config::listen_reuse_port`]).
+fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// The gateway with its optional parts from the config (and Redis given a moment, so the

@@ -53,7 +53,7 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(path: &Path, gateway: Gateway, upstream: UpstreamTls, mask_key: &MaskKey) -> Self {
-        let version = gateway.snapshot().policy.version.clone();
+        let version = gateway.snapshot().policy.version.to_string();
         metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
             .set(crate::token::now_secs() as f64);
         Self {
@@ -95,7 +95,7 @@ impl Reloader {
             });
         match result {
             Ok(policy) => {
-                let version = policy.version.clone();
+                let version = policy.version.to_string();
                 if version == status.version {
                     // Valid again (e.g. a broken edit was undone): nothing to swap, but the
                     // last error no longer describes the file.
@@ -107,7 +107,7 @@ impl Reloader {
                     return Err(vec!["the gateway is shutting down".into()]);
                 };
                 let old = gateway.snapshot();
-                let from = old.policy.version.clone();
+                let from = old.policy.version.to_string();
                 let up = self
                     .upstream
                     .lock()
@@ -120,7 +120,7 @@ impl Reloader {
                 tracing::info!(from = %status.version, to = %version, trigger, "policy reloaded");
                 let mut rec = crate::audit::admin_record("policy.reload", trigger, true, None);
                 rec.from_version = Some(from);
-                rec.policy_version = version.clone();
+                rec.policy_version = version.as_str().into();
                 gateway.record_admin(rec);
                 metrics::counter!("xgate_policy_reloads_total", "result" => "ok").increment(1);
                 metrics::gauge!("xgate_policy_loaded_timestamp_seconds")
@@ -152,7 +152,7 @@ impl Reloader {
                     );
                     rec.reason = Some("POLICY_INVALID".into());
                     rec.from_version = Some(status.version.clone());
-                    rec.policy_version = status.version.clone();
+                    rec.policy_version = status.version.as_str().into();
                     gateway.record_admin(rec);
                 }
                 status.reloads_failed += 1;

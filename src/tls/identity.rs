@@ -12,11 +12,12 @@ use std::{net::SocketAddr, sync::Arc};
 use sha2::{Digest, Sha256};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-/// A department system, as named in its certificate.
+/// A department system, as named in its certificate. Shared (not copied) by every call on
+/// the connection and by their audit records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemId {
-    pub dept: String,
-    pub system: String,
+    pub dept: Arc<str>,
+    pub system: Arc<str>,
 }
 
 /// Everything known about the peer of one connection.
@@ -25,7 +26,7 @@ pub struct PeerInfo {
     /// The system identity, or why the certificate has none.
     pub identity: Result<SystemId, String>,
     /// `sha256:` + hex SHA-256 of the leaf certificate (DER).
-    pub fingerprint: String,
+    pub fingerprint: Arc<str>,
     /// base64url SHA-256 of the leaf (DER): what RFC 8705 `cnf.x5t#S256` binds a token to.
     pub x5t_s256: String,
     /// The certificate's serial number (raw), checked against the CRLs on every call.
@@ -33,6 +34,8 @@ pub struct PeerInfo {
     /// notAfter, seconds since the epoch: a connection outliving its certificate is refused.
     pub not_after: i64,
     pub remote: SocketAddr,
+    /// `remote` as the audit records write it.
+    pub remote_text: Arc<str>,
 }
 
 /// Per-connection peer info, shared by every request on the connection.
@@ -55,8 +58,8 @@ pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Option<SystemId> {
             if valid_segment(d) && valid_segment(s) =>
         {
             Some(SystemId {
-                dept: d.to_owned(),
-                system: s.to_owned(),
+                dept: d.into(),
+                system: s.into(),
             })
         }
         _ => None,
@@ -80,6 +83,7 @@ pub fn peer_info(
     let fingerprint = format!("sha256:{}", hex::encode(Sha256::digest(leaf_der)));
     let identity = identity_of(leaf_der, trust_domain)
         .or_else(|why| map.get(&fingerprint).cloned().ok_or(why));
+    let fingerprint = fingerprint.into();
     let (serial, not_after) = x509_parser::certificate::X509Certificate::from_der(leaf_der)
         .map(|(_, c)| (c.raw_serial().to_vec(), c.validity().not_after.timestamp()))
         .unwrap_or((Vec::new(), 0));
@@ -90,6 +94,7 @@ pub fn peer_info(
         serial,
         not_after,
         remote,
+        remote_text: remote.to_string().into(),
     }
 }
 

@@ -401,7 +401,7 @@ fn handshake_refused(
         time: audit::now_rfc3339(),
         trace_id: audit::new_trace_id(),
         method: "(tls-handshake)".into(),
-        remote_addr: Some(remote.to_string()),
+        remote_addr: Some(remote.to_string().into()),
         decision: crate::audit::Decision::Deny,
         rule: Some("tls:client-certificate".into()),
         reason: Some(reason.as_str().into()),

@@ -146,7 +146,7 @@ pub(crate) fn build_report(
     let key = format!("{period:?}");
     let cached = s.reports.lock().ok().and_then(|mut cache| {
         let (at, version, rep) = cache.tables.get(&key)?.clone();
-        if version != p.version {
+        if *version != *p.version {
             return None;
         }
         if at.elapsed() >= REPORT_TTL && cache.refreshing.insert(key.clone()) {
@@ -199,7 +199,11 @@ pub(crate) fn compute_report(
     if let Ok(mut cache) = s.reports.lock() {
         cache.tables.insert(
             format!("{period:?}"),
-            (std::time::Instant::now(), p.version.clone(), rep.clone()),
+            (
+                std::time::Instant::now(),
+                p.version.to_string(),
+                rep.clone(),
+            ),
         );
     }
     Ok(rep)

@@ -679,7 +679,7 @@ impl<'p> Builder<'p> {
                 range.offset.whole_hours().unsigned_abs(),
                 range.offset.minutes_past_hour().unsigned_abs()
             ),
-            policy_version: policy.version.clone(),
+            policy_version: policy.version.to_string(),
             records: total,
             unreadable,
             periods,
