@@ -371,6 +371,111 @@ async fn a_second_gateway_on_the_same_trail_refuses_to_start() {
     stop_then_each_recorded_once(third, &mut providers, &audit, &acked).await;
 }
 
+/// `listen_reuse_port`: two gateways (one single-threaded process per core, or an old and a new
+/// binary during a restart) share one port, each writing its own trail. The kernel spreads
+/// connections over both, and every call is recorded once, by the gateway that served it.
+/// Without the option a second gateway on a port in use refuses to start, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_a_port_only_when_both_ask() {
+    let mut providers = Harness::start(Opts::default()).await;
+    let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a1, a2) = (w1.path().join("audit"), w2.path().join("audit"));
+    let (mut cmd1, port, admin1) = serve_command(w1.path(), &a1, &providers, None, "");
+    let (mut cmd2, port2, admin2) = serve_command(w2.path(), &a2, &providers, None, "");
+    // Both on `port`; the first asks for sharing, the second not yet.
+    let listen_on = |work: &Path, from: u16, reuse: bool| {
+        let cfg = work.join("xgate.yaml");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("listen: 127.0.0.1:{from}\n"),
+            &format!("listen: 127.0.0.1:{port}\nlisten_reuse_port: {reuse}\n"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    listen_on(w1.path(), port, true);
+    listen_on(w2.path(), port2, false);
+    let first = Proc {
+        child: cmd1
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        port,
+        admin: admin1,
+    };
+    wait_listening(port).await;
+    let out = cmd2.stdout(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second gateway took the port: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("listen 127.0.0.1:{port}")) && stderr.contains("in use"),
+        "says which port and why: {stderr}"
+    );
+    assert!(
+        xgate::audit::read_all(&a2).map_or(true, |r| r.is_empty()),
+        "the refused gateway wrote nothing"
+    );
+    // Asked by both: the second starts beside the first.
+    let cfg2 = w2.path().join("xgate.yaml");
+    let text = std::fs::read_to_string(&cfg2).unwrap();
+    std::fs::write(
+        &cfg2,
+        text.replace("listen_reuse_port: false", "listen_reuse_port: true"),
+    )
+    .unwrap();
+    let second = Proc {
+        child: cmd2
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        port,
+        admin: admin2,
+    };
+    // Its admin port opens after the gRPC port and the trail: then calls may land on it.
+    wait_listening(second.admin).await;
+    let t = token("civil-affairs");
+    let mut traces = Vec::new();
+    // Each client is a connection of its own: 24 of them all on one process would be a
+    // 1 in 2^23 chance.
+    for _ in 0..24 {
+        let mut c = client(port, "civil-affairs").await;
+        traces.push(ok_call(&mut c, &t).await);
+    }
+    for p in [first, second] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.child.id().to_string()])
+            .status();
+        let mut child = p.child;
+        assert!(child.wait().unwrap().success());
+    }
+    providers.stop().await;
+    let (r1, r2) = (
+        xgate::audit::read_all(&a1).unwrap(),
+        xgate::audit::read_all(&a2).unwrap(),
+    );
+    let served =
+        |recs: &[serde_json::Value], t: &str| recs.iter().filter(|r| r["trace_id"] == t).count();
+    for t in &traces {
+        assert_eq!(
+            served(&r1, t) + served(&r2, t),
+            1,
+            "call {t}: one record, in one trail"
+        );
+    }
+    for (a, recs) in [(&a1, &r1), (&a2, &r2)] {
+        assert!(
+            traces.iter().any(|t| served(recs, t) == 1),
+            "{}: this gateway served none of the 24 connections",
+            a.display()
+        );
+        let (code, out) = verify(a);
+        assert_eq!(code, 0, "{out}");
+    }
+}
+
 /// Stop the gateway cleanly (SIGTERM) and the providers; then every call in `traces` has
 /// exactly one record and the trail verifies.
 async fn stop_then_each_recorded_once(
