@@ -8,6 +8,8 @@ provider (the sample public-security backend, `xgate demo --providers-only`), pa
 Targets
   direct  the client calls the provider itself (mTLS, no proxy)
   floor   examples/floor.rs: mTLS + HTTP/2 pass-through on xgate's stack, no features
+  floor-hyper  the floor with one hyper HTTP/2 connection in place of tonic's channel (no
+          buffer task between the call and hyper's client): what that hop costs
   envoy   Envoy 1.40 with two workers (its default here: one per core): mTLS, jwt_authn (local JWKS, JWT cache on), RBAC on department
           identities, local_ratelimit, JSON access log, HTTP/2 mTLS upstream
           (benches/envoy/envoy.yaml.tmpl)
@@ -26,6 +28,10 @@ Targets
           zero-filled ahead, so each fsync flushes data only; docs/audit.md)
   xgate-tuned  `sync` mode with preallocation and `audit.group_commit_us: 1000` (calls within
           1 ms share an fsync: a latency-for-CPU trade; docs/audit.md)
+  xgate-tpc  thread per core: one single-threaded `xgate` process per core (two here), sharing
+          the port by `SO_REUSEPORT` (`listen_reuse_port`), each with its own runtime, audit
+          writer, audit directory and provider connections; its CPU and RSS are the sum of
+          both, reported against `xgate` (one runtime thread and the writer) in the same run
   xgate-2  `xgate` with public-security served by two replicas (a second set of sample
           providers): balancing, health checks and the retry budget on; its CPU per call is
           reported against `xgate`'s (one endpoint) in the same run
@@ -105,8 +111,8 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
         cmd += ["--rate", str(rate)]
     else:
         cmd += ["--concurrency", str(concurrency)]
-    if pid:
-        cmd += ["--pid", str(pid)]
+    for p in (pid if isinstance(pid, list) else [pid] if pid else []):
+        cmd += ["--pid", str(p)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=seconds * 4 + 120)
     if out.returncode != 0:
         raise RuntimeError(f"xgate bench failed: {out.stderr.strip()}")
@@ -114,20 +120,25 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
 
 
 def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", prealloc: int = 0,
-                 group_commit_us: int = 0, writer: str = "thread") -> Path:
-    cfg = work / f"xgate-{audit_mode}-{prealloc}-{group_commit_us}-{writer}.yaml"
+                 group_commit_us: int = 0, writer: str = "thread", instance: str = "",
+                 workers: str | None = None) -> Path:
+    """A gateway config; `instance` (non-empty) names one of several processes sharing the port."""
+    name = f"{audit_mode}-{prealloc}-{group_commit_us}-{writer}{instance}"
+    cfg = work / f"xgate-{name}.yaml"
+    workers = workers or os.environ.get("XGATE_WORKERS", "0")
     cfg.write_text(f"""
 listen: 127.0.0.1:{port}
+listen_reuse_port: {"true" if instance else "false"}
 watch_policy: false
 trust_domain: zj.gov.example
 tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/ca.pem, watch: false }}
 jwt: {{ jwks: {CERTS}/jwks.json, issuer: "https://idp.zj.gov.example", audience: xgate }}
 policy: {policy}
 pseudonym_key_file: {CERTS}/pseudonym.key
-audit: {{ dir: {work}/audit-{audit_mode}-{prealloc}-{group_commit_us}-{writer}, mode: {audit_mode}, preallocate_bytes: {prealloc}, group_commit_us: {group_commit_us}, writer: {writer}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
+audit: {{ dir: {work}/audit-{name}, mode: {audit_mode}, preallocate_bytes: {prealloc}, group_commit_us: {group_commit_us}, writer: {writer}, signing_key_file: {CERTS}/audit-signing.key, subject_key_file: {CERTS}/audit-subject.key }}
 upstream: {{ ca: {CERTS}/ca.pem, cert: {CERTS}/gateway-client.pem, key: {CERTS}/gateway-client.key }}
 log: {{ format: text, level: warn }}
-runtime: {{ worker_threads: {os.environ.get("XGATE_WORKERS", "0")} }}
+runtime: {{ worker_threads: {workers} }}
 """)
     return cfg
 
@@ -167,14 +178,15 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
     port = envoy.free_ports(1)[0]
     if t == "direct":
         url, name = f"https://127.0.0.1:{ps}", PROVIDER_TLS_NAME
-    elif t == "floor":
+    elif t in ("floor", "floor-hyper"):
         # The same runtime shape as xgate's default (one worker per core less one), so
         # the ratio between them is the price of the features alone.
         # (one worker: tokio's current-thread scheduler, as xgate then uses).
         workers = int(os.environ.get("XGATE_WORKERS", "0")) or max(1, (os.cpu_count() or 2) - 1)
         shape = ["--flavor", "current-thread"] if workers == 1 else ["--workers", str(workers)]
         proc = subprocess.Popen([str(FLOOR), "--listen", f"127.0.0.1:{port}", "--upstream",
-                                 f"https://127.0.0.1:{ps}", "--certs", str(CERTS)] + shape,
+                                 f"https://127.0.0.1:{ps}", "--certs", str(CERTS)] + shape
+                                + (["--client", "hyper"] if t == "floor-hyper" else []),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port, proc)
         url = f"https://127.0.0.1:{port}"
@@ -198,6 +210,16 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
                            upstream_ports=[("127.0.0.1", ps), ("127.0.0.1", ps2)])
         proc = envoy.start_envoy(envoy.envoy_bin(), cfg, admin, work / f"{t}.log", concurrency=2)
         url = f"https://127.0.0.1:{port}"
+    elif t == "xgate-tpc":
+        cores = os.cpu_count() or 2
+        proc = []
+        for i in range(cores):
+            cfg = xgate_config(work, port, pol, instance=f"-tpc{i}", workers="1")
+            proc.append(subprocess.Popen([str(binary), "serve", "--config", str(cfg)],
+                                         stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "ab")))
+            wait_port(port, proc[-1])
+        url = f"https://127.0.0.1:{port}"
+        return proc, url, [p.pid for p in proc], name
     elif t in XGATES:
         if t == "xgate-2":
             pol = two_replica_policy(work, pol, ps, ps2)
@@ -215,7 +237,7 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
 
 
 ENVOYS = ("envoy", "envoy-1")
-XGATES = ("xgate", "xgate-inline", "xgate-async", "xgate-prealloc", "xgate-tuned", "xgate-2")
+XGATES = ("xgate", "xgate-inline", "xgate-async", "xgate-prealloc", "xgate-tuned", "xgate-2", "xgate-tpc")
 # Issue 23's targets, each a ratio in one run (median over --repeat), against the better Envoy
 # per figure: (load, figure, which Envoy is better, limit in `sync` mode, limit in `async` mode,
 # the way the limit holds).
@@ -232,11 +254,18 @@ STREAM_TARGET = "bulk QueryStream rows/s over direct"
 ASYNC = {"xgate-async"}
 
 
+def stop(proc) -> None:
+    """Stop a target: one process, or the processes of `xgate-tpc`."""
+    for p in (proc if isinstance(proc, list) else [proc]):
+        envoy.stop(p)
+
+
 def figure(x: dict, key: str) -> float:
+    """One figure of one bench result; CPU and RSS summed over the target's processes."""
     if key == "cpu":
-        return x["processes"][0]["cpu_us_per_request"]
+        return sum(p["cpu_us_per_request"] for p in x["processes"])
     if key == "rss":
-        return x["processes"][0]["peak_rss_kib"]
+        return sum(p["peak_rss_kib"] for p in x["processes"])
     if key == "p99":
         return x["latency_us"]["p99"]
     return x["rate"]
@@ -272,6 +301,21 @@ def limit(label: str, x: str) -> tuple[float, str]:
 def met(label: str, x: str, v: float) -> bool:
     lim, way = limit(label, x)
     return v <= lim if way == "le" else v >= lim
+
+
+def median(xs: list[float]) -> float:
+    vs = sorted(xs)
+    return vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+
+
+def pair_table(runs: list[dict], x: str, over: str, title: str, figures) -> None:
+    """Target `x` over target `over`, figure by figure, per run and the median."""
+    print(f"\n### {title}\n")
+    print("| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " | median |")
+    print("|---|" + "---|" * (len(runs) + 1))
+    for load, key, label in figures:
+        per = [figure(r[x][load], key) / figure(r[over][load], key) for r in runs]
+        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per) + f" | {median(per):.3f} |")
 
 
 def main() -> int:
@@ -328,11 +372,11 @@ def main() -> int:
                     r["stream"] = bench(url, pid, concurrency=4, seconds=a.seconds, method="stream",
                                         page_size=200, server_name=name, as_=who)
                 results[t] = r
-                envoy.stop(proc)
+                stop(proc)
             runs.append({t: results[t] for t in targets})
     finally:
         for p in procs:
-            envoy.stop(p)
+            stop(p)
         providers.stop()
 
     if a.json:
@@ -340,9 +384,9 @@ def main() -> int:
 
     def row(results, t, load):
         x = results[t][load]
-        p = x["processes"][0] if x["processes"] else None
-        cpu = f"{p['cpu_us_per_request']:.0f}" if p else "–"
-        rss = f"{p['peak_rss_kib'] / 1024:.1f}" if p else "–"
+        p = x["processes"]
+        cpu = f"{figure(x, 'cpu'):.0f}" if p else "–"
+        rss = f"{figure(x, 'rss') / 1024:.1f}" if p else "–"
         errs = sum(x["errors"].values())
         return (f"| {t} | {x['rate']:,.0f} | {x['latency_us']['p50'] / 1000:.2f} | "
                 f"{x['latency_us']['p99'] / 1000:.2f} | {cpu} | {rss} | {errs} |")
@@ -371,27 +415,23 @@ def main() -> int:
         print("|---|---|" + "---|" * (len(runs) + 2))
         for label in per_run[0]:
             vs = [r.get(label, float("nan")) for r in per_run]
-            med = sorted(vs)[len(vs) // 2] if len(vs) % 2 else sum(sorted(vs)[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+            med = median(vs)
             lim, way = limit(label, x)
             goal = f"{'≤' if way == 'le' else '≥'} {lim:g} ×"
             print(f"| {label} | {goal} | " + " | ".join(f"{v:.2f}" for v in vs)
                   + f" | {med:.2f} | {'yes' if met(label, x, med) else 'no'} |")
+    figures = [("open", "cpu", f"CPU per call at {a.rate:.0f}/s"),
+               ("closed", "cpu", f"CPU per call, {a.concurrency} in flight"),
+               ("closed", "rate", "closed-loop throughput"),
+               ("open", "p99", f"p99 at {a.rate:.0f}/s"),
+               ("closed", "p99", f"p99, {a.concurrency} in flight"),
+               ("closed", "rss", "peak RSS")]
     for x in XGATES:
-        base = f"{x}@base"
-        if x not in runs[0] or base not in runs[0]:
-            continue
-        print(f"\n### {x}: this build over the base ({BASE}), same runs\n")
-        print("| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " | median |")
-        print("|---|" + "---|" * (len(runs) + 1))
-        for load, key, label in (("open", "cpu", f"CPU per call at {a.rate:.0f}/s"),
-                                 ("closed", "cpu", f"CPU per call, {a.concurrency} in flight"),
-                                 ("closed", "rate", "closed-loop throughput"),
-                                 ("open", "p99", f"p99 at {a.rate:.0f}/s"),
-                                 ("closed", "rss", "peak RSS")):
-            per = [figure(r[x][load], key) / figure(r[base][load], key) for r in runs]
-            vs = sorted(per)
-            med = vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
-            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per) + f" | {med:.3f} |")
+        if x in runs[0] and f"{x}@base" in runs[0]:
+            pair_table(runs, x, f"{x}@base", f"{x}: this build over the base ({BASE}), same runs", figures)
+    if "xgate-tpc" in runs[0] and "xgate" in runs[0]:
+        pair_table(runs, "xgate-tpc", "xgate", "xgate-tpc: a single-threaded process per core over xgate, same runs",
+                   figures)
     for two, one in (("xgate-2", "xgate"), ("envoy-2", "envoy")):
         if two not in runs[0] or one not in runs[0]:
             continue
@@ -402,8 +442,7 @@ def main() -> int:
         for load, label in (("open", f"CPU per call at {a.rate:.0f}/s"),
                             ("closed", f"CPU per call, {a.concurrency} in flight")):
             per = [figure(r[two][load], "cpu") / figure(r[one][load], "cpu") for r in runs]
-            vs = sorted(per)
-            med = vs[len(vs) // 2] if len(vs) % 2 else sum(vs[len(vs) // 2 - 1:len(vs) // 2 + 1]) / 2
+            med = median(per)
             print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in per)
                   + f" | {med:.3f} | {'yes' if med <= 1.03 else 'no'} |")
     return 0

@@ -7,6 +7,11 @@
 //! cargo run --release --example floor -- --listen 127.0.0.1:9443 \
 //!     --upstream https://127.0.0.1:8444 --tls-name public-security.provider.xgate.internal
 //! ```
+//!
+//! `--client hyper` replaces tonic's channel (an mpsc buffer to a worker task in front of
+//! hyper's client) with one hyper HTTP/2 connection whose `SendRequest` each call clones: what
+//! the channel's hop costs, measured (`compare.py --targets floor,floor-hyper`). It is a
+//! measurement, not a client: one connection, made at start, never remade.
 
 #![allow(clippy::expect_used)]
 
@@ -28,6 +33,7 @@ struct Args {
     certs: PathBuf,
     workers: usize,
     current_thread: bool,
+    hyper_client: bool,
 }
 
 fn args() -> Args {
@@ -38,6 +44,7 @@ fn args() -> Args {
         certs: "certs-dev".into(),
         workers: 0,
         current_thread: false,
+        hyper_client: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -49,6 +56,7 @@ fn args() -> Args {
             "--certs" => a.certs = v.into(),
             "--workers" => a.workers = v.parse().expect("--workers number"),
             "--flavor" => a.current_thread = v == "current-thread",
+            "--client" => a.hyper_client = v == "hyper",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -103,6 +111,12 @@ async fn serve(a: Args) {
         .expect("upstream tls")
         .tcp_nodelay(true)
         .connect_lazy();
+    let upstream = if a.hyper_client {
+        let (tx, authority) = hyper_connection(&a, &read).await;
+        Upstream::Hyper(tx, authority)
+    } else {
+        Upstream::Channel(channel)
+    };
     let listener = tokio::net::TcpListener::bind(a.listen).await.expect("bind");
     println!(
         "floor listening on {}",
@@ -113,29 +127,46 @@ async fn serve(a: Args) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, channel) = (acceptor.clone(), channel.clone());
+        let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let ch = channel.clone();
+                    let up = upstream.clone();
                     async move {
                         let (mut parts, body) = req.into_parts();
-                        // The upstream's authority, not ours.
-                        parts.uri = http::Uri::builder()
-                            .path_and_query(
-                                parts
-                                    .uri
-                                    .path_and_query()
-                                    .map(|p| p.as_str())
-                                    .unwrap_or("/"),
-                            )
-                            .build()
-                            .unwrap_or_default();
-                        let req = http::Request::from_parts(parts, tonic::body::Body::new(body));
-                        ch.oneshot(req).await
+                        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                        let answer: Result<http::Response<tonic::body::Body>, std::io::Error> =
+                            match up {
+                                // The upstream's authority, not ours: the channel adds it.
+                                Upstream::Channel(ch) => {
+                                    parts.uri = http::Uri::builder()
+                                        .path_and_query(path)
+                                        .build()
+                                        .unwrap_or_default();
+                                    let req = http::Request::from_parts(
+                                        parts,
+                                        tonic::body::Body::new(body),
+                                    );
+                                    ch.oneshot(req).await.map_err(std::io::Error::other)
+                                }
+                                Upstream::Hyper(mut tx, authority) => {
+                                    parts.uri = http::Uri::builder()
+                                        .scheme("https")
+                                        .authority(authority)
+                                        .path_and_query(path)
+                                        .build()
+                                        .unwrap_or_default();
+                                    let req = http::Request::from_parts(parts, body);
+                                    tx.send_request(req)
+                                        .await
+                                        .map(|r| r.map(tonic::body::Body::new))
+                                        .map_err(std::io::Error::other)
+                                }
+                            };
+                        answer
                     }
                 });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -143,4 +174,54 @@ async fn serve(a: Args) {
                 .await;
         });
     }
+}
+
+/// Where the floor forwards: tonic's channel, or one hyper connection.
+#[derive(Clone)]
+enum Upstream {
+    Channel(Channel),
+    Hyper(
+        hyper::client::conn::http2::SendRequest<hyper::body::Incoming>,
+        http::uri::Authority,
+    ),
+}
+
+/// One HTTP/2 mTLS connection to the upstream, with hyper's client and no pool.
+async fn hyper_connection(
+    a: &Args,
+    read: &dyn Fn(&str) -> Vec<u8>,
+) -> (
+    hyper::client::conn::http2::SendRequest<hyper::body::Incoming>,
+    http::uri::Authority,
+) {
+    let uri: http::Uri = a.upstream.parse().expect("upstream url");
+    let authority = uri.authority().expect("upstream authority").clone();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.pem")) {
+        roots.add(c.expect("CA pem")).expect("CA cert");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read("gateway-client.pem"))
+            .map(|c| c.expect("cert pem"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_slice(&read("gateway-client.key")).expect("key pem");
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .expect("upstream connect");
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(a.tls_name.clone()).expect("TLS name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("upstream TLS");
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .expect("upstream HTTP/2");
+    tokio::spawn(conn);
+    (tx, authority)
 }
