@@ -254,7 +254,7 @@ pub fn evaluate_traced(
     };
     let mut chosen = None;
     let mut out_of_window = None;
-    for (g, window, names) in policy.grants_for(req.dataset, caller.dept) {
+    for (g, window, named) in policy.grants_for(req.dataset, caller.dept) {
         if let Some(sys) = g.system.as_deref().filter(|s| *s != caller.system) {
             t.step(format_args!("grant:{}", g.id), || {
                 format!("skipped: only for system `{sys}`")
@@ -280,7 +280,7 @@ pub fn evaluate_traced(
                         req.purpose
                     )
                 });
-                chosen = Some((g, names));
+                chosen = Some((g, named));
                 break;
             }
             Err(reason) => {
@@ -292,7 +292,7 @@ pub fn evaluate_traced(
         }
     }
     let basis = match (chosen, ds.share_type, out_of_window) {
-        (Some((g, names)), _, _) => Basis::Grant(g, names),
+        (Some((g, named)), _, _) => Basis::Grant(g, named),
         // Open data stays open to a consumer whose grant lapsed (without its sensitive fields).
         (None, ShareType::Unconditional, _) => Basis::Unconditional,
         (None, _, Some((g, reason))) => {
@@ -357,7 +357,7 @@ pub fn evaluate_traced(
         }
     };
     let rule = match basis {
-        Basis::Grant(_, names) => names.rule.clone(),
+        Basis::Grant(_, named) => named.rule.clone(),
         Basis::Unconditional => policy.unconditional_rule.clone(),
     };
     let field_reject = |name: &str, idx: Option<usize>, what: &str| -> Reject {
@@ -436,15 +436,15 @@ pub fn evaluate_traced(
     };
 
     Ok(match basis {
-        Basis::Grant(g, names) => Permit {
-            scope: names.scope.clone(),
+        Basis::Grant(g, named) => Permit {
+            scope: named.scope.clone(),
             daily_quota: g.daily_quota,
             rule,
-            grant_id: Some(names.id.clone()),
-            approval_ref: names.approval_ref.clone(),
+            grant_id: Some(named.id.clone()),
+            approval_ref: named.approval_ref.clone(),
             fields,
             rate_limit: g.rate_limit.unwrap_or(policy.file.defaults.rate_limit),
-            purposes: names.purposes.clone(),
+            purposes: named.purposes.clone(),
         },
         Basis::Unconditional => Permit {
             rule,
