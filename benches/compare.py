@@ -127,8 +127,7 @@ def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", 
     cfg = work / f"xgate-{name}.yaml"
     workers = workers or os.environ.get("XGATE_WORKERS", "0")
     cfg.write_text(f"""
-listen: 127.0.0.1:{port}
-listen_reuse_port: {"true" if instance else "false"}
+listen: 127.0.0.1:{port}{chr(10) + "listen_reuse_port: true" if instance else ""}
 watch_policy: false
 trust_domain: zj.gov.example
 tls: {{ cert: {CERTS}/gateway.pem, key: {CERTS}/gateway.key, client_ca: {CERTS}/ca.pem, watch: false }}
