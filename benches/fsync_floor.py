@@ -20,7 +20,7 @@
 Usage (from the repository root):
     python3 benches/fsync_floor.py [--seconds 10] [--concurrency 32] [--rate 2000] [--no-build]
                                    [--dir DIR]   (the disk to measure: the audit dir's)
-                                   [--variants thread,inline,prealloc,linger] [--skip-floor]
+                                   [--variants thread,inline,prealloc,linger] [--skip-floor] [--repeat N]
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--floor-only", action="store_true")
     ap.add_argument("--skip-floor", action="store_true", help="no floor table (the ratios still measure their floor)")
     ap.add_argument("--variants", default="thread", help=f"writer shapes to measure: {','.join(VARIANTS)}")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each sync/async pair this many times, interleaved; the medians are reported")
     a = ap.parse_args()
     variants = a.variants.split(",")
     for v in variants:
@@ -133,22 +135,26 @@ def main() -> int:
     providers = envoy.Providers(pol, work / "providers.log")
     try:
         providers.start()
-        runs = {(v, m): gateway(work, pol, m, a.seconds, a.concurrency, a.rate, v)
-                for v in variants for m in ("sync", "async")}
+        runs = {(v, m, r): gateway(work, pol, m, a.seconds, a.concurrency, a.rate, v)
+                for r in range(a.repeat) for v in variants for m in ("sync", "async")}
     finally:
         providers.stop()
     print("\n### xgate `sync` over `async`, against the floor at the same batch size\n")
+    if a.repeat > 1:
+        print(f"(medians of {a.repeat} interleaved runs; `sync` − `async` is the median of each run's difference)\n")
     print("| writer | load | CPU/call sync | CPU/call async | sync − async | mean batch | floor CPU/record at that batch | ratio (goal ≤ 1.3) |")
     print("|---|---|---|---|---|---|---|---|")
     for v in variants:
         way = VARIANTS[v][3]
         for load in ("closed", "open"):
-            s, x = runs[(v, "sync")][load], runs[(v, "async")][load]
-            batch = s["batch"]
+            pairs = [(runs[(v, "sync", r)][load], runs[(v, "async", r)][load]) for r in range(a.repeat)]
+            sync = compare.median([s["cpu"] for s, _ in pairs])
+            async_ = compare.median([x["cpu"] for _, x in pairs])
+            extra = compare.median([s["cpu"] - x["cpu"] for s, x in pairs])
+            batch = compare.median([s["batch"] for s, _ in pairs])
             f = floor(way, max(1, round(batch)), a.records, a.bytes, fdir)["cpu_us_per_record"]
-            extra = s["cpu"] - x["cpu"]
-            print(f"| {v} | {load} | {s['cpu']:.1f} | {x['cpu']:.1f} | {extra:.1f} | {batch:.1f} | {f:.1f} ({way}) "
-                  f"| {extra / f:.2f} |")
+            print(f"| {v} | {load} | {sync:.1f} | {async_:.1f} | {extra:.1f} | {batch:.1f} | {f:.1f} ({way}) "
+                  f"| {extra / f:.2f} |", flush=True)
     return 0
 
 
