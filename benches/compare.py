@@ -121,9 +121,11 @@ def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: fl
 
 def xgate_config(work: Path, port: int, policy: Path, audit_mode: str = "sync", prealloc: int = 0,
                  group_commit_us: int = 0, writer: str = "thread", instance: str = "",
-                 workers: str | None = None) -> Path:
-    """A gateway config; `instance` (non-empty) names one of several processes sharing the port."""
-    name = f"{audit_mode}-{prealloc}-{group_commit_us}-{writer}{instance}"
+                 workers: str | None = None, tag: str = "") -> Path:
+    """A gateway config; `instance` (non-empty) names one of several processes sharing the port,
+    `tag` the target, so that no two targets share an audit trail (one would append to, and
+    recover, the other's)."""
+    name = f"{tag}{audit_mode}-{prealloc}-{group_commit_us}-{writer}{instance}"
     cfg = work / f"xgate-{name}.yaml"
     workers = workers or os.environ.get("XGATE_WORKERS", "0")
     cfg.write_text(f"""
@@ -225,7 +227,8 @@ def start_target(t: str, work: Path, pol: Path, ps: int, ps2: int | None = None)
         cfg = xgate_config(work, port, pol, "async" if t == "xgate-async" else "sync",
                            1 << 20 if t in ("xgate-prealloc", "xgate-tuned") else 0,
                            1000 if t == "xgate-tuned" else 0,
-                           "inline" if t == "xgate-inline" else "thread")
+                           "inline" if t == "xgate-inline" else "thread",
+                           tag=f"{t}-{which or 'this'}-")
         proc = subprocess.Popen([str(binary), "serve", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "ab"))
         wait_port(port, proc)
