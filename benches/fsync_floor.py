@@ -80,6 +80,7 @@ def gateway(work: Path, pol: Path, mode: str, seconds: float, concurrency: int, 
                          stdout=subprocess.DEVNULL, stderr=open(work / f"xgate-{mode}-{variant}.log", "wb"))
     try:
         compare.wait_port(port, p)
+        compare.wait_port(admin, p)  # (bound after the gRPC port)
         url = f"https://127.0.0.1:{port}"
         out = {}
         for load, kw in (("closed", {"concurrency": concurrency}), ("open", {"rate": rate})):
