@@ -393,15 +393,12 @@ async fn two_gateways_share_a_port_only_when_both_ask() {
     };
     listen_on(w1.path(), port, true);
     listen_on(w2.path(), port2, false);
-    let first = Proc {
-        child: cmd1
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let spawn = |cmd: &mut Command, admin: u16| Proc {
+        child: (cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()).unwrap(),
         port,
-        admin: admin1,
+        admin,
     };
+    let first = spawn(&mut cmd1, admin1);
     wait_listening(port).await;
     let out = cmd2.stdout(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -425,15 +422,7 @@ async fn two_gateways_share_a_port_only_when_both_ask() {
         text.replace("listen_reuse_port: false", "listen_reuse_port: true"),
     )
     .unwrap();
-    let second = Proc {
-        child: cmd2
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        port,
-        admin: admin2,
-    };
+    let second = spawn(&mut cmd2, admin2);
     // Its admin port opens after the gRPC port and the trail: then calls may land on it.
     wait_listening(second.admin).await;
     let t = token("civil-affairs");
