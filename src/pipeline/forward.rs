@@ -102,10 +102,7 @@ impl Gateway {
     ) -> Result<Prepared, Reject> {
         let snap = self.snapshot();
         // The version that decides (a reload since the call began changes it).
-        let rec = call.pending.rec();
-        if rec.policy_version != snap.policy.version {
-            rec.policy_version.clone_from(&snap.policy.version);
-        }
+        call.pending.rec().policy_version = snap.policy.version.clone();
         call.at("decide");
         let permit = tracing::info_span!("xgate.policy")
             .in_scope(|| self.admit(call, who, &snap, &mut body))?;

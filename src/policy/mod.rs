@@ -11,9 +11,9 @@
 //! A policy that fails validation is never served: every error is reported at once, with the
 //! path of the offending entry.
 //!
-//! Size: ~770 lines: loading and validating the file (every error at once, with its path)
-//! and building the indexes the evaluation reads — one pass whose checks depend on each
-//! other's indexes. The decision itself is in `eval`, the tests in `tests`.
+//! Size: ~940 lines: loading and validating the file (every error at once, with its path)
+//! and building the indexes the evaluation reads (and the per-grant names a permit shares) —
+//! one pass whose checks depend on each other's indexes. The decision itself is in `eval`, the tests in `tests`.
 
 pub mod diff;
 pub mod eval;
