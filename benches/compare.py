@@ -80,6 +80,9 @@ BASE: Path | None = None
 FLOOR = REPO / "target" / "dist" / "examples" / "floor"
 # The sample providers and tokens (benches/envoy/check.py) come from the same binary.
 os.environ.setdefault("XGATE_BIN", str(XGATE))
+# The load generator: target/dist/xgate whatever binary the xgate targets run (`--xgate`), so
+# that a change of gateway build never also changes the client.
+CLIENT = XGATE
 PROVIDER_TLS_NAME = "public-security.provider.xgate.internal"
 
 
@@ -104,7 +107,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0):
 
 def bench(url: str, pid: int | None, *, rate=None, concurrency=None, seconds: float,
           method="query", page_size=5, server_name="localhost", as_="civil-affairs") -> dict:
-    cmd = [str(XGATE), "bench", "--gateway", url, "--as", as_, "--certs", str(CERTS),
+    cmd = [str(CLIENT), "bench", "--gateway", url, "--as", as_, "--certs", str(CERTS),
            "--server-name", server_name, "--method", method, "--page-size", str(page_size),
            "--duration", str(seconds), "--warmup", "1", "--json"]
     if rate:
@@ -330,11 +333,17 @@ def main() -> int:
                     help="run every target this many times, interleaved; ratios per run and their median")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--xgate", type=Path,
+                    help="the xgate binary the xgate targets run (default target/dist/xgate; e.g. "
+                         "target/pgo/xgate from benches/pgo.py); the providers and the client "
+                         "stay on target/dist/xgate")
     ap.add_argument("--base", type=Path,
                     help="an earlier xgate binary: targets named X@base run it (e.g. xgate,xgate@base)")
     a = ap.parse_args()
-    global BASE
+    global BASE, XGATE
     BASE = a.base
+    if a.xgate:
+        XGATE = a.xgate.resolve()
     if not a.no_build:
         build()
     targets = a.targets.split(",")
