@@ -38,6 +38,7 @@ xgate: it is a deployment recipe (deploy/README.md) and a bench.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -55,6 +56,7 @@ USE_DIR = REPO / "target" / "pgo"
 PROFILES = REPO / "target" / "pgo-profiles"
 
 
+@functools.cache
 def host() -> str:
     return next(line.split()[1] for line in subprocess.run(
         ["rustc", "-vV"], capture_output=True, text=True, check=True).stdout.splitlines()
@@ -85,9 +87,8 @@ def train(gen: Path, seconds: float, rate: float) -> None:
     """Run the instrumented gateway through the bench's workload; each process writes a
     .profraw into PROFILES when it exits (SIGTERM: the gateway drains and returns from main)."""
     if not compare.XGATE.exists():
-        raise SystemExit(f"{compare.XGATE} is missing: the sample providers and the bench client "
-                         "run from it (cargo build --profile dist --locked --bin xgate)")
-    compare.envoy.os.environ["XGATE_BIN"] = str(compare.XGATE)
+        # The sample providers and the bench client run from the plain `dist` build.
+        compare.build()
     work = Path(tempfile.mkdtemp(prefix="xgate-pgo-"))
     pol = compare.policy_for_bench(work)
     providers = compare.envoy.Providers(pol, work / "providers.log")
