@@ -84,32 +84,30 @@ def llvm_profdata() -> Path:
 
 
 def train(gen: Path, seconds: float, rate: float) -> None:
-    """Run the instrumented gateway through the bench's workload; each process writes a
-    .profraw into PROFILES when it exits (SIGTERM: the gateway drains and returns from main)."""
+    """Run the instrumented gateway through the bench's workload, as compare.py's `xgate` and
+    `xgate-async` targets; each process writes a .profraw into PROFILES when it exits (SIGTERM:
+    the gateway drains and returns from main). The providers and the client stay on the plain
+    build (compare.py binds them at import), and ignore LLVM_PROFILE_FILE."""
     if not compare.XGATE.exists():
         # The sample providers and the bench client run from the plain `dist` build.
         compare.build()
+    compare.XGATE = gen
+    os.environ["LLVM_PROFILE_FILE"] = str(PROFILES / "xgate-%p-%m.profraw")
     work = Path(tempfile.mkdtemp(prefix="xgate-pgo-"))
     pol = compare.policy_for_bench(work)
     providers = compare.envoy.Providers(pol, work / "providers.log")
     try:
         ps = providers.start()["public-security"]
-        for mode in ("sync", "async"):
-            port = compare.envoy.free_ports(1)[0]
-            cfg = compare.xgate_config(work, port, pol, mode, tag="pgo-")
-            env = dict(os.environ, LLVM_PROFILE_FILE=str(PROFILES / "xgate-%p-%m.profraw"))
-            proc = subprocess.Popen([str(gen), "serve", "--config", str(cfg)], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=open(work / "xgate.log", "ab"))
+        for target in ("xgate", "xgate-async"):
+            proc, url, pid, _ = compare.start_target(target, work, pol, ps)
             try:
-                compare.wait_port(port, proc)
-                url = f"https://127.0.0.1:{port}"
-                print(f"== pgo: {mode}: open loop, closed loop, stream, other calls", file=sys.stderr, flush=True)
-                compare.bench(url, proc.pid, rate=rate, seconds=seconds)
-                compare.bench(url, proc.pid, concurrency=32, seconds=seconds)
-                compare.bench(url, proc.pid, concurrency=4, seconds=seconds, method="stream", page_size=200)
-                other_calls(port)
+                print(f"== pgo: {target}: open loop, closed loop, stream, other calls", file=sys.stderr, flush=True)
+                compare.bench(url, pid, rate=rate, seconds=seconds)
+                compare.bench(url, pid, concurrency=32, seconds=seconds)
+                compare.bench(url, pid, concurrency=4, seconds=seconds, method="stream", page_size=200)
+                other_calls(url)
             finally:
-                compare.envoy.stop(proc)
+                compare.stop(proc)
             if proc.returncode not in (0, None):
                 raise SystemExit(f"the instrumented gateway exited with {proc.returncode}: see {work}/xgate.log")
     finally:
@@ -117,10 +115,11 @@ def train(gen: Path, seconds: float, rate: float) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def other_calls(port: int) -> None:
-    """The calls beside Query: catalogue list/describe, and refusals (each answered with an
-    error: only that the gateway answered matters here)."""
-    base = [str(compare.XGATE), "call", "--gateway", f"https://127.0.0.1:{port}",
+def other_calls(url: str) -> None:
+    """The calls beside Query: catalogue list/describe, an unknown dataset, a purpose the grant
+    does not name, a filter on a column that is not there (answered or refused: only that the
+    gateway served them matters here)."""
+    base = [str(compare.CLIENT), "call", "--gateway", url,
             "--certs", str(compare.CERTS), "--as", "civil-affairs"]
     for args in (["list"], ["describe", "hukou.person_basic"],
                  ["query", "no.such_dataset", "--purpose", "subsidy-eligibility"],
@@ -158,7 +157,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--skip-gen-build", action="store_true",
-                    help="reuse target/pgo-gen/dist/xgate (the instrumented build) as it is")
+                    help="reuse target/pgo-gen/<host>/dist/xgate (the instrumented build) as it is")
     ap.add_argument("--no-relr", action="store_true",
                     help="leave the relocations as tables (for glibc older than 2.36 where it runs)")
     a = ap.parse_args()
